@@ -1,0 +1,25 @@
+"""The diffusion math: plain PyTorch, no network, no Lightning (see ARCHITECTURE.md, rule 1)."""
+
+from .gaussian import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion
+from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .respace import space_timesteps
+from .sampler_spec import METHODS, Sampler
+from .samplers import (
+    ClassifierFreeGuidance,
+    ddim_invert,
+    ddim_sample,
+    ddpm_sample,
+    interpolate,
+    paint,
+    sample_loop,
+    slerp,
+)
+from .schedules import SCHEDULES, get_betas
+from .timesteps import LossSecondMomentSampler, UniformSampler
+
+__all__ = [
+    "GaussianDiffusion", "get_betas", "space_timesteps", "ddpm_sample", "ddim_sample", "ddim_invert",
+    "paint", "interpolate", "slerp", "sample_loop", "ClassifierFreeGuidance", "Sampler",
+    "UniformSampler", "LossSecondMomentSampler", "normal_kl", "discretized_gaussian_log_likelihood",
+    "mean_flat", "SCHEDULES", "MEAN_TYPES", "VAR_TYPES", "LOSS_TYPES", "METHODS",
+]

@@ -1,0 +1,279 @@
+"""GaussianDiffusion: the forward process, its posterior, the model's reverse step and the losses.
+
+Plain PyTorch, no network inside (the model is an argument: `model(x_t, t, **model_kwargs)`).
+Equations: DDPM = Ho et al. 2020, IDDPM = Nichol & Dhariwal 2021, DDIM = Song et al. 2021.
+All schedule-derived tensors are float64 [T] and cast to the input's dtype/device at use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .schedules import get_betas
+
+MEAN_TYPES = ("eps", "x0", "v")
+VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
+LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
+
+
+def _check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is unknown; allowed: {', '.join(allowed)}")
+
+
+def extract(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """arr[t] as a [B, 1, 1, 1] tensor (as many trailing 1s as like has dims) in like's dtype/device."""
+    out = arr.to(like.device)[t].to(like.dtype)
+    return out.reshape(t.shape[0], *([1] * (like.ndim - 1)))
+
+
+class GaussianDiffusion:
+    """A T-step Gaussian diffusion q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I).
+
+    Args:
+        betas: float64 [T] in (0, 1).
+        mean_type: what the model predicts: "eps" (noise), "x0", or "v" (v = sqrt(a) eps - sqrt(1-a) x0).
+        var_type: "fixed_small" (beta-tilde), "fixed_large" (beta, with beta-tilde_1 at t=0),
+            "learned" (log variance), "learned_range" (IDDPM eq. 15 interpolation).
+        loss_type: "mse" / "rescaled_mse" (L_simple, plus L_vlb for learned variance: the hybrid loss
+            when rescaled, i.e. lambda = 0.001 on L_vlb = T * L_t) or "kl" / "rescaled_kl" (pure L_vlb).
+        timestep_map: int64 [T]; the timestep passed to the model at index t (identity unless respaced).
+    """
+
+    def __init__(
+        self,
+        betas: torch.Tensor,
+        mean_type: str = "eps",
+        var_type: str = "fixed_small",
+        loss_type: str = "mse",
+        timestep_map: torch.Tensor | None = None,
+    ):
+        _check_choice("diffusion.mean_type", mean_type, MEAN_TYPES)
+        _check_choice("diffusion.var_type", var_type, VAR_TYPES)
+        _check_choice("diffusion.loss_type", loss_type, LOSS_TYPES)
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
+            raise ValueError("betas must be a 1-D tensor with values in (0, 1]")
+        self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
+        self.num_timesteps = T = betas.shape[0]
+        self.timestep_map = torch.arange(T) if timestep_map is None else torch.as_tensor(timestep_map).long()
+
+        self.betas = betas
+        alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(alphas, 0)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.alphas_cumprod_next = torch.cat([self.alphas_cumprod[1:], torch.zeros(1, dtype=torch.float64)])
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        self.sqrt_recip_alphas_cumprod = (1.0 / self.alphas_cumprod).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1.0).sqrt()
+        # DDPM eq. 7: beta-tilde_t and the posterior mean coefficients.
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # beta-tilde_0 = 0; the log is clipped to beta-tilde_1 there (IDDPM).
+        pv1 = self.posterior_variance[1] if T > 1 else self.betas[0]
+        self.posterior_log_variance_clipped = torch.log(torch.cat([pv1.reshape(1), self.posterior_variance[1:]]))
+        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_schedule(cls, schedule: str = "linear", steps: int = 1000, **kwargs) -> GaussianDiffusion:
+        """Build from a named schedule: `GaussianDiffusion.from_schedule("cosine", 4000, var_type=...)`."""
+        return cls(get_betas(schedule, steps), **kwargs)
+
+    @property
+    def learns_sigma(self) -> bool:
+        """True when the model must output 2C channels (mean part, variance part)."""
+        return self.var_type in ("learned", "learned_range")
+
+    def respace(self, timesteps: Sequence[int]) -> GaussianDiffusion:
+        """The process restricted to the kept steps s_0 < ... < s_{K-1} (IDDPM Sec. 4).
+
+        beta'_i = 1 - alpha_bar_{s_i} / alpha_bar_{s_{i-1}} (alpha_bar_{s_{-1}} = 1), so alpha_bar at the
+        kept steps is unchanged; the model is still called with the original timesteps s_i.
+        """
+        kept = sorted(int(s) for s in timesteps)
+        if not kept or kept[0] < 0 or kept[-1] >= self.num_timesteps or len(set(kept)) != len(kept):
+            raise ValueError(f"respaced timesteps must be distinct ints in [0, {self.num_timesteps}), got {kept[:8]}...")
+        acp = self.alphas_cumprod[kept]
+        acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
+        return GaussianDiffusion(
+            1.0 - acp / acp_prev, self.mean_type, self.var_type, self.loss_type,
+            timestep_map=self.timestep_map[kept],
+        )
+
+    # ----------------------------------------------------------------- forward process
+    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
+        """q(x_t | x_0) (DDPM eq. 4): mean sqrt(alpha_bar_t) x0, variance and log variance 1 - alpha_bar_t."""
+        mean = extract(self.sqrt_alphas_cumprod, t, x0) * x0
+        var = extract(1.0 - self.alphas_cumprod, t, x0)
+        return mean, var, torch.log(var)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps. x0: [B, C, H, W], t: int64 [B]."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        return extract(self.sqrt_alphas_cumprod, t, x0) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """q(x_{t-1} | x_t, x_0) = N(mu-tilde, beta-tilde) (DDPM eq. 6-7): (mean, variance, clipped log variance)."""
+        mean = extract(self.posterior_mean_coef1, t, x_t) * x0 + extract(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, extract(self.posterior_variance, t, x_t), extract(self.posterior_log_variance_clipped, t, x_t)
+
+    # ----------------------------------------------------------------- conversions between parameterizations
+    def predict_x0_from_eps(self, x_t, t, eps):
+        """x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)."""
+        return extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+
+    def predict_eps_from_x0(self, x_t, t, x0):
+        """eps = (x_t - sqrt(a) x0) / sqrt(1 - a)."""
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+
+    def predict_x0_from_v(self, x_t, t, v):
+        """x0 = sqrt(a) x_t - sqrt(1 - a) v (Salimans & Ho 2022)."""
+        return extract(self.sqrt_alphas_cumprod, t, x_t) * x_t - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+
+    def v_target(self, x0, t, noise):
+        """v = sqrt(a) eps - sqrt(1 - a) x0."""
+        return extract(self.sqrt_alphas_cumprod, t, x0) * noise - extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+
+    # ----------------------------------------------------------------- reverse process
+    def model_log_variance(self, var_output: torch.Tensor | None, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """log Sigma_theta(x_t, t) for the configured var_type; var_output is the model's extra C channels.
+
+        learned_range (IDDPM eq. 15): frac = (v + 1) / 2, log var = frac log beta_t + (1 - frac) log beta-tilde_t.
+        """
+        if self.var_type == "fixed_small":
+            return extract(self.posterior_log_variance_clipped, t, like).expand_as(like)
+        if self.var_type == "fixed_large":
+            large = torch.cat([self.posterior_variance[1:2], self.betas[1:]]) if self.num_timesteps > 1 else self.betas
+            return extract(torch.log(large), t, like).expand_as(like)
+        if self.var_type == "learned":
+            return var_output
+        min_log = extract(self.posterior_log_variance_clipped, t, like)
+        max_log = extract(torch.log(self.betas), t, like)
+        frac = (var_output + 1) / 2
+        return frac * max_log + (1 - frac) * min_log
+
+    def split_model_output(self, out: torch.Tensor, x_t: torch.Tensor):
+        """[B, C or 2C, H, W] -> (mean part [B, C, H, W], variance part or None)."""
+        if self.learns_sigma:
+            if out.shape[1] != 2 * x_t.shape[1]:
+                raise ValueError(
+                    f"diffusion.var_type={self.var_type!r} needs a model with {2 * x_t.shape[1]} output channels "
+                    f"(set net.learn_sigma=true), got {out.shape[1]}"
+                )
+            return out.split(x_t.shape[1], dim=1)
+        return out, None
+
+    def p_mean_variance(
+        self,
+        model: Callable[..., torch.Tensor],
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        model_kwargs: dict | None = None,
+        model_output: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """p_theta(x_{t-1} | x_t) = N(mean, exp(log_variance)) (DDPM eq. 1, IDDPM eq. 15).
+
+        x_t: [B, C, H, W]; t: int64 [B] indices into this process (the model sees timestep_map[t]).
+        Returns mean, variance, log_variance, pred_x0 (clipped to [-1, 1] when clip_denoised), eps
+        (re-derived from the clipped pred_x0, as DDIM needs), and the raw model output.
+        """
+        if model_output is None:
+            model_output = model(x_t, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))
+        mean_out, var_out = self.split_model_output(model_output, x_t)
+        log_variance = self.model_log_variance(var_out, t, x_t)
+        if self.mean_type == "eps":
+            pred_x0 = self.predict_x0_from_eps(x_t, t, mean_out)
+        elif self.mean_type == "x0":
+            pred_x0 = mean_out
+        else:
+            pred_x0 = self.predict_x0_from_v(x_t, t, mean_out)
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1, 1)
+        eps = mean_out if (self.mean_type == "eps" and not clip_denoised) else self.predict_eps_from_x0(x_t, t, pred_x0)
+        mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
+        return {
+            "mean": mean, "variance": torch.exp(log_variance), "log_variance": log_variance,
+            "pred_x0": pred_x0, "eps": eps, "model_output": model_output,
+        }
+
+    # ----------------------------------------------------------------- variational bound
+    def vb_terms_bpd(self, model, x0, x_t, t, clip_denoised=False, model_kwargs=None, model_output=None):
+        """L_t in bits/dim per example [B] (DDPM eq. 5): KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0,
+        and the discretized Gaussian decoder NLL -log p(x0|x1) at t = 0. Also returns pred_x0."""
+        true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, x_t, t)
+        out = self.p_mean_variance(model, x_t, t, clip_denoised, model_kwargs, model_output)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])) / math.log(2.0)
+        return torch.where(t == 0, nll, kl), out["pred_x0"]
+
+    def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
+        """KL(q(x_T | x0) || N(0, I)) in bits/dim, [B] (L_T of DDPM eq. 5)."""
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
+        mean, _, log_var = self.q_mean_variance(x0, t)
+        return mean_flat(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))) / math.log(2.0)
+
+    @torch.no_grad()
+    def calc_bpd_loop(self, model, x0, clip_denoised=True, model_kwargs=None, generator=None) -> dict[str, torch.Tensor]:
+        """The full bound in bits/dim: total_bpd [B] = sum_t L_t + L_T (one x_t sample per t).
+
+        Returns total_bpd [B], prior_bpd [B], vb [B, T], mse [B, T] (of eps) and x0_mse [B, T].
+        """
+        B, T = x0.shape[0], self.num_timesteps
+        vb, x0_mse, mse = (torch.zeros(B, T, device=x0.device) for _ in range(3))
+        for i in reversed(range(T)):
+            t = torch.full((B,), i, device=x0.device, dtype=torch.long)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x_t = self.q_sample(x0, t, noise)
+            terms, pred_x0 = self.vb_terms_bpd(model, x0, x_t, t, clip_denoised, model_kwargs)
+            vb[:, i] = terms
+            x0_mse[:, i] = mean_flat((pred_x0 - x0) ** 2)
+            mse[:, i] = mean_flat((self.predict_eps_from_x0(x_t, t, pred_x0) - noise) ** 2)
+        prior = self.prior_bpd(x0)
+        return {"total_bpd": vb.sum(1) + prior, "prior_bpd": prior, "vb": vb, "mse": mse, "x0_mse": x0_mse}
+
+    # ----------------------------------------------------------------- training objective
+    def training_losses(self, model, x0, t, noise=None, model_kwargs=None) -> dict[str, torch.Tensor]:
+        """Per-example losses [B] for x0: [B, C, H, W] in [-1, 1] and t: int64 [B].
+
+        "mse": |target - output|^2 averaged over pixels (L_simple, DDPM eq. 14; target eps, x0 or v).
+        "vb": L_t in bits/dim with the model's mean detached (IDDPM Sec. 3.1 stop-gradient), so it only
+            trains the variance; for fixed variance it is reported without gradient.
+        "loss": mse (+ vb * T/1000 for rescaled_mse = L_hybrid with lambda=0.001, + vb for mse) when the
+            variance is learned; for kl / rescaled_kl the full L_t (times T when rescaled) with gradients.
+        """
+        if noise is None:
+            noise = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, noise)
+        out = model(x_t, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))
+        if self.loss_type in ("kl", "rescaled_kl"):
+            vb, _ = self.vb_terms_bpd(model, x0, x_t, t, model_output=out)
+            scale = self.num_timesteps if self.loss_type == "rescaled_kl" else 1.0
+            target = self._mse_target(x0, t, noise)
+            mse = mean_flat((target - self.split_model_output(out, x_t)[0].detach()) ** 2)
+            return {"loss": vb * scale, "mse": mse, "vb": vb}
+        mean_out, var_out = self.split_model_output(out, x_t)
+        mse = mean_flat((self._mse_target(x0, t, noise) - mean_out) ** 2)
+        # Stop-gradient on the mean: the VLB term sees a frozen mean, trainable variance (if any).
+        frozen = mean_out.detach() if var_out is None else torch.cat([mean_out.detach(), var_out], dim=1)
+        if var_out is None:
+            with torch.no_grad():
+                vb, _ = self.vb_terms_bpd(model, x0, x_t, t, model_output=frozen)
+            return {"loss": mse, "mse": mse, "vb": vb}
+        vb, _ = self.vb_terms_bpd(model, x0, x_t, t, model_output=frozen)
+        scale = self.num_timesteps / 1000.0 if self.loss_type == "rescaled_mse" else 1.0
+        return {"loss": mse + scale * vb, "mse": mse, "vb": vb}
+
+    def _mse_target(self, x0, t, noise):
+        if self.mean_type == "eps":
+            return noise
+        if self.mean_type == "x0":
+            return x0
+        return self.v_target(x0, t, noise)

@@ -1,0 +1,210 @@
+"""Reverse-process samplers: one loop, one step function per method (DDPM ancestral, DDIM).
+
+Every sampler has the shape `(diffusion, model, x_T, timesteps, *, ..., generator=None, progress=False) -> x_0`:
+x_T: [B, C, H, W] at the noise level of the first visited step; the result is in [-1, 1] when
+clip_denoised. `timesteps` is a list of kept steps, a spec for `space_timesteps` ("ddim50"), or None
+(all T). Intermediate results reach `callback(step_index, x_t, pred_x0)` after every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .gaussian import GaussianDiffusion, extract
+from .respace import space_timesteps
+
+StepFn = Callable[..., torch.Tensor]
+
+
+def as_process(diffusion: GaussianDiffusion, timesteps: Sequence[int] | str | int | None) -> GaussianDiffusion:
+    """The process a sampler runs: the full one, or the one respaced to `timesteps` (list or spec)."""
+    if timesteps is None:
+        return diffusion
+    if isinstance(timesteps, (str, int)):
+        timesteps = space_timesteps(diffusion.num_timesteps, timesteps)
+    if list(timesteps) == list(range(diffusion.num_timesteps)):
+        return diffusion
+    return diffusion.respace(timesteps)
+
+
+def _noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def ddpm_step(process, out, x_t, t, generator=None, temperature=1.0, **_):
+    """Ancestral step x_{t-1} = mean + sigma_t z (DDPM Alg. 2), no noise at t = 0."""
+    nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+    return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * temperature * _noise(x_t, generator)
+
+
+def ddim_step(process, out, x_t, t, generator=None, temperature=1.0, eta=0.0, **_):
+    """DDIM eq. 12: x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma z,
+    sigma = eta sqrt((1 - a_prev) / (1 - a)) sqrt(1 - a / a_prev), a_prev = 1 after the last step."""
+    a = extract(process.alphas_cumprod, t, x_t)
+    a_prev = extract(process.alphas_cumprod_prev, t, x_t)
+    sigma = eta * torch.sqrt((1 - a_prev) / (1 - a)) * torch.sqrt(1 - a / a_prev)
+    mean = torch.sqrt(a_prev) * out["pred_x0"] + torch.sqrt((1 - a_prev - sigma**2).clamp(min=0)) * out["eps"]
+    if eta == 0:
+        return mean
+    return mean + sigma * temperature * _noise(x_t, generator)
+
+
+def sample_loop(
+    diffusion: GaussianDiffusion,
+    model,
+    x_T: torch.Tensor,
+    timesteps=None,
+    *,
+    step: StepFn = ddpm_step,
+    start_index: int | None = None,
+    clip_denoised: bool = True,
+    model_kwargs: dict | None = None,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+    progress: bool = False,
+    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    post_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    **step_kwargs,
+) -> torch.Tensor:
+    """Run `step` from index `start_index` (default: the last) down to 0 of the (respaced) process.
+
+    post_step(i, x_{i-1}) may edit the new state (inpainting); callback(i, x_{i-1}, pred_x0) observes it.
+    """
+    process = as_process(diffusion, timesteps)
+    n = process.num_timesteps
+    start = n - 1 if start_index is None else int(start_index)
+    if not 0 <= start < n:
+        raise ValueError(f"start_index={start_index} must be in [0, {n})")
+    x = x_T
+    indices = range(start, -1, -1)
+    for i in tqdm(indices, desc="sampling", leave=False) if progress else indices:
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        with torch.no_grad():
+            out = process.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
+            x = step(process, out, x, t, generator=generator, temperature=temperature, **step_kwargs)
+        if post_step is not None:
+            x = post_step(i, x)
+        if callback is not None:
+            callback(i, x, out["pred_x0"])
+    return x
+
+
+def ddpm_sample(diffusion, model, x_T, timesteps=None, *, clip_denoised=True, model_kwargs=None,
+                generator=None, temperature=1.0, progress=False, callback=None, start_index=None):
+    """Ancestral sampling (DDPM Alg. 2) on the full or a respaced process, any variance type."""
+    return sample_loop(diffusion, model, x_T, timesteps, step=ddpm_step, start_index=start_index,
+                       clip_denoised=clip_denoised, model_kwargs=model_kwargs, generator=generator,
+                       temperature=temperature, progress=progress, callback=callback)
+
+
+def ddim_sample(diffusion, model, x_T, timesteps, *, eta=0.0, clip_denoised=True, model_kwargs=None,
+                generator=None, temperature=1.0, progress=False, callback=None, start_index=None):
+    """DDIM sampling (Song et al. 2021, eq. 12); eta=0 is deterministic, eta=1 on all T steps is DDPM."""
+    if eta < 0:
+        raise ValueError(f"sampler.eta={eta} must be >= 0")
+    return sample_loop(diffusion, model, x_T, timesteps, step=ddim_step, eta=eta, start_index=start_index,
+                       clip_denoised=clip_denoised, model_kwargs=model_kwargs, generator=generator,
+                       temperature=temperature, progress=progress, callback=callback)
+
+
+@torch.no_grad()
+def ddim_invert(diffusion, model, x0, timesteps, *, fixed_point_iters: int = 0, clip_denoised=False,
+                model_kwargs=None, progress=False):
+    """Deterministic DDIM encoding x_0 -> x at the last kept step (DDIM eq. 13 run forwards, eta = 0).
+
+    Step i maps the state at level a_prev = alpha_bar_{s_{i-1}} (1 for the clean image) to level
+    a = alpha_bar_{s_i}: x_i = sqrt(a) (x_{i-1} - sqrt(1 - a_prev) eps) / sqrt(a_prev) + sqrt(1 - a) eps.
+    The usual approximation takes eps from the model at the previous state (first order in the step
+    size); each of `fixed_point_iters` re-evaluates eps at the new x_i, which converges to the exact
+    inverse of `ddim_sample(..., eta=0, clip_denoised=False)`'s step.
+    """
+    process = as_process(diffusion, timesteps)
+    x = x0
+    indices = range(process.num_timesteps)
+    for i in tqdm(indices, desc="inverting", leave=False) if progress else indices:
+        t_prev = torch.full((x.shape[0],), max(i - 1, 0), device=x.device, dtype=torch.long)
+        t = torch.full_like(t_prev, i)
+        a, a_prev = extract(process.alphas_cumprod, t, x), extract(process.alphas_cumprod_prev, t, x)
+        eps = process.p_mean_variance(model, x, t_prev, clip_denoised, model_kwargs)["eps"]
+        x0_hat = (x - torch.sqrt(1 - a_prev) * eps) / torch.sqrt(a_prev)
+        x_next = torch.sqrt(a) * x0_hat + torch.sqrt(1 - a) * eps
+        for _ in range(fixed_point_iters):
+            eps = process.p_mean_variance(model, x_next, t, clip_denoised, model_kwargs)["eps"]
+            x_next = torch.sqrt(a) * (x - torch.sqrt(1 - a_prev) * eps) / torch.sqrt(a_prev) + torch.sqrt(1 - a) * eps
+        x = x_next
+    return x
+
+
+def paint(diffusion, model, x0, mask, timesteps=None, *, sampler: str = "ddpm", eta: float = 0.0,
+          start_index=None, clip_denoised=True, model_kwargs=None, generator=None, temperature=1.0,
+          progress=False, callback=None):
+    """Inpainting: sample the unknown region while the known one follows the original's noising.
+
+    x0: [B, C, H, W] in [-1, 1]; mask: broadcastable to x0, 1 where x0 is known. Starts from x0 noised
+    to the first visited level (pure noise in effect when starting at T) and, after the step that produces x at the level of index i-1, sets the
+    known region to q_sample(x0, i-1) (to x0 itself after the last step): the same noise level as the
+    new state (RePaint's replacement without resampling).
+    """
+    process = as_process(diffusion, timesteps)
+    start = process.num_timesteps - 1 if start_index is None else int(start_index)
+    mask = mask.to(x0.dtype)
+    t_start = torch.full((x0.shape[0],), start, device=x0.device, dtype=torch.long)
+    x_T = process.q_sample(x0, t_start, _noise(x0, generator))
+
+    def keep_known(i: int, x: torch.Tensor) -> torch.Tensor:
+        if i == 0:
+            known = x0
+        else:
+            t_prev = torch.full((x0.shape[0],), i - 1, device=x0.device, dtype=torch.long)
+            known = process.q_sample(x0, t_prev, _noise(x0, generator))
+        return mask * known + (1 - mask) * x
+
+    step = ddpm_step if sampler == "ddpm" else ddim_step
+    return sample_loop(process, model, x_T, None, step=step, eta=eta, start_index=start,
+                       clip_denoised=clip_denoised, model_kwargs=model_kwargs, generator=generator,
+                       temperature=temperature, progress=progress, callback=callback, post_step=keep_known)
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Spherical interpolation per example (DDIM Sec. 5.3): sin((1-a) th)/sin(th) z0 + sin(a th)/sin(th) z1."""
+    flat0, flat1 = z0.flatten(1), z1.flatten(1)
+    cos = (flat0 * flat1).sum(1) / (flat0.norm(dim=1) * flat1.norm(dim=1))
+    theta = torch.arccos(cos.clamp(-1, 1)).reshape(-1, *([1] * (z0.ndim - 1)))
+    s = torch.sin(theta).clamp(min=1e-8)
+    return torch.sin((1 - alpha) * theta) / s * z0 + torch.sin(alpha * theta) / s * z1
+
+
+def interpolate(diffusion, model, z0, z1, num: int, timesteps="ddim50", *, clip_denoised=True,
+                model_kwargs=None, progress=False):
+    """Decode `num` slerp points between latents z0 and z1 ([1, C, H, W] each) with DDIM eta=0: [num, C, H, W]."""
+    zs = torch.cat([slerp(z0, z1, a) for a in torch.linspace(0, 1, num).tolist()])
+    return ddim_sample(diffusion, model, zs, timesteps, eta=0.0, clip_denoised=clip_denoised,
+                       model_kwargs=model_kwargs, progress=progress)
+
+
+class ClassifierFreeGuidance:
+    """Wrap a class-conditional model: eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022, eq. 6).
+
+    One batched forward of 2B per step (conditional and null labels together). s=1 runs only the
+    conditional half and s=0 only the unconditional one, so those equal plain sampling bit for bit.
+    A learned variance (extra channels) is taken from the conditional output.
+    """
+
+    def __init__(self, model, scale: float, null_label: int):
+        self.model, self.scale, self.null_label = model, float(scale), int(null_label)
+
+    def __call__(self, x, t, y, **kwargs):
+        null = torch.full_like(y, self.null_label)
+        if self.scale == 1.0:
+            return self.model(x, t, y=y, **kwargs)
+        if self.scale == 0.0:
+            return self.model(x, t, y=null, **kwargs)
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]), **kwargs)
+        cond, uncond = out.chunk(2)
+        C = x.shape[1]
+        # torch.lerp(u, c, s) = u + s (c - u), exact at s = 0 and s = 1.
+        eps = torch.lerp(uncond[:, :C], cond[:, :C], self.scale)
+        return torch.cat([eps, cond[:, C:]], dim=1)

@@ -1,0 +1,58 @@
+"""Named beta schedules, computed in float64.
+
+A named schedule never changes once committed: add a new name instead of editing one.
+
+    betas = get_betas("cosine", 1000)   # float64 tensor [T]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+SCHEDULES = ("linear", "cosine")
+
+
+def linear_betas(num_timesteps: int) -> torch.Tensor:
+    """DDPM (Ho et al. 2020, Sec. 4) linear schedule beta_1=1e-4 .. beta_T=0.02 for T=1000.
+
+    For other T the end points are scaled by 1000/T (Improved DDPM, Nichol & Dhariwal 2021, Sec. 3.2
+    footnote), so alpha_bar_T stays comparable across T; clipped at 0.999 for very short processes (T < 50).
+    """
+    scale = 1000.0 / num_timesteps
+    return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64).clamp(max=0.999)
+
+
+def betas_for_alpha_bar(
+    num_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
+) -> torch.Tensor:
+    """beta_t = min(1 - alpha_bar((t+1)/T) / alpha_bar(t/T), max_beta) for t = 0..T-1 (IDDPM eq. 17)."""
+    betas = [
+        min(1.0 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+        for i in range(num_timesteps)
+    ]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+def cosine_alpha_bar(u: float, s: float = 0.008) -> float:
+    """IDDPM eq. 17: f(u) = cos^2(((u + s) / (1 + s)) * pi / 2) with u = t/T; alpha_bar = f(u)/f(0)."""
+    return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+
+def cosine_betas(num_timesteps: int) -> torch.Tensor:
+    """Improved DDPM cosine schedule (s = 0.008), betas clipped at 0.999."""
+    return betas_for_alpha_bar(num_timesteps, cosine_alpha_bar, max_beta=0.999)
+
+
+_BUILDERS: dict[str, Callable[[int], torch.Tensor]] = {"linear": linear_betas, "cosine": cosine_betas}
+
+
+def get_betas(name: str, num_timesteps: int) -> torch.Tensor:
+    """Return the named schedule's betas as a float64 tensor [T] with values in (0, 1)."""
+    if name not in _BUILDERS:
+        raise ValueError(f"diffusion.schedule={name!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+    if int(num_timesteps) < 1:
+        raise ValueError(f"diffusion.steps={num_timesteps!r} must be a positive integer")
+    return _BUILDERS[name](int(num_timesteps))

@@ -1,0 +1,86 @@
+"""Timestep samplers: which t each training example gets, and its importance weight.
+
+`sample(batch_size, device) -> (t int64 [B], weights float32 [B])` with weights = 1 / (T p_t), so
+mean(weights * L_t) is an unbiased estimate of the uniform-t mean loss. The loss-aware sampler is
+Improved DDPM's (Nichol & Dhariwal 2021, Sec. 3.3, eq. 18): p_t ~ sqrt(E[L_t^2]).
+Sampling draws on the CPU (from `generator`, else the global RNG) so that every device is reproducible.
+No torch.distributed here: the caller passes losses gathered from every rank to `update`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class UniformSampler:
+    """p_t = 1/T for every t; weights are all 1."""
+
+    def __init__(self, num_timesteps: int):
+        self.num_timesteps = int(num_timesteps)
+
+    def probabilities(self) -> torch.Tensor:
+        """float64 [T], sums to 1."""
+        return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=torch.float64)
+
+    def sample(self, batch_size: int, device=None, generator: torch.Generator | None = None):
+        p = self.probabilities()
+        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
+        weights = 1.0 / (self.num_timesteps * p[t])
+        return t.to(device), weights.float().to(device)
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Uniform sampling ignores losses."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class LossSecondMomentSampler(UniformSampler):
+    """IDDPM importance sampling: p_t proportional to sqrt(mean of the last `history_per_term` L_t^2).
+
+    Uniform until every t has a full history; then mixed with `uniform_prob` of the uniform
+    distribution so that no p_t is ever 0.
+    """
+
+    def __init__(self, num_timesteps: int, history_per_term: int = 10, uniform_prob: float = 0.001):
+        super().__init__(num_timesteps)
+        if history_per_term < 1 or not 0.0 <= uniform_prob <= 1.0:
+            raise ValueError("timesteps.history_per_term must be >= 1 and timesteps.uniform_prob in [0, 1]")
+        self.history_per_term, self.uniform_prob = int(history_per_term), float(uniform_prob)
+        self.history = torch.zeros(self.num_timesteps, self.history_per_term, dtype=torch.float64)
+        self.counts = torch.zeros(self.num_timesteps, dtype=torch.long)
+
+    def warmed_up(self) -> bool:
+        return bool((self.counts == self.history_per_term).all())
+
+    def probabilities(self) -> torch.Tensor:
+        if not self.warmed_up():
+            return super().probabilities()
+        p = torch.sqrt((self.history**2).mean(dim=-1))
+        p = p / p.sum()
+        return p * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Append each (t, loss) pair in order; t and losses are [N] (all ranks' examples, unweighted)."""
+        for ti, li in zip(t.detach().cpu().tolist(), losses.detach().double().cpu().tolist()):
+            c = int(self.counts[ti])
+            if c == self.history_per_term:  # shift out the oldest
+                self.history[ti, :-1] = self.history[ti, 1:].clone()
+                self.history[ti, -1] = li
+            else:
+                self.history[ti, c] = li
+                self.counts[ti] = c + 1
+
+    def state_dict(self) -> dict:
+        return {"history": self.history.clone(), "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["history"].shape != self.history.shape:
+            raise ValueError(
+                f"timestep sampler state has shape {tuple(state['history'].shape)}, expected {tuple(self.history.shape)}"
+            )
+        self.history = state["history"].clone().double()
+        self.counts = state["counts"].clone().long()

@@ -1,0 +1,145 @@
+"""DiffusionModule: the LightningModule that trains a network on a GaussianDiffusion loss.
+
+training_step is the algorithm box (DDPM Alg. 1 / IDDPM Sec. 3.3): sample t with importance weights,
+per-example losses, weight and reduce, update the timestep sampler with every rank's losses, log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from ..diffusion import GaussianDiffusion, Sampler
+from ..diffusion.timesteps import UniformSampler
+
+
+class DiffusionModule(L.LightningModule):
+    """Args:
+    net: the denoiser, `net(x_t, t, y=None) -> [B, C or 2C, H, W]`.
+    diffusion: the GaussianDiffusion (schedule, parameterization, loss type).
+    timestep_sampler: UniformSampler or LossSecondMomentSampler over diffusion.num_timesteps.
+    optimizer: partial `(params) -> Optimizer`; lr_scheduler: optional partial `(optimizer) -> scheduler`.
+    label_dropout: probability of replacing a label with the null label (classifier-free guidance).
+    sampler: the default Sampler for sample grids.
+    run_config: the resolved run config (dict), saved in every checkpoint to rebuild the model.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        diffusion: GaussianDiffusion,
+        timestep_sampler: UniformSampler | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[..., Any] | None = None,
+        label_dropout: float = 0.0,
+        sampler: Sampler | None = None,
+        run_config: dict | None = None,
+    ):
+        super().__init__()
+        self.net, self.diffusion = net, diffusion
+        self.timestep_sampler = timestep_sampler or UniformSampler(diffusion.num_timesteps)
+        if self.timestep_sampler.num_timesteps != diffusion.num_timesteps:
+            raise ValueError(
+                f"timesteps.num_timesteps={self.timestep_sampler.num_timesteps} must equal "
+                f"diffusion.steps={diffusion.num_timesteps}"
+            )
+        self.optimizer_factory = optimizer or (lambda p: torch.optim.Adam(p, lr=2e-4))
+        self.lr_scheduler_factory = lr_scheduler
+        self.label_dropout = float(label_dropout)
+        self.sampler = sampler or Sampler("ddim", 50)
+        self.run_config = run_config or {}
+
+    @property
+    def conditional(self) -> bool:
+        return getattr(self.net, "num_classes", None) is not None
+
+    @property
+    def null_label(self) -> int | None:
+        return self.net.num_classes if self.conditional else None
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x_t, t, y=y) if y is not None else self.net(x_t, t)
+
+    def model_kwargs(self, y: torch.Tensor, drop: bool) -> dict:
+        """{'y': labels}, with each label replaced by the null label with probability label_dropout."""
+        if not self.conditional:
+            return {}
+        if drop and self.label_dropout > 0:
+            y = torch.where(torch.rand(y.shape, device=y.device) < self.label_dropout, self.null_label, y)
+        return {"y": y}
+
+    def on_fit_start(self) -> None:
+        # seed_everything gives every DDP rank the same seed; offset it so ranks draw different t and noise.
+        if self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
+
+    def training_step(self, batch, batch_idx):
+        x0, y = batch
+        t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
+        losses = self.diffusion.training_losses(self.net, x0, t, model_kwargs=self.model_kwargs(y, drop=True))
+        # All ranks' (t, unweighted loss) pairs, so every rank's sampler holds the same history.
+        gathered_t, gathered_loss = self.all_gather((t, losses["loss"].detach()))
+        self.timestep_sampler.update(gathered_t.reshape(-1), gathered_loss.reshape(-1))
+        loss = (losses["loss"] * weights).mean()
+        self.log_losses("train", losses, t, loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x0, y = batch
+        # Fixed t and noise per batch index, so validation curves are comparable across epochs.
+        g = torch.Generator().manual_seed(batch_idx)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=g).to(x0.device)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
+        losses = self.diffusion.training_losses(self.net, x0, t, noise=noise, model_kwargs=self.model_kwargs(y, False))
+        self.log_losses("val", losses, t, losses["loss"].mean())
+
+    def log_losses(self, stage: str, losses: dict, t: torch.Tensor, loss: torch.Tensor) -> None:
+        """Log the reduced loss, each term's mean, and each term by timestep quartile (q0 = t < T/4 .. q3)."""
+        on_step = stage == "train"
+        sync = stage != "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=sync)
+        quartile = (4 * t) // self.diffusion.num_timesteps
+        for key in ("mse", "vb"):
+            self.log(f"{stage}/{key}", losses[key].mean(), on_step=on_step, on_epoch=True, sync_dist=sync)
+            for q in range(4):
+                sel = quartile == q
+                if sel.any():
+                    self.log(f"{stage}/{key}_q{q}", losses[key][sel].mean(), on_step=False, on_epoch=True,
+                             sync_dist=sync, batch_size=int(sel.sum()))
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
+        checkpoint["run_config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "timestep_sampler" in checkpoint:
+            self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
+
+    @torch.no_grad()
+    def sample(self, n: int, sampler: Sampler | None = None, y: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """n samples [n, C, H, W] in [-1, 1] with this module's current weights (x_T drawn from generator)."""
+        sampler = sampler or self.sampler
+        shape = (n, self.net.in_channels, self.net.image_size, self.net.image_size)
+        x_T = torch.randn(shape, generator=generator).to(self.device)
+        kwargs = {"y": y.to(self.device)} if y is not None else None
+        g = None
+        if generator is not None:  # keep sampling noise on the module's device, seeded from the given generator
+            g = torch.Generator(device=self.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return sampler(self.diffusion, self.net, x_T, model_kwargs=kwargs, generator=g, progress=progress,
+                           null_label=self.null_label)
+        finally:
+            self.net.train(was_training)

@@ -1,0 +1,116 @@
+"""The DDPM U-Net (Ho et al. 2020, App. B; Nichol & Dhariwal 2021 for learned sigma and classes).
+
+    net = UNet(image_size=32, in_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2),
+               num_res_blocks=2, attention_resolutions=(16,), dropout=0.1)   # 35.7M params, DDPM CIFAR-10
+    out = net(x_t, t)          # x_t [B, C, H, W], t int64 [B] -> [B, C (2C if learn_sigma), H, W]
+    out = net(x_t, t, y=y)     # class-conditional: y int64 [B] in 0..num_classes (num_classes = null label)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .layers import Downsample, ResBlock, SelfAttention, Upsample, norm, timestep_embedding
+
+
+class UNet(nn.Module):
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 3,
+        base_channels: int = 128,
+        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.0,
+        num_heads: int = 1,
+        learn_sigma: bool = False,
+        num_classes: int | None = None,
+    ):
+        super().__init__()
+        levels = len(channel_mult)
+        if image_size % (2 ** (levels - 1)):
+            raise ValueError(
+                f"data.image_size={image_size} cannot be halved {levels - 1} times for net.channel_mult={list(channel_mult)}"
+            )
+        reached = {image_size // 2**i for i in range(levels)}
+        if bad := sorted(set(attention_resolutions) - reached):
+            raise ValueError(
+                f"net.attention_resolutions={list(attention_resolutions)}: {bad} never reached; "
+                f"the network's resolutions are {sorted(reached, reverse=True)}"
+            )
+        self.image_size, self.in_channels, self.learn_sigma = image_size, in_channels, learn_sigma
+        self.num_classes, self.base_channels = num_classes, base_channels
+        self.out_channels = in_channels * (2 if learn_sigma else 1)
+        emb_dim = 4 * base_channels
+        self.time_embed = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # num_classes + 1 embeddings: index num_classes is the null label of classifier-free guidance.
+        self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+
+        self.stem = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_channels, ch, res = [base_channels], base_channels, image_size
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                block = nn.ModuleList([ResBlock(ch, base_channels * mult, emb_dim, dropout)])
+                ch = base_channels * mult
+                if res in attention_resolutions:
+                    block.append(SelfAttention(ch, num_heads))
+                self.down.append(block)
+                skip_channels.append(ch)
+            if level != levels - 1:
+                self.down.append(nn.ModuleList([Downsample(ch)]))
+                skip_channels.append(ch)
+                res //= 2
+        self.mid = nn.ModuleList(
+            [ResBlock(ch, ch, emb_dim, dropout), SelfAttention(ch, num_heads), ResBlock(ch, ch, emb_dim, dropout)]
+        )
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                block = nn.ModuleList([ResBlock(ch + skip_channels.pop(), base_channels * mult, emb_dim, dropout)])
+                ch = base_channels * mult
+                if res in attention_resolutions:
+                    block.append(SelfAttention(ch, num_heads))
+                if level and i == num_res_blocks:
+                    block.append(Upsample(ch))
+                    res *= 2
+                self.up.append(block)
+        self.head = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, self.out_channels, 3, padding=1))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    @staticmethod
+    def _run(block: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in block:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, H, W], t int64 [B] (the process's timesteps), y int64 [B] or None -> [B, out_channels, H, W]."""
+        emb = self.time_embed(timestep_embedding(t, self.base_channels))
+        if self.class_embed is not None:
+            if y is None:  # unconditional call of a conditional net: the null label
+                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.class_embed(y)
+        elif y is not None:
+            raise ValueError("labels y were given but the network has no class embedding (set net.num_classes)")
+        h = self.stem(x)
+        skips = [h]
+        for block in self.down:
+            h = self._run(block, h, emb)
+            skips.append(h)
+        h = self._run(self.mid, h, emb)
+        for block in self.up:
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)
+        return self.head(h)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["UNet", "count_parameters"]

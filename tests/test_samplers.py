@@ -1,0 +1,167 @@
+"""Samplers: DDIM determinism and its eta=1 equivalence with DDPM, respaced ancestral steps, inversion,
+inpainting and classifier-free guidance."""
+
+import pytest
+import torch
+
+from diffusion_lab.diffusion import (
+    ClassifierFreeGuidance,
+    GaussianDiffusion,
+    Sampler,
+    ddim_invert,
+    ddim_sample,
+    ddpm_sample,
+    get_betas,
+    paint,
+    slerp,
+)
+from diffusion_lab.diffusion.samplers import ddim_step, ddpm_step
+
+
+def _model(x, t, **_):
+    """A fixed smooth function of (x, t): enough to exercise the samplers' arithmetic."""
+    return torch.tanh(x) * (t.float() / 1000).reshape(-1, 1, 1, 1) + 0.1
+
+
+def test_ddim_eta0_is_deterministic_without_generator():
+    diff = GaussianDiffusion(get_betas("linear", 1000))
+    x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    a = ddim_sample(diff, _model, x_T, "ddim20", eta=0.0)
+    b = ddim_sample(diff, _model, x_T, "ddim20", eta=0.0)
+    assert torch.equal(a, b)
+
+
+def test_ddim_eta1_step_equals_ddpm_posterior():
+    """eta=1 on all T steps: DDIM's mean is the posterior mean and its variance is beta-tilde (DDIM Sec. 4.1)."""
+    diff = GaussianDiffusion(get_betas("linear", 1000))
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 3, 3)
+    for step in (1, 10, 500, 999):
+        t = torch.full((2,), step)
+        out = diff.p_mean_variance(_model, x, t, clip_denoised=False)
+        a, a_prev = diff.alphas_cumprod[step], diff.alphas_cumprod_prev[step]
+        sigma2 = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+        assert sigma2.item() == pytest.approx(diff.posterior_variance[step].item(), rel=1e-10)
+        mean = ddim_step(diff, out, x, t, eta=1.0, temperature=0.0)
+        torch.testing.assert_close(mean, out["mean"], rtol=1e-5, atol=1e-5)
+
+
+def test_ddpm_on_respaced_process_uses_recomputed_betas():
+    diff = GaussianDiffusion(get_betas("linear", 1000), var_type="fixed_large")
+    kept = [0, 400, 999]
+    x_T = torch.randn(1, 1, 1, 1, generator=torch.Generator().manual_seed(1))
+    states = []
+    out = ddpm_sample(diff, lambda x, t: torch.zeros_like(x) + 0.3, x_T, kept, clip_denoised=False,
+                      temperature=0.0, callback=lambda i, x, x0: states.append(x.item()))
+    acp = diff.alphas_cumprod[kept].tolist()
+    betas = [1 - acp[0], 1 - acp[1] / acp[0], 1 - acp[2] / acp[1]]
+    x = x_T.item()
+    for i in (2, 1, 0):  # posterior mean of the respaced process with eps = 0.3, noise switched off
+        a, a_prev, b = acp[i], (acp[i - 1] if i else 1.0), betas[i]
+        x0 = (x - (1 - a) ** 0.5 * 0.3) / a**0.5
+        x = a_prev**0.5 * b / (1 - a) * x0 + (1 - b) ** 0.5 * (1 - a_prev) / (1 - a) * x
+        assert states[2 - i] == pytest.approx(x, rel=1e-5)
+    assert out.item() == pytest.approx(x, rel=1e-5)
+
+
+def test_ddpm_temperature_zero_equals_its_mean_path():
+    diff = GaussianDiffusion(get_betas("linear", 100))
+    x_T = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    out = diff.p_mean_variance(_model, x_T, torch.full((2,), 99))
+    step = ddpm_step(diff, out, x_T, torch.full((2,), 99), temperature=0.0)
+    torch.testing.assert_close(step, out["mean"])
+
+
+def test_inversion_round_trip_on_analytic_model(gaussian_eps):
+    diff = GaussianDiffusion(get_betas("linear", 1000))
+    model = gaussian_eps(diff, mu=0.1, s=0.5)
+    x0 = 0.1 + 0.5 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # the usual first-order inversion: error shrinks with the step count (0.39 at 20 steps, 0.018 at 500)
+    z = ddim_invert(diff, model, x0, "ddim500")
+    assert z.std().item() == pytest.approx(1.0, abs=0.1)  # a latent at the noise level of t=998
+    assert (ddim_sample(diff, model, z, "ddim500", clip_denoised=False) - x0).abs().max().item() < 0.03
+    # fixed-point iterations make it the exact inverse of the decoder's steps
+    z = ddim_invert(diff, model, x0, "ddim100", fixed_point_iters=3)
+    assert (ddim_sample(diff, model, z, "ddim100", clip_denoised=False) - x0).abs().max().item() < 1e-4
+
+
+def test_paint_keeps_known_region():
+    diff = GaussianDiffusion(get_betas("linear", 200))
+    x0 = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mask = torch.zeros(1, 1, 6, 6)
+    mask[..., :3] = 1
+    g = torch.Generator().manual_seed(0)
+    out = paint(diff, _model, x0, mask, "ddim20", sampler="ddpm", generator=g)
+    assert torch.equal(out[..., :3], x0[..., :3])
+    assert not torch.allclose(out[..., 3:], x0[..., 3:])
+
+
+def test_paint_known_region_has_the_new_state_noise_level():
+    """After the step from index i the known region is q_sample(x0, i-1): the noise level of the new state,
+    not of the old one (the off-by-one of some published implementations)."""
+    diff = GaussianDiffusion(get_betas("linear", 100))
+    x0 = torch.rand(2, 1, 3, 3, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    mask = torch.ones(1, 1, 1, 1)
+    seen = {}
+    paint(diff, _model, x0, mask, None, start_index=60, generator=torch.Generator().manual_seed(0),
+          callback=lambda i, x, x0h: seen.setdefault(i, x.clone()))
+    g = torch.Generator().manual_seed(0)
+    draws = [torch.randn(x0.shape, generator=g) for _ in range(3)]  # x_T, the step's z, the re-noising
+    torch.testing.assert_close(seen[60], diff.q_sample(x0, torch.full((2,), 59), draws[2]))
+    assert torch.equal(seen[0], x0)
+
+
+class _CondModel(torch.nn.Module):
+    num_classes = 3
+
+    def forward(self, x, t, y):
+        return x * 0.1 + (y.float() + 1).reshape(-1, 1, 1, 1) * 0.05 + t.float().reshape(-1, 1, 1, 1) * 1e-4
+
+
+@pytest.mark.parametrize("scale,label", [(1.0, "cond"), (0.0, "uncond")])
+def test_guidance_endpoints_bit_exact(scale, label):
+    diff = GaussianDiffusion(get_betas("linear", 100))
+    m = _CondModel()
+    x_T = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2])
+    kw = {"y": y if label == "cond" else torch.full_like(y, 3)}
+    plain = ddpm_sample(diff, m, x_T, "10", model_kwargs=kw, generator=torch.Generator().manual_seed(5))
+    guided = ddpm_sample(diff, ClassifierFreeGuidance(m, scale, 3), x_T, "10", model_kwargs={"y": y},
+                         generator=torch.Generator().manual_seed(5))
+    assert torch.equal(plain, guided)
+
+
+def test_guidance_formula_and_one_batched_forward():
+    calls = []
+
+    class Spy(_CondModel):
+        def forward(self, x, t, y):
+            calls.append(x.shape[0])
+            return super().forward(x, t, y)
+
+    m = Spy()
+    x, t, y = torch.randn(2, 1, 2, 2), torch.tensor([5, 6]), torch.tensor([0, 2])
+    out = ClassifierFreeGuidance(m, 3.0, 3)(x, t, y=y)
+    assert calls == [4]
+    c, u = _CondModel()(x, t, y), _CondModel()(x, t, torch.full_like(y, 3))
+    torch.testing.assert_close(out, u + 3.0 * (c - u))
+
+
+def test_slerp_endpoints_and_norm():
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(1, 1, 16, 16, generator=g), torch.randn(1, 1, 16, 16, generator=g)
+    torch.testing.assert_close(slerp(z0, z1, 0.0), z0)
+    torch.testing.assert_close(slerp(z0, z1, 1.0), z1, rtol=1e-5, atol=1e-5)
+    mid = slerp(z0, z1, 0.5)
+    assert mid.norm().item() == pytest.approx(((z0.norm() + z1.norm()) / 2).item(), rel=0.1)
+
+
+def test_sampler_spec_names_and_errors():
+    assert Sampler("ddim", 50).name == "ddim50_eta0" and Sampler("ddpm", 1000).name == "ddpm1000"
+    assert Sampler("ddim", 50).timesteps(1000) == list(range(0, 1000, 20))
+    with pytest.raises(ValueError, match="sampler.steps=2000 exceeds"):
+        Sampler("ddim", 2000).timesteps(1000)
+    with pytest.raises(ValueError, match="sampler.method='euler'"):
+        Sampler("euler", 10)
+    with pytest.raises(ValueError, match="sampler.eta"):
+        Sampler("ddim", 10, eta=-0.1)

@@ -1,0 +1,19 @@
+"""Train a diffusion model: `python train.py [experiment=iddpm_cosine] [key=value ...]`, `-m` for sweeps.
+
+Outputs land in the Hydra run directory (outputs/train/runs/<time>/): checkpoints/, samples/, csv/.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from diffusion_lab.tasks import train
+
+    metrics = train(cfg)
+    return metrics.get("val/loss")  # the value a Hydra sweeper would optimise
+
+
+if __name__ == "__main__":
+    main()

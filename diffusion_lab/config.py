@@ -65,7 +65,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         if r not in reached:
             raise ConfigError(f"net.attention_resolutions contains {r}, never reached; resolutions are {reached}")
     conditional = net.get("num_classes") is not None
-    if conditional and data.get("num_classes") is None:
+    if conditional and data.get("num_classes") is None and not data.get("labels_from_subdirs"):
         raise ConfigError(f"net.num_classes={net.num_classes} but data={data._target_} has no labels")
     if not 0.0 <= float(cfg.get("label_dropout", 0.0)) < 1.0:
         raise ConfigError(f"label_dropout={cfg.label_dropout} must be in [0, 1)")

@@ -34,10 +34,10 @@ def gaussian_eps():
     return GaussianDataEps
 
 
-def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
-    """Compose conf/train.yaml like `python train.py <overrides>`, writing into tmp_path."""
+def compose_train(overrides: list[str], tmp_path: Path, config_name: str = "train") -> DictConfig:
+    """Compose conf/<config_name>.yaml like `python <config_name>.py <overrides>`, writing into tmp_path."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+        cfg = compose(config_name=config_name, overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
         cfg.paths.root_dir = str(ROOT)
@@ -51,3 +51,13 @@ FAST = [
     "trainer.check_val_every_n_epoch=1", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "net.base_channels=16",
     "callbacks.sample_grid.num_samples=4", "sampler.steps=5",
 ]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A checkpoint of a 30-step digits run on a 100-step process (for sample/evaluate tests)."""
+    from diffusion_lab.tasks import train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    train(compose_train([*FAST, "trainer.max_steps=30", "diffusion.steps=100", "logger=none"], out))
+    return out / "checkpoints" / "last.ckpt"

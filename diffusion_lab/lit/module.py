@@ -127,19 +127,25 @@ class DiffusionModule(L.LightningModule):
 
     @torch.no_grad()
     def sample(self, n: int, sampler: Sampler | None = None, y: torch.Tensor | None = None,
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-        """n samples [n, C, H, W] in [-1, 1] with this module's current weights (x_T drawn from generator)."""
+               generator: torch.Generator | None = None, progress: bool = False,
+               x_T: torch.Tensor | None = None) -> torch.Tensor:
+        """n samples [n, C, H, W] in [-1, 1] with this module's current weights.
+
+        x_T (default: drawn from `generator`) is the starting noise; the sampler's per-step noise comes
+        from a generator on the module's device seeded from `generator`.
+        """
         sampler = sampler or self.sampler
-        shape = (n, self.net.in_channels, self.net.image_size, self.net.image_size)
-        x_T = torch.randn(shape, generator=generator).to(self.device)
+        if x_T is None:
+            shape = (n, self.net.in_channels, self.net.image_size, self.net.image_size)
+            x_T = torch.randn(shape, generator=generator)
         kwargs = {"y": y.to(self.device)} if y is not None else None
         g = None
-        if generator is not None:  # keep sampling noise on the module's device, seeded from the given generator
+        if generator is not None:
             g = torch.Generator(device=self.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
         was_training = self.net.training
         self.net.eval()
         try:
-            return sampler(self.diffusion, self.net, x_T, model_kwargs=kwargs, generator=g, progress=progress,
-                           null_label=self.null_label)
+            return sampler(self.diffusion, self.net, x_T.to(self.device), model_kwargs=kwargs, generator=g,
+                           progress=progress, null_label=self.null_label)
         finally:
             self.net.train(was_training)

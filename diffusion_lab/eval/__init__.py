@@ -1,0 +1,1 @@
+"""Evaluation: FID/KID (torchmetrics + torch-fidelity Inception), reference caches, bits/dim."""

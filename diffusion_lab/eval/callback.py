@@ -1,0 +1,116 @@
+"""FIDCallback: FID/KID of each configured sampler on the EMA weights during training, correct under DDP.
+
+Every `every_n_epochs` epochs and at the end of fit, each rank draws its share of `num_samples` with
+its own seed, computes Inception features of its share, and updates torchmetrics FID/KID with those
+and with its slice of the reference features; torchmetrics reduces the states across ranks in
+compute(), so the score is that of all ranks' samples against the whole reference set. Rank 0 logs
+`val/fid/<sampler>`, `val/kid/<sampler>`, `val/sample_seconds/<sampler>`, the DDIM/DDPM FID ratio
+and a grid per sampler.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from ..data import to_uint8
+from ..diffusion import Sampler
+from ..lit.callbacks import ema_module, log_image, save_grid
+from .fid import FIDEvaluator
+from .inception import inception_weights
+
+
+class FIDCallback(L.Callback):
+    """Args:
+    samplers: Sampler objects to score (default DDIM-50 eta 0 and DDPM-1000).
+    num_samples: generated images per sampler, split across ranks. every_n_epochs: 0 = only at fit end.
+    inception_weights: explicit weights path (else resolved offline; see inception.py).
+    reference_split: which split of the DataModule is the reference set ("train" or "val").
+    """
+
+    def __init__(self, samplers: list[Sampler] | None = None, num_samples: int = 1000, every_n_epochs: int = 0,
+                 inception_weights: str | None = None, cache_dir: str = ".cache", reference_split: str = "train",
+                 batch_size: int = 250, dirpath: str = "fid", seed: int = 1234, allow_download: bool = True):
+        self.samplers = list(samplers) if samplers else [Sampler("ddim", 50), Sampler("ddpm", 1000)]
+        self.num_samples, self.every_n_epochs = num_samples, every_n_epochs
+        self.weights_arg, self.cache_dir, self.reference_split = inception_weights, cache_dir, reference_split
+        self.batch_size, self.dirpath, self.seed, self.allow_download = batch_size, Path(dirpath), seed, allow_download
+        self.evaluator: FIDEvaluator | None = None
+        self.results: dict[str, dict[str, float]] = {}
+
+    def setup(self, trainer, pl_module, stage):
+        # Resolve weights before any training step, so a missing file fails at once.
+        weights = inception_weights(self.weights_arg, self.cache_dir, allow_download=self.allow_download)
+        self.evaluator = FIDEvaluator(weights, self.cache_dir, device=pl_module.device)
+
+    def _share(self, trainer) -> tuple[int, int]:
+        """(this rank's sample count, its first global sample index): contiguous, sizes differ by at most 1."""
+        w, r = trainer.world_size, trainer.global_rank
+        base, extra = divmod(self.num_samples, w)
+        return base + (r < extra), r * base + min(r, extra)
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, dict[str, float]]:
+        ev = self.evaluator
+        ev.inception.to(module.device)
+        ev.device = module.device
+        dm = trainer.datamodule
+        real = dm.real_images(self.reference_split)
+        key = f"{type(dm).__name__}-{self.reference_split}"
+        ref = ev.reference_features(key, real) if trainer.is_global_zero or trainer.world_size == 1 else None
+        if trainer.world_size > 1:  # every rank reads the cache rank 0 just wrote
+            trainer.strategy.barrier()
+            ref = ev.reference_features(key, real)
+        ref_share = ref[trainer.global_rank :: trainer.world_size]
+        n, start = self._share(trainer)
+        results = {}
+        shape = (module.net.in_channels, module.net.image_size, module.net.image_size)
+        for sampler in self.samplers:
+            t0 = time.perf_counter()
+            chunks = []
+            for i in range(start, start + n, self.batch_size):
+                m = min(self.batch_size, start + n - i)
+                # x_T of sample k is seeded by k alone, so the samples do not depend on how ranks split them.
+                x_T = torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(self.seed + k))
+                                 for k in range(i, i + m)])
+                g = torch.Generator().manual_seed(self.seed + i)
+                y = torch.arange(i, i + m) % module.net.num_classes if module.conditional else None  # balanced
+                chunks.append(to_uint8(module.sample(m, sampler, y=y, generator=g, x_T=x_T)).cpu())
+            fake = torch.cat(chunks) if chunks else torch.zeros(0, *real.shape[1:], dtype=torch.uint8)
+            seconds = time.perf_counter() - t0
+            scores = ev.score_features(ev.features(fake), ref_share, self.num_samples, ref.shape[0])
+            scores["sample_seconds"] = seconds
+            results[sampler.name] = scores
+            if trainer.is_global_zero and fake.shape[0]:
+                path = self.dirpath / f"{sampler.name}_step{trainer.global_step:07d}.png"
+                grid = save_grid(fake[:64].float() / 127.5 - 1, path)
+                log_image(trainer, f"fid_samples/{sampler.name}", path, grid, trainer.global_step)
+        self.results = results
+        self._log(trainer, results)
+        return results
+
+    def _log(self, trainer, results):
+        metrics = {}
+        for name, s in results.items():
+            metrics.update({f"val/fid/{name}": s["fid"], f"val/kid/{name}": s["kid"],
+                            f"val/sample_seconds/{name}": s["sample_seconds"]})
+        ddim = [s["fid"] for n, s in results.items() if n.startswith("ddim")]
+        ddpm = [s["fid"] for n, s in results.items() if n.startswith("ddpm")]
+        if ddim and ddpm and ddpm[0] > 0:
+            metrics["val/fid_ratio_ddim_ddpm"] = ddim[0] / ddpm[0]
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=trainer.global_step)
+        for k, v in metrics.items():
+            trainer.callback_metrics[k] = torch.tensor(v)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.evaluate(trainer, ema_module(trainer, pl_module))
+
+    def on_train_end(self, trainer, pl_module):
+        # Before WeightAveraging.on_train_end (EMA is the last callback) and before teardown moves the model
+        # off the GPU; ema_module() gives the averaged copy.
+        self.evaluate(trainer, ema_module(trainer, pl_module))

@@ -1,0 +1,112 @@
+"""FID and KID through torchmetrics, with one Inception pass per image and cached reference features.
+
+    fid = FIDEvaluator(weights_path, cache_dir)                    # torch-fidelity's TF-compatible InceptionV3
+    ref = fid.reference_features("digits-train-8", real_uint8)     # [N, 2048], computed once, cached on disk
+    scores = fid.score(fake_uint8, ref)                            # {"fid": .., "kid": .., "kid_std": .., "n": ..}
+
+Images enter as uint8 [N, C, H, W] (greyscale repeated to 3 channels); torch-fidelity resizes them to
+299x299 with TensorFlow-compatible bilinear interpolation. The metrics are torchmetrics'
+FrechetInceptionDistance and KernelInceptionDistance fed with precomputed features, so one Inception
+pass serves both and under DDP torchmetrics sums/gathers each rank's states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from ..io import atomic_write
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+class PrecomputedFeatures(nn.Module):
+    """The 'feature extractor' torchmetrics sees: features [N, 2048] pass through unchanged."""
+
+    num_features = 2048
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def to_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 1 or 3, H, W] -> uint8 [N, 3, H, W]."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"FID expects uint8 images (use diffusion_lab.data.to_uint8), got {images.dtype}")
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+class FIDEvaluator:
+    """Inception features, cached reference features, and FID/KID via torchmetrics.
+
+    Args:
+        weights_path: torch-fidelity-format Inception weights (see inception.py), None to let it download.
+        cache_dir: where reference features are cached (`fid_ref/<key>-v<version>.pt`).
+        batch_size: images per Inception forward. kid_subset_size: KID subset size (clipped to N).
+    """
+
+    def __init__(self, weights_path: str | None, cache_dir: str | Path = ".cache", batch_size: int = 100,
+                 kid_subset_size: int = 1000, kid_subsets: int = 50, device: str | torch.device = "cpu"):
+        # antialias=False: torchmetrics' default (antialias=True) resizes with torch's antialiased bilinear,
+        # which is not the TensorFlow 1.x resize of the reference FID; False keeps torch-fidelity's TF-exact one.
+        self.inception = NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path,
+            antialias=False,
+        ).to(device)
+        self.cache_dir, self.batch_size, self.device = Path(cache_dir), batch_size, torch.device(device)
+        self.kid_subset_size, self.kid_subsets = kid_subset_size, kid_subsets
+
+    @torch.no_grad()
+    def features(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, C, H, W] -> float32 [N, 2048] pool features (on the CPU)."""
+        out = [self.inception(to_rgb_uint8(b).to(self.device)).float().cpu()
+               for b in images_uint8.split(self.batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, 2048)
+
+    def cache_path(self, key: str, images_uint8: torch.Tensor) -> Path:
+        """Keyed by the caller's name plus a hash of the images' shape and bytes, so changed data misses."""
+        digest = hashlib.sha1(images_uint8.contiguous().numpy().tobytes()).hexdigest()[:12]
+        shape = "x".join(map(str, images_uint8.shape))
+        return self.cache_dir / "fid_ref" / f"{key}-{shape}-{digest}-v{CACHE_VERSION}.pt"
+
+    def reference_features(self, key: str, images_uint8: torch.Tensor) -> torch.Tensor:
+        """Real-image features [N, 2048], loaded from the cache or computed and cached (atomically)."""
+        path = self.cache_path(key, images_uint8)
+        if path.exists():
+            log.info("FID reference features: cache hit %s", path)
+            return torch.load(path, weights_only=True)["features"]
+        feats = self.features(images_uint8)
+        with atomic_write(path) as tmp:
+            torch.save({"features": feats, "version": CACHE_VERSION, "key": key}, tmp)
+        log.info("FID reference features: computed %d and cached at %s", feats.shape[0], path)
+        return feats
+
+    def metrics(self, n_fake: int, n_real: int) -> tuple[FrechetInceptionDistance, KernelInceptionDistance]:
+        """Fresh torchmetrics FID and KID that take precomputed features."""
+        subset = max(2, min(self.kid_subset_size, n_fake, n_real))
+        fid = FrechetInceptionDistance(feature=PrecomputedFeatures(), reset_real_features=False)
+        kid = KernelInceptionDistance(feature=PrecomputedFeatures(), subset_size=subset, subsets=self.kid_subsets)
+        return fid.to(self.device), kid.to(self.device)
+
+    def score_features(self, fake: torch.Tensor, real: torch.Tensor, n_fake_total: int | None = None,
+                       n_real_total: int | None = None) -> dict[str, float]:
+        """FID/KID of feature sets. Under DDP pass each rank's share of fake and real features and the
+        totals; torchmetrics' compute() reduces the states across ranks."""
+        fid, kid = self.metrics(n_fake_total or fake.shape[0], n_real_total or real.shape[0])
+        for m in (fid, kid):
+            m.update(real.to(self.device), real=True)
+            m.update(fake.to(self.device), real=False)
+        kid_mean, kid_std = kid.compute()
+        return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
+                "n": int(n_fake_total or fake.shape[0]), "n_ref": int(n_real_total or real.shape[0])}
+
+    def score(self, fake_uint8: torch.Tensor, real_features: torch.Tensor) -> dict[str, float]:
+        """FID/KID of generated uint8 images against reference features, in one process."""
+        return self.score_features(self.features(fake_uint8), real_features)

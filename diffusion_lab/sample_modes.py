@@ -1,0 +1,82 @@
+"""What sample.py makes from a trained DiffusionModule: grids, inpainting rows, interpolation strips,
+and the progression of x0_hat over the steps. Each returns images [N, C, H, W] in [-1, 1] and nrow."""
+
+from __future__ import annotations
+
+import torch
+
+from .diffusion import Sampler, ddim_invert, interpolate, paint
+
+MODES = ("grid", "inpaint", "interpolate", "progression")
+MASKS = ("left_half", "right_half", "top_half", "bottom_half", "center")
+
+
+def make_mask(kind: str, size: int) -> torch.Tensor:
+    """[1, 1, size, size] with 1 where the image is known (kept) and 0 where it is generated."""
+    m = torch.ones(1, 1, size, size)
+    h = size // 2
+    region = {"left_half": (slice(None), slice(h, None)), "right_half": (slice(None), slice(None, h)),
+              "top_half": (slice(h, None), slice(None)), "bottom_half": (slice(None, h), slice(None)),
+              "center": (slice(size // 4, size - size // 4), slice(size // 4, size - size // 4))}
+    if kind not in region:
+        raise ValueError(f"mask={kind!r} is unknown; allowed: {', '.join(MASKS)}")
+    m[..., region[kind][0], region[kind][1]] = 0  # the generated part
+    return m
+
+
+def labels_for(module, n: int, class_label: int | None) -> torch.Tensor | None:
+    """Labels for a conditional model: all `class_label`, or rows of classes 0..K-1; None if unconditional."""
+    if not module.conditional:
+        if class_label is not None:
+            raise ValueError(f"class_label={class_label} needs a class-conditional model")
+        return None
+    k = module.net.num_classes
+    if class_label is not None:
+        return torch.full((n,), int(class_label))
+    return torch.arange(k).repeat_interleave(max(1, n // k))
+
+
+def grid(module, sampler: Sampler, n: int, g: torch.Generator, class_label=None):
+    y = labels_for(module, n, class_label)
+    n = y.shape[0] if y is not None else n
+    nrow = n // module.net.num_classes if (module.conditional and class_label is None) else None
+    return module.sample(n, sampler, y=y, generator=g, progress=True), nrow
+
+
+def inpaint(module, sampler: Sampler, originals: torch.Tensor, mask_kind: str, g: torch.Generator):
+    """Rows: original | masked (unknown region grey) | result, one column per image."""
+    mask = make_mask(mask_kind, originals.shape[-1]).to(module.device)
+    x0 = originals.to(module.device)
+    dev_g = torch.Generator(device=module.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+    out = paint(module.diffusion, module.net, x0, mask, sampler.timesteps(module.diffusion.num_timesteps),
+                sampler=sampler.method, eta=sampler.eta, generator=dev_g, progress=True)
+    masked = x0 * mask + (1 - mask) * 0.0
+    return torch.cat([x0, masked, out]), x0.shape[0]
+
+
+def interpolation(module, sampler: Sampler, a: torch.Tensor, b: torch.Tensor, points: int):
+    """DDIM-invert two images, slerp their latents, decode `points` images (eta=0): one strip."""
+    ts = sampler.timesteps(module.diffusion.num_timesteps)
+    za = ddim_invert(module.diffusion, module.net, a[None].to(module.device), ts, fixed_point_iters=1)
+    zb = ddim_invert(module.diffusion, module.net, b[None].to(module.device), ts, fixed_point_iters=1)
+    return interpolate(module.diffusion, module.net, za, zb, points, ts, progress=True), points
+
+
+def progression(module, sampler: Sampler, n: int, g: torch.Generator, frames: int = 10):
+    """Rows = samples, columns = x0_hat at `frames` evenly spaced steps (last = the final sample)."""
+    ts = sampler.timesteps(module.diffusion.num_timesteps)
+    keep = {round(i * (len(ts) - 1) / max(frames - 1, 1)) for i in range(frames)}
+    seen = []
+
+    def callback(i, x, pred_x0):
+        if i in keep:
+            seen.append(pred_x0.clone())
+
+    y = labels_for(module, n, None)
+    n = y.shape[0] if y is not None else n
+    shape = (n, module.net.in_channels, module.net.image_size, module.net.image_size)
+    x_T = torch.randn(shape, generator=g).to(module.device)
+    kwargs = {"y": y.to(module.device)} if y is not None else None
+    sampler(module.diffusion, module.net, x_T, model_kwargs=kwargs, callback=callback, null_label=module.null_label)
+    imgs = torch.stack(seen, dim=1)  # [n, frames, C, H, W]; the callback runs noisy -> clean
+    return imgs.reshape(-1, *imgs.shape[2:]), imgs.shape[1]

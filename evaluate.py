@@ -1,0 +1,15 @@
+"""Evaluate a trained checkpoint: `python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt [key=value ...]` (see conf/evaluate.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from diffusion_lab.tasks import evaluate
+
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

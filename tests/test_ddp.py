@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import FAST, ROOT
 
@@ -36,3 +37,25 @@ def test_loss_aware_sampler_identical_across_ranks(tmp_path):
     assert list(tmp_path.rglob("*.ckpt")) == [run / "checkpoints" / "last.ckpt"]
     assert len(list(tmp_path.rglob("metrics.csv"))) == 1 and len(list(tmp_path.rglob("config.yaml"))) == 1
     assert not (ROOT / "outputs" / "train" / "runs" / run.name).exists()
+
+
+def _fid_metrics(run_dir):
+    import csv
+
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    return {k: float(v) for r in rows for k, v in r.items() if k.startswith("val/fid/") and v}
+
+
+def test_fid_callback_same_on_two_processes_as_on_one(tmp_path):
+    """lr=0 keeps the weights equal in both runs; the samples depend only on their global index, so the
+    2-rank FID (each rank half the samples and half the reference, states reduced by torchmetrics) must
+    equal the 1-process FID."""
+    common = [*FAST, "callbacks=with_fid", "optim.lr=0", "trainer.max_steps=2", "diffusion.steps=50",
+              "callbacks.fid.num_samples=12", "callbacks.fid.batch_size=4", "callbacks.fid.reference_split=val",
+              "callbacks.fid.samplers=[{_target_: diffusion_lab.diffusion.Sampler, method: ddim, steps: 5}]",
+              f"paths.cache_dir={tmp_path / 'cache'}"]
+    run_train([*common, *DDP], tmp_path / "ddp")
+    run_train(common, tmp_path / "single")
+    ddp, single = _fid_metrics(tmp_path / "ddp"), _fid_metrics(tmp_path / "single")
+    assert list(ddp) == ["val/fid/ddim5_eta0"] and ddp["val/fid/ddim5_eta0"] > 0
+    assert ddp["val/fid/ddim5_eta0"] == pytest.approx(single["val/fid/ddim5_eta0"], rel=1e-4)

@@ -34,7 +34,9 @@ class FIDCallback(L.Callback):
     def __init__(self, samplers: list[Sampler] | None = None, num_samples: int = 1000, every_n_epochs: int = 0,
                  inception_weights: str | None = None, cache_dir: str = ".cache", reference_split: str = "train",
                  batch_size: int = 250, dirpath: str = "fid", seed: int = 1234, allow_download: bool = True):
-        self.samplers = list(samplers) if samplers else [Sampler("ddim", 50), Sampler("ddpm", 1000)]
+        # Sampler objects, or mappings of their fields (as OmegaConf turns dataclasses inside lists into)
+        samplers = [s if isinstance(s, Sampler) else Sampler(**s) for s in (samplers or [])]
+        self.samplers = samplers or [Sampler("ddim", 50), Sampler("ddpm", 1000)]
         self.num_samples, self.every_n_epochs = num_samples, every_n_epochs
         self.weights_arg, self.cache_dir, self.reference_split = inception_weights, cache_dir, reference_split
         self.batch_size, self.dirpath, self.seed, self.allow_download = batch_size, Path(dirpath), seed, allow_download
@@ -42,8 +44,13 @@ class FIDCallback(L.Callback):
         self.results: dict[str, dict[str, float]] = {}
 
     def setup(self, trainer, pl_module, stage):
-        # Resolve weights before any training step, so a missing file fails at once.
+        # Resolve weights before any training step, so a missing file fails at once; rank 0 first, so that
+        # a first-time conversion happens once.
+        if not trainer.is_global_zero:
+            trainer.strategy.barrier()
         weights = inception_weights(self.weights_arg, self.cache_dir, allow_download=self.allow_download)
+        if trainer.is_global_zero and trainer.world_size > 1:
+            trainer.strategy.barrier()
         self.evaluator = FIDEvaluator(weights, self.cache_dir, device=pl_module.device)
 
     def _share(self, trainer) -> tuple[int, int]:

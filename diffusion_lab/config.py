@@ -72,5 +72,17 @@ def validate_train_config(cfg: DictConfig) -> None:
     if float(cfg.get("label_dropout", 0.0)) > 0 and not conditional:
         raise ConfigError(f"label_dropout={cfg.label_dropout} needs a class-conditional net (set net.num_classes)")
     validate_sampler(cfg.sampler, "sampler", T, conditional)
+    fid = (cfg.get("callbacks") or {}).get("fid")
+    if fid is not None:
+        for i, node in enumerate(fid.get("samplers") or []):
+            validate_sampler(node, f"callbacks.fid.samplers[{i}]", T, conditional)
+        from .eval.inception import InceptionWeightsNotFound, resolve_inception_weights
+
+        try:
+            weights, _ = resolve_inception_weights(fid.get("inception_weights"), fid.get("cache_dir"))
+        except InceptionWeightsNotFound as e:
+            raise ConfigError(f"callbacks.{e}") from None
+        if weights is None and not fid.get("allow_download", True):
+            raise ConfigError("callbacks.fid: no Inception weights found and callbacks.fid.allow_download=false")
     if int(cfg.timesteps.num_timesteps) != T:
         raise ConfigError(f"timesteps.num_timesteps={cfg.timesteps.num_timesteps} must equal diffusion.steps={T}")

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config import validate_train_config
 from .lit import DiffusionModule
+from .lit.reliability import AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def load_module(ckpt_path: str | Path, map_location: str = "cpu", ema: bool = Tr
     module = build_module(cfg)
     state = ckpt["state_dict"] if ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
     module.load_state_dict(state)
-    module.on_load_checkpoint(ckpt)
+    if "timestep_sampler" in ckpt:
+        module.timestep_sampler.load_state_dict(ckpt["timestep_sampler"])
     return module.eval()
 
 
@@ -55,10 +57,16 @@ def _callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 
 def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """ckpt_path as given; "last" or auto_resume=true: <output_dir>/checkpoints/last.ckpt if it exists."""
     path = cfg.get("ckpt_path")
-    if path == "last":
+    if path == "last" or (path is None and cfg.get("auto_resume")):
         last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
+        if last.exists():
+            log.info("resuming from %s", last)
+            return str(last)
+        if path == "last":
+            raise FileNotFoundError(f"ckpt_path=last but {last} does not exist (resume needs hydra.run.dir=<the run>)")
+        return None
     if path is not None and not Path(path).exists():
         raise FileNotFoundError(f"ckpt_path={path!r} does not exist")
     return path
@@ -71,7 +79,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=_callbacks(cfg), logger=loggers or False)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=_callbacks(cfg), logger=loggers or False,
+                                     plugins=[AtomicCheckpointIO()])
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt_path(cfg))

@@ -15,3 +15,23 @@ class DumpSamplerState(L.Callback):
     def on_train_end(self, trainer, pl_module):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         torch.save(pl_module.timestep_sampler.state_dict(), self.dirpath / f"rank{trainer.global_rank}.pt")
+
+
+class NaNNet(torch.nn.Module):
+    """A U-Net that returns NaN from its `nan_at_call`-th training forward on (to test the non-finite guard)."""
+
+    def __init__(self, nan_at_call: int = 3, **unet_kwargs):
+        super().__init__()
+        from diffusion_lab.nets import UNet
+
+        self.unet = UNet(**unet_kwargs)
+        self.in_channels, self.image_size, self.num_classes = self.unet.in_channels, self.unet.image_size, None
+        self.nan_at_call, self.calls = nan_at_call, 0
+
+    def forward(self, x, t, y=None):
+        out = self.unet(x, t, y)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.nan_at_call:
+                return out * float("nan")
+        return out

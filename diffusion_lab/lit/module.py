@@ -81,6 +81,7 @@ class DiffusionModule(L.LightningModule):
         x0, y = batch
         t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
         losses = self.diffusion.training_losses(self.net, x0, t, model_kwargs=self.model_kwargs(y, drop=True))
+        self.last_batch_info = {"t": t, "losses": {k: v.detach() for k, v in losses.items()}}  # for NonFiniteGuard
         # All ranks' (t, unweighted loss) pairs, so every rank's sampler holds the same history.
         gathered_t, gathered_loss = self.all_gather((t, losses["loss"].detach()))
         self.timestep_sampler.update(gathered_t.reshape(-1), gathered_loss.reshape(-1))
@@ -120,10 +121,22 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
         checkpoint["run_config"] = self.run_config
+        # t, noise, dropout, label dropout and the loader's shuffle all draw from the global RNG:
+        # saving it makes a resumed run continue exactly (Lightning does not save RNG states).
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "timestep_sampler" in checkpoint:
             self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
+        # Restored at load time: sanity-check validation draws nothing from the global RNG, and Lightning
+        # may create the train loader's iterator (which draws its shuffle seed) before on_train_start.
+        rng = checkpoint.get("rng_states")
+        if rng and (self._trainer is None or self.trainer.world_size == 1):
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
     @torch.no_grad()
     def sample(self, n: int, sampler: Sampler | None = None, y: torch.Tensor | None = None,

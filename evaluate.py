@@ -1,4 +1,7 @@
-"""Evaluate a trained checkpoint: `python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt [key=value ...]` (see conf/evaluate.yaml)."""
+"""Evaluate a trained checkpoint (see conf/evaluate.yaml):
+
+python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt [key=value ...]
+"""
 
 import hydra
 from omegaconf import DictConfig

@@ -1,4 +1,7 @@
-"""Sample a trained checkpoint: `python sample.py ckpt_path=<run>/checkpoints/last.ckpt [key=value ...]` (see conf/sample.yaml)."""
+"""Sample a trained checkpoint (see conf/sample.yaml):
+
+python sample.py ckpt_path=<run>/checkpoints/last.ckpt [key=value ...]
+"""
 
 import hydra
 from omegaconf import DictConfig

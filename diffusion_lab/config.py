@@ -35,7 +35,9 @@ def validate_sampler(node: DictConfig, key: str, num_timesteps: int, conditional
     if float(node.get("eta", 0.0)) < 0:
         raise ConfigError(f"{key}.eta={node.get('eta')} must be >= 0")
     if node.get("guidance_scale") is not None and not conditional:
-        raise ConfigError(f"{key}.guidance_scale={node.guidance_scale} needs a class-conditional net (set net.num_classes)")
+        raise ConfigError(
+            f"{key}.guidance_scale={node.guidance_scale} needs a class-conditional net (set net.num_classes)"
+        )
 
 
 def validate_train_config(cfg: DictConfig) -> None:

@@ -24,8 +24,10 @@ from .io import atomic_write
 
 log = logging.getLogger(__name__)
 MNIST_FILES = {
-    "train-images-idx3-ubyte": ("train", "images"), "train-labels-idx1-ubyte": ("train", "labels"),
-    "t10k-images-idx3-ubyte": ("test", "images"), "t10k-labels-idx1-ubyte": ("test", "labels"),
+    "train-images-idx3-ubyte": ("train", "images"),
+    "train-labels-idx1-ubyte": ("train", "labels"),
+    "t10k-images-idx3-ubyte": ("test", "images"),
+    "t10k-labels-idx1-ubyte": ("test", "labels"),
 }
 
 
@@ -60,8 +62,9 @@ def write_mnist_raw(data_dir: str | Path) -> Path | None:
     }
     for name, (split, kind) in MNIST_FILES.items():
         images, labels = sets[split]
-        arr = (np.rint(images * 256).astype(np.uint8).reshape(-1, 28, 28) if kind == "images"
-               else labels.astype(np.uint8))
+        arr = (
+            np.rint(images * 256).astype(np.uint8).reshape(-1, 28, 28) if kind == "images" else labels.astype(np.uint8)
+        )
         with atomic_write(raw / name) as tmp:
             Path(tmp).write_bytes(_idx_bytes(arr))
     log.info("MNIST: wrote idx files to %s", raw)

@@ -15,9 +15,13 @@ def make_mask(kind: str, size: int) -> torch.Tensor:
     """[1, 1, size, size] with 1 where the image is known (kept) and 0 where it is generated."""
     m = torch.ones(1, 1, size, size)
     h = size // 2
-    region = {"left_half": (slice(None), slice(h, None)), "right_half": (slice(None), slice(None, h)),
-              "top_half": (slice(h, None), slice(None)), "bottom_half": (slice(None, h), slice(None)),
-              "center": (slice(size // 4, size - size // 4), slice(size // 4, size - size // 4))}
+    region = {
+        "left_half": (slice(None), slice(h, None)),
+        "right_half": (slice(None), slice(None, h)),
+        "top_half": (slice(h, None), slice(None)),
+        "bottom_half": (slice(None, h), slice(None)),
+        "center": (slice(size // 4, size - size // 4), slice(size // 4, size - size // 4)),
+    }
     if kind not in region:
         raise ValueError(f"mask={kind!r} is unknown; allowed: {', '.join(MASKS)}")
     m[..., region[kind][0], region[kind][1]] = 0  # the generated part
@@ -48,8 +52,17 @@ def inpaint(module, sampler: Sampler, originals: torch.Tensor, mask_kind: str, g
     mask = make_mask(mask_kind, originals.shape[-1]).to(module.device)
     x0 = originals.to(module.device)
     dev_g = torch.Generator(device=module.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
-    out = paint(module.diffusion, module.net, x0, mask, sampler.timesteps(module.diffusion.num_timesteps),
-                sampler=sampler.method, eta=sampler.eta, generator=dev_g, progress=True)
+    out = paint(
+        module.diffusion,
+        module.net,
+        x0,
+        mask,
+        sampler.timesteps(module.diffusion.num_timesteps),
+        sampler=sampler.method,
+        eta=sampler.eta,
+        generator=dev_g,
+        progress=True,
+    )
     masked = x0 * mask + (1 - mask) * 0.0
     return torch.cat([x0, masked, out]), x0.shape[0]
 

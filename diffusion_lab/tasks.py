@@ -79,8 +79,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=_callbacks(cfg), logger=loggers or False,
-                                     plugins=[AtomicCheckpointIO()])
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=_callbacks(cfg), logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt_path(cfg))
@@ -109,7 +110,8 @@ def _samplers(cfg: DictConfig) -> list:
         return [instantiate(cfg.sampler)]
     g = cfg.grid
     return [Sampler("ddim", s, eta=e, spacing=g.get("spacing", "ddim")) for e in g.etas for s in g.ddim_steps] + [
-        Sampler("ddpm", s, spacing="even") for s in g.ddpm_steps]
+        Sampler("ddpm", s, spacing="even") for s in g.ddpm_steps
+    ]
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -124,10 +126,13 @@ def evaluate(cfg: DictConfig) -> dict:
     module, dm = _load_for_eval(cfg)
     samplers = _samplers(cfg)
     for i, s in enumerate(samplers):  # fail before any sampling
-        validate_sampler(OmegaConf.create(vars(s)), f"samplers[{i}]", module.diffusion.num_timesteps, module.conditional)
+        validate_sampler(
+            OmegaConf.create(vars(s)), f"samplers[{i}]", module.diffusion.num_timesteps, module.conditional
+        )
     out_dir = Path(cfg.paths.output_dir)
-    ev = FIDEvaluator(inception_weights(cfg.fid.inception_weights, cfg.paths.cache_dir), cfg.paths.cache_dir,
-                      device=module.device)
+    ev = FIDEvaluator(
+        inception_weights(cfg.fid.inception_weights, cfg.paths.cache_dir), cfg.paths.cache_dir, device=module.device
+    )
     real = dm.real_images(cfg.fid.reference_split)
     if cfg.fid.get("num_reference"):
         real = real[: cfg.fid.num_reference]
@@ -137,15 +142,42 @@ def evaluate(cfg: DictConfig) -> dict:
     for s in samplers:
         g = torch.Generator().manual_seed(cfg.seed)
         t0 = time.perf_counter()
-        fake = torch.cat([to_uint8(module.sample(min(cfg.batch_size, cfg.num_samples - i), s, generator=g,
-                                                 y=_random_labels(module, min(cfg.batch_size, cfg.num_samples - i), g))).cpu()
-                          for i in range(0, cfg.num_samples, cfg.batch_size)])
+        fake = torch.cat(
+            [
+                to_uint8(
+                    module.sample(
+                        min(cfg.batch_size, cfg.num_samples - i),
+                        s,
+                        generator=g,
+                        y=_random_labels(module, min(cfg.batch_size, cfg.num_samples - i), g),
+                    )
+                ).cpu()
+                for i in range(0, cfg.num_samples, cfg.batch_size)
+            ]
+        )
         seconds = time.perf_counter() - t0
         scores = ev.score(fake, ref)
-        rows.append({"sampler": s.name, "method": s.method, "steps": s.steps, "eta": s.eta, **scores,
-                     "reference": ref_name, "sample_seconds": seconds})
-        log.info("%s: FID %.3f KID %.5f (N=%d vs %s N=%d) in %.1fs", s.name, scores["fid"], scores["kid"],
-                 scores["n"], ref_name, scores["n_ref"], seconds)
+        rows.append(
+            {
+                "sampler": s.name,
+                "method": s.method,
+                "steps": s.steps,
+                "eta": s.eta,
+                **scores,
+                "reference": ref_name,
+                "sample_seconds": seconds,
+            }
+        )
+        log.info(
+            "%s: FID %.3f KID %.5f (N=%d vs %s N=%d) in %.1fs",
+            s.name,
+            scores["fid"],
+            scores["kid"],
+            scores["n"],
+            ref_name,
+            scores["n_ref"],
+            seconds,
+        )
     extra = ""
     result = {"rows": rows}
     if cfg.get("bpd_num_images"):

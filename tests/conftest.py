@@ -47,9 +47,15 @@ def compose_train(overrides: list[str], tmp_path: Path, config_name: str = "trai
 
 
 FAST = [
-    "trainer.max_epochs=1", "trainer.max_steps=3", "trainer.enable_progress_bar=false",
-    "trainer.check_val_every_n_epoch=1", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "net.base_channels=16",
-    "callbacks.sample_grid.num_samples=4", "sampler.steps=5",
+    "trainer.max_epochs=1",
+    "trainer.max_steps=3",
+    "trainer.enable_progress_bar=false",
+    "trainer.check_val_every_n_epoch=1",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "net.base_channels=16",
+    "callbacks.sample_grid.num_samples=4",
+    "sampler.steps=5",
 ]
 
 

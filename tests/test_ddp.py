@@ -13,19 +13,38 @@ DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 
 def run_train(args: list[str], run_dir, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "WANDB_MODE": "offline"}
-    r = subprocess.run([sys.executable, "train.py", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=timeout)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "WANDB_MODE": "offline",
+    }
+    r = subprocess.run(
+        [sys.executable, "train.py", *args, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
 
 def test_loss_aware_sampler_identical_across_ranks(tmp_path):
-    run_train(["experiment=iddpm_cosine", *FAST, *DDP, "trainer.max_steps=6", "diffusion.steps=20",
-               "timesteps.history_per_term=2", "data.batch_size=16",
-               "+callbacks.dump._target_=helpers.DumpSamplerState", f"+callbacks.dump.dirpath={tmp_path / 'states'}"],
-              tmp_path / "run")
+    run_train(
+        [
+            "experiment=iddpm_cosine",
+            *FAST,
+            *DDP,
+            "trainer.max_steps=6",
+            "diffusion.steps=20",
+            "timesteps.history_per_term=2",
+            "data.batch_size=16",
+            "+callbacks.dump._target_=helpers.DumpSamplerState",
+            f"+callbacks.dump.dirpath={tmp_path / 'states'}",
+        ],
+        tmp_path / "run",
+    )
     s0, s1 = (torch.load(tmp_path / "states" / f"rank{r}.pt") for r in (0, 1))
     # 6 steps x 2 ranks x 16 examples = 192 losses over 20 timesteps: warmed up, and equal on both ranks
     assert torch.equal(s0["counts"], torch.full((20,), 2))
@@ -50,10 +69,18 @@ def test_fid_callback_same_on_two_processes_as_on_one(tmp_path):
     """lr=0 keeps the weights equal in both runs; the samples depend only on their global index, so the
     2-rank FID (each rank half the samples and half the reference, states reduced by torchmetrics) must
     equal the 1-process FID."""
-    common = [*FAST, "callbacks=with_fid", "optim.lr=0", "trainer.max_steps=2", "diffusion.steps=50",
-              "callbacks.fid.num_samples=12", "callbacks.fid.batch_size=4", "callbacks.fid.reference_split=val",
-              "callbacks.fid.samplers=[{_target_: diffusion_lab.diffusion.Sampler, method: ddim, steps: 5}]",
-              f"paths.cache_dir={tmp_path / 'cache'}"]
+    common = [
+        *FAST,
+        "callbacks=with_fid",
+        "optim.lr=0",
+        "trainer.max_steps=2",
+        "diffusion.steps=50",
+        "callbacks.fid.num_samples=12",
+        "callbacks.fid.batch_size=4",
+        "callbacks.fid.reference_split=val",
+        "callbacks.fid.samplers=[{_target_: diffusion_lab.diffusion.Sampler, method: ddim, steps: 5}]",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
     run_train([*common, *DDP], tmp_path / "ddp")
     run_train(common, tmp_path / "single")
     ddp, single = _fid_metrics(tmp_path / "ddp"), _fid_metrics(tmp_path / "single")

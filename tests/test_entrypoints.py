@@ -14,8 +14,11 @@ from diffusion_lab.tasks import evaluate, sample
 
 @pytest.mark.parametrize("mode", ["grid", "inpaint", "interpolate", "progression"])
 def test_sample_modes(tiny_ckpt, tmp_path, mode):
-    cfg = compose_train([f"ckpt_path={tiny_ckpt}", f"mode={mode}", "num_samples=16", "num_images=3", "points=4",
-                         "sampler.steps=5"], tmp_path, "sample")
+    cfg = compose_train(
+        [f"ckpt_path={tiny_ckpt}", f"mode={mode}", "num_samples=16", "num_images=3", "points=4", "sampler.steps=5"],
+        tmp_path,
+        "sample",
+    )
     path = sample(cfg)
     img = np.asarray(Image.open(path))
     assert path.name == f"{mode}.png" and img.ndim == 3 and img.shape[0] > 32
@@ -26,8 +29,20 @@ def test_sample_modes(tiny_ckpt, tmp_path, mode):
 
 def test_sample_cli_ddpm(tiny_ckpt, tmp_path):
     """The real entry point, as a user runs it."""
-    r = subprocess.run([sys.executable, "sample.py", f"ckpt_path={tiny_ckpt}", "sampler=ddpm", "num_samples=4",
-                        f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "sample.py",
+            f"ckpt_path={tiny_ckpt}",
+            "sampler=ddpm",
+            "num_samples=4",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "grid.png").exists()
 
@@ -39,9 +54,20 @@ def test_sample_rejects_bad_sampler(tiny_ckpt, tmp_path):
 
 
 def test_evaluate_writes_table_plot_and_bpd(tiny_ckpt, tmp_path):
-    cfg = compose_train([f"ckpt_path={tiny_ckpt}", "num_samples=24", "batch_size=12", "grid.ddim_steps=[5,10]",
-                         "grid.ddpm_steps=[100]", "bpd_num_images=4", "fid.reference_split=val",
-                         "fid.num_reference=48"], tmp_path, "evaluate")
+    cfg = compose_train(
+        [
+            f"ckpt_path={tiny_ckpt}",
+            "num_samples=24",
+            "batch_size=12",
+            "grid.ddim_steps=[5,10]",
+            "grid.ddpm_steps=[100]",
+            "bpd_num_images=4",
+            "fid.reference_split=val",
+            "fid.num_reference=48",
+        ],
+        tmp_path,
+        "evaluate",
+    )
     result = evaluate(cfg)
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert [r["sampler"] for r in rows] == ["ddim5_eta0", "ddim10_eta0", "ddpm100"]

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch_fidelity
 from torchvision.utils import save_image
 
 from diffusion_lab.data import DigitsDataModule
@@ -66,8 +65,9 @@ def test_statistics_equal_torch_fidelity_on_folders(evaluator, feats, digits, we
     from torch_fidelity.utils import create_feature_extractor
 
     _write_folder(tmp_path / "a", digits[:N])
-    kw = dict(input1=str(tmp_path / "a"), feature_extractor_weights_path=weights, verbose=False, cuda=False,
-              cache=False)
+    kw = dict(
+        input1=str(tmp_path / "a"), feature_extractor_weights_path=weights, verbose=False, cuda=False, cache=False
+    )
     fe = create_feature_extractor("inception-v3-compat", ["2048"], **kw)
     stats = fid_input_id_to_statistics(1, fe, "2048", **kw)
     f = feats["a"].double()
@@ -87,8 +87,9 @@ def test_fid_formula_equals_torch_fidelity():
     b = 0.8 * torch.randn(3000, 2048, generator=g, dtype=torch.float64) + 0.1
     sa, sb = torch.cov(a.T), torch.cov(b.T)
     ours = float(_compute_fid(a.mean(0), sa, b.mean(0), sb))
-    ref = fid_statistics_to_metric({"mu": a.mean(0).numpy(), "sigma": sa.numpy()},
-                                   {"mu": b.mean(0).numpy(), "sigma": sb.numpy()}, False)["frechet_inception_distance"]
+    ref = fid_statistics_to_metric(
+        {"mu": a.mean(0).numpy(), "sigma": sa.numpy()}, {"mu": b.mean(0).numpy(), "sigma": sb.numpy()}, False
+    )["frechet_inception_distance"]
     assert ours == pytest.approx(ref, rel=1e-3)
 
 
@@ -130,7 +131,9 @@ def test_reference_cache_hit_and_invalidation(tmp_path, monkeypatch, digits):
     ev = FIDEvaluator.__new__(FIDEvaluator)
     ev.cache_dir = tmp_path
     calls = []
-    monkeypatch.setattr(ev, "features", lambda imgs: (calls.append(len(imgs)), torch.rand(len(imgs), 2048))[1], raising=False)
+    monkeypatch.setattr(
+        ev, "features", lambda imgs: (calls.append(len(imgs)), torch.rand(len(imgs), 2048))[1], raising=False
+    )
     f1 = ev.reference_features("digits-train", digits[:10])
     f2 = ev.reference_features("digits-train", digits[:10])
     assert calls == [10] and torch.equal(f1, f2)  # second call: cache hit

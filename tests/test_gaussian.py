@@ -30,7 +30,9 @@ def test_posterior_matches_ddpm_eq7(diff):
         assert diff.posterior_variance[t].item() == pytest.approx(tilde.item(), rel=1e-12)
         x0, xt = torch.tensor([[[[0.3]]]]), torch.tensor([[[[-0.5]]]])
         mean, var, logvar = diff.q_posterior_mean_variance(x0, xt, torch.tensor([t]))
-        expect = acp[t - 1].sqrt() * b[t] / (1 - acp[t]) * 0.3 + (1 - b[t]).sqrt() * (1 - acp[t - 1]) / (1 - acp[t]) * -0.5
+        expect = (
+            acp[t - 1].sqrt() * b[t] / (1 - acp[t]) * 0.3 + (1 - b[t]).sqrt() * (1 - acp[t - 1]) / (1 - acp[t]) * -0.5
+        )
         assert mean.item() == pytest.approx(expect.item(), rel=1e-6)
         assert logvar.exp().item() == pytest.approx(tilde.item(), rel=1e-6)
 

@@ -20,8 +20,9 @@ def test_normal_kl_matches_torch_distributions():
 @pytest.mark.parametrize("mean,log_scale", [(0.0, -3.0), (0.37, -5.0), (-0.99, -1.0), (1.3, 0.5), (0.0, -8.0)])
 def test_decoder_probabilities_sum_to_one(mean, log_scale):
     bins = (torch.arange(256, dtype=torch.float64) / 127.5 - 1).reshape(1, 256)
-    logp = discretized_gaussian_log_likelihood(bins, torch.tensor(mean, dtype=torch.float64),
-                                               torch.tensor(log_scale, dtype=torch.float64))
+    logp = discretized_gaussian_log_likelihood(
+        bins, torch.tensor(mean, dtype=torch.float64), torch.tensor(log_scale, dtype=torch.float64)
+    )
     assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
 
 

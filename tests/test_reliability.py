@@ -13,8 +13,15 @@ from diffusion_lab.config import ConfigError
 from diffusion_lab.lit.reliability import AtomicCheckpointIO, NonFiniteLossError
 from diffusion_lab.tasks import train
 
-SMALL = [*FAST, "trainer.max_steps=-1", "trainer.limit_train_batches=4", "data.batch_size=32", "logger=none",
-         "callbacks.sample_grid.every_n_epochs=100", "diffusion.steps=20"]
+SMALL = [
+    *FAST,
+    "trainer.max_steps=-1",
+    "trainer.limit_train_batches=4",
+    "data.batch_size=32",
+    "logger=none",
+    "callbacks.sample_grid.every_n_epochs=100",
+    "diffusion.steps=20",
+]
 RESUME = [*SMALL, "experiment=iddpm_cosine", "timesteps.history_per_term=2"]
 
 
@@ -76,10 +83,21 @@ def test_atomic_checkpoint_write_keeps_previous_file(tmp_path, monkeypatch):
 def test_sigkill_mid_training_then_resume_finishes(tmp_path):
     """Two real train.py processes: the first killed with SIGKILL after its epoch-2 checkpoint (~30 s)."""
     run = tmp_path / "run"
-    args = [sys.executable, "train.py", "trainer.max_epochs=12", "trainer.limit_train_batches=4",
-            "data.batch_size=32", "net.base_channels=16", "trainer.check_val_every_n_epoch=1",
-            "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "logger=none",
-            "callbacks.sample_grid.every_n_epochs=1000", "sampler.steps=5", f"hydra.run.dir={run}"]
+    args = [
+        sys.executable,
+        "train.py",
+        "trainer.max_epochs=12",
+        "trainer.limit_train_batches=4",
+        "data.batch_size=32",
+        "net.base_channels=16",
+        "trainer.check_val_every_n_epoch=1",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        "callbacks.sample_grid.every_n_epochs=1000",
+        "sampler.steps=5",
+        f"hydra.run.dir={run}",
+    ]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240

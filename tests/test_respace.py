@@ -50,8 +50,9 @@ def test_respaced_betas_by_hand():
     assert r.timestep_map.tolist() == kept
     # the model is called with the original timesteps
     seen = []
-    r.p_mean_variance(lambda x, t: (seen.append(t.tolist()), torch.zeros(1, 2, 1, 1))[1],
-                      torch.zeros(1, 1, 1, 1), torch.tensor([1]))
+    r.p_mean_variance(
+        lambda x, t: (seen.append(t.tolist()), torch.zeros(1, 2, 1, 1))[1], torch.zeros(1, 1, 1, 1), torch.tensor([1])
+    )
     assert seen == [[400]]
     # learned_range interpolates in the respaced betas: v=1 gives log beta'_1
     lv = r.model_log_variance(torch.ones(1, 1, 1, 1), torch.tensor([1]), torch.zeros(1, 1, 1, 1))

@@ -51,8 +51,15 @@ def test_ddpm_on_respaced_process_uses_recomputed_betas():
     kept = [0, 400, 999]
     x_T = torch.randn(1, 1, 1, 1, generator=torch.Generator().manual_seed(1))
     states = []
-    out = ddpm_sample(diff, lambda x, t: torch.zeros_like(x) + 0.3, x_T, kept, clip_denoised=False,
-                      temperature=0.0, callback=lambda i, x, x0: states.append(x.item()))
+    out = ddpm_sample(
+        diff,
+        lambda x, t: torch.zeros_like(x) + 0.3,
+        x_T,
+        kept,
+        clip_denoised=False,
+        temperature=0.0,
+        callback=lambda i, x, x0: states.append(x.item()),
+    )
     acp = diff.alphas_cumprod[kept].tolist()
     betas = [1 - acp[0], 1 - acp[1] / acp[0], 1 - acp[2] / acp[1]]
     x = x_T.item()
@@ -103,8 +110,16 @@ def test_paint_known_region_has_the_new_state_noise_level():
     x0 = torch.rand(2, 1, 3, 3, generator=torch.Generator().manual_seed(3)) * 2 - 1
     mask = torch.ones(1, 1, 1, 1)
     seen = {}
-    paint(diff, _model, x0, mask, None, start_index=60, generator=torch.Generator().manual_seed(0),
-          callback=lambda i, x, x0h: seen.setdefault(i, x.clone()))
+    paint(
+        diff,
+        _model,
+        x0,
+        mask,
+        None,
+        start_index=60,
+        generator=torch.Generator().manual_seed(0),
+        callback=lambda i, x, x0h: seen.setdefault(i, x.clone()),
+    )
     g = torch.Generator().manual_seed(0)
     draws = [torch.randn(x0.shape, generator=g) for _ in range(3)]  # x_T, the step's z, the re-noising
     torch.testing.assert_close(seen[60], diff.q_sample(x0, torch.full((2,), 59), draws[2]))
@@ -126,8 +141,14 @@ def test_guidance_endpoints_bit_exact(scale, label):
     y = torch.tensor([0, 1, 2])
     kw = {"y": y if label == "cond" else torch.full_like(y, 3)}
     plain = ddpm_sample(diff, m, x_T, "10", model_kwargs=kw, generator=torch.Generator().manual_seed(5))
-    guided = ddpm_sample(diff, ClassifierFreeGuidance(m, scale, 3), x_T, "10", model_kwargs={"y": y},
-                         generator=torch.Generator().manual_seed(5))
+    guided = ddpm_sample(
+        diff,
+        ClassifierFreeGuidance(m, scale, 3),
+        x_T,
+        "10",
+        model_kwargs={"y": y},
+        generator=torch.Generator().manual_seed(5),
+    )
     assert torch.equal(plain, guided)
 
 

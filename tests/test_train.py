@@ -27,10 +27,20 @@ def test_train_writes_checkpoint_grid_and_finite_loss(tmp_path):
 def test_short_training_loss_falls(tmp_path):
     """300 steps on digits: the training MSE falls well below its start (~1 for an untrained eps model)."""
     cfg = compose_train(
-        ["trainer.max_epochs=100", "trainer.max_steps=300", "trainer.enable_progress_bar=false",
-         "trainer.check_val_every_n_epoch=100", "trainer.log_every_n_steps=5", "data.batch_size=64", "net.base_channels=16",
-         "net.num_res_blocks=1", "callbacks.sample_grid.every_n_epochs=1000", "callbacks.sample_grid.num_samples=4",
-         "sampler.steps=5", "optim.lr=1e-3"],
+        [
+            "trainer.max_epochs=100",
+            "trainer.max_steps=300",
+            "trainer.enable_progress_bar=false",
+            "trainer.check_val_every_n_epoch=100",
+            "trainer.log_every_n_steps=5",
+            "data.batch_size=64",
+            "net.base_channels=16",
+            "net.num_res_blocks=1",
+            "callbacks.sample_grid.every_n_epochs=1000",
+            "callbacks.sample_grid.num_samples=4",
+            "sampler.steps=5",
+            "optim.lr=1e-3",
+        ],
         tmp_path,
     )
     train(cfg)

@@ -21,14 +21,27 @@ def test_output_shapes(kw, in_ch, size, out_ch):
 
 
 def test_ddpm_cifar10_param_count():
-    net = UNet(image_size=32, in_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-               attention_resolutions=(16,), dropout=0.1)
+    net = UNet(
+        image_size=32,
+        in_channels=3,
+        base_channels=128,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(16,),
+        dropout=0.1,
+    )
     assert abs(count_parameters(net) - 35.7e6) / 35.7e6 < 0.01
 
 
 def test_small_grey_32_param_count():
-    net = UNet(image_size=32, in_channels=1, base_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
-               attention_resolutions=(16,))
+    net = UNet(
+        image_size=32,
+        in_channels=1,
+        base_channels=32,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(16,),
+    )
     assert 1.4e6 < count_parameters(net) < 1.8e6
 
 
@@ -41,15 +54,18 @@ def _perturbed(net):
 
 
 def test_time_conditioning_changes_output():
-    net = _perturbed(UNet(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), attention_resolutions=(4,)))
+    net = _perturbed(
+        UNet(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), attention_resolutions=(4,))
+    )
     x = torch.randn(1, 1, 8, 8)
     a, b = net(x, torch.tensor([10])), net(x, torch.tensor([900]))
     assert (a - b).abs().max().item() > 1e-3
 
 
 def test_class_conditioning_and_null_label():
-    net = _perturbed(UNet(image_size=8, in_channels=1, base_channels=16, channel_mult=(1,), attention_resolutions=(),
-                          num_classes=3))
+    net = _perturbed(
+        UNet(image_size=8, in_channels=1, base_channels=16, channel_mult=(1,), attention_resolutions=(), num_classes=3)
+    )
     x, t = torch.randn(1, 1, 8, 8), torch.tensor([100])
     outs = [net(x, t, y=torch.tensor([k])) for k in range(4)]
     assert (outs[0] - outs[1]).abs().max().item() > 1e-3
@@ -58,8 +74,10 @@ def test_class_conditioning_and_null_label():
 
 @pytest.mark.parametrize(
     "kw,match",
-    [(dict(image_size=12, channel_mult=(1, 2, 2, 2)), "cannot be halved"),
-     (dict(image_size=8, channel_mult=(1, 2), attention_resolutions=(2,)), "never reached")],
+    [
+        (dict(image_size=12, channel_mult=(1, 2, 2, 2)), "cannot be halved"),
+        (dict(image_size=8, channel_mult=(1, 2), attention_resolutions=(2,)), "never reached"),
+    ],
 )
 def test_bad_geometry_errors(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -98,11 +98,16 @@ class GaussianDiffusion:
         """
         kept = sorted(int(s) for s in timesteps)
         if not kept or kept[0] < 0 or kept[-1] >= self.num_timesteps or len(set(kept)) != len(kept):
-            raise ValueError(f"respaced timesteps must be distinct ints in [0, {self.num_timesteps}), got {kept[:8]}...")
+            raise ValueError(
+                f"respaced timesteps must be distinct ints in [0, {self.num_timesteps}), got {kept[:8]}..."
+            )
         acp = self.alphas_cumprod[kept]
         acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
         return GaussianDiffusion(
-            1.0 - acp / acp_prev, self.mean_type, self.var_type, self.loss_type,
+            1.0 - acp / acp_prev,
+            self.mean_type,
+            self.var_type,
+            self.loss_type,
             timestep_map=self.timestep_map[kept],
         )
 
@@ -117,7 +122,9 @@ class GaussianDiffusion:
         """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps. x0: [B, C, H, W], t: int64 [B]."""
         if noise is None:
             noise = torch.randn_like(x0)
-        return extract(self.sqrt_alphas_cumprod, t, x0) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x0) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
 
     def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """q(x_{t-1} | x_t, x_0) = N(mu-tilde, beta-tilde) (DDPM eq. 6-7): (mean, variance, clipped log variance)."""
@@ -127,11 +134,16 @@ class GaussianDiffusion:
     # ----------------------------------------------------------------- conversions between parameterizations
     def predict_x0_from_eps(self, x_t, t, eps):
         """x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)."""
-        return extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        return (
+            extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        )
 
     def predict_eps_from_x0(self, x_t, t, x0):
         """eps = (x_t - sqrt(a) x0) / sqrt(1 - a)."""
-        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / extract(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t
+        )
 
     def predict_x0_from_v(self, x_t, t, v):
         """x0 = sqrt(a) x_t - sqrt(1 - a) v (Salimans & Ho 2022)."""
@@ -139,7 +151,9 @@ class GaussianDiffusion:
 
     def v_target(self, x0, t, noise):
         """v = sqrt(a) eps - sqrt(1 - a) x0."""
-        return extract(self.sqrt_alphas_cumprod, t, x0) * noise - extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x0) * noise - extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        )
 
     # ----------------------------------------------------------------- reverse process
     def model_log_variance(self, var_output: torch.Tensor | None, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -200,8 +214,12 @@ class GaussianDiffusion:
         eps = mean_out if (self.mean_type == "eps" and not clip_denoised) else self.predict_eps_from_x0(x_t, t, pred_x0)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
         return {
-            "mean": mean, "variance": torch.exp(log_variance), "log_variance": log_variance,
-            "pred_x0": pred_x0, "eps": eps, "model_output": model_output,
+            "mean": mean,
+            "variance": torch.exp(log_variance),
+            "log_variance": log_variance,
+            "pred_x0": pred_x0,
+            "eps": eps,
+            "model_output": model_output,
         }
 
     # ----------------------------------------------------------------- variational bound
@@ -211,7 +229,9 @@ class GaussianDiffusion:
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, x_t, t)
         out = self.p_mean_variance(model, x_t, t, clip_denoised, model_kwargs, model_output)
         kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
-        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])) / math.log(
+            2.0
+        )
         return torch.where(t == 0, nll, kl), out["pred_x0"]
 
     def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
@@ -221,7 +241,9 @@ class GaussianDiffusion:
         return mean_flat(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))) / math.log(2.0)
 
     @torch.no_grad()
-    def calc_bpd_loop(self, model, x0, clip_denoised=True, model_kwargs=None, generator=None) -> dict[str, torch.Tensor]:
+    def calc_bpd_loop(
+        self, model, x0, clip_denoised=True, model_kwargs=None, generator=None
+    ) -> dict[str, torch.Tensor]:
         """The full bound in bits/dim: total_bpd [B] = sum_t L_t + L_T (one x_t sample per t).
 
         Returns total_bpd [B], prior_bpd [B], vb [B, T], mse [B, T] (of eps) and x0_mse [B, T].

@@ -1,7 +1,8 @@
 """Which timesteps a shortened sampler visits: `space_timesteps(T, spec) -> sorted list[int]`.
 
 Specs (N = number of kept steps, all results sorted ascending and distinct):
-    "ddimN"      DDIM's fixed integer stride: range(0, T, stride) with exactly N steps (T=1000, ddim50 -> 0, 20, .., 980)
+    "ddimN"      DDIM's fixed integer stride: range(0, T, stride) with exactly N steps
+                 (T=1000, ddim50 -> 0, 20, .., 980)
     "uniformN"   DDIM's linear trajectory floor(c * i), c = T / N, i = 0..N-1
     "quadN"      DDIM's quadratic trajectory floor(c * i^2) with c = 0.8 T / (N-1)^2 (as in DDIM's CIFAR-10 code)
     "trailingN"  steps that end at T-1: round(T - i T / N) - 1, i = 0..N-1

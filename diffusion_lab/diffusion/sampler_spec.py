@@ -50,14 +50,32 @@ class Sampler:
             return list(range(num_timesteps))
         return space_timesteps(num_timesteps, f"{self.spacing}{self.steps}")
 
-    def __call__(self, diffusion, model, x_T, *, model_kwargs=None, generator=None, progress=False,
-                 callback=None, null_label: int | None = None):
+    def __call__(
+        self,
+        diffusion,
+        model,
+        x_T,
+        *,
+        model_kwargs=None,
+        generator=None,
+        progress=False,
+        callback=None,
+        null_label: int | None = None,
+    ):
         if self.guidance_scale is not None:
             if null_label is None or not model_kwargs or "y" not in model_kwargs:
-                raise ValueError("sampler.guidance_scale needs a class-conditional model (net.num_classes) and labels y")
+                raise ValueError(
+                    "sampler.guidance_scale needs a class-conditional model (net.num_classes) and labels y"
+                )
             model = ClassifierFreeGuidance(model, self.guidance_scale, null_label)
-        kw = dict(clip_denoised=self.clip_denoised, model_kwargs=model_kwargs, generator=generator,
-                  temperature=self.temperature, progress=progress, callback=callback)
+        kw = dict(
+            clip_denoised=self.clip_denoised,
+            model_kwargs=model_kwargs,
+            generator=generator,
+            temperature=self.temperature,
+            progress=progress,
+            callback=callback,
+        )
         ts = self.timesteps(diffusion.num_timesteps)
         if self.method == "ddpm":
             return ddpm_sample(diffusion, model, x_T, ts, **kw)

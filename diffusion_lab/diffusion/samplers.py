@@ -92,27 +92,84 @@ def sample_loop(
     return x
 
 
-def ddpm_sample(diffusion, model, x_T, timesteps=None, *, clip_denoised=True, model_kwargs=None,
-                generator=None, temperature=1.0, progress=False, callback=None, start_index=None):
+def ddpm_sample(
+    diffusion,
+    model,
+    x_T,
+    timesteps=None,
+    *,
+    clip_denoised=True,
+    model_kwargs=None,
+    generator=None,
+    temperature=1.0,
+    progress=False,
+    callback=None,
+    start_index=None,
+):
     """Ancestral sampling (DDPM Alg. 2) on the full or a respaced process, any variance type."""
-    return sample_loop(diffusion, model, x_T, timesteps, step=ddpm_step, start_index=start_index,
-                       clip_denoised=clip_denoised, model_kwargs=model_kwargs, generator=generator,
-                       temperature=temperature, progress=progress, callback=callback)
+    return sample_loop(
+        diffusion,
+        model,
+        x_T,
+        timesteps,
+        step=ddpm_step,
+        start_index=start_index,
+        clip_denoised=clip_denoised,
+        model_kwargs=model_kwargs,
+        generator=generator,
+        temperature=temperature,
+        progress=progress,
+        callback=callback,
+    )
 
 
-def ddim_sample(diffusion, model, x_T, timesteps, *, eta=0.0, clip_denoised=True, model_kwargs=None,
-                generator=None, temperature=1.0, progress=False, callback=None, start_index=None):
+def ddim_sample(
+    diffusion,
+    model,
+    x_T,
+    timesteps,
+    *,
+    eta=0.0,
+    clip_denoised=True,
+    model_kwargs=None,
+    generator=None,
+    temperature=1.0,
+    progress=False,
+    callback=None,
+    start_index=None,
+):
     """DDIM sampling (Song et al. 2021, eq. 12); eta=0 is deterministic, eta=1 on all T steps is DDPM."""
     if eta < 0:
         raise ValueError(f"sampler.eta={eta} must be >= 0")
-    return sample_loop(diffusion, model, x_T, timesteps, step=ddim_step, eta=eta, start_index=start_index,
-                       clip_denoised=clip_denoised, model_kwargs=model_kwargs, generator=generator,
-                       temperature=temperature, progress=progress, callback=callback)
+    return sample_loop(
+        diffusion,
+        model,
+        x_T,
+        timesteps,
+        step=ddim_step,
+        eta=eta,
+        start_index=start_index,
+        clip_denoised=clip_denoised,
+        model_kwargs=model_kwargs,
+        generator=generator,
+        temperature=temperature,
+        progress=progress,
+        callback=callback,
+    )
 
 
 @torch.no_grad()
-def ddim_invert(diffusion, model, x0, timesteps, *, fixed_point_iters: int = 0, clip_denoised=False,
-                model_kwargs=None, progress=False):
+def ddim_invert(
+    diffusion,
+    model,
+    x0,
+    timesteps,
+    *,
+    fixed_point_iters: int = 0,
+    clip_denoised=False,
+    model_kwargs=None,
+    progress=False,
+):
     """Deterministic DDIM encoding x_0 -> x at the last kept step (DDIM eq. 13 run forwards, eta = 0).
 
     Step i maps the state at level a_prev = alpha_bar_{s_{i-1}} (1 for the clean image) to level
@@ -138,13 +195,28 @@ def ddim_invert(diffusion, model, x0, timesteps, *, fixed_point_iters: int = 0, 
     return x
 
 
-def paint(diffusion, model, x0, mask, timesteps=None, *, sampler: str = "ddpm", eta: float = 0.0,
-          start_index=None, clip_denoised=True, model_kwargs=None, generator=None, temperature=1.0,
-          progress=False, callback=None):
+def paint(
+    diffusion,
+    model,
+    x0,
+    mask,
+    timesteps=None,
+    *,
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    start_index=None,
+    clip_denoised=True,
+    model_kwargs=None,
+    generator=None,
+    temperature=1.0,
+    progress=False,
+    callback=None,
+):
     """Inpainting: sample the unknown region while the known one follows the original's noising.
 
     x0: [B, C, H, W] in [-1, 1]; mask: broadcastable to x0, 1 where x0 is known. Starts from x0 noised
-    to the first visited level (pure noise in effect when starting at T) and, after the step that produces x at the level of index i-1, sets the
+    to the first visited level (pure noise in effect when starting at T) and, after the step that
+    produces x at the level of index i-1, sets the
     known region to q_sample(x0, i-1) (to x0 itself after the last step): the same noise level as the
     new state (RePaint's replacement without resampling).
     """
@@ -163,9 +235,22 @@ def paint(diffusion, model, x0, mask, timesteps=None, *, sampler: str = "ddpm", 
         return mask * known + (1 - mask) * x
 
     step = ddpm_step if sampler == "ddpm" else ddim_step
-    return sample_loop(process, model, x_T, None, step=step, eta=eta, start_index=start,
-                       clip_denoised=clip_denoised, model_kwargs=model_kwargs, generator=generator,
-                       temperature=temperature, progress=progress, callback=callback, post_step=keep_known)
+    return sample_loop(
+        process,
+        model,
+        x_T,
+        None,
+        step=step,
+        eta=eta,
+        start_index=start,
+        clip_denoised=clip_denoised,
+        model_kwargs=model_kwargs,
+        generator=generator,
+        temperature=temperature,
+        progress=progress,
+        callback=callback,
+        post_step=keep_known,
+    )
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -177,12 +262,21 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.sin((1 - alpha) * theta) / s * z0 + torch.sin(alpha * theta) / s * z1
 
 
-def interpolate(diffusion, model, z0, z1, num: int, timesteps="ddim50", *, clip_denoised=True,
-                model_kwargs=None, progress=False):
+def interpolate(
+    diffusion, model, z0, z1, num: int, timesteps="ddim50", *, clip_denoised=True, model_kwargs=None, progress=False
+):
     """Decode `num` slerp points between latents z0 and z1 ([1, C, H, W] each) with DDIM eta=0: [num, C, H, W]."""
     zs = torch.cat([slerp(z0, z1, a) for a in torch.linspace(0, 1, num).tolist()])
-    return ddim_sample(diffusion, model, zs, timesteps, eta=0.0, clip_denoised=clip_denoised,
-                       model_kwargs=model_kwargs, progress=progress)
+    return ddim_sample(
+        diffusion,
+        model,
+        zs,
+        timesteps,
+        eta=0.0,
+        clip_denoised=clip_denoised,
+        model_kwargs=model_kwargs,
+        progress=progress,
+    )
 
 
 class ClassifierFreeGuidance:

@@ -80,7 +80,8 @@ class LossSecondMomentSampler(UniformSampler):
     def load_state_dict(self, state: dict) -> None:
         if state["history"].shape != self.history.shape:
             raise ValueError(
-                f"timestep sampler state has shape {tuple(state['history'].shape)}, expected {tuple(self.history.shape)}"
+                f"timestep sampler state has shape {tuple(state['history'].shape)}, "
+                f"expected {tuple(self.history.shape)}"
             )
         self.history = state["history"].clone().double()
         self.counts = state["counts"].clone().long()

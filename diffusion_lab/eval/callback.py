@@ -31,9 +31,19 @@ class FIDCallback(L.Callback):
     reference_split: which split of the DataModule is the reference set ("train" or "val").
     """
 
-    def __init__(self, samplers: list[Sampler] | None = None, num_samples: int = 1000, every_n_epochs: int = 0,
-                 inception_weights: str | None = None, cache_dir: str = ".cache", reference_split: str = "train",
-                 batch_size: int = 250, dirpath: str = "fid", seed: int = 1234, allow_download: bool = True):
+    def __init__(
+        self,
+        samplers: list[Sampler] | None = None,
+        num_samples: int = 1000,
+        every_n_epochs: int = 0,
+        inception_weights: str | None = None,
+        cache_dir: str = ".cache",
+        reference_split: str = "train",
+        batch_size: int = 250,
+        dirpath: str = "fid",
+        seed: int = 1234,
+        allow_download: bool = True,
+    ):
         # Sampler objects, or mappings of their fields (as OmegaConf turns dataclasses inside lists into)
         samplers = [s if isinstance(s, Sampler) else Sampler(**s) for s in (samplers or [])]
         self.samplers = samplers or [Sampler("ddim", 50), Sampler("ddpm", 1000)]
@@ -81,8 +91,12 @@ class FIDCallback(L.Callback):
             for i in range(start, start + n, self.batch_size):
                 m = min(self.batch_size, start + n - i)
                 # x_T of sample k is seeded by k alone, so the samples do not depend on how ranks split them.
-                x_T = torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(self.seed + k))
-                                 for k in range(i, i + m)])
+                x_T = torch.cat(
+                    [
+                        torch.randn(1, *shape, generator=torch.Generator().manual_seed(self.seed + k))
+                        for k in range(i, i + m)
+                    ]
+                )
                 g = torch.Generator().manual_seed(self.seed + i)
                 y = torch.arange(i, i + m) % module.net.num_classes if module.conditional else None  # balanced
                 chunks.append(to_uint8(module.sample(m, sampler, y=y, generator=g, x_T=x_T)).cpu())
@@ -102,8 +116,13 @@ class FIDCallback(L.Callback):
     def _log(self, trainer, results):
         metrics = {}
         for name, s in results.items():
-            metrics.update({f"val/fid/{name}": s["fid"], f"val/kid/{name}": s["kid"],
-                            f"val/sample_seconds/{name}": s["sample_seconds"]})
+            metrics.update(
+                {
+                    f"val/fid/{name}": s["fid"],
+                    f"val/kid/{name}": s["kid"],
+                    f"val/sample_seconds/{name}": s["sample_seconds"],
+                }
+            )
         ddim = [s["fid"] for n, s in results.items() if n.startswith("ddim")]
         ddpm = [s["fid"] for n, s in results.items() if n.startswith("ddpm")]
         if ddim and ddpm and ddpm[0] > 0:

@@ -52,12 +52,21 @@ class FIDEvaluator:
         batch_size: images per Inception forward. kid_subset_size: KID subset size (clipped to N).
     """
 
-    def __init__(self, weights_path: str | None, cache_dir: str | Path = ".cache", batch_size: int = 100,
-                 kid_subset_size: int = 1000, kid_subsets: int = 50, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        weights_path: str | None,
+        cache_dir: str | Path = ".cache",
+        batch_size: int = 100,
+        kid_subset_size: int = 1000,
+        kid_subsets: int = 50,
+        device: str | torch.device = "cpu",
+    ):
         # antialias=False: torchmetrics' default (antialias=True) resizes with torch's antialiased bilinear,
         # which is not the TensorFlow 1.x resize of the reference FID; False keeps torch-fidelity's TF-exact one.
         self.inception = NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path,
+            name="inception-v3-compat",
+            features_list=["2048"],
+            feature_extractor_weights_path=weights_path,
             antialias=False,
         ).to(device)
         self.cache_dir, self.batch_size, self.device = Path(cache_dir), batch_size, torch.device(device)
@@ -66,8 +75,9 @@ class FIDEvaluator:
     @torch.no_grad()
     def features(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 [N, C, H, W] -> float32 [N, 2048] pool features (on the CPU)."""
-        out = [self.inception(to_rgb_uint8(b).to(self.device)).float().cpu()
-               for b in images_uint8.split(self.batch_size)]
+        out = [
+            self.inception(to_rgb_uint8(b).to(self.device)).float().cpu() for b in images_uint8.split(self.batch_size)
+        ]
         return torch.cat(out) if out else torch.zeros(0, 2048)
 
     def cache_path(self, key: str, images_uint8: torch.Tensor) -> Path:
@@ -95,8 +105,9 @@ class FIDEvaluator:
         kid = KernelInceptionDistance(feature=PrecomputedFeatures(), subset_size=subset, subsets=self.kid_subsets)
         return fid.to(self.device), kid.to(self.device)
 
-    def score_features(self, fake: torch.Tensor, real: torch.Tensor, n_fake_total: int | None = None,
-                       n_real_total: int | None = None) -> dict[str, float]:
+    def score_features(
+        self, fake: torch.Tensor, real: torch.Tensor, n_fake_total: int | None = None, n_real_total: int | None = None
+    ) -> dict[str, float]:
         """FID/KID of feature sets. Under DDP pass each rank's share of fake and real features and the
         totals; torchmetrics' compute() reduces the states across ranks."""
         fid, kid = self.metrics(n_fake_total or fake.shape[0], n_real_total or real.shape[0])
@@ -104,8 +115,13 @@ class FIDEvaluator:
             m.update(real.to(self.device), real=True)
             m.update(fake.to(self.device), real=False)
         kid_mean, kid_std = kid.compute()
-        return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
-                "n": int(n_fake_total or fake.shape[0]), "n_ref": int(n_real_total or real.shape[0])}
+        return {
+            "fid": float(fid.compute()),
+            "kid": float(kid_mean),
+            "kid_std": float(kid_std),
+            "n": int(n_fake_total or fake.shape[0]),
+            "n_ref": int(n_real_total or real.shape[0]),
+        }
 
     def score(self, fake_uint8: torch.Tensor, real_features: torch.Tensor) -> dict[str, float]:
         """FID/KID of generated uint8 images against reference features, in one process."""

@@ -63,7 +63,10 @@ def convert_torchscript(ts_path: Path) -> dict[str, torch.Tensor]:
     for src, dst in zip(groups, convs):
         w = ts[f"{src}.weight"]
         if w.shape != template[f"{dst}.conv.weight"].shape:
-            raise RuntimeError(f"{ts_path}: {src} has shape {tuple(w.shape)}, {dst} expects {tuple(template[f'{dst}.conv.weight'].shape)}")
+            raise RuntimeError(
+                f"{ts_path}: {src} has shape {tuple(w.shape)}, "
+                f"{dst} expects {tuple(template[f'{dst}.conv.weight'].shape)}"
+            )
         out[f"{dst}.conv.weight"] = w
         out[f"{dst}.bn.weight"] = torch.ones_like(ts[f"{src}.beta"])
         out[f"{dst}.bn.bias"] = ts[f"{src}.beta"]
@@ -142,7 +145,9 @@ def resolve_inception_weights(path: str | None = None, cache_dir: str | Path | N
     return None, "torch-fidelity download"
 
 
-def inception_weights(path: str | None = None, cache_dir: str | Path | None = None, allow_download: bool = True) -> str | None:
+def inception_weights(
+    path: str | None = None, cache_dir: str | Path | None = None, allow_download: bool = True
+) -> str | None:
     """Resolve and log which weights FID uses; a clear error when there are none and no download is allowed."""
     weights, source = resolve_inception_weights(path, cache_dir)
     if weights is None and not allow_download:

@@ -24,10 +24,15 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def markdown_table(rows: list[dict], extra: str = "") -> str:
     """One row per sampler: FID, KID, N and the reference set, as DDIM Table 1 lays out its columns."""
-    lines = ["| sampler | steps | eta | FID | KID x1e3 | N | reference | seconds |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| sampler | steps | eta | FID | KID x1e3 | N | reference | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['steps']} | {r['eta']:g} | {r['fid']:.2f} | {1e3 * r['kid']:.2f} ± "
-                     f"{1e3 * r['kid_std']:.2f} | {r['n']} | {r['reference']} (N={r['n_ref']}) | {r['sample_seconds']:.1f} |")
+        lines.append(
+            f"| {r['method']} | {r['steps']} | {r['eta']:g} | {r['fid']:.2f} | {1e3 * r['kid']:.2f} ± "
+            f"{1e3 * r['kid_std']:.2f} | {r['n']} | {r['reference']} (N={r['n_ref']}) | {r['sample_seconds']:.1f} |"
+        )
     return "\n".join(lines) + ("\n\n" + extra if extra else "") + "\n"
 
 

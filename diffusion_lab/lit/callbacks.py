@@ -55,8 +55,15 @@ class SampleGridCallback(L.Callback):
     `samples/final.png` at the end of training. Fixed x_T (seed), rank 0 only; conditional models get one row
     per class 0..num_classes-1."""
 
-    def __init__(self, dirpath: str = "samples", every_n_epochs: int = 1, num_samples: int = 64,
-                 sampler: Sampler | None = None, seed: int = 0, guidance_scales: list[float] | None = None):
+    def __init__(
+        self,
+        dirpath: str = "samples",
+        every_n_epochs: int = 1,
+        num_samples: int = 64,
+        sampler: Sampler | None = None,
+        seed: int = 0,
+        guidance_scales: list[float] | None = None,
+    ):
         self.dirpath, self.every_n_epochs, self.num_samples = Path(dirpath), every_n_epochs, num_samples
         self.sampler, self.seed = sampler, seed
         self.guidance_scales = list(guidance_scales or [])
@@ -70,16 +77,22 @@ class SampleGridCallback(L.Callback):
             k = module.net.num_classes
             nrow = max(1, self.num_samples // k)
             y = torch.arange(k).repeat_interleave(nrow)
-            variants = [(f"{name}_cfg{s:g}", replace(sampler, guidance_scale=float(s))) for s in self.guidance_scales] \
-                or variants
+            variants = [
+                (f"{name}_cfg{s:g}", replace(sampler, guidance_scale=float(s))) for s in self.guidance_scales
+            ] or variants
         n = y.shape[0] if y is not None else self.num_samples
         paths = []
         for file_name, s in variants:
             images = module.sample(n, s, y=y, generator=torch.Generator().manual_seed(self.seed))
             path = self.dirpath / f"{file_name}.png"
             grid = save_grid(images, path, nrow)
-            log_image(trainer, f"samples/{file_name.split('_', 1)[-1] if '_cfg' in file_name else 'grid'}", path,
-                      grid, trainer.global_step)
+            log_image(
+                trainer,
+                f"samples/{file_name.split('_', 1)[-1] if '_cfg' in file_name else 'grid'}",
+                path,
+                grid,
+                trainer.global_step,
+            )
             paths.append(path)
         return paths
 

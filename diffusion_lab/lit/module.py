@@ -109,14 +109,23 @@ class DiffusionModule(L.LightningModule):
             for q in range(4):
                 sel = quartile == q
                 if sel.any():
-                    self.log(f"{stage}/{key}_q{q}", losses[key][sel].mean(), on_step=False, on_epoch=True,
-                             sync_dist=sync, batch_size=int(sel.sum()))
+                    self.log(
+                        f"{stage}/{key}_q{q}",
+                        losses[key][sel].mean(),
+                        on_step=False,
+                        on_epoch=True,
+                        sync_dist=sync,
+                        batch_size=int(sel.sum()),
+                    )
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"},
+        }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
@@ -139,9 +148,15 @@ class DiffusionModule(L.LightningModule):
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
     @torch.no_grad()
-    def sample(self, n: int, sampler: Sampler | None = None, y: torch.Tensor | None = None,
-               generator: torch.Generator | None = None, progress: bool = False,
-               x_T: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        n: int,
+        sampler: Sampler | None = None,
+        y: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        x_T: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """n samples [n, C, H, W] in [-1, 1] with this module's current weights.
 
         x_T (default: drawn from `generator`) is the starting noise; the sampler's per-step noise comes
@@ -158,7 +173,14 @@ class DiffusionModule(L.LightningModule):
         was_training = self.net.training
         self.net.eval()
         try:
-            return sampler(self.diffusion, self.net, x_T.to(self.device), model_kwargs=kwargs, generator=g,
-                           progress=progress, null_label=self.null_label)
+            return sampler(
+                self.diffusion,
+                self.net,
+                x_T.to(self.device),
+                model_kwargs=kwargs,
+                generator=g,
+                progress=progress,
+                null_label=self.null_label,
+            )
         finally:
             self.net.train(was_training)

@@ -32,7 +32,9 @@ def norm(channels: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """norm-SiLU-conv, + Linear(time emb), norm-SiLU-dropout-conv, + (1x1) skip. x [B, C_in, H, W] -> [B, C_out, H, W]."""
+    """norm-SiLU-conv, + Linear(time emb), norm-SiLU-dropout-conv, + (1x1) skip.
+
+    x [B, C_in, H, W], emb [B, emb_dim] -> [B, C_out, H, W]."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0):
         super().__init__()

@@ -1,9 +1,9 @@
 """The DDPM U-Net (Ho et al. 2020, App. B; Nichol & Dhariwal 2021 for learned sigma and classes).
 
-    net = UNet(image_size=32, in_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2),
-               num_res_blocks=2, attention_resolutions=(16,), dropout=0.1)   # 35.7M params, DDPM CIFAR-10
-    out = net(x_t, t)          # x_t [B, C, H, W], t int64 [B] -> [B, C (2C if learn_sigma), H, W]
-    out = net(x_t, t, y=y)     # class-conditional: y int64 [B] in 0..num_classes (num_classes = null label)
+net = UNet(image_size=32, in_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2),
+           num_res_blocks=2, attention_resolutions=(16,), dropout=0.1)   # 35.7M params, DDPM CIFAR-10
+out = net(x_t, t)          # x_t [B, C, H, W], t int64 [B] -> [B, C (2C if learn_sigma), H, W]
+out = net(x_t, t, y=y)     # class-conditional: y int64 [B] in 0..num_classes (num_classes = null label)
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ class UNet(nn.Module):
         levels = len(channel_mult)
         if image_size % (2 ** (levels - 1)):
             raise ValueError(
-                f"data.image_size={image_size} cannot be halved {levels - 1} times for net.channel_mult={list(channel_mult)}"
+                f"data.image_size={image_size} cannot be halved {levels - 1} times "
+                f"for net.channel_mult={list(channel_mult)}"
             )
         reached = {image_size // 2**i for i in range(levels)}
         if bad := sorted(set(attention_resolutions) - reached):

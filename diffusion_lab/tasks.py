@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config import validate_train_config
 from .lit import DiffusionModule
+from .loggers import build_loggers, finish_loggers
 from .lit.reliability import AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
@@ -75,16 +76,20 @@ def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Validate, seed, build data/model/callbacks/loggers/trainer, fit, and return the final metrics."""
     validate_train_config(cfg)
+    ckpt_path = _resolve_ckpt_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    loggers = build_loggers(cfg)
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=_callbacks(cfg), logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt_path(cfg))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish_loggers(loggers)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("final metrics: %s", metrics)
     log.info("outputs in %s", cfg.paths.output_dir)

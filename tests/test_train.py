@@ -54,3 +54,19 @@ def test_short_training_loss_falls(tmp_path):
 def test_experiments_run(tmp_path, override):
     train(compose_train([override, *FAST], tmp_path))
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_iddpm_short_run_vb_and_mse_fall(tmp_path):
+    """experiment=iddpm_cosine on digits: the validation mse and vb (uniform t, fixed noise) both fall."""
+    cfg = compose_train(
+        ["experiment=iddpm_cosine", "trainer.max_epochs=12", "trainer.enable_progress_bar=false",
+         "trainer.check_val_every_n_epoch=2", "data.batch_size=64", "net.base_channels=16", "net.num_res_blocks=1",
+         "callbacks.sample_grid.every_n_epochs=1000", "callbacks.sample_grid.num_samples=4", "sampler.steps=5"],
+        tmp_path,
+    )
+    train(cfg)
+    rows = [r for r in csv.DictReader(open(tmp_path / "csv" / "metrics.csv")) if r.get("val/vb")]
+    first, last = rows[0], rows[-1]
+    assert len(rows) == 6
+    assert float(last["val/mse"]) < 0.7 * float(first["val/mse"]), (first["val/mse"], last["val/mse"])
+    assert float(last["val/vb"]) < 0.7 * float(first["val/vb"]), (first["val/vb"], last["val/vb"])

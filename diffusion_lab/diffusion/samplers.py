@@ -215,10 +215,9 @@ def paint(
     """Inpainting: sample the unknown region while the known one follows the original's noising.
 
     x0: [B, C, H, W] in [-1, 1]; mask: broadcastable to x0, 1 where x0 is known. Starts from x0 noised
-    to the first visited level (pure noise in effect when starting at T) and, after the step that
-    produces x at the level of index i-1, sets the
-    known region to q_sample(x0, i-1) (to x0 itself after the last step): the same noise level as the
-    new state (RePaint's replacement without resampling).
+    to the first visited level (pure noise in effect when starting at T). After the step that produces
+    x at the level of index i-1, the known region is set to q_sample(x0, i-1) (to x0 itself after the
+    last step): the noise level of the new state, not of the old one (RePaint's replacement, no resampling).
     """
     process = as_process(diffusion, timesteps)
     start = process.num_timesteps - 1 if start_index is None else int(start_index)

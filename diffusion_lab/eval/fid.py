@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -92,10 +93,12 @@ class FIDEvaluator:
         if path.exists():
             log.info("FID reference features: cache hit %s", path)
             return torch.load(path, weights_only=True)["features"]
+        t0 = time.perf_counter()
         feats = self.features(images_uint8)
         with atomic_write(path) as tmp:
             torch.save({"features": feats, "version": CACHE_VERSION, "key": key}, tmp)
-        log.info("FID reference features: computed %d and cached at %s", feats.shape[0], path)
+        log.info("FID reference features: computed %d in %.1fs, cached at %s", feats.shape[0],
+                 time.perf_counter() - t0, path)
         return feats
 
     def metrics(self, n_fake: int, n_real: int) -> tuple[FrechetInceptionDistance, KernelInceptionDistance]:

@@ -1,0 +1,23 @@
+"""logger=wandb with no account: offline mode is chosen automatically and the offline run directory holds
+the config, the logged metric keys and the sample images."""
+
+from conftest import FAST, compose_train
+
+from diffusion_lab.tasks import train
+
+
+def test_wandb_offline_run_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc credentials
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    train(compose_train([*FAST, "logger=wandb", "callbacks.sample_grid.every_n_epochs=1"], tmp_path))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list(tmp_path.rglob("*"))[:20]
+    run = runs[0]
+    config = (run / "files" / "config.yaml").read_text()
+    assert "diffusion" in config and "schedule" in config
+    data = b"".join(p.read_bytes() for p in run.glob("*.wandb"))
+    for key in (b"train/loss_step", b"val/loss", b"val/mse_q0", b"samples"):
+        assert key in data, key
+    assert list((run / "files" / "media" / "images").glob("*.png"))

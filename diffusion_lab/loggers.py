@@ -39,13 +39,20 @@ def build_loggers(cfg: DictConfig) -> list:
     if "wandb" in nodes and nodes.wandb is not None:
         if not wandb_has_credentials() and os.environ.get("WANDB_MODE") != "online":
             os.environ["WANDB_MODE"] = "offline"
-            log.info("W&B: no API key found, logging offline to %s/wandb (`wandb sync` uploads later)",
-                     cfg.paths.output_dir)
+            log.info(
+                "W&B: no API key found, logging offline to %s/wandb (`wandb sync` uploads later)", cfg.paths.output_dir
+            )
         with open_dict(nodes.wandb):
             nodes.wandb.group = nodes.wandb.get("group") or _sweep_group()
-            nodes.wandb.tags = sorted({*(nodes.wandb.get("tags") or []), *(cfg.get("tags") or []),
-                                       f"schedule={cfg.diffusion.schedule}", f"sampler={cfg.sampler.method}",
-                                       f"steps={cfg.sampler.steps}"})
+            nodes.wandb.tags = sorted(
+                {
+                    *(nodes.wandb.get("tags") or []),
+                    *(cfg.get("tags") or []),
+                    f"schedule={cfg.diffusion.schedule}",
+                    f"sampler={cfg.sampler.method}",
+                    f"steps={cfg.sampler.steps}",
+                }
+            )
     return [instantiate(lg) for lg in nodes.values() if lg is not None]
 
 

@@ -29,7 +29,9 @@ def test_label_dropout_rate_and_null_label_reaches_net():
     assert dropped == pytest.approx(0.1, abs=0.01)  # 20,000 draws: 3 standard errors = 0.0064
     assert torch.equal(kw["y"][kw["y"] != 10], y[kw["y"] != 10])
     assert torch.equal(m.model_kwargs(y, drop=False)["y"], y)  # validation: no dropout
-    m.diffusion.training_losses(net, torch.zeros(4, 1, 8, 8), torch.tensor([1, 2, 3, 4]), model_kwargs={"y": kw["y"][:4]})
+    m.diffusion.training_losses(
+        net, torch.zeros(4, 1, 8, 8), torch.tensor([1, 2, 3, 4]), model_kwargs={"y": kw["y"][:4]}
+    )
     assert torch.equal(seen[-1], kw["y"][:4])
 
 
@@ -40,9 +42,19 @@ def test_guidance_improves_class_accuracy(tmp_path):
     from sklearn.linear_model import LogisticRegression
 
     cfg = compose_train(
-        ["experiment=cfg_digits", *FAST, "trainer.max_steps=400", "trainer.max_epochs=100", "optim.lr=2e-3",
-         "trainer.check_val_every_n_epoch=100", "logger=none", "callbacks.sample_grid.every_n_epochs=1000",
-         "diffusion.steps=200", "net.num_res_blocks=1", "net.base_channels=32"],
+        [
+            "experiment=cfg_digits",
+            *FAST,
+            "trainer.max_steps=400",
+            "trainer.max_epochs=100",
+            "optim.lr=2e-3",
+            "trainer.check_val_every_n_epoch=100",
+            "logger=none",
+            "callbacks.sample_grid.every_n_epochs=1000",
+            "diffusion.steps=200",
+            "net.num_res_blocks=1",
+            "net.base_channels=32",
+        ],
         tmp_path,
     )
     train(cfg)
@@ -54,8 +66,9 @@ def test_guidance_improves_class_accuracy(tmp_path):
     y = torch.arange(10).repeat_interleave(20)
     acc = {}
     for scale in (0.0, 3.0):
-        x = module.sample(len(y), Sampler("ddim", 20, guidance_scale=scale), y=y,
-                          generator=torch.Generator().manual_seed(0))
+        x = module.sample(
+            len(y), Sampler("ddim", 20, guidance_scale=scale), y=y, generator=torch.Generator().manual_seed(0)
+        )
         feats = to_uint8(x).float().reshape(len(y), 64).numpy() / 255.0
         acc[scale] = float(np.mean(clf.predict(feats) == y.numpy()))
     assert acc[3.0] > acc[0.0] + 0.2, acc

@@ -14,14 +14,23 @@ from diffusion_lab.tasks import train
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 SHRINK = {  # GPU presets on CPU-sized data and nets
     "ddpm_cifar10": ["data=digits", "net=unet_digits", "trainer=cpu"],
-    "iddpm_cifar10": ["data=digits", "net=unet_digits", "trainer=cpu", "diffusion.steps=100",
-                      "net.attention_resolutions=[4]", "net.num_heads=1"],
+    "iddpm_cifar10": [
+        "data=digits",
+        "net=unet_digits",
+        "trainer=cpu",
+        "diffusion.steps=100",
+        "net.attention_resolutions=[4]",
+        "net.num_heads=1",
+    ],
     "cfg_mnist": ["data=digits", "net=unet_digits"],
 }
 
 
-TINY_FID = ["callbacks.fid.num_samples=4", "callbacks.fid.reference_split=val",
-            "callbacks.fid.samplers=[{_target_: diffusion_lab.diffusion.Sampler, method: ddim, steps: 2}]"]
+TINY_FID = [
+    "callbacks.fid.num_samples=4",
+    "callbacks.fid.reference_split=val",
+    "callbacks.fid.samplers=[{_target_: diffusion_lab.diffusion.Sampler, method: ddim, steps: 2}]",
+]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -36,9 +45,21 @@ def test_experiment_composes_and_runs(tmp_path, name):
 
 def test_multirun_2x2_makes_four_runs(tmp_path):
     r = subprocess.run(
-        [sys.executable, "train.py", "-m", "diffusion.schedule=linear,cosine", "sampler.steps=5,10", *FAST,
-         "logger=csv", f"hydra.sweep.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            *FAST,
+            "diffusion.schedule=linear,cosine",
+            "sampler.steps=5,10",
+            "logger=csv",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted(p for p in Path(tmp_path).iterdir() if p.is_dir() and p.name.isdigit())
     assert len(runs) == 4

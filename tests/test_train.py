@@ -59,9 +59,18 @@ def test_experiments_run(tmp_path, override):
 def test_iddpm_short_run_vb_and_mse_fall(tmp_path):
     """experiment=iddpm_cosine on digits: the validation mse and vb (uniform t, fixed noise) both fall."""
     cfg = compose_train(
-        ["experiment=iddpm_cosine", "trainer.max_epochs=12", "trainer.enable_progress_bar=false",
-         "trainer.check_val_every_n_epoch=2", "data.batch_size=64", "net.base_channels=16", "net.num_res_blocks=1",
-         "callbacks.sample_grid.every_n_epochs=1000", "callbacks.sample_grid.num_samples=4", "sampler.steps=5"],
+        [
+            "experiment=iddpm_cosine",
+            "trainer.max_epochs=12",
+            "trainer.enable_progress_bar=false",
+            "trainer.check_val_every_n_epoch=2",
+            "data.batch_size=64",
+            "net.base_channels=16",
+            "net.num_res_blocks=1",
+            "callbacks.sample_grid.every_n_epochs=1000",
+            "callbacks.sample_grid.num_samples=4",
+            "sampler.steps=5",
+        ],
         tmp_path,
     )
     train(cfg)

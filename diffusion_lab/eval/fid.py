@@ -97,8 +97,9 @@ class FIDEvaluator:
         feats = self.features(images_uint8)
         with atomic_write(path) as tmp:
             torch.save({"features": feats, "version": CACHE_VERSION, "key": key}, tmp)
-        log.info("FID reference features: computed %d in %.1fs, cached at %s", feats.shape[0],
-                 time.perf_counter() - t0, path)
+        log.info(
+            "FID reference features: computed %d in %.1fs, cached at %s", feats.shape[0], time.perf_counter() - t0, path
+        )
         return feats
 
     def metrics(self, n_fake: int, n_real: int) -> tuple[FrechetInceptionDistance, KernelInceptionDistance]:

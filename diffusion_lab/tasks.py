@@ -15,8 +15,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config import validate_train_config
 from .lit import DiffusionModule
-from .loggers import build_loggers, finish_loggers
 from .lit.reliability import AtomicCheckpointIO
+from .loggers import build_loggers, finish_loggers
 
 log = logging.getLogger(__name__)
 

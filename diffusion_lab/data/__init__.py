@@ -1,0 +1,9 @@
+"""DataModules: one ImageDataModule shape (base.py) for every dataset."""
+
+from .base import ImageDataModule, to_model_range, to_uint8
+from .digits import DigitsDataModule
+from .folder import FolderDataModule
+from .torchvision_sets import CIFAR10DataModule, MNISTDataModule
+
+__all__ = ["ImageDataModule", "DigitsDataModule", "MNISTDataModule", "CIFAR10DataModule", "FolderDataModule",
+           "to_model_range", "to_uint8"]

@@ -1,0 +1,67 @@
+"""Any folder of images (recursive; png, jpg, jpeg, bmp, webp, gif, tif), resized and centre-cropped.
+
+With labels_from_subdirs=true, each first-level sub-folder is a class (sorted names -> 0..K-1).
+Images are decoded once at setup and held in memory as uint8.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import functional as TF
+
+from .base import ImageDataModule
+
+log = logging.getLogger(__name__)
+EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+class FolderDataModule(ImageDataModule):
+    def __init__(self, path: str, image_size: int = 32, channels: int = 3, labels_from_subdirs: bool = False,
+                 skip_corrupt: bool = False, hflip: bool = True, **kwargs):
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels={channels} is not allowed; choose 1 (grey) or 3 (RGB)")
+        super().__init__(image_size=image_size, channels=channels, hflip=hflip, **kwargs)
+        self.path, self.labels_from_subdirs, self.skip_corrupt = Path(path), labels_from_subdirs, skip_corrupt
+        self.files = self._list_files()
+        self.classes = sorted({f.relative_to(self.path).parts[0] for f in self.files}) if labels_from_subdirs else []
+        if labels_from_subdirs:
+            self.num_classes = len(self.classes)
+
+    def _list_files(self) -> list[Path]:
+        """Checked at construction, so a bad path fails before any training."""
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"data.path={str(self.path)!r} is not a directory")
+        files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+        if not files:
+            raise ValueError(f"data.path={str(self.path)!r} holds no images ({', '.join(sorted(EXTENSIONS))})")
+        return files
+
+    def _load(self, f: Path) -> torch.Tensor:
+        """uint8 [C, S, S]: resize the short side to S, centre crop."""
+        with Image.open(f) as im:
+            im = im.convert("L" if self.channels == 1 else "RGB")
+            x = TF.pil_to_tensor(im)
+        x = TF.resize(x, self.image_size, antialias=True)
+        return TF.center_crop(x, [self.image_size, self.image_size])
+
+    def load_images(self):
+        images, labels, skipped = [], [], 0
+        for f in self.files:
+            try:
+                images.append(self._load(f))
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                if not self.skip_corrupt:
+                    raise ValueError(f"cannot read image {f}: {e} (set data.skip_corrupt=true to skip such files)") from e
+                skipped += 1
+                continue
+            labels.append(self.classes.index(f.relative_to(self.path).parts[0]) if self.labels_from_subdirs else -1)
+        if skipped:
+            log.warning("data: skipped %d unreadable images of %d in %s", skipped, len(self.files), self.path)
+        self.num_skipped = skipped
+        if not images:
+            raise ValueError(f"data.path={str(self.path)!r}: no readable images")
+        return torch.stack(images), torch.tensor(labels, dtype=torch.long)

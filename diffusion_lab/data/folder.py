@@ -55,7 +55,8 @@ class FolderDataModule(ImageDataModule):
                 images.append(self._load(f))
             except (UnidentifiedImageError, OSError, ValueError) as e:
                 if not self.skip_corrupt:
-                    raise ValueError(f"cannot read image {f}: {e} (set data.skip_corrupt=true to skip such files)") from e
+                    msg = f"cannot read image {f}: {e} (set data.skip_corrupt=true to skip such files)"
+                    raise ValueError(msg) from e
                 skipped += 1
                 continue
             labels.append(self.classes.index(f.relative_to(self.path).parts[0]) if self.labels_from_subdirs else -1)

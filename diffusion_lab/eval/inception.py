@@ -49,12 +49,9 @@ def convert_torchscript(ts_path: Path) -> dict[str, torch.Tensor]:
     Both list the convolutions in the same order with the same shapes; the TorchScript's BN has no scale
     (weight = 1). It has no classifier, so `fc` is zero: pool features (FID, KID) are exact, logits (IS) are not.
     """
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     ts = torch.jit.load(str(ts_path), map_location="cpu").state_dict()
     groups = [k[: -len(".weight")] for k in ts if k.endswith(".weight")]
-    target = FeatureExtractorInceptionV3.__new__(FeatureExtractorInceptionV3)
-    torch.nn.Module.__init__(target)
     template = _template_state_dict()
     convs = [k[: -len(".conv.weight")] for k in template if k.endswith(".conv.weight")]
     if len(groups) != len(convs):

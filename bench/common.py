@@ -1,0 +1,172 @@
+"""What the benchmarks share: machine facts, result files, timing, trained digits models, matched peers.
+
+Each benchmark writes `bench/results/<name>.json` (numbers) and `<name>.md` (its BENCHMARKS.md
+section) atomically; `bench/report.py` joins the sections into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+RUNS = ROOT / "outputs" / "bench"
+CACHE = ROOT / ".cache"
+sys.path.insert(0, str(ROOT))
+
+from diffusion_lab.io import atomic_write  # noqa: E402
+
+
+def machine() -> dict:
+    """CPU model, cores, torch threads, memory and versions: the line every result carries."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(mem, 1),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def machine_line(m: dict) -> str:
+    return (
+        f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['memory_gib']} GiB, "
+        f"torch {m['torch']}, Python {m['python']}, {m['date']}"
+    )
+
+
+def results_dir(quick: bool = False) -> Path:
+    """bench/results (bench-full, what BENCHMARKS.md shows) or bench/results/quick (`make bench`)."""
+    return RESULTS / "quick" if quick else RESULTS
+
+
+def write_result(name: str, data: dict, section: str, quick: bool = False) -> None:
+    """<results>/<name>.json and <name>.md (the section), each replaced atomically."""
+    with atomic_write(results_dir(quick) / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=float))
+    with atomic_write(results_dir(quick) / f"{name}.md") as tmp:
+        tmp.write_text(section.rstrip() + "\n")
+
+
+def save_figure(fig, name: str, quick: bool = False) -> str:
+    """<results>/<name>.png, atomically; returns its path relative to the repository (for Markdown links)."""
+    path = results_dir(quick) / f"{name}.png"
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return str(path.relative_to(ROOT))
+
+
+def summary(name: str, text: str) -> None:
+    """The one summary line each benchmark prints."""
+    print(f"[bench:{name}] {text}", flush=True)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux ru_maxrss is KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_worker(script: str, *args: str) -> dict:
+    """Run `python bench/<script> --worker ...` in a fresh process (own peak memory, own warm-up);
+    the worker prints one JSON line last."""
+    cmd = [sys.executable, str(ROOT / "bench" / script), "--worker", *args]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def timed(fn, repeats: int = 3) -> float:
+    """Median wall seconds of fn() over repeats (after the caller's warm-up)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Measured fp32 matmul throughput (GFLOP/s) of this machine at these threads: the 'peak' we compare to."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    return 2 * n**3 / timed(lambda: a @ b, repeats) / 1e9
+
+
+def train_digits(name: str, overrides: list[str]) -> Path:
+    """Train `python train.py <overrides>` into outputs/bench/<name> once; the EMA checkpoint path.
+
+    The budget is train.py's default (80 epochs of the 1,617 training digits, batch 128 = 960 steps).
+    A finished run is reused (its last.ckpt exists); an interrupted one is resumed by train.py.
+    """
+    run_dir = RUNS / name
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    done = run_dir / "DONE"
+    if done.exists() and ckpt.exists():
+        return ckpt
+    cmd = [sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}", "auto_resume=true", "logger=csv"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "WANDB_MODE": "offline"})
+    done.write_text(f"{time.perf_counter() - t0:.1f}\n")
+    return ckpt
+
+
+def train_seconds(name: str) -> float | None:
+    done = RUNS / name / "DONE"
+    return float(done.read_text()) if done.exists() else None
+
+
+def all_digits_uint8() -> torch.Tensor:
+    """All 1,797 scikit-learn digits as uint8 [1797, 1, 8, 8] (the FID reference of the digits tables)."""
+    from diffusion_lab.data import DigitsDataModule
+
+    return DigitsDataModule().load_images()[0]
+
+
+def fid_evaluator():
+    from diffusion_lab.eval.fid import FIDEvaluator
+    from diffusion_lab.eval.inception import inception_weights
+
+    return FIDEvaluator(inception_weights(None, CACHE, allow_download=False), CACHE, batch_size=100)
+
+
+def with_variance(module, var_type: str):
+    """The module's process with another fixed variance (DDPM's sigma^2 = beta-tilde or beta), same betas."""
+    from diffusion_lab.diffusion import GaussianDiffusion
+
+    d = module.diffusion
+    return GaussianDiffusion(d.betas, d.mean_type, var_type, d.loss_type, timestep_map=d.timestep_map)
+
+
+def sample_and_score(module, sampler, n: int, evaluator, ref_features, seed: int = 0, batch: int = 500) -> dict:
+    """FID/KID of n samples (x_T from `seed`: every sampler starts from the same noise) and the seconds
+    sampling and scoring took."""
+    from diffusion_lab.data import to_uint8
+
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    fake = torch.cat([to_uint8(module.sample(min(batch, n - i), sampler, generator=g)) for i in range(0, n, batch)])
+    t1 = time.perf_counter()
+    scores = evaluator.score(fake, ref_features)
+    return {**scores, "sample_seconds": t1 - t0, "fid_seconds": time.perf_counter() - t1}

@@ -1,0 +1,56 @@
+"""Join the benchmark sections into one Markdown file.
+
+    python bench/report.py            # bench/results/*.md + bench/ANALYSIS.md -> BENCHMARKS.md
+    python bench/report.py --quick    # bench/results/quick/*.md -> bench/results/quick/BENCHMARKS.md
+
+A benchmark that has not been run is listed as missing, with the command that produces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from common import ROOT, atomic_write, results_dir
+
+ORDER = [
+    ("train_throughput", "python bench/train_throughput.py"),
+    ("sampling", "python bench/sampling.py"),
+    ("fid", "python bench/fid.py"),
+    ("ddim_table", "python bench/ddim_table.py"),
+    ("iddpm_steps", "python bench/iddpm_steps.py"),
+    ("loss_aware", "python bench/loss_aware.py"),
+]
+
+HEADER = """# Benchmarks
+
+Written by `bench/report.py` from the sections each benchmark writes (`bench/results/<name>.md`, numbers in
+`<name>.json`). Re-run: `make bench-full` (all six, full size; about 90 minutes on 2 cores) or `make bench`
+(the quick subset: throughput, sampling, FID at N=300, loss-aware cost; about 10 minutes; it writes
+`bench/results/quick/BENCHMARKS.md` and leaves this file alone). Peer packages come from the `bench` extra
+(`pip install -e '.[bench]'`, which `make bench` does). Each section names its machine, date and command;
+ratios compare runs on the same machine, in the same session, with the same threads. None of this is a
+timed test.
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    d = results_dir(a.quick)
+    parts = [HEADER]
+    for name, cmd in ORDER:
+        f = d / f"{name}.md"
+        missing = f"## {name}\n\nNot run yet: `{cmd}{' --quick' if a.quick else ''}`.\n"
+        parts.append(f.read_text() if f.exists() else missing)
+    analysis = ROOT / "bench" / "ANALYSIS.md"
+    if not a.quick and analysis.exists():
+        parts.append(analysis.read_text())
+    out = d / "BENCHMARKS.md" if a.quick else ROOT / "BENCHMARKS.md"
+    with atomic_write(out) as tmp:
+        tmp.write_text("\n".join(parts))
+    print(f"[bench:report] wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

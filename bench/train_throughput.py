@@ -1,0 +1,240 @@
+"""Training throughput: our Lightning training step (as train.py runs it) vs diffusers' UNet2DModel in a
+plain loop, at matched architecture; peak memory, FLOPs per image and the fraction of the fp32 matmul peak.
+
+    python bench/train_throughput.py            # small 32x32 grey (batch 64) and DDPM CIFAR-10 (batch 8)
+    python bench/train_throughput.py --quick    # small config only, fewer steps
+
+Ours: train.yaml composed by Hydra (Adam, gradient clipping 1.0, EMAWeightAveraging, NonFiniteGuard with
+gradient checks, the uniform timestep sampler, DDPM linear L_simple) run by Lightning's Trainer for
+warm-up + K steps; images/s over the K steps (on_train_batch_end to on_train_batch_end, data loading
+included). diffusers: UNet2DModel + DDPMScheduler.add_noise + MSE + Adam, nothing else. Each side runs in
+its own process (own peak RSS, same threads); the pair is repeated and the median kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from common import (
+    CACHE,
+    ROOT,
+    machine,
+    machine_line,
+    matmul_peak_gflops,
+    peak_rss_mib,
+    run_worker,
+    summary,
+    write_result,
+)
+from peers import CONFIGS, diffusers_unet, ours_unet, random_images
+
+SIDES = {
+    "ours": "diffusion_lab (Lightning step, channels-last weights: the default)",
+    "ours_nchw": "diffusion_lab with channels_last=false",
+    "diffusers": "diffusers UNet2DModel plain loop",
+    "diffusers_cl": "diffusers UNet2DModel plain loop, channels-last weights",
+}
+
+
+def current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def worker_ours(c: dict, warmup: int, steps: int, overrides: list[str]) -> dict:
+    """Our training step on random images for warm-up + `steps` steps, train.yaml composed with `overrides`."""
+    import lightning as L
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    from diffusion_lab.data import ImageDataModule
+    from diffusion_lab.tasks import build_module
+
+    data = "digits" if c["channels"] == 1 else "cifar10"
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = compose("train", overrides=[f"net={c['net']}", f"data={data}", "logger=none", *overrides])
+    with open_dict(cfg):
+        cfg.paths = {"output_dir": str(ROOT / "outputs" / "bench" / "throughput"), "cache_dir": str(CACHE)}
+        cfg.data.image_size = c["image_size"]
+    images = random_images(c, c["batch"] * (warmup + steps))
+
+    class RandomImages(ImageDataModule):
+        def load_images(self):
+            return images, torch.full((images.shape[0],), -1)
+
+    dm = RandomImages(image_size=c["image_size"], channels=c["channels"], val_fraction=0.0, batch_size=c["batch"])
+    L.seed_everything(0)
+    module = build_module(cfg)
+    stamps = []
+
+    class Timer(L.Callback):
+        def on_train_batch_end(self, *args):
+            stamps.append(time.perf_counter())
+
+    callbacks = [instantiate(cfg.callbacks.nonfinite_guard), instantiate(cfg.callbacks.ema), Timer()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, max_steps=warmup + steps, max_epochs=1,
+                          limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False)
+    base = current_rss_mib()
+    trainer.fit(module, datamodule=dm)
+    sec = (stamps[-1] - stamps[warmup - 1]) / steps
+    n_params = sum(p.numel() for p in module.net.parameters())
+    return {"step_seconds": sec, "images_per_s": c["batch"] / sec, "peak_rss_mib": peak_rss_mib(),
+            "base_rss_mib": base, "params": n_params}
+
+
+def worker_diffusers(c: dict, warmup: int, steps: int, channels_last: bool) -> dict:
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(0)
+    unet = diffusers_unet(c)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    opt = torch.optim.Adam(unet.parameters(), lr=1e-3)  # train.yaml's optimiser
+    data = random_images(c, c["batch"] * (warmup + steps)).float() / 127.5 - 1
+    unet.train()
+    base = current_rss_mib()
+    stamps = []
+    for x0 in data.split(c["batch"]):
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (x0.shape[0],))
+        loss = torch.nn.functional.mse_loss(unet(sched.add_noise(x0, noise, t), t).sample, noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stamps.append(time.perf_counter())
+    sec = (stamps[-1] - stamps[warmup - 1]) / steps
+    n_params = sum(p.numel() for p in unet.parameters())
+    return {"step_seconds": sec, "images_per_s": c["batch"] / sec, "peak_rss_mib": peak_rss_mib(),
+            "base_rss_mib": base, "params": n_params}
+
+
+def flops_per_image(c: dict) -> float:
+    """Forward + backward FLOPs of our U-Net per image (torch.utils.flop_counter: convolutions, matmuls, SDPA)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = ours_unet(c)
+    x = torch.randn(2, c["channels"], c["image_size"], c["image_size"])
+    t = torch.tensor([1, 500])
+    with FlopCounterMode(display=False) as fc:
+        net(x, t).square().mean().backward()
+    return fc.get_total_flops() / 2
+
+
+def profile_ops(c: dict, steps: int = 3, top: int = 8) -> list[dict]:
+    """Where our step's time goes: torch.profiler's top ops (self CPU time) over `steps` forward+backward+Adam
+    steps of the channels-last network on one batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    net = ours_unet(c).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters())
+    x = torch.randn(c["batch"], c["channels"], c["image_size"], c["image_size"])
+    t = torch.randint(0, 1000, (c["batch"],))
+
+    def step():
+        opt.zero_grad()
+        net(x, t).square().mean().backward()
+        opt.step()
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": e.key, "share": e.self_cpu_time_total / total} for e in events[:top]]
+
+
+def run(configs: list[str], repeats: int, steps: dict[str, int], sides: list[str]) -> dict:
+    peak = matmul_peak_gflops()
+    out = {"machine": machine(), "matmul_peak_gflops": peak, "configs": {}}
+    for name in configs:
+        c = CONFIGS[name]
+        runs = {s: [] for s in sides}
+        for _ in range(repeats):  # interleaved, so drift in the machine's speed hits every side alike
+            for s in sides:
+                runs[s].append(run_worker("train_throughput.py", s, name, str(steps[name])))
+        med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
+        fl = flops_per_image(c)
+        for s in med:
+            med[s]["gflops_per_s"] = fl * med[s]["images_per_s"] / 1e9
+            med[s]["fraction_of_peak"] = med[s]["gflops_per_s"] / peak
+        out["configs"][name] = {"batch": c["batch"], "flops_per_image": fl, "sides": med, "runs": runs,
+                                "profile": profile_ops(c)}
+        print(name, json.dumps({s: round(m["images_per_s"], 1) for s, m in med.items()}), flush=True)
+    return out
+
+
+def section(res: dict, cmd: str) -> tuple[str, str]:
+    lines = ["| config | side | params | images/s | speed vs diffusers | peak RSS MiB (above start) | "
+             "GFLOP/s | of fp32 peak |", "|---|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for name, r in res["configs"].items():
+        d = r["sides"]["diffusers"]
+        for s, m in r["sides"].items():
+            lines.append(
+                f"| {name} (batch {r['batch']}) | {SIDES[s]} | {m['params']:,.0f} | {m['images_per_s']:.1f} | "
+                f"{m['images_per_s'] / d['images_per_s']:.2f}x | {m['peak_rss_mib']:.0f} "
+                f"({m['peak_rss_mib'] - m['base_rss_mib']:.0f}) | {m['gflops_per_s']:.1f} | "
+                f"{100 * m['fraction_of_peak']:.1f}% |")
+        o = r["sides"]["ours"]
+        speed = o["images_per_s"] / d["images_per_s"]
+        mem_o, mem_d = o["peak_rss_mib"] - o["base_rss_mib"], d["peak_rss_mib"] - d["base_rss_mib"]
+        verdicts.append(f"{name}: {speed:.2f}x diffusers ({'met' if speed >= 1.1 else 'NOT met'}), training memory "
+                        f"{mem_o:.0f} vs {mem_d:.0f} MiB ({'met' if mem_o <= mem_d else 'NOT met'})")
+    prof = "\n".join(
+        f"- {n}: " + ", ".join(f"{p['op']} {100 * p['share']:.0f}%" for p in r["profile"])
+        for n, r in res["configs"].items())
+    flops = "; ".join(f"{n}: {r['flops_per_image'] / 1e9:.2f} GFLOP" for n, r in res["configs"].items())
+    text = f"""## 1. Training throughput (`bench/train_throughput.py`)
+
+Command: `{cmd}` — machine: {machine_line(res['machine'])}. Measured fp32 matmul peak (2048^3):
+{res['matmul_peak_gflops']:.0f} GFLOP/s. Forward+backward FLOPs per image: {flops}.
+Matched architecture: same levels, channels, blocks, attention resolutions, dropout (parameter counts in
+the table). Our step also does gradient clipping, the EMA update and the non-finite check; diffusers' does
+not. Peak RSS is the process's; in parentheses the growth during training (what the step needs), the basis
+of the memory target, since importing Lightning and diffusers costs different amounts.
+
+{chr(10).join(lines)}
+
+Where our step's time goes (torch.profiler, self CPU time, top ops):
+{prof}
+
+Targets (ours >= 1.1x diffusers' images/s, training memory no higher): {'; '.join(verdicts)}.
+"""
+    return text, "; ".join(verdicts)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--worker", nargs=3, metavar=("SIDE", "CONFIG", "STEPS"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        side, name, steps = a.worker
+        c, steps = CONFIGS[name], int(steps)
+        if side.startswith("ours"):
+            res = worker_ours(c, warmup=2, steps=steps, overrides=[f"channels_last={side == 'ours'}"])
+        else:
+            res = worker_diffusers(c, warmup=2, steps=steps, channels_last=side == "diffusers_cl")
+        print(json.dumps(res))
+        return
+    if a.quick:
+        res = run(["small"], 1, {"small": 8}, ["ours", "diffusers"])
+        cmd = "python bench/train_throughput.py --quick"
+    else:
+        res = run(["small", "cifar10"], 3, {"small": 12, "cifar10": 6}, list(SIDES))
+        cmd = "python bench/train_throughput.py"
+    text, line = section(res, cmd)
+    write_result("train_throughput", res, text, a.quick)
+    summary("train_throughput", line)
+
+
+if __name__ == "__main__":
+    main()

@@ -71,9 +71,9 @@ Command: `{cmd}` — machine: {machine_line(res['machine'])}.
 |---|---|---|---|
 | sampler work, B=128 (ms) | {1e3 * d[128]['uniform']:.2f} | {1e3 * d[128]['loss_aware']:.2f} | \
 {1e3 * d[128]['extra']:.2f} |
-| sampler work, B=1,024 = 8 ranks x 128 (ms) | {1e3 * d[1024]['uniform']:.2f} | {1e3 * d[1024]['loss_aware']:.2f} | \\
+| sampler work, B=1,024 = 8 ranks x 128 (ms) | {1e3 * d[1024]['uniform']:.2f} | {1e3 * d[1024]['loss_aware']:.2f} | \
 {1e3 * d[1024]['extra']:.2f} |
-| IDDPM digits training step, batch 128 (s, median) | {s['uniform']:.3f} | {s['loss_aware']:.3f} | \\
+| IDDPM digits training step, batch 128 (s, median) | {s['uniform']:.3f} | {s['loss_aware']:.3f} | \
 {100 * e:+.1f}% |
 
 Result: {verdict}.

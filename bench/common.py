@@ -77,6 +77,22 @@ def save_figure(fig, name: str, quick: bool = False) -> str:
     return str(path.relative_to(ROOT))
 
 
+def finish_fid_plot(fig, ax, xlabel: str, n: int, title: str, name: str, quick: bool) -> str:
+    """Log-x FID-vs-steps axes against the 1,797 digits, saved as <results>/<name>.png; returns its link."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"FID (N={n} vs 1,797 digits)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    link = save_figure(fig, name, quick)
+    plt.close(fig)
+    return link
+
+
 def summary(name: str, text: str) -> None:
     """The one summary line each benchmark prints."""
     print(f"[bench:{name}] {text}", flush=True)
@@ -168,11 +184,10 @@ def with_variance(module, var_type: str):
 def sample_and_score(module, sampler, n: int, evaluator, ref_features, seed: int = 0, batch: int = 500) -> dict:
     """FID/KID of n samples (x_T from `seed`: every sampler starts from the same noise) and the seconds
     sampling and scoring took."""
-    from diffusion_lab.data import to_uint8
+    from diffusion_lab.tasks import sample_uint8
 
-    g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    fake = torch.cat([to_uint8(module.sample(min(batch, n - i), sampler, generator=g)) for i in range(0, n, batch)])
+    fake = sample_uint8(module, sampler, n, batch, torch.Generator().manual_seed(seed))
     t1 = time.perf_counter()
     scores = evaluator.score(fake, ref_features)
     return {**scores, "sample_seconds": t1 - t0, "fid_seconds": time.perf_counter() - t1}

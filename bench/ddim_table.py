@@ -20,10 +20,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import (  # noqa: E402
     all_digits_uint8,
     fid_evaluator,
+    finish_fid_plot,
     machine,
     machine_line,
     sample_and_score,
-    save_figure,
     summary,
     train_digits,
     train_seconds,
@@ -88,16 +88,7 @@ def plot(res: dict, name: str, quick: bool) -> str:
         if c.get("variance"):
             ls = "--" if c["variance"] == "fixed_small" else ":"
             ax.axhline(c["fid"], color="k", ls=ls, label=f"DDPM-1000 {c['variance']}")
-    ax.set_xscale("log")
-    ax.set_xlabel("sampling steps S")
-    ax.set_ylabel(f"FID (N={res['n']} vs 1,797 digits)")
-    ax.set_title("DDIM Table 1 on digits (default model)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    link = save_figure(fig, name, quick)
-    plt.close(fig)
-    return link
+    return finish_fid_plot(fig, ax, "sampling steps S", res["n"], "DDIM Table 1 on digits (default model)", name, quick)
 
 
 def section(res: dict, cmd: str, link: str) -> tuple[str, str]:
@@ -121,8 +112,7 @@ def section(res: dict, cmd: str, link: str) -> tuple[str, str]:
     if e0 is not None and e1 is not None:
         ok = "met" if e0 < e1 else "NOT met"
         targets.append(f"S=10: eta 0 {e0:.2f} vs eta 1 {e1:.2f} ({ok}: eta 0 must be lower)")
-    seconds = {f"{c['row']}/{c['steps']}": c["sample_seconds"] for c in res["cells"]}
-    slowest = max(seconds.values()) if seconds else 0
+    slowest = max(c["sample_seconds"] for c in res["cells"])
     train = f"{res['train_seconds']:.0f} s" if res["train_seconds"] else "reused"
     text = f"""## 4. DDIM Table 1 on digits (`bench/ddim_table.py`)
 

@@ -20,7 +20,18 @@ import sys
 import time
 from pathlib import Path
 
-from common import CACHE, ROOT, RUNS, machine, machine_line, peak_rss_mib, run_worker, summary, write_result
+from common import (
+    CACHE,
+    ROOT,
+    RUNS,
+    fid_evaluator,
+    machine,
+    machine_line,
+    peak_rss_mib,
+    run_worker,
+    summary,
+    write_result,
+)
 
 
 def write_folders(n: int) -> tuple[Path, Path]:
@@ -49,11 +60,8 @@ def read_folder(d: Path):
 
 
 def worker_ours(fake_dir: str, ref_dir: str) -> dict:
-    from diffusion_lab.eval.fid import FIDEvaluator
-    from diffusion_lab.eval.inception import inception_weights
-
     t0 = time.perf_counter()
-    ev = FIDEvaluator(inception_weights(None, CACHE, allow_download=False), CACHE)
+    ev = fid_evaluator()
     ref = ev.reference_features(f"bench-{Path(ref_dir).name}", read_folder(Path(ref_dir)))
     t1 = time.perf_counter()
     scores = ev.score(read_folder(Path(fake_dir)), ref)

@@ -21,10 +21,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import (  # noqa: E402
     all_digits_uint8,
     fid_evaluator,
+    finish_fid_plot,
     machine,
     machine_line,
     sample_and_score,
-    save_figure,
     summary,
     train_digits,
     train_seconds,
@@ -73,16 +73,7 @@ def plot(res: dict, name: str, quick: bool) -> str:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for m in res["models"].values():
         ax.plot([c["steps"] for c in m["cells"]], [c["fid"] for c in m["cells"]], marker="o", label=m["description"])
-    ax.set_xscale("log")
-    ax.set_xlabel("respaced DDPM steps")
-    ax.set_ylabel(f"FID (N={res['n']} vs 1,797 digits)")
-    ax.set_title("IDDPM vs DDPM at few steps (digits)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    link = save_figure(fig, name, quick)
-    plt.close(fig)
-    return link
+    return finish_fid_plot(fig, ax, "respaced DDPM steps", res["n"], "IDDPM vs DDPM at few steps (digits)", name, quick)
 
 
 def section(res: dict, cmd: str, link: str) -> tuple[str, str]:

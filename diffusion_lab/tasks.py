@@ -123,7 +123,6 @@ def _samplers(cfg: DictConfig) -> list:
 def evaluate(cfg: DictConfig) -> dict:
     """FID/KID for each sampler (and bits/dim) of a checkpoint; writes results.csv/.md and fid_vs_steps.png."""
     from .config import validate_sampler
-    from .data import to_uint8
     from .eval.bpd import bits_per_dim
     from .eval.fid import FIDEvaluator
     from .eval.inception import inception_weights
@@ -146,21 +145,8 @@ def evaluate(cfg: DictConfig) -> dict:
     ref = ev.reference_features(ref_name, real)
     rows = []
     for s in samplers:
-        g = torch.Generator().manual_seed(cfg.seed)
         t0 = time.perf_counter()
-        fake = torch.cat(
-            [
-                to_uint8(
-                    module.sample(
-                        min(cfg.batch_size, cfg.num_samples - i),
-                        s,
-                        generator=g,
-                        y=_random_labels(module, min(cfg.batch_size, cfg.num_samples - i), g),
-                    )
-                ).cpu()
-                for i in range(0, cfg.num_samples, cfg.batch_size)
-            ]
-        )
+        fake = sample_uint8(module, s, cfg.num_samples, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
         seconds = time.perf_counter() - t0
         scores = ev.score(fake, ref)
         rows.append(
@@ -200,6 +186,19 @@ def evaluate(cfg: DictConfig) -> dict:
 
 def _random_labels(module, n: int, g: torch.Generator):
     return torch.randint(0, module.net.num_classes, (n,), generator=g) if module.conditional else None
+
+
+def sample_uint8(module, sampler, n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """n samples as uint8 [n, C, H, W] on the CPU, drawn in batches (random labels for a conditional net);
+    x_T and labels come from `generator`, so equal seeds give equal starting noise for every sampler."""
+    from .data import to_uint8
+
+    batches = []
+    for i in range(0, n, batch_size):
+        b = min(batch_size, n - i)
+        y = _random_labels(module, b, generator)
+        batches.append(to_uint8(module.sample(b, sampler, generator=generator, y=y)).cpu())
+    return torch.cat(batches)
 
 
 def _log_eval_to_wandb(cfg: DictConfig, rows: list[dict], out_dir: Path) -> None:

@@ -24,21 +24,26 @@ def test_train_writes_checkpoint_grid_and_finite_loss(tmp_path):
     assert x.shape == (2, 1, 8, 8) and x.abs().max() <= 1
 
 
+# A small net on digits without sample grids: the settings the short training tests share.
+SHORT_RUN = [
+    "trainer.enable_progress_bar=false",
+    "data.batch_size=64",
+    "net.base_channels=16",
+    "net.num_res_blocks=1",
+    "callbacks.sample_grid.every_n_epochs=1000",
+    "callbacks.sample_grid.num_samples=4",
+    "sampler.steps=5",
+]
+
 def test_short_training_loss_falls(tmp_path):
     """300 steps on digits: the training MSE falls well below its start (~1 for an untrained eps model)."""
     cfg = compose_train(
         [
+            *SHORT_RUN,
             "trainer.max_epochs=100",
             "trainer.max_steps=300",
-            "trainer.enable_progress_bar=false",
             "trainer.check_val_every_n_epoch=100",
             "trainer.log_every_n_steps=5",
-            "data.batch_size=64",
-            "net.base_channels=16",
-            "net.num_res_blocks=1",
-            "callbacks.sample_grid.every_n_epochs=1000",
-            "callbacks.sample_grid.num_samples=4",
-            "sampler.steps=5",
             "optim.lr=1e-3",
         ],
         tmp_path,
@@ -59,18 +64,7 @@ def test_experiments_run(tmp_path, override):
 def test_iddpm_short_run_vb_and_mse_fall(tmp_path):
     """experiment=iddpm_cosine on digits: the validation mse and vb (uniform t, fixed noise) both fall."""
     cfg = compose_train(
-        [
-            "experiment=iddpm_cosine",
-            "trainer.max_epochs=12",
-            "trainer.enable_progress_bar=false",
-            "trainer.check_val_every_n_epoch=2",
-            "data.batch_size=64",
-            "net.base_channels=16",
-            "net.num_res_blocks=1",
-            "callbacks.sample_grid.every_n_epochs=1000",
-            "callbacks.sample_grid.num_samples=4",
-            "sampler.steps=5",
-        ],
+        [*SHORT_RUN, "experiment=iddpm_cosine", "trainer.max_epochs=12", "trainer.check_val_every_n_epoch=2"],
         tmp_path,
     )
     train(cfg)

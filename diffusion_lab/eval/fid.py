@@ -71,7 +71,7 @@ class FIDEvaluator:
             antialias=False,
         ).to(device)
         # Channels-last weights: oneDNN picks NHWC convolution kernels, 1.65x faster Inception on 2 CPU
-        # cores with features equal to 1e-5 (bench/fid.py); the resize and input stay torch-fidelity's.
+        # cores (100 images: 19.0 s -> 11.5 s), features equal to 1e-5; resize and input stay torch-fidelity's.
         self.inception.to(memory_format=torch.channels_last)
         self.cache_dir, self.batch_size, self.device = Path(cache_dir), batch_size, torch.device(device)
         self.kid_subset_size, self.kid_subsets = kid_subset_size, kid_subsets

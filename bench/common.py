@@ -77,11 +77,15 @@ def save_figure(fig, name: str, quick: bool = False) -> str:
     return str(path.relative_to(ROOT))
 
 
-def finish_fid_plot(fig, ax, xlabel: str, n: int, title: str, name: str, quick: bool) -> str:
-    """Log-x FID-vs-steps axes against the 1,797 digits, saved as <results>/<name>.png; returns its link."""
+def finish_fid_plot(fig, ax, steps, xlabel: str, n: int, title: str, name: str, quick: bool) -> str:
+    """Log-x FID-vs-steps axes (ticks at `steps`) against the 1,797 digits, saved as <results>/<name>.png;
+    returns its link."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     ax.set_xscale("log")
+    ax.set_xticks(sorted(set(steps)), [str(s) for s in sorted(set(steps))])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"FID (N={n} vs 1,797 digits)")
     ax.set_title(title)

@@ -73,7 +73,9 @@ def plot(res: dict, name: str, quick: bool) -> str:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for m in res["models"].values():
         ax.plot([c["steps"] for c in m["cells"]], [c["fid"] for c in m["cells"]], marker="o", label=m["description"])
-    return finish_fid_plot(fig, ax, "respaced DDPM steps", res["n"], "IDDPM vs DDPM at few steps (digits)", name, quick)
+    steps = [c["steps"] for m in res["models"].values() for c in m["cells"]]
+    title = "IDDPM vs DDPM at few steps (digits)"
+    return finish_fid_plot(fig, ax, steps, "respaced DDPM steps", res["n"], title, name, quick)
 
 
 def section(res: dict, cmd: str, link: str) -> tuple[str, str]:

@@ -174,7 +174,7 @@ def fid_evaluator():
     from diffusion_lab.eval.fid import FIDEvaluator
     from diffusion_lab.eval.inception import inception_weights
 
-    return FIDEvaluator(inception_weights(None, CACHE, allow_download=False), CACHE, batch_size=100)
+    return FIDEvaluator(inception_weights(None, CACHE, allow_download=False), CACHE)
 
 
 def with_variance(module, var_type: str):

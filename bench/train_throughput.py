@@ -1,8 +1,9 @@
 """Training throughput: our Lightning training step (as train.py runs it) vs diffusers' UNet2DModel in a
 plain loop, at matched architecture; peak memory, FLOPs per image and the fraction of the fp32 matmul peak.
 
-    python bench/train_throughput.py            # small 32x32 grey (batch 64) and DDPM CIFAR-10 (batch 8)
-    python bench/train_throughput.py --quick    # small config only, fewer steps
+    python bench/train_throughput.py               # small 32x32 grey (batch 64) and DDPM CIFAR-10 (batch 8)
+    python bench/train_throughput.py --ablations   # + ours with NCHW weights, diffusers with channels-last
+    python bench/train_throughput.py --quick       # small config only, fewer steps
 
 Ours: train.yaml composed by Hydra (Adam, gradient clipping 1.0, EMAWeightAveraging, NonFiniteGuard with
 gradient checks, the uniform timestep sampler, DDPM linear L_simple) run by Lightning's Trainer for
@@ -35,8 +36,10 @@ from peers import CONFIGS, diffusers_unet, ours_unet, random_images
 
 SIDES = {
     "ours": "diffusion_lab (Lightning step, channels-last weights: the default)",
-    "ours_nchw": "diffusion_lab with channels_last=false",
     "diffusers": "diffusers UNet2DModel plain loop",
+}
+ABLATIONS = {  # what the layout alone is worth (about 4 min more; not in `make bench-full`)
+    "ours_nchw": "diffusion_lab with channels_last=false",
     "diffusers_cl": "diffusers UNet2DModel plain loop, channels-last weights",
 }
 
@@ -181,7 +184,8 @@ def section(res: dict, cmd: str) -> tuple[str, str]:
         d = r["sides"]["diffusers"]
         for s, m in r["sides"].items():
             lines.append(
-                f"| {name} (batch {r['batch']}) | {SIDES[s]} | {m['params']:,.0f} | {m['images_per_s']:.1f} | "
+                f"| {name} (batch {r['batch']}) | {(SIDES | ABLATIONS)[s]} | {m['params']:,.0f} | "
+                f"{m['images_per_s']:.1f} | "
                 f"{m['images_per_s'] / d['images_per_s']:.2f}x | {m['peak_rss_mib']:.0f} "
                 f"({m['peak_rss_mib'] - m['base_rss_mib']:.0f}) | {m['gflops_per_s']:.1f} | "
                 f"{100 * m['fraction_of_peak']:.1f}% |")
@@ -216,6 +220,7 @@ Targets (ours >= 1.1x diffusers' images/s, training memory no higher): {'; '.joi
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--ablations", action="store_true", help="also time ours with NCHW weights, diffusers channels-last")
     p.add_argument("--recompute-peak", action="store_true",
                    help="re-measure only the matmul peak and rewrite the section from the saved results")
     p.add_argument("--worker", nargs=3, metavar=("SIDE", "CONFIG", "STEPS"), help=argparse.SUPPRESS)
@@ -240,8 +245,9 @@ def main() -> None:
         res = run(["small"], 1, {"small": 8}, ["ours", "diffusers"])
         cmd = "python bench/train_throughput.py --quick"
     else:
-        res = run(["small", "cifar10"], 3, {"small": 12, "cifar10": 6}, list(SIDES))
-        cmd = "python bench/train_throughput.py"
+        sides = list(SIDES | ABLATIONS if a.ablations else SIDES)
+        res = run(["small", "cifar10"], 3, {"small": 12, "cifar10": 6}, sides)
+        cmd = "python bench/train_throughput.py" + (" --ablations" if a.ablations else "")
     res["command"] = cmd
     text, line = section(res, cmd)
     write_result("train_throughput", res, text, a.quick)

@@ -75,6 +75,20 @@ def test_statistics_equal_torch_fidelity_on_folders(evaluator, feats, digits, we
     torch.testing.assert_close(torch.from_numpy(stats["sigma"]).double(), torch.cov(f.T), rtol=1e-3, atol=1e-5)
 
 
+def test_folded_batch_norms_give_the_unfolded_features(evaluator, weights, digits, feats):
+    """FIDEvaluator folds Inception's 94 eval-mode BatchNorms into the convolutions: same features."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in evaluator.inception.modules())
+    plain = NoTrainInceptionV3(
+        name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights, antialias=False
+    )
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules()) == 94
+    with torch.no_grad():
+        unfolded = plain(digits[:8].expand(-1, 3, -1, -1))
+    torch.testing.assert_close(feats["a"][:8], unfolded, rtol=1e-4, atol=1e-4)
+
+
 def test_fid_formula_equals_torch_fidelity():
     """On full-rank statistics (N > 2048, as any FID worth reporting), torchmetrics' FID equals torch-fidelity's.
     (With N <= 2048 the covariances are singular and sqrt(eig(S1 S2)) is ill-conditioned: implementations

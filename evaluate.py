@@ -9,9 +9,10 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    from diffusion_lab.cli import run
     from diffusion_lab.tasks import evaluate
 
-    evaluate(cfg)
+    run(evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from diffusion_lab.cli import run
     from diffusion_lab.tasks import train
 
-    metrics = train(cfg)
+    metrics = run(train, cfg)
     return metrics.get("val/loss")  # the value a Hydra sweeper would optimise
 
 

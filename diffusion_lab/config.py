@@ -5,8 +5,11 @@ Each problem raises `ConfigError` naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import math
+
 from omegaconf import DictConfig
 
+from .data.base import SPLITS
 from .diffusion import LOSS_TYPES, MEAN_TYPES, METHODS, SCHEDULES, VAR_TYPES
 from .diffusion.respace import SPACINGS, space_timesteps
 
@@ -38,6 +41,54 @@ def validate_sampler(node: DictConfig, key: str, num_timesteps: int, conditional
         raise ConfigError(
             f"{key}.guidance_scale={node.guidance_scale} needs a class-conditional net (set net.num_classes)"
         )
+
+
+def _number(key: str, value, minimum: float = 0.0) -> float:
+    """A finite real number >= minimum (bools and strings refused), else ConfigError naming the key."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"{key}={value!r} must be a finite number >= {minimum:g}")
+    return float(value)
+
+
+def validate_optim(optim: DictConfig) -> None:
+    """The optimizer's numeric arguments (lr, weight_decay, eps, momentum, betas) are numbers in range."""
+    for name in ("lr", "weight_decay", "eps", "momentum"):
+        if name in optim:
+            _number(f"optim.{name}", optim[name])
+    if "betas" in optim:
+        betas = list(optim.betas)
+        if len(betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas):
+            raise ConfigError(f"optim.betas={betas} must be two numbers in [0, 1)")
+
+
+def validate_eval_config(cfg: DictConfig) -> None:
+    """evaluate.py / sample.py: counts and splits, before the checkpoint is read or anything is sampled."""
+    for key in ("num_samples", "batch_size", "num_images", "points"):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{key}={value!r} must be a positive integer")
+    fid = cfg.get("fid") or {}
+    _choice("fid.reference_split", fid.get("reference_split", "train"), SPLITS)
+    if fid.get("num_reference") is not None and int(fid.num_reference) < 2:
+        raise ConfigError(f"fid.num_reference={fid.num_reference} must be >= 2 (or null for all)")
+    if not cfg.get("ckpt_path"):
+        raise ConfigError("ckpt_path is required: ckpt_path=<run dir>/checkpoints/last.ckpt")
+
+
+def validate_data_against_net(datamodule, net) -> None:
+    """A class-conditional net needs exactly the data's number of classes (more would make one class the null
+    label of guidance, fewer would index past the embedding)."""
+    k = getattr(net, "num_classes", None)
+    if k is None:
+        return
+    n = getattr(datamodule, "num_classes", None)
+    if n is None:
+        raise ConfigError(f"net.num_classes={k} but the data has no labels (data.labels_from_subdirs=true for folders)")
+    if int(n) != int(k):
+        source = (
+            f" ({len(datamodule.classes)} sub-folders of {datamodule.path})" if hasattr(datamodule, "classes") else ""
+        )
+        raise ConfigError(f"net.num_classes={k} but the data has {n} classes{source}; set net.num_classes={n}")
 
 
 def validate_train_config(cfg: DictConfig) -> None:
@@ -86,5 +137,9 @@ def validate_train_config(cfg: DictConfig) -> None:
             raise ConfigError(f"callbacks.{e}") from None
         if weights is None and not fid.get("allow_download", True):
             raise ConfigError("callbacks.fid: no Inception weights found and callbacks.fid.allow_download=false")
+    clip = cfg.trainer.get("gradient_clip_val")
+    if clip is not None:
+        _number("trainer.gradient_clip_val", clip)
+    validate_optim(cfg.optim)
     if int(cfg.timesteps.num_timesteps) != T:
         raise ConfigError(f"timesteps.num_timesteps={cfg.timesteps.num_timesteps} must equal diffusion.steps={T}")

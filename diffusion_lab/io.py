@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
+class DiskFullError(OSError):
+    """No space left where a file was being written; the message names the path."""
+
+
+def _disk_full(e: BaseException, directory: Path) -> bool:
+    """ENOSPC/EDQUOT, or a library error (torch.save raises RuntimeError) on a directory with < 1 MiB free."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return isinstance(e, OSError | RuntimeError) and shutil.disk_usage(directory).free < 2**20
+    except OSError:
+        return False
+
+
 @contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path` (POSIX-atomic)."""
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path` (POSIX-atomic).
+    On any failure the temporary file is removed and `path` is left as it was; a full disk raises DiskFullError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -24,6 +41,12 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if _disk_full(e, path.parent):
+            raise DiskFullError(
+                errno.ENOSPC,
+                f"no space left on the device while writing {path}; free some space and run again "
+                "(the previous file, if any, is unchanged)",
+            ) from e
         raise

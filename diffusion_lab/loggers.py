@@ -3,6 +3,7 @@ and `wandb.finish()` after every run so that Hydra multiruns do not merge runs."
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
@@ -11,7 +12,11 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
+
+from .io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +37,10 @@ def _sweep_group() -> str | None:
     return Path(HydraConfig.get().sweep.dir).name
 
 
-def build_loggers(cfg: DictConfig) -> list:
+def build_loggers(cfg: DictConfig, resume_step: int | None = None, wandb_run_id: str | None = None) -> list:
     """Instantiate cfg.logger's nodes; W&B runs get offline mode without credentials, a sweep group and
-    tags for schedule / sampler / steps."""
+    tags for schedule / sampler / steps. A resumed run (resume_step = the checkpoint's global step) continues
+    the CSV log in place and the W&B run with the checkpoint's id."""
     nodes = cfg.get("logger") or {}
     if "wandb" in nodes and nodes.wandb is not None:
         if not wandb_has_credentials() and os.environ.get("WANDB_MODE") != "online":
@@ -53,7 +59,36 @@ def build_loggers(cfg: DictConfig) -> list:
                     f"steps={cfg.sampler.steps}",
                 }
             )
-    return [instantiate(lg) for lg in nodes.values() if lg is not None]
+        if wandb_run_id:
+            nodes.wandb.id, nodes.wandb.resume = wandb_run_id, "allow"
+    loggers = [instantiate(lg) for lg in nodes.values() if lg is not None]
+    if resume_step is not None:
+        for lg in loggers:
+            if isinstance(lg, CSVLogger):
+                continue_csv_log(lg, int(resume_step))
+    return loggers
+
+
+@rank_zero_only
+def continue_csv_log(logger: CSVLogger, resume_step: int) -> None:
+    """Keep the rows a run logged before its checkpoint (step < resume_step) and drop the later ones, which the
+    resumed run logs again. Lightning's CSV writer deletes metrics.csv when its directory is not empty."""
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = (
+            list(reader.fieldnames or []),
+            [r for r in reader if r.get("step") and int(r["step"]) < resume_step],
+        )
+    writer = logger.experiment  # created now; it has deleted the old file
+    writer.metrics_keys = header
+    with atomic_write(writer.metrics_file_path) as tmp, open(tmp, "w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=header)
+        out.writeheader()
+        out.writerows(rows)
+    log.info("resume: kept %d metric rows (steps < %d) of %s", len(rows), resume_step, path)
 
 
 def finish_loggers(loggers: list) -> None:

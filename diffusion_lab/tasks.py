@@ -1,94 +1,116 @@
-"""Entry-point bodies: `train(cfg)` (and, from their own modules, evaluate/sample) build objects from the
-composed Hydra config's `_target_` nodes, run, and return metrics."""
+"""The bodies of train.py, evaluate.py and sample.py: validate, build from the composed Hydra config, run.
+
+Each reads top to bottom; the library pieces they use live in checkpoint.py (building and loading models),
+generate.py (batched sampling), config.py (cross-field validation), loggers.py and lit/ (Lightning glue).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import WeightAveraging
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .config import validate_train_config
-from .lit import DiffusionModule
-from .lit.reliability import AtomicCheckpointIO
+from .checkpoint import (
+    CheckpointError,
+    build_module,
+    check_finite,
+    load_module,
+    newest_valid_checkpoint,
+    read_checkpoint,
+    resume_changes,
+)
+from .config import ConfigError, validate_data_against_net, validate_eval_config, validate_train_config
+from .generate import sample_uint8
+from .lit import EMA
+from .lit.checkpointing import ApplyChangedHyperparameters, AtomicCheckpointIO
 from .loggers import build_loggers, finish_loggers
 
 log = logging.getLogger(__name__)
-
-
-def build_module(cfg: DictConfig) -> DiffusionModule:
-    """The DiffusionModule for a run config (also used to rebuild one from a checkpoint's saved config)."""
-    return DiffusionModule(
-        net=instantiate(cfg.net),
-        diffusion=instantiate(cfg.diffusion),
-        timestep_sampler=instantiate(cfg.timesteps),
-        optimizer=instantiate(cfg.optim),
-        lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
-        label_dropout=cfg.get("label_dropout", 0.0),
-        sampler=instantiate(cfg.sampler),
-        run_config=OmegaConf.to_container(cfg, resolve=True),
-        channels_last=cfg.get("channels_last", True),
-    )
-
-
-def load_module(ckpt_path: str | Path, map_location: str = "cpu", ema: bool = True) -> DiffusionModule:
-    """Rebuild a trained DiffusionModule from a checkpoint alone (its saved run config).
-
-    ema=True loads the EMA weights (Lightning's WeightAveraging stores them as the checkpoint's
-    state_dict); ema=False loads the raw training weights.
-    """
-    ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=False)
-    cfg = OmegaConf.create(ckpt["run_config"])
-    module = build_module(cfg)
-    state = ckpt["state_dict"] if ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
-    module.load_state_dict(state)
-    if "timestep_sampler" in ckpt:
-        module.timestep_sampler.load_state_dict(ckpt["timestep_sampler"])
-    return module.eval()
+__all__ = ["train", "evaluate", "sample", "build_module", "load_module", "sample_uint8"]  # the last three: compat
 
 
 def _callbacks(cfg: DictConfig) -> list[L.Callback]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    # EMA last, so any callback that runs in the same hook sees the weights before the EMA swap.
-    return sorted(callbacks, key=lambda c: isinstance(c, WeightAveraging))
+    # EMA after the others, so the non-finite guard runs before the EMA update of a step.
+    return sorted(callbacks, key=lambda c: isinstance(c, EMA))
 
 
-def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """ckpt_path as given; "last" or auto_resume=true: <output_dir>/checkpoints/last.ckpt if it exists."""
+def _remove_stale_temp_files(ckpt_dir: Path) -> None:
+    """Temp files of checkpoint writes that a kill interrupted (io.atomic_write names them .<name>.*.tmp)."""
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and ckpt_dir.is_dir():
+        for tmp in ckpt_dir.glob(".*.ckpt.*.tmp"):
+            log.info("removing %s, left by an interrupted checkpoint write", tmp)
+            tmp.unlink(missing_ok=True)
+
+
+def _resolve_ckpt_path(cfg: DictConfig) -> Path | None:
+    """The checkpoint to resume from: ckpt_path as given (checked), or with "last" / auto_resume=true the run's
+    last.ckpt, falling back to the newest valid checkpoint of the run when last.ckpt is unusable."""
     path = cfg.get("ckpt_path")
+    ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
+    _remove_stale_temp_files(ckpt_dir)
     if path == "last" or (path is None and cfg.get("auto_resume")):
-        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        if last.exists():
-            log.info("resuming from %s", last)
-            return str(last)
-        if path == "last":
-            raise FileNotFoundError(f"ckpt_path=last but {last} does not exist (resume needs hydra.run.dir=<the run>)")
+        last = ckpt_dir / "last.ckpt"
+        if not last.exists():
+            if path == "last":
+                raise ConfigError(f"ckpt_path=last but {last} does not exist (resume needs hydra.run.dir=<the run>)")
+            return None
+        try:
+            check_finite(read_checkpoint(last), last)
+            return last
+        except CheckpointError as e:
+            fallback = newest_valid_checkpoint(ckpt_dir, skip=last)
+            if fallback is None:
+                raise CheckpointError(f"{e}; no other valid checkpoint in {ckpt_dir} to resume from") from None
+            log.warning("resume: %s is unusable (%s); resuming from %s, the newest valid checkpoint", last, e, fallback)
+            return fallback
+    if path is None:
         return None
-    if path is not None and not Path(path).exists():
-        raise FileNotFoundError(f"ckpt_path={path!r} does not exist")
-    return path
+    check_finite(read_checkpoint(path), path)
+    return Path(path)
+
+
+def _resume_plan(cfg: DictConfig, ckpt_path: Path) -> tuple[dict, dict]:
+    """(optimizer values to apply, the checkpoint) for a resume; ConfigError naming every key that cannot change."""
+    ckpt = read_checkpoint(ckpt_path)
+    applied, refused = resume_changes(OmegaConf.to_container(cfg, resolve=True), ckpt["run_config"])
+    if refused:
+        listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in refused.items())
+        raise ConfigError(
+            f"resume from {ckpt_path}: the run config differs from the checkpoint's in {listed}; these cannot change "
+            "within a run: resume with the checkpoint's values, or start a new run (another hydra.run.dir)"
+        )
+    optim = {k.split(".", 1)[1]: b for k, (a, b) in applied.items() if k.startswith("optim.")}
+    if applied:
+        log.warning("resume: applying the changed values %s", {k: f"{a} -> {b}" for k, (a, b) in applied.items()})
+    return optim, ckpt
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Validate, seed, build data/model/callbacks/loggers/trainer, fit, and return the final metrics."""
     validate_train_config(cfg)
     ckpt_path = _resolve_ckpt_path(cfg)
+    optim_changes, ckpt = _resume_plan(cfg, ckpt_path) if ckpt_path else ({}, {})
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
-    loggers = build_loggers(cfg)
+    datamodule.check_batch_size()  # data problems (a batch larger than the set, class counts) before any work
+    validate_data_against_net(datamodule, module.net)
+    callbacks = _callbacks(cfg) + ([ApplyChangedHyperparameters(optim_changes)] if optim_changes else [])
+    loggers = build_loggers(cfg, resume_step=ckpt.get("global_step"), wandb_run_id=ckpt.get("wandb_run_id"))
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=_callbacks(cfg), logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         finish_loggers(loggers)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -98,13 +120,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def _load_for_eval(cfg: DictConfig):
-    """(module on the configured device, its DataModule) from cfg.ckpt_path."""
-    if not cfg.get("ckpt_path") or not Path(cfg.ckpt_path).exists():
-        raise FileNotFoundError(f"ckpt_path={cfg.get('ckpt_path')!r} does not exist (a .ckpt written by train.py)")
+    """(module on the configured device, its DataModule) from cfg.ckpt_path; the data is read from this
+    machine's paths.data_dir, not the directory the checkpoint was trained with."""
     module = load_module(cfg.ckpt_path, ema=cfg.get("ema", True)).to(cfg.get("device", "cpu"))
     run_cfg = OmegaConf.create(module.run_config)
     with open_dict(cfg):  # so that e.g. sampler=ddpm's `steps: ${diffusion.steps}` is the checkpoint's T
         cfg.diffusion = run_cfg.diffusion
+    with open_dict(run_cfg):
+        if "data_dir" in run_cfg.data:
+            run_cfg.data.data_dir = cfg.paths.data_dir
     return module, instantiate(run_cfg.data)
 
 
@@ -128,6 +152,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from .eval.inception import inception_weights
     from .eval.report import plot_fid_vs_steps, write_csv, write_markdown
 
+    validate_eval_config(cfg)
     module, dm = _load_for_eval(cfg)
     samplers = _samplers(cfg)
     for i, s in enumerate(samplers):  # fail before any sampling
@@ -184,23 +209,6 @@ def evaluate(cfg: DictConfig) -> dict:
     return result
 
 
-def _random_labels(module, n: int, g: torch.Generator):
-    return torch.randint(0, module.net.num_classes, (n,), generator=g) if module.conditional else None
-
-
-def sample_uint8(module, sampler, n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """n samples as uint8 [n, C, H, W] on the CPU, drawn in batches (random labels for a conditional net);
-    x_T and labels come from `generator`, so equal seeds give equal starting noise for every sampler."""
-    from .data import to_uint8
-
-    batches = []
-    for i in range(0, n, batch_size):
-        b = min(batch_size, n - i)
-        y = _random_labels(module, b, generator)
-        batches.append(to_uint8(module.sample(b, sampler, generator=generator, y=y)).cpu())
-    return torch.cat(batches)
-
-
 def _log_eval_to_wandb(cfg: DictConfig, rows: list[dict], out_dir: Path) -> None:
     if not cfg.get("logger"):
         return
@@ -225,6 +233,7 @@ def sample(cfg: DictConfig) -> Path:
 
     if cfg.mode not in sample_modes.MODES:
         raise ValueError(f"mode={cfg.mode!r} is unknown; allowed: {', '.join(sample_modes.MODES)}")
+    validate_eval_config(cfg)
     module, dm = _load_for_eval(cfg)
     validate_sampler(cfg.sampler, "sampler", module.diffusion.num_timesteps, module.conditional)
     sampler = instantiate(cfg.sampler)

@@ -44,7 +44,7 @@ def test_stop_and_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_auto_resume_and_missing_last(tmp_path):
-    with pytest.raises(FileNotFoundError, match="ckpt_path=last"):
+    with pytest.raises(ConfigError, match="ckpt_path=last"):
         train(compose_train([*RESUME, "ckpt_path=last"], tmp_path))
     train(compose_train([*RESUME, "trainer.max_epochs=1"], tmp_path))
     train(compose_train([*RESUME, "trainer.max_epochs=2", "auto_resume=true"], tmp_path))

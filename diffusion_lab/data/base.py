@@ -2,16 +2,20 @@
 
 Batches are `(x, y)`: x float32 [B, C, H, W] in [-1, 1] (uint8 k -> k / 127.5 - 1), y int64 [B]
 (class labels, or -1 where the dataset has none). Subclasses only say how to load images.
-Train/val split is a seeded permutation, identical on every run and every DDP rank; Lightning adds
-DistributedSampler under DDP.
+Train/val split is a seeded permutation, identical on every run and every DDP rank. The training order
+is EpochSampler's: a function of (seed, epoch) that a resumed run continues mid-epoch.
 """
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+SPLITS = ("train", "val")
 
 
 def to_model_range(x_uint8: torch.Tensor) -> torch.Tensor:
@@ -25,19 +29,50 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 class UInt8ImageDataset(Dataset):
-    """Images held in memory as uint8 [N, C, H, W], scaled to [-1, 1] per item, optional horizontal flips."""
+    """Images held in memory as uint8 [N, C, H, W], scaled to [-1, 1] per item.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, hflip: bool = False):
-        self.images, self.labels, self.hflip = images, labels, hflip
+    An item is `dataset[i]` or `dataset[(i, flip)]`: EpochSampler decides the horizontal flips, so that they
+    are part of the (seeded, resumable) data order rather than draws from the global RNG.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        i, flip = key if isinstance(key, tuple) else (key, False)
         x = to_model_range(self.images[i])
-        if self.hflip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, self.labels[i]
+        return (x.flip(-1) if flip else x), self.labels[i]
+
+
+class EpochSampler(DistributedSampler):
+    """The training order: epoch e's permutation (and flips) depend only on (seed, e), like DistributedSampler's
+    (which this is, so Lightning leaves it in place under DDP and each rank takes its share).
+
+    `position()` -> (epoch, batches already trained in it) is read when an epoch's iteration starts; the first
+    batches are skipped, so a run resumed mid-epoch sees exactly the batches the uninterrupted run saw.
+    Yields (index, flip) keys for UInt8ImageDataset.
+    """
+
+    def __init__(
+        self, dataset, batch_size: int, hflip: bool, seed: int, num_replicas: int = 1, rank: int = 0, position=None
+    ):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size, self.hflip, self.position = batch_size, hflip, position
+
+    def __iter__(self):
+        epoch, skip = self.position() if self.position else (self.epoch, 0)
+        self.set_epoch(epoch)
+        indices = list(super().__iter__())  # this rank's share of the (seed + epoch) permutation
+        flips = torch.zeros(len(self.dataset), dtype=torch.bool)
+        if self.hflip:
+            flips = (
+                torch.rand(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch + 2**40)) < 0.5
+            )
+        keys = [(i, bool(flips[i])) for i in indices]
+        return iter(keys[skip * self.batch_size :])
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -52,9 +87,17 @@ class ImageDataModule(L.LightningDataModule):
         hflip: random horizontal flips of training images (not for digits).
     """
 
-    def __init__(self, image_size: int = 8, channels: int = 1, num_classes: int | None = None,
-                 val_fraction: float = 0.1, batch_size: int = 128, num_workers: int = 0,
-                 hflip: bool = False, split_seed: int = 0):
+    def __init__(
+        self,
+        image_size: int = 8,
+        channels: int = 1,
+        num_classes: int | None = None,
+        val_fraction: float = 0.1,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        hflip: bool = False,
+        split_seed: int = 0,
+    ):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
@@ -77,17 +120,57 @@ class ImageDataModule(L.LightningDataModule):
             return
         images, labels = self.load_images()
         train_idx, val_idx = self.split(images.shape[0])
-        self.train_set = UInt8ImageDataset(images[train_idx], labels[train_idx], self.hflip)
+        self.train_set = UInt8ImageDataset(images[train_idx], labels[train_idx])
         self.val_set = UInt8ImageDataset(images[val_idx], labels[val_idx])
 
+    def check_batch_size(self, world_size: int | None = None) -> None:
+        """ValueError when a rank's share of the training set holds no full batch (drop_last would train nothing)."""
+        self.setup()
+        world = world_size or (self.trainer.world_size if self.trainer is not None else 1)
+        if len(self.train_set) // world < self.batch_size:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is larger than the training set ({len(self.train_set)} images"
+                + (f" over {world} ranks" if world > 1 else "")
+                + f"): no full batch to train on; use data.batch_size <= {len(self.train_set) // world}"
+            )
+
     def real_images(self, split: str = "train") -> torch.Tensor:
-        """uint8 [N, C, H, W] of a split, e.g. for FID reference statistics."""
+        """uint8 [N, C, H, W] of a split ("train" or "val"), e.g. for FID reference statistics."""
+        if split not in SPLITS:
+            raise ValueError(f"reference_split={split!r} is unknown; allowed: {', '.join(SPLITS)}")
         self.setup()
         return (self.train_set if split == "train" else self.val_set).images
 
+    def _position(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained) from the trainer's counters: every finished epoch has the
+        same number of batches, so the batches done in the current one are global batches - epoch * per-epoch."""
+        t = self.trainer
+        full = len(self.train_set) // t.world_size // self.batch_size
+        limit = t.limit_train_batches  # Lightning's rule: an int caps the batches, a float is a fraction
+        per_epoch = min(full, int(limit)) if isinstance(limit, int) else int(full * limit)
+        done = t.global_step * t.accumulate_grad_batches - t.current_epoch * per_epoch
+        return t.current_epoch, max(0, min(done, per_epoch))
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        t = self.trainer
+        self.check_batch_size()
+        sampler = EpochSampler(
+            self.train_set,
+            self.batch_size,
+            self.hflip,
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),  # seed_everything's seed, as Lightning's own sampler
+            num_replicas=t.world_size if t is not None else 1,
+            rank=t.global_rank if t is not None else 0,
+            position=self._position if t is not None else None,
+        )
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
@@ -107,4 +190,12 @@ def resize_uint8(images: torch.Tensor, size: int, mode: str = "pad") -> torch.Te
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-__all__ = ["ImageDataModule", "UInt8ImageDataset", "to_model_range", "to_uint8", "resize_uint8"]
+__all__ = [
+    "ImageDataModule",
+    "UInt8ImageDataset",
+    "EpochSampler",
+    "SPLITS",
+    "to_model_range",
+    "to_uint8",
+    "resize_uint8",
+]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import functional as TF
@@ -19,9 +20,32 @@ log = logging.getLogger(__name__)
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
+def to_8bit(im: Image.Image, f: Path) -> Image.Image:
+    """16-bit greyscale (PIL modes I;16*, and I as PNG stores it) scaled to 8 bits: round(v * 255 / 65535).
+    PIL's own convert("L") clips such values at 255 (a 0..65535 gradient turns 94% white). Other wide modes
+    (32-bit integer, float) have no fixed range: refused with the file named."""
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
+        v = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.rint(v * 255.0 / 65535.0).clip(0, 255).astype(np.uint8), mode="L")
+    if im.mode in ("I", "F"):
+        raise ValueError(
+            f"{f}: {im.mode!r} images ({'32-bit integer' if im.mode == 'I' else 'float'}) have no "
+            "fixed value range; convert them to 8- or 16-bit PNG or JPEG"
+        )
+    return im
+
+
 class FolderDataModule(ImageDataModule):
-    def __init__(self, path: str, image_size: int = 32, channels: int = 3, labels_from_subdirs: bool = False,
-                 skip_corrupt: bool = False, hflip: bool = True, **kwargs):
+    def __init__(
+        self,
+        path: str,
+        image_size: int = 32,
+        channels: int = 3,
+        labels_from_subdirs: bool = False,
+        skip_corrupt: bool = False,
+        hflip: bool = True,
+        **kwargs,
+    ):
         if channels not in (1, 3):
             raise ValueError(f"data.channels={channels} is not allowed; choose 1 (grey) or 3 (RGB)")
         super().__init__(image_size=image_size, channels=channels, hflip=hflip, **kwargs)
@@ -43,7 +67,7 @@ class FolderDataModule(ImageDataModule):
     def _load(self, f: Path) -> torch.Tensor:
         """uint8 [C, S, S]: resize the short side to S, centre crop."""
         with Image.open(f) as im:
-            im = im.convert("L" if self.channels == 1 else "RGB")
+            im = to_8bit(im, f).convert("L" if self.channels == 1 else "RGB")
             x = TF.pil_to_tensor(im)
         x = TF.resize(x, self.image_size, antialias=True)
         return TF.center_crop(x, [self.image_size, self.image_size])

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 
 from ..data import to_uint8
+from ..data.base import SPLITS
 from ..diffusion import Sampler
 from ..lit.callbacks import ema_module, log_image, save_grid
 from .fid import FIDEvaluator
@@ -44,6 +45,10 @@ class FIDCallback(L.Callback):
         seed: int = 1234,
         allow_download: bool = True,
     ):
+        if reference_split not in SPLITS:
+            raise ValueError(
+                f"callbacks.fid.reference_split={reference_split!r} is unknown; allowed: {', '.join(SPLITS)}"
+            )
         # Sampler objects, or mappings of their fields (as OmegaConf turns dataclasses inside lists into)
         samplers = [s if isinstance(s, Sampler) else Sampler(**s) for s in (samplers or [])]
         self.samplers = samplers or [Sampler("ddim", 50), Sampler("ddpm", 1000)]
@@ -137,6 +142,5 @@ class FIDCallback(L.Callback):
             self.evaluate(trainer, ema_module(trainer, pl_module))
 
     def on_train_end(self, trainer, pl_module):
-        # Before WeightAveraging.on_train_end (EMA is the last callback) and before teardown moves the model
-        # off the GPU; ema_module() gives the averaged copy.
+        # Before teardown moves the model off the GPU; ema_module() gives the averaged copy.
         self.evaluate(trainer, ema_module(trainer, pl_module))

@@ -9,21 +9,16 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import WeightAveraging
 from torchvision.utils import make_grid, save_image
 
 from ..diffusion import Sampler
 from ..io import atomic_write
+from .ema import EMA
 
 
 def ema_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
-    """The module holding the EMA weights: Lightning's WeightAveraging keeps them in `_average_model.module`
-    (a copy of pl_module) outside validation; without such a callback, pl_module itself.
-    (Lightning has no public accessor for the averaged copy; this is the one private attribute we read.)"""
-    for cb in trainer.callbacks:
-        if isinstance(cb, WeightAveraging) and getattr(cb, "_average_model", None) is not None:
-            return cb._average_model.module
-    return pl_module
+    """The module holding the EMA weights (see EMA.of); pl_module itself without an EMA callback."""
+    return EMA.of(trainer, pl_module)
 
 
 def log_image(trainer: L.Trainer, key: str, path: str | Path, grid: torch.Tensor, step: int) -> None:
@@ -101,6 +96,5 @@ class SampleGridCallback(L.Callback):
             self.write(trainer, ema_module(trainer, pl_module), f"epoch_{trainer.current_epoch:04d}")
 
     def on_train_end(self, trainer, pl_module):
-        # Runs before WeightAveraging.on_train_end (EMA is the last callback), so ema_module() is the EMA copy.
         if trainer.is_global_zero:
             self.write(trainer, ema_module(trainer, pl_module), "final")

@@ -1,66 +1,67 @@
-"""Crash safety: atomic checkpoint files and a guard that stops on a non-finite loss or gradient."""
+"""Crash safety: a guard that stops at the first non-finite loss, gradient or weight, before any checkpoint
+holds it. (Atomic, finite-only checkpoint files are in checkpointing.py.)"""
 
 from __future__ import annotations
 
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.cloud_io import _atomic_save
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..io import atomic_write
+from .checkpointing import AtomicCheckpointIO  # noqa: F401  (its former home; kept importable)
 
 log = logging.getLogger(__name__)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch.save checkpointing, but through a temp file + rename in the same directory:
-    a kill during a write leaves the previous checkpoint intact (Lightning writes in place)."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if "://" in str(path):  # remote filesystems: Lightning's own path
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        with atomic_write(path) as tmp:
-            _atomic_save(checkpoint, tmp)
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
-class NonFiniteGuard(L.Callback):
-    """Stop with a clear error at the first non-finite loss or gradient norm.
+def _total_norm(tensors) -> float:
+    tensors = [t.detach() for t in tensors]
+    return float(torch.nn.utils.get_total_norm(tensors)) if tensors else 0.0
 
-    The error names the global step and each loss term; the offending batch's timesteps are saved to
-    `dirpath/nonfinite_step<step>.pt`. No checkpoint is written for that step, so the last good one stays.
+
+class NonFiniteGuard(L.Callback):
+    """Stop with a clear error at the first non-finite loss, gradient norm, or weight after an optimizer step.
+
+    The weights are checked in on_train_batch_end, which runs before the EMA update and before any checkpoint
+    of that step (tasks.train orders EMA after this callback; Lightning runs checkpoint callbacks last), so no
+    checkpoint ever holds the bad weights. The error names the global step and each loss term; the offending
+    batch's timesteps are saved to `dirpath/nonfinite_step<step>.pt`.
     """
 
-    def __init__(self, dirpath: str = "debug", check_grads: bool = True):
-        self.dirpath, self.check_grads = Path(dirpath), check_grads
+    def __init__(self, dirpath: str = "debug", check_grads: bool = True, check_weights: bool = True):
+        self.dirpath, self.check_grads, self.check_weights = Path(dirpath), check_grads, check_weights
 
     def _fail(self, trainer, pl_module, what: str) -> None:
         info = getattr(pl_module, "last_batch_info", {})
         path = self.dirpath / f"nonfinite_step{trainer.global_step:07d}.pt"
-        with atomic_write(path) as tmp:
-            torch.save({k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in info.items()}, tmp)
+        if trainer.is_global_zero:
+            with atomic_write(path) as tmp:
+                torch.save({k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in info.items()}, tmp)
         terms = ", ".join(f"{k}={float(v.float().mean()):.4g}" for k, v in info.get("losses", {}).items())
+        ckpt = trainer.checkpoint_callback
+        newest = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")
+        kept = f"the newest checkpoint, {newest}, holds finite weights" if newest else "no checkpoint was written"
         raise NonFiniteLossError(
             f"non-finite {what} at global step {trainer.global_step} (loss terms: {terms}); the batch's timesteps "
-            f"are in {path}; the last good checkpoint is untouched. Lower optim.lr or set trainer.gradient_clip_val."
+            f"are in {path}; training stopped before saving these weights: {kept}. "
+            "Lower optim.lr or set trainer.gradient_clip_val."
         )
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.check_grads:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            if not math.isfinite(_total_norm(grads)):
+                self._fail(trainer, pl_module, "gradient")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None and not torch.isfinite(loss).all():
             self._fail(trainer, pl_module, "loss")
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        if not self.check_grads:
-            return
-        norms = [p.grad.detach().norm() for p in pl_module.parameters() if p.grad is not None]
-        if norms and not math.isfinite(float(torch.stack(norms).norm())):
-            self._fail(trainer, pl_module, "gradient")
+        if self.check_weights and not math.isfinite(_total_norm(pl_module.parameters())):
+            self._fail(trainer, pl_module, "weights after the optimizer step")

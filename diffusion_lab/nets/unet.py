@@ -31,6 +31,19 @@ class UNet(nn.Module):
         num_classes: int | None = None,
     ):
         super().__init__()
+        for key, value in (
+            ("base_channels", base_channels),
+            ("num_res_blocks", num_res_blocks),
+            ("in_channels", in_channels),
+            ("image_size", image_size),
+            ("num_heads", num_heads),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "num_res_blocks" else 1):
+                raise ValueError(f"net.{key}={value!r} must be a positive integer")
+        if not channel_mult or any(not isinstance(m, int) or m < 1 for m in channel_mult):
+            raise ValueError(f"net.channel_mult={list(channel_mult)} must be a non-empty list of positive integers")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"net.dropout={dropout} must be in [0, 1)")
         levels = len(channel_mult)
         if image_size % (2 ** (levels - 1)):
             raise ValueError(

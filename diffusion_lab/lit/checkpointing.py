@@ -1,0 +1,106 @@
+"""How training writes and reads checkpoints: atomically, finite weights only, as pure data.
+
+- AtomicCheckpointIO: temp file + rename (a kill mid-write leaves the previous file), refuses to write
+  non-finite weights, and reads with `torch.load(weights_only=True)` (a checkpoint cannot run code).
+- RunCheckpoint: ModelCheckpoint that also writes last.ckpt when trainer.max_steps stops a run inside an
+  epoch, and keeps exactly one last.ckpt (no last-v1.ckpt after a run directory is moved).
+- ApplyChangedHyperparameters: on resume, puts the run config's changed optimizer values into the
+  optimizer state that Lightning restored from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ..io import atomic_write
+
+log = logging.getLogger(__name__)
+WEIGHT_KEYS = ("state_dict", "current_model_state")
+
+
+class NonFiniteCheckpointError(RuntimeError):
+    """A checkpoint whose weights hold NaN or inf."""
+
+
+def nonfinite_weights(checkpoint: dict) -> list[str]:
+    """Names ('state_dict/net.stem.weight', ...) of the weight tensors with a NaN or inf entry."""
+    bad = []
+    for key in WEIGHT_KEYS:
+        for name, value in (checkpoint.get(key) or {}).items():
+            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+                bad.append(f"{key}/{name}")
+    return bad
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save through a temp file + rename (Lightning writes in place), finite weights only; weights-only reads."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if bad := nonfinite_weights(checkpoint):
+            raise NonFiniteCheckpointError(
+                f"refusing to write {path}: {len(bad)} weight tensors are not finite (first: {bad[0]}); "
+                "the checkpoint on disk is unchanged"
+            )
+        if "://" in str(path):  # remote filesystems: Lightning's own path
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_write(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (top-k by a monitored value + last.ckpt), with two changes:
+
+    - when trainer.max_steps ends the run inside an epoch, last.ckpt is written after that final step
+      (Lightning writes it only at its epoch / validation save points, so the last steps were lost);
+    - enable_version_counter defaults to False: last.ckpt is overwritten, never versioned as last-v1.ckpt.
+    """
+
+    def __init__(self, *args, enable_version_counter: bool = False, **kwargs):
+        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
+        self.saved_step = -1  # global step of the newest checkpoint this run wrote
+
+    def last_path(self) -> Path:
+        return Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.saved_step = int(checkpoint["global_step"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        stops_here = 0 < trainer.max_steps <= trainer.global_step
+        if self.save_last and stops_here and self.saved_step != trainer.global_step:
+            trainer.save_checkpoint(self.last_path())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.saved_step != trainer.global_step:  # nothing written at this step yet
+            super().on_train_end(trainer, pl_module)
+
+
+class ApplyChangedHyperparameters(Callback):
+    """Resume with changed optimizer values (e.g. optim.lr): Lightning restores the optimizer's param groups
+    from the checkpoint, which would silently keep the old values. `changes` maps an optimizer argument name
+    to its new value; schedulers' base learning rates follow a changed lr."""
+
+    def __init__(self, changes: dict[str, Any]):
+        self.changes = dict(changes)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                for name, value in self.changes.items():
+                    if name in group:
+                        group[name] = tuple(value) if isinstance(group[name], tuple) else value
+        if "lr" in self.changes:
+            for config in trainer.lr_scheduler_configs:
+                if hasattr(config.scheduler, "base_lrs"):
+                    config.scheduler.base_lrs = [self.changes["lr"]] * len(config.scheduler.base_lrs)
+        log.info("resume: applied the changed optimizer values %s", self.changes)

@@ -59,8 +59,8 @@ def build_loggers(cfg: DictConfig, resume_step: int | None = None, wandb_run_id:
                     f"steps={cfg.sampler.steps}",
                 }
             )
-        if wandb_run_id:
-            nodes.wandb.id, nodes.wandb.resume = wandb_run_id, "allow"
+            if wandb_run_id:  # a resumed training run continues its W&B run
+                nodes.wandb.id, nodes.wandb.resume = wandb_run_id, "allow"
     loggers = [instantiate(lg) for lg in nodes.values() if lg is not None]
     if resume_step is not None:
         for lg in loggers:

@@ -35,3 +35,20 @@ class NaNNet(torch.nn.Module):
             if self.calls >= self.nan_at_call:
                 return out * float("nan")
         return out
+
+
+class NaNAdam(torch.optim.Adam):
+    """Adam whose `nan_at_step`-th step writes a NaN into the first parameter (loss and gradients stay finite),
+    to test the check of the weights after the optimizer step."""
+
+    def __init__(self, params, nan_at_step: int = 2, **kwargs):
+        super().__init__(params, **kwargs)
+        self.nan_at_step, self.steps = nan_at_step, 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        self.steps += 1
+        if self.steps >= self.nan_at_step:
+            self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return loss

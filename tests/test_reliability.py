@@ -1,5 +1,6 @@
 """Reliability: exact resume, atomic checkpoints, the non-finite guard, config validation."""
 
+import csv
 import signal
 import subprocess
 import sys
@@ -26,21 +27,97 @@ RESUME = [*SMALL, "experiment=iddpm_cosine", "timesteps.history_per_term=2"]
 
 
 def _states(ckpt):
-    c = torch.load(ckpt, weights_only=False)
+    c = torch.load(ckpt, weights_only=True)
     return c["state_dict"], c["current_model_state"], c["timestep_sampler"], c["global_step"]
 
 
-def test_stop_and_resume_equals_uninterrupted_run(tmp_path):
-    train(compose_train([*RESUME, "trainer.max_epochs=3"], tmp_path / "full"))
-    train(compose_train([*RESUME, "trainer.max_epochs=1"], tmp_path / "part"))
-    train(compose_train([*RESUME, "trainer.max_epochs=3", "ckpt_path=last"], tmp_path / "part"))
-    ema_a, raw_a, ts_a, step_a = _states(tmp_path / "full" / "checkpoints" / "last.ckpt")
-    ema_b, raw_b, ts_b, step_b = _states(tmp_path / "part" / "checkpoints" / "last.ckpt")
-    assert step_a == step_b == 12
-    for k in raw_a:  # raw weights, EMA weights and the loss-aware sampler's history all continue exactly
-        torch.testing.assert_close(raw_b[k], raw_a[k], rtol=0, atol=1e-6)
-        torch.testing.assert_close(ema_b[k], ema_a[k], rtol=0, atol=1e-6)
-    assert torch.equal(ts_a["history"], ts_b["history"]) and torch.equal(ts_a["counts"], ts_b["counts"])
+def _assert_same_run(a, b, step):
+    """Two checkpoints of the same training: raw and EMA weights, optimizer moments and the loss-aware
+    sampler's history all bit for bit equal."""
+    ca, cb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert ca["global_step"] == cb["global_step"] == step
+    for key in ("state_dict", "current_model_state"):
+        for k in ca[key]:
+            assert torch.equal(ca[key][k], cb[key][k]), (key, k, (ca[key][k] - cb[key][k]).abs().max())
+    for sa, sb in zip(ca["optimizer_states"][0]["state"].values(), cb["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(sa[n], sb[n]) for n in sa)
+    assert torch.equal(ca["timestep_sampler"]["history"], cb["timestep_sampler"]["history"])
+    assert torch.equal(ca["timestep_sampler"]["counts"], cb["timestep_sampler"]["counts"])
+
+
+def _csv(run):
+    with open(run / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize(
+    "first,then,mid_epoch",
+    [
+        (["trainer.max_epochs=1"], ["trainer.max_epochs=3"], False),  # an epoch limit
+        (["trainer.max_epochs=100", "trainer.max_steps=6"], ["trainer.max_epochs=100", "trainer.max_steps=12"], True),
+        (["trainer.max_epochs=100", "trainer.max_steps=8"], ["trainer.max_epochs=3"], False),  # steps, at an epoch end
+    ],
+    ids=["epochs", "steps_mid_epoch", "steps_at_epoch_end"],
+)
+def test_stop_and_resume_equals_uninterrupted_run(tmp_path, first, then, mid_epoch):
+    """Raw and EMA weights, optimizer state, the loss-aware history and the CSV log of a stopped-and-resumed run
+    equal the uninterrupted run's, for epoch and step limits (4 batches per epoch). The one exception: a stop
+    inside an epoch logs that epoch's running means (`*_epoch`, `*_q<k>`) over each part; every per-step and
+    validation row is still equal."""
+    logged = [*RESUME, "logger=csv"]
+    train(compose_train([*logged, *then], tmp_path / "full"))
+    train(compose_train([*logged, *first], tmp_path / "part"))
+    train(compose_train([*logged, *then, "ckpt_path=last"], tmp_path / "part"))
+    _assert_same_run(
+        tmp_path / "full" / "checkpoints" / "last.ckpt", tmp_path / "part" / "checkpoints" / "last.ckpt", 12
+    )
+    full, part = _csv(tmp_path / "full"), _csv(tmp_path / "part")
+    if mid_epoch:
+        per_step = lambda rows: [r for r in rows if r["train/loss_step"] or r["val/loss"]]  # noqa: E731
+        full, part = per_step(full), per_step(part)
+        assert len(full) == 15  # 12 step rows and 3 validation rows (after each of the 3 epochs)
+    assert part == full
+
+
+def test_max_steps_stop_mid_epoch_saves_the_last_step_with_raw_weights(tmp_path):
+    train(compose_train([*RESUME, "trainer.max_epochs=100", "trainer.max_steps=10"], tmp_path))
+    ema, raw, _, step = _states(tmp_path / "checkpoints" / "last.ckpt")
+    assert step == 10  # 2.5 epochs of 4 batches; Lightning alone left the step-8 checkpoint
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)  # current_model_state is not the EMA copy
+
+
+def test_moved_run_directory_keeps_one_newest_last_ckpt(tmp_path):
+    train(compose_train([*RESUME, "trainer.max_epochs=1"], tmp_path / "a"))
+    (tmp_path / "a").rename(tmp_path / "b")
+    train(compose_train([*RESUME, "trainer.max_epochs=2", "ckpt_path=last"], tmp_path / "b"))
+    names = sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("last*.ckpt"))
+    assert names == ["last.ckpt"] and _states(tmp_path / "b" / "checkpoints" / "last.ckpt")[3] == 8
+
+
+def test_resume_applies_a_changed_lr_and_refuses_structural_changes(tmp_path):
+    train(compose_train([*RESUME, "trainer.max_epochs=1"], tmp_path))
+    train(compose_train([*RESUME, "trainer.max_epochs=2", "ckpt_path=last", "optim.lr=3e-4"], tmp_path))
+    c = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert c["optimizer_states"][0]["param_groups"][0]["lr"] == 3e-4 and c["run_config"]["optim"]["lr"] == 3e-4
+    with pytest.raises(
+        ConfigError, match=r"differs from the checkpoint's in diffusion.schedule \('cosine' -> 'linear'\)"
+    ):
+        train(compose_train([*RESUME, "trainer.max_epochs=3", "ckpt_path=last", "diffusion.schedule=linear"], tmp_path))
+    # a DDPM run resumed under the IDDPM preset: named keys, not KeyError: 'history'
+    ddpm = [k for k in RESUME if not k.startswith(("experiment", "timesteps"))]
+    train(compose_train([*ddpm, "trainer.max_epochs=1"], tmp_path / "ddpm"))
+    with pytest.raises(ConfigError, match=r"diffusion.var_type \('fixed_small' -> 'learned_range'\)"):
+        train(compose_train([*RESUME, "trainer.max_epochs=2", "ckpt_path=last"], tmp_path / "ddpm"))
+
+
+def test_auto_resume_falls_back_from_a_corrupt_last_ckpt(tmp_path, caplog):
+    train(compose_train([*RESUME, "trainer.max_epochs=1"], tmp_path))
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "last.ckpt").write_bytes((ckpts / "last.ckpt").read_bytes()[:1000])  # a torn write
+    (ckpts / ".last.ckpt.abc123.tmp").write_bytes(b"")  # left by a killed write
+    train(compose_train([*RESUME, "trainer.max_epochs=2", "auto_resume=true"], tmp_path))
+    assert "last.ckpt is unusable" in caplog.text and "epoch0000-step0000004.ckpt" in caplog.text
+    assert _states(ckpts / "last.ckpt")[3] == 8 and not list(ckpts.glob("*.tmp"))
 
 
 def test_auto_resume_and_missing_last(tmp_path):
@@ -49,6 +126,20 @@ def test_auto_resume_and_missing_last(tmp_path):
     train(compose_train([*RESUME, "trainer.max_epochs=1"], tmp_path))
     train(compose_train([*RESUME, "trainer.max_epochs=2", "auto_resume=true"], tmp_path))
     assert _states(tmp_path / "checkpoints" / "last.ckpt")[3] == 8
+
+
+def test_nonfinite_weights_after_the_step_never_reach_a_checkpoint(tmp_path):
+    """Loss and gradients finite, weights NaN after the optimizer step (the `optim.lr=inf` case): stop before the
+    EMA update and before any checkpoint of that step; every checkpoint on disk stays finite."""
+    base = [*SMALL, "experiment=ddpm_linear", "trainer.limit_train_batches=1", "trainer.max_epochs=3"]
+    nan_adam = ["optim._target_=helpers.NaNAdam", "+optim.nan_at_step=2"]
+    with pytest.raises(NonFiniteLossError, match=r"non-finite weights after the optimizer step at global step 2"):
+        train(compose_train([*base, *nan_adam], tmp_path))
+    ckpts = sorted((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert ckpts and all(_states(p)[3] == 1 for p in ckpts)
+    for p in ckpts:
+        c = torch.load(p, weights_only=True)
+        assert all(torch.isfinite(v).all() for key in ("state_dict", "current_model_state") for v in c[key].values())
 
 
 def test_nan_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):

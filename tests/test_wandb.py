@@ -1,6 +1,7 @@
 """logger=wandb with no account: offline mode is chosen automatically and the offline run directory holds
 the config, the logged metric keys and the sample images."""
 
+import torch
 from conftest import FAST, compose_train
 
 from diffusion_lab.tasks import train
@@ -19,3 +20,16 @@ def test_wandb_offline_run_files(tmp_path, monkeypatch):
     for key in (b"diffusion", b"schedule", b"train/loss_step", b"val/loss", b"samples"):
         assert key in data, key
     assert list(run.rglob("*.png"))  # the sample grids
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    short = [*FAST, "logger=wandb", "trainer.max_steps=-1", "trainer.limit_train_batches=2", "data.batch_size=16"]
+    train(compose_train([*short, "trainer.max_epochs=1"], tmp_path))
+    run_id = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["wandb_run_id"]
+    train(compose_train([*short, "trainer.max_epochs=2", "ckpt_path=last"], tmp_path))
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs

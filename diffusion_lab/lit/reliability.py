@@ -4,7 +4,6 @@ holds it. (Atomic, finite-only checkpoint files are in checkpointing.py.)"""
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import lightning as L
@@ -20,9 +19,10 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def _total_norm(tensors) -> float:
-    tensors = [t.detach() for t in tensors]
-    return float(torch.nn.utils.get_total_norm(tensors)) if tensors else 0.0
+def all_finite(tensors) -> bool:
+    """No NaN/inf in any tensor (one device sync; exact, unlike a norm that overflows for large finite values)."""
+    flags = [torch.isfinite(t.detach()).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 class NonFiniteGuard(L.Callback):
@@ -55,13 +55,12 @@ class NonFiniteGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if self.check_grads:
-            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-            if not math.isfinite(_total_norm(grads)):
+            if not all_finite(p.grad for p in pl_module.parameters() if p.grad is not None):
                 self._fail(trainer, pl_module, "gradient")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None and not torch.isfinite(loss).all():
             self._fail(trainer, pl_module, "loss")
-        if self.check_weights and not math.isfinite(_total_norm(pl_module.parameters())):
+        if self.check_weights and not all_finite(pl_module.parameters()):
             self._fail(trainer, pl_module, "weights after the optimizer step")

@@ -1,0 +1,227 @@
+"""Hostile or broken inputs (issue 18): a checkpoint is data, bad input gets one line and exit status 2 before any
+work, nothing written is lost, and no command exits 0 with a wrong result."""
+
+import errno
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, ROOT, compose_train
+from PIL import Image
+
+from diffusion_lab.checkpoint import CheckpointError, load_module
+from diffusion_lab.cli import run
+from diffusion_lab.config import ConfigError
+from diffusion_lab.data import FolderDataModule
+from diffusion_lab.io import DiskFullError, atomic_write
+from diffusion_lab.lit.checkpointing import AtomicCheckpointIO, NonFiniteCheckpointError
+from diffusion_lab.tasks import evaluate, sample, train
+
+
+class Payload:
+    """A pickle payload: unpickling it (weights_only=False) creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _ckpt(tiny_ckpt) -> dict:
+    return torch.load(tiny_ckpt, weights_only=True)
+
+
+def _cli(script: str, args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, script, *args, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _one_line(r: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The command failed with status 2 and one `error:` line holding the fragments, without a traceback."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+# ------------------------------------------------------------------ 1. a checkpoint is data
+def test_pickle_payload_checkpoint_is_refused_unread(tiny_ckpt, tmp_path):
+    marker = tmp_path / "payload_ran"
+    evil = _ckpt(tiny_ckpt) | {"extra": Payload(marker)}
+    torch.save(evil, tmp_path / "evil.ckpt")
+    assert torch.load(tmp_path / "evil.ckpt", weights_only=False) and marker.exists()  # the payload is real
+    marker.unlink()
+    r = _cli("sample.py", [f"ckpt_path={tmp_path / 'evil.ckpt'}", "num_samples=2"], tmp_path)
+    _one_line(r, "evil.ckpt", "pickled Python objects", "refused unread")
+    assert not marker.exists() and not (tmp_path / "run" / "grid.png").exists()
+
+
+@pytest.mark.parametrize("where", ["net", "nested"])
+def test_checkpoint_config_cannot_name_an_arbitrary_callable(tiny_ckpt, tmp_path, where):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    ckpt = _ckpt(tiny_ckpt)
+    attack = {"_target_": "builtins.open", "_args_": [str(victim), "w"]}
+    if where == "net":
+        ckpt["run_config"]["net"] = attack
+    else:  # deep inside a node that is built, where recursive instantiation would reach it
+        ckpt["run_config"]["diffusion"]["schedule"] = attack
+    torch.save(ckpt, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match=r"_target_='builtins.open' is not one of diffusion_lab's own classes"):
+        load_module(tmp_path / "evil.ckpt")
+    assert victim.read_text() == "precious"
+    r = _cli("evaluate.py", [f"ckpt_path={tmp_path / 'evil.ckpt'}", "num_samples=2"], tmp_path)
+    _one_line(r, "builtins.open")
+    assert victim.read_text() == "precious"
+
+
+def test_nonfinite_checkpoint_is_refused_and_never_written(tiny_ckpt, tmp_path):
+    ckpt = _ckpt(tiny_ckpt)
+    name = next(iter(ckpt["state_dict"]))
+    ckpt["state_dict"][name] = ckpt["state_dict"][name] * float("nan")
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    with pytest.raises(CheckpointError, match=r"1 weight tensors with NaN or inf \(first: state_dict/"):
+        load_module(tmp_path / "nan.ckpt")
+    good = tmp_path / "good.ckpt"
+    good.write_bytes(tiny_ckpt.read_bytes())
+    with pytest.raises(NonFiniteCheckpointError, match="refusing to write"):
+        AtomicCheckpointIO().save_checkpoint(ckpt, good)
+    assert good.read_bytes() == tiny_ckpt.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        (b"", "is empty (0 bytes"),
+        (b"PK\x03\x04 truncated", "not a readable PyTorch checkpoint"),
+        ("foreign", "not a diffusion_lab checkpoint"),
+        ("truncated", "not a readable PyTorch checkpoint"),
+    ],
+)
+def test_broken_checkpoint_files_get_one_line(tiny_ckpt, tmp_path, capsys, content, fragment):
+    path = tmp_path / "bad.ckpt"
+    if content == "foreign":
+        torch.save({"model": torch.zeros(2)}, path)
+    elif content == "truncated":
+        path.write_bytes(tiny_ckpt.read_bytes()[:5000])
+    else:
+        path.write_bytes(content)
+    cfg = compose_train([f"ckpt_path={path}", "num_samples=2"], tmp_path, "sample")
+    with pytest.raises(SystemExit) as e:
+        run(sample, cfg)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and fragment in err[0] and str(path) in err[0], err
+
+
+def test_weights_that_do_not_fit_the_config_get_one_line(tiny_ckpt, tmp_path):
+    ckpt = _ckpt(tiny_ckpt)
+    ckpt["run_config"]["net"]["base_channels"] = 8  # trained with 16
+    torch.save(ckpt, tmp_path / "edited.ckpt")
+    with pytest.raises(CheckpointError, match=r"weights do not fit the network its config describes \(\d+ tensors"):
+        load_module(tmp_path / "edited.ckpt")
+
+
+# ------------------------------------------------------------------ 5. config errors: one line, exit 2, before work
+BAD_RUNS = [
+    (["optim.lr=abc"], "optim.lr='abc' must be a finite number >= 0"),
+    (["optim.lr=inf"], "optim.lr=inf must be a finite number >= 0"),
+    (["net.base_channels=0"], "net.base_channels=0 must be a positive integer"),
+    (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1 must be a finite number >= 0"),
+    (["data.batch_size=5000"], "data.batch_size=5000 is larger than the training set (1617 images)"),
+    (["callbacks=with_fid", "callbacks.fid.reference_split=tset"], "callbacks.fid.reference_split='tset' is unknown"),
+    (["sampler.steps=5000"], "sampler.steps=5000 must be between 1 and diffusion.steps=1000"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_RUNS, ids=[o[0][-1] for o in BAD_RUNS])
+def test_bad_train_config_one_line_exit_2(tmp_path, capsys, overrides, message):
+    with pytest.raises(SystemExit) as e:
+        run(train, compose_train([*FAST, "logger=none", *overrides], tmp_path))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [f"error: {err[0][7:]}"] and message in err[0], err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["num_samples=0"], "num_samples=0 must be a positive integer"),
+        (["batch_size=0"], "batch_size=0 must be a positive integer"),
+        (["fid.reference_split=tset"], "fid.reference_split='tset' is not allowed; choose one of: train, val"),
+    ],
+)
+def test_bad_evaluate_config_fails_before_sampling(tiny_ckpt, tmp_path, capsys, overrides, message):
+    with pytest.raises(SystemExit) as e:
+        run(evaluate, compose_train([f"ckpt_path={tiny_ckpt}", *overrides], tmp_path, "evaluate"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_real_cli_config_error_is_one_line():
+    r = subprocess.run(
+        [sys.executable, "train.py", "sampler.steps=5000", "logger=none", "hydra.run.dir=/tmp/_dl_cli_probe"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    _one_line(r, "sampler.steps=5000 must be between 1 and diffusion.steps=1000")
+
+
+def test_full_disk_names_the_path_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(b"old")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", no_space)
+    with pytest.raises(DiskFullError, match=f"no space left on the device while writing {path}"):
+        with atomic_write(path) as tmp:
+            tmp.write_bytes(b"new")
+    assert path.read_bytes() == b"old" and list(tmp_path.iterdir()) == [path]
+
+
+# ------------------------------------------------------------------ 4. data that would give a wrong result
+def test_16bit_png_is_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(ramp).save(tmp_path / "imgs" / "ramp.png")
+    assert Image.open(tmp_path / "imgs" / "ramp.png").mode == "I;16"
+    dm = FolderDataModule(str(tmp_path / "imgs"), image_size=64, channels=1, val_fraction=0.0, hflip=False)
+    x = dm.real_images("train")[0, 0].float()
+    expected = torch.from_numpy(np.rint(ramp / 65535.0 * 255.0))
+    assert (x - expected).abs().max() <= 1  # (PIL's convert("L") would make 94% of the ramp 255)
+    assert (x == 255).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("folders", [3, 5])
+def test_class_folders_must_match_net_num_classes(tmp_path, folders):
+    for k in range(folders):
+        (tmp_path / "imgs" / f"c{k}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8), 40 * k + i, np.uint8)).save(tmp_path / "imgs" / f"c{k}" / f"{i}.png")
+    overrides = [
+        *FAST,
+        "logger=none",
+        "data=folder",
+        f"data.path={tmp_path / 'imgs'}",
+        "data.labels_from_subdirs=true",
+        "data.image_size=8",
+        "data.channels=1",
+        "data.batch_size=4",
+        "net.num_classes=4",
+    ]
+    with pytest.raises(ConfigError, match=f"net.num_classes=4 but the data has {folders} classes"):
+        train(compose_train(overrides, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()

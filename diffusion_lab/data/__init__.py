@@ -3,7 +3,15 @@
 from .base import ImageDataModule, to_model_range, to_uint8
 from .digits import DigitsDataModule
 from .folder import FolderDataModule
-from .torchvision_sets import CIFAR10DataModule, MNISTDataModule
+from .torchvision_sets import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
 
-__all__ = ["ImageDataModule", "DigitsDataModule", "MNISTDataModule", "CIFAR10DataModule", "FolderDataModule",
-           "to_model_range", "to_uint8"]
+__all__ = [
+    "ImageDataModule",
+    "DigitsDataModule",
+    "MNISTDataModule",
+    "FashionMNISTDataModule",
+    "CIFAR10DataModule",
+    "FolderDataModule",
+    "to_model_range",
+    "to_uint8",
+]

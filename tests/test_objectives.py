@@ -311,3 +311,27 @@ def test_short_min_snr_training_on_digits(tmp_path):
     assert metrics["train/loss_step"] < metrics["train/mse_step"]
     module = load_module(tmp_path / "checkpoints" / "last.ckpt")
     assert module.diffusion.loss_weighting == "min_snr" and module.diffusion.snr_gamma == 5.0
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["diffusion.loss_weighting=foo"], "diffusion.loss_weighting='foo' is unknown; allowed: none, min_snr, p2"),
+        (
+            ["diffusion.zero_terminal_snr=true"],
+            "diffusion.zero_terminal_snr=true needs diffusion.mean_type v or x0 "
+            "(eps cannot be predicted from pure noise)",
+        ),
+    ],
+)
+def test_train_refuses_undefined_objectives_before_writing(tmp_path, overrides, message):
+    """Raised where the diffusion is built, before any step or file (Hydra wraps it; the ValueError is the cause)."""
+    from diffusion_lab.tasks import train
+
+    with pytest.raises(Exception) as info:
+        train(compose_train([*FAST, "logger=none", *overrides], tmp_path))
+    err = info.value
+    while not isinstance(err, ValueError) and err.__cause__ is not None:
+        err = err.__cause__
+    assert isinstance(err, ValueError) and str(err) == message
+    assert not (tmp_path / "checkpoints").exists()

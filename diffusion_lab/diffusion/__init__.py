@@ -1,6 +1,6 @@
 """The diffusion math: plain PyTorch, no network, no Lightning (see ARCHITECTURE.md, rule 1)."""
 
-from .gaussian import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion
+from .gaussian import LOSS_TYPES, LOSS_WEIGHTINGS, MEAN_TYPES, VAR_TYPES, GaussianDiffusion, snr_loss_weight
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .respace import space_timesteps
 from .sampler_spec import METHODS, Sampler
@@ -14,12 +14,14 @@ from .samplers import (
     sample_loop,
     slerp,
 )
-from .schedules import SCHEDULES, get_betas
+from .schedules import SCHEDULES, get_betas, rescale_zero_terminal_snr
 from .timesteps import LossSecondMomentSampler, UniformSampler
 
 __all__ = [
     "GaussianDiffusion",
     "get_betas",
+    "rescale_zero_terminal_snr",
+    "snr_loss_weight",
     "space_timesteps",
     "ddpm_sample",
     "ddim_sample",
@@ -39,5 +41,6 @@ __all__ = [
     "MEAN_TYPES",
     "VAR_TYPES",
     "LOSS_TYPES",
+    "LOSS_WEIGHTINGS",
     "METHODS",
 ]

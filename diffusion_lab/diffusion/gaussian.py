@@ -3,6 +3,7 @@
 Plain PyTorch, no network inside (the model is an argument: `model(x_t, t, **model_kwargs)`).
 Equations: DDPM = Ho et al. 2020, IDDPM = Nichol & Dhariwal 2021, DDIM = Song et al. 2021.
 All schedule-derived tensors are float64 [T] and cast to the input's dtype/device at use.
+Objectives: Min-SNR = Hang et al. 2023, P2 = Choi et al. 2022, zero terminal SNR = Lin et al. 2024.
 """
 
 from __future__ import annotations
@@ -18,11 +19,47 @@ from .schedules import get_betas
 MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
+LOSS_WEIGHTINGS = ("none", "min_snr", "p2")
 
 
 def _check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{key}={value!r} is unknown; allowed: {', '.join(allowed)}")
+
+
+def snr_loss_weight(
+    snr: torch.Tensor,
+    mean_type: str,
+    loss_weighting: str,
+    snr_gamma: float = 5.0,
+    p2_k: float = 1.0,
+    p2_gamma: float = 1.0,
+) -> torch.Tensor:
+    """Weight on the MSE of the model's target (eps, x0 or v) at SNR_t = alpha_bar_t / (1 - alpha_bar_t).
+
+    Each weighting is a weight w(SNR) on the eps-MSE, as the papers define it, converted to the target's MSE
+    with |eps - eps_hat|^2 = SNR |x0 - x0_hat|^2 = SNR / (SNR + 1) |v - v_hat|^2 (Hang et al. 2023, Sec. 3.4):
+        min_snr (Min-SNR-gamma, Hang et al. 2023): w = min(SNR, gamma) / SNR on the eps-MSE, i.e.
+            min(SNR, gamma) on the x0-MSE and min(SNR, gamma) / (SNR + 1) on the v-MSE.
+        p2 (Choi et al. 2022, lambda'_t = lambda_t / (k + SNR_t)^gamma with L_simple's lambda_t = 1):
+            w = (k + SNR)^-gamma on the eps-MSE, times SNR (x0) or SNR / (SNR + 1) (v).
+        none: 1 at every t (the plain MSE of whichever target the model predicts).
+    At SNR = 0 (a zero-terminal-SNR last step) every weight is finite: the eps forms are 1 (min_snr) and
+    k^-gamma (p2); the x0 and v forms are 0, since an x0 or v model's eps-error is 0 there (eps = x_t).
+    snr: float64 [T] -> float64 [T].
+    """
+    _check_choice("diffusion.loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
+    if loss_weighting == "none":
+        return torch.ones_like(snr)
+    if loss_weighting == "min_snr":
+        eps_weight = torch.clamp(snr_gamma / snr, max=1.0)  # min(SNR, gamma) / SNR; gamma / 0 = inf -> 1
+        x0_weight = torch.clamp(snr, max=snr_gamma)  # eps_weight * SNR, without inf * 0 at SNR = 0
+    else:
+        eps_weight = (p2_k + snr) ** -p2_gamma
+        x0_weight = eps_weight * snr
+    if mean_type == "eps":
+        return eps_weight
+    return x0_weight if mean_type == "x0" else x0_weight / (snr + 1.0)
 
 
 def extract(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -35,13 +72,21 @@ class GaussianDiffusion:
     """A T-step Gaussian diffusion q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I).
 
     Args:
-        betas: float64 [T] in (0, 1).
+        betas: float64 [T] in (0, 1); the last may be 1 (zero terminal SNR, alpha_bar_{T-1} = 0, see
+            schedules.rescale_zero_terminal_snr), which needs mean_type x0 or v.
         mean_type: what the model predicts: "eps" (noise), "x0", or "v" (v = sqrt(a) eps - sqrt(1-a) x0).
         var_type: "fixed_small" (beta-tilde), "fixed_large" (beta, with beta-tilde_1 at t=0),
             "learned" (log variance), "learned_range" (IDDPM eq. 15 interpolation).
         loss_type: "mse" / "rescaled_mse" (L_simple, plus L_vlb for learned variance: the hybrid loss
             when rescaled, i.e. lambda = 0.001 on L_vlb = T * L_t) or "kl" / "rescaled_kl" (pure L_vlb).
         timestep_map: int64 [T]; the timestep passed to the model at index t (identity unless respaced).
+        loss_weighting: "none", "min_snr" or "p2": a per-timestep weight on the MSE term (see snr_loss_weight),
+            applied inside training_losses; the VLB term of a learned variance stays unweighted.
+        snr_gamma: min_snr's gamma (5 in Hang et al. 2023). p2_k, p2_gamma: P2's k and gamma (1 and 0.5 or 1).
+
+    At a zero-terminal-SNR last step sqrt_recip_alphas_cumprod and sqrt_recipm1_alphas_cumprod are inf; they
+    are used only to derive x0 from an eps prediction, which such a process refuses. Every other quantity
+    (posterior, SNR, weights, prior) is finite there, and eps derived from x0 is x_t.
     """
 
     def __init__(
@@ -51,14 +96,40 @@ class GaussianDiffusion:
         var_type: str = "fixed_small",
         loss_type: str = "mse",
         timestep_map: torch.Tensor | None = None,
+        loss_weighting: str = "none",
+        snr_gamma: float = 5.0,
+        p2_k: float = 1.0,
+        p2_gamma: float = 1.0,
     ):
         _check_choice("diffusion.mean_type", mean_type, MEAN_TYPES)
         _check_choice("diffusion.var_type", var_type, VAR_TYPES)
         _check_choice("diffusion.loss_type", loss_type, LOSS_TYPES)
+        _check_choice("diffusion.loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
+        if loss_weighting != "none" and loss_type in ("kl", "rescaled_kl"):
+            raise ValueError(
+                f"diffusion.loss_weighting={loss_weighting!r} needs diffusion.loss_type mse or rescaled_mse "
+                f"(loss_type={loss_type!r} is the pure VLB, which has no MSE term to weight)"
+            )
+        if not float(snr_gamma) > 0:
+            raise ValueError(f"diffusion.snr_gamma={snr_gamma} must be > 0")
+        if not float(p2_k) > 0:
+            raise ValueError(f"diffusion.p2_k={p2_k} must be > 0")
+        if not float(p2_gamma) >= 0:
+            raise ValueError(f"diffusion.p2_gamma={p2_gamma} must be >= 0")
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("betas must be a 1-D tensor with values in (0, 1]")
+        if (betas[:-1] == 1).any():
+            raise ValueError("betas: only the last may be 1 (zero terminal SNR); an earlier 1 ends the process early")
+        self.zero_terminal_snr = bool(betas[-1] == 1)
+        if self.zero_terminal_snr and mean_type == "eps":
+            raise ValueError(
+                "diffusion.zero_terminal_snr=true needs diffusion.mean_type v or x0 "
+                "(eps cannot be predicted from pure noise)"
+            )
         self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
+        self.loss_weighting, self.snr_gamma = loss_weighting, float(snr_gamma)
+        self.p2_k, self.p2_gamma = float(p2_k), float(p2_gamma)
         self.num_timesteps = T = betas.shape[0]
         self.timestep_map = torch.arange(T) if timestep_map is None else torch.as_tensor(timestep_map).long()
 
@@ -78,12 +149,33 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = torch.log(torch.cat([pv1.reshape(1), self.posterior_variance[1:]]))
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        # SNR_t = alpha_bar_t / (1 - alpha_bar_t) (0 at a zero terminal SNR) and the MSE term's weight [T].
+        self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+        self.mse_weights = snr_loss_weight(self.snr, mean_type, loss_weighting, snr_gamma, p2_k, p2_gamma)
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def from_schedule(cls, schedule: str = "linear", steps: int = 1000, **kwargs) -> GaussianDiffusion:
-        """Build from a named schedule: `GaussianDiffusion.from_schedule("cosine", 4000, var_type=...)`."""
-        return cls(get_betas(schedule, steps), **kwargs)
+    def from_schedule(
+        cls, schedule: str = "linear", steps: int = 1000, zero_terminal_snr: bool = False, **kwargs
+    ) -> GaussianDiffusion:
+        """Build from a named schedule: `GaussianDiffusion.from_schedule("cosine", 4000, var_type=...)`.
+
+        zero_terminal_snr: rescale the betas so alpha_bar_{T-1} = 0 (Lin et al. 2024, Alg. 1; needs mean_type
+        v or x0, and sample with sampler.spacing=trailing so that sampling starts at that step).
+        """
+        if not isinstance(zero_terminal_snr, bool):
+            raise ValueError(f"diffusion.zero_terminal_snr={zero_terminal_snr!r} must be true or false")
+        return cls(get_betas(schedule, steps, zero_terminal_snr=zero_terminal_snr), **kwargs)
+
+    @property
+    def objective_kwargs(self) -> dict:
+        """The loss-weighting options, to build a process with the same objective (respace)."""
+        return {
+            "loss_weighting": self.loss_weighting,
+            "snr_gamma": self.snr_gamma,
+            "p2_k": self.p2_k,
+            "p2_gamma": self.p2_gamma,
+        }
 
     @property
     def learns_sigma(self) -> bool:
@@ -109,6 +201,7 @@ class GaussianDiffusion:
             self.var_type,
             self.loss_type,
             timestep_map=self.timestep_map[kept],
+            **self.objective_kwargs,
         )
 
     # ----------------------------------------------------------------- forward process
@@ -140,7 +233,11 @@ class GaussianDiffusion:
         )
 
     def predict_eps_from_x0(self, x_t, t, x0):
-        """eps = (x_t - sqrt(a) x0) / sqrt(1 - a)."""
+        """eps = (x_t - sqrt(a) x0) / sqrt(1 - a); at a = 0 (zero terminal SNR) x_t is the noise: eps = x_t."""
+        if self.zero_terminal_snr:  # this form is finite at a = 0; the other divides inf by inf there
+            return (x_t - extract(self.sqrt_alphas_cumprod, t, x_t) * x0) / extract(
+                self.sqrt_one_minus_alphas_cumprod, t, x_t
+            )
         return (extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / extract(
             self.sqrt_recipm1_alphas_cumprod, t, x_t
         )
@@ -268,8 +365,10 @@ class GaussianDiffusion:
         "mse": |target - output|^2 averaged over pixels (L_simple, DDPM eq. 14; target eps, x0 or v).
         "vb": L_t in bits/dim with the model's mean detached (IDDPM Sec. 3.1 stop-gradient), so it only
             trains the variance; for fixed variance it is reported without gradient.
-        "loss": mse (+ vb * T/1000 for rescaled_mse = L_hybrid with lambda=0.001, + vb for mse) when the
+        "loss": w_t * mse (+ vb * T/1000 for rescaled_mse = L_hybrid with lambda=0.001, + vb for mse) when the
             variance is learned; for kl / rescaled_kl the full L_t (times T when rescaled) with gradients.
+            w_t = mse_weights[t] is diffusion.loss_weighting's weight (snr_loss_weight; 1 for none); "mse"
+            is reported unweighted and the VLB term is never weighted.
         """
         if noise is None:
             noise = torch.randn_like(x0)
@@ -283,15 +382,16 @@ class GaussianDiffusion:
             return {"loss": vb * scale, "mse": mse, "vb": vb}
         mean_out, var_out = self.split_model_output(out, x_t)
         mse = mean_flat((self._mse_target(x0, t, noise) - mean_out) ** 2)
+        weighted = mse if self.loss_weighting == "none" else extract(self.mse_weights, t, mse) * mse
         # Stop-gradient on the mean: the VLB term sees a frozen mean, trainable variance (if any).
         frozen = mean_out.detach() if var_out is None else torch.cat([mean_out.detach(), var_out], dim=1)
         if var_out is None:
             with torch.no_grad():
                 vb, _ = self.vb_terms_bpd(model, x0, x_t, t, model_output=frozen)
-            return {"loss": mse, "mse": mse, "vb": vb}
+            return {"loss": weighted, "mse": mse, "vb": vb}
         vb, _ = self.vb_terms_bpd(model, x0, x_t, t, model_output=frozen)
         scale = self.num_timesteps / 1000.0 if self.loss_type == "rescaled_mse" else 1.0
-        return {"loss": mse + scale * vb, "mse": mse, "vb": vb}
+        return {"loss": weighted + scale * vb, "mse": mse, "vb": vb}
 
     def _mse_target(self, x0, t, noise):
         if self.mean_type == "eps":

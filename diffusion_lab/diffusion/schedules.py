@@ -3,6 +3,7 @@
 A named schedule never changes once committed: add a new name instead of editing one.
 
     betas = get_betas("cosine", 1000)   # float64 tensor [T]
+    betas = get_betas("linear", 1000, zero_terminal_snr=True)   # alpha_bar_{T-1} = 0 (last beta = 1)
 """
 
 from __future__ import annotations
@@ -46,13 +47,36 @@ def cosine_betas(num_timesteps: int) -> torch.Tensor:
     return betas_for_alpha_bar(num_timesteps, cosine_alpha_bar, max_beta=0.999)
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"), Algorithm 1.
+
+    sqrt(alpha_bar) is shifted so that its last value is 0 and scaled so that its first is unchanged:
+    sqrt(alpha_bar')_t = (sqrt(alpha_bar_t) - sqrt(alpha_bar_{T-1})) * sqrt(alpha_bar_0)
+    / (sqrt(alpha_bar_0) - sqrt(alpha_bar_{T-1})); betas are recomputed from alpha_bar', so the last beta is
+    exactly 1 (SNR_{T-1} = 0: x_{T-1} is pure noise). betas: float64 [T], T >= 2 -> float64 [T] in (0, 1].
+    """
+    betas = torch.as_tensor(betas, dtype=torch.float64)
+    if betas.ndim != 1 or betas.shape[0] < 2:
+        raise ValueError("diffusion.zero_terminal_snr=true needs diffusion.steps >= 2")
+    sqrt_ab = torch.cumprod(1.0 - betas, 0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    alpha_bar = sqrt_ab**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1.0 - alphas
+
+
 _BUILDERS: dict[str, Callable[[int], torch.Tensor]] = {"linear": linear_betas, "cosine": cosine_betas}
 
 
-def get_betas(name: str, num_timesteps: int) -> torch.Tensor:
-    """Return the named schedule's betas as a float64 tensor [T] with values in (0, 1)."""
+def get_betas(name: str, num_timesteps: int, zero_terminal_snr: bool = False) -> torch.Tensor:
+    """Return the named schedule's betas as a float64 tensor [T] with values in (0, 1).
+
+    zero_terminal_snr: rescale them with `rescale_zero_terminal_snr` (values in (0, 1], the last exactly 1).
+    """
     if name not in _BUILDERS:
         raise ValueError(f"diffusion.schedule={name!r} is unknown; allowed: {', '.join(SCHEDULES)}")
     if int(num_timesteps) < 1:
         raise ValueError(f"diffusion.steps={num_timesteps!r} must be a positive integer")
-    return _BUILDERS[name](int(num_timesteps))
+    betas = _BUILDERS[name](int(num_timesteps))
+    return rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_lab.diffusion import ClassifierFreeGuidance, GaussianDiffusion, ddim_sample, ddpm_sample, get_betas
+from diffusion_lab.diffusion import (
+    ClassifierFreeGuidance,
+    GaussianDiffusion,
+    ddim_invert,
+    ddim_sample,
+    ddpm_sample,
+    get_betas,
+)
 from diffusion_lab.diffusion import solvers as S
 from diffusion_lab.diffusion.analytic import GaussianData, PointMixture
 from diffusion_lab.diffusion.respace import karras_sigmas, sampling_times, space_timesteps
@@ -219,6 +226,23 @@ def test_stochastic_samplers_reproduce_the_data_law():
         assert abs(x.var().item() - s2) < 4 * se_var + abs(v - s2)
 
 
+def test_heun_with_churn_samples_the_data_law():
+    """Karras Alg. 2 (s_churn = 10: gamma = 0.05 per step) with 200 Heun steps on the logsnr grid. Measured on
+    16,000 x 16 pixels: variance +9.6 / +3.2 / -0.4 se at 50 / 100 / 200 steps (Euler with the same churn: -18 se
+    at 200 steps, the churn jump is not O(h)). Same generator, same draws."""
+    diff = GaussianDiffusion.from_schedule("linear", 1000)
+    model, x_T, ts = DATA.model(diff), _noise((4000, 1, 4, 4)), sampling_times(diff, "logsnr", 200)
+    x = S.heun(diff, model, x_T, ts, s_churn=10.0, generator=_gen(), clip_denoised=False)
+    n, s2 = x.numel(), DATA.s**2
+    assert abs(x.mean().item() - DATA.mu) < 4 * DATA.s / math.sqrt(n)
+    assert abs(x.var().item() - s2) < 4 * s2 * math.sqrt(2 / (n - 1))
+    assert not torch.equal(x, S.heun(diff, model, x_T, ts, clip_denoised=False))
+    assert torch.equal(
+        S.heun(diff, model, x_T[:8], ts[:20], s_churn=10.0, generator=_gen(5)),
+        S.heun(diff, model, x_T[:8], ts[:20], s_churn=10.0, generator=_gen(5)),
+    )
+
+
 # --------------------------------------------------------------------------- parameterizations and guidance
 def test_every_method_agrees_across_eps_x0_v_and_learned_range():
     base = GaussianDiffusion.from_schedule("cosine", 1000)
@@ -278,6 +302,26 @@ def test_ode_solvers_map_noise_onto_the_points():
         idx, dist = data.nearest(out)
         assert dist.max().item() < 0.2 and dist.median().item() < 0.1, (name, dist.max().item())
         assert (torch.bincount(idx, minlength=4) - 128).abs().max().item() < 45, name
+
+
+# --------------------------------------------------------------------------- inversion
+def test_ode_invert_order_one_is_ddim_invert_and_higher_orders_reconstruct():
+    """Linear, logsnr, 20 times (measured): RMS error of the latent against the exact flow of x0 from alpha_bar = 1
+    0.12 / 0.015 / 0.0023 for orders 1 / 2 / 3, and of the round trip (invert, then ddim / dpmpp_2m / dpmpp_3m on
+    the same times) 0.11 / 5.1e-4 / 5.0e-4."""
+    diff = GaussianDiffusion.from_schedule("linear", 1000)
+    model, ts = DATA.model(diff), sampling_times(diff, "logsnr", 20)
+    x0 = DATA.sample(64, (1, 4, 4), _gen(0))
+    torch.testing.assert_close(S.ode_invert(diff, model, x0, ts, order=1), ddim_invert(diff, model, x0, ts))
+    exact = DATA.ode_flow(x0, 1.0, diff.alpha_bar_at(ts[-1]))
+    samplers = {1: _ddim(0.0), 2: S.dpmpp_2m, 3: S.dpmpp_3m}
+    latent, round_trip = {}, {}
+    for order, sample in samplers.items():
+        z = S.ode_invert(diff, model, x0, ts, order=order)
+        latent[order] = (z - exact).pow(2).mean().sqrt().item()
+        round_trip[order] = (sample(diff, model, z, ts, clip_denoised=False) - x0).pow(2).mean().sqrt().item()
+    assert latent[2] < 0.2 * latent[1] and latent[3] < 0.3 * latent[2], latent
+    assert round_trip[1] > 0.05 and max(round_trip[2], round_trip[3]) < 1e-3, round_trip
 
 
 # --------------------------------------------------------------------------- continuous-time view

@@ -189,10 +189,10 @@ def dpmpp_3m(
 
 # --------------------------------------------------------------------------- UniPC
 def _unipc_coefficients(rks: list[float], h: float, p: int) -> tuple[list[float], list[float], float]:
-    """UniPC-bh2 weights (Zhao et al. 2023, Alg. 2/3 with B(h) = expm1(h), data prediction, so hh = -h).
+    """UniPC-bh2 weights (Zhao et al. 2023, Sec. 3, with B(h) = expm1(h), data prediction, so hh = -h).
 
-    R[k][i] = r_i^k and b_k = k! phi_{k+1}(hh) hh^k ... / B(h) exactly as the official multistep_uni_pc_bh_update
-    builds them: h_phi_1 = expm1(hh), h_phi_k <- h_phi_k / hh - 1/k!, b_k = h_phi_k k! / B(h). The predictor
+    R[k][i] = r_i^k, and b as the official multistep_uni_pc_bh_update builds it: h_phi_1 = expm1(hh),
+    h_phi_k <- h_phi_k / hh - 1/k!, b_k = h_phi_k k! / B(h). The predictor
     solves the first p-1 equations (rho = 1/2 for p = 2), the corrector all p (rho = 1/2 for p = 1).
     Returns (rhos_p [p-1], rhos_c [p], B(h)).
     """
@@ -228,11 +228,11 @@ def unipc(
     """UniPC (Zhao et al. 2023), data prediction, B(h) = expm1(h) ("bh2"), as the official `sample` (multistep).
 
     Step j -> j+1 of order p (UniP-p predictor with the p-1 previous x0 predictions m_k at lambda_k,
-    r_k = (lambda_k - lambda_j) / h, D1_k = (m_k - m_j) / r_k, eq. 7 / Alg. 2):
+    r_k = (lambda_k - lambda_j) / h, D1_k = (m_k - m_j) / r_k):
         x_ = (sigma_{j+1} / sigma_j) x_j - alpha_{j+1} expm1(-h) m_j,
         x_p = x_ - alpha_{j+1} B(h) sum_k rho^p_k D1_k.
     The model is then evaluated at (x_p, t_{j+1}) -- the next step needs it anyway, so NFE stays N -- and the
-    UniC-p corrector (eq. 6 / Alg. 3) raises the order by one:
+    UniC-p corrector raises the order by one (UniPC-p is of order p + 1):
         x_{j+1} = x_ - alpha_{j+1} B(h) (sum_k rho^c_k D1_k + rho^c_p (m_{j+1} - m_j)).
     No corrector on the step to t_0 (its evaluation is the returned x0_hat).
     order in {1, 2, 3} (default 3).
@@ -309,7 +309,7 @@ def ipndm(
     max_order=4,
     variable_step=False,
 ):
-    """Improved PNDM (Zhang & Chen 2023, DEIS paper, Sec. 5 / App.): Adams-Bashforth on eps in the DDIM ODE
+    """Improved PNDM (Zhang & Chen 2023, the DEIS paper's iPNDM): Adams-Bashforth on eps in the DDIM ODE
     d(x / alpha) / ds = eps(x, s), s = sigma / alpha:
 
         x_{j+1} / alpha_{j+1} = x_j / alpha_j + (s_{j+1} - s_j) sum_k c_k eps_{j-k},
@@ -351,14 +351,14 @@ def ipndm(
 def _churn(g: _Grid, diffusion, j: int, x_bar, s_churn, s_tmin, s_tmax, s_noise, generator):
     """Karras et al. 2022 Alg. 2 lines 4-6: raise the noise level s_j -> s_hat = (1 + gamma) s_j by adding
     N(0, s_hat^2 - s_j^2) noise, gamma = min(s_churn / N, sqrt(2) - 1) for s_j in [s_tmin, s_tmax]. s_hat is capped
-    at the schedule's largest sigma (the model knows no higher level). Returns (x_bar, s_hat, t_hat)."""
+    at the schedule's largest sigma (the model knows no higher level). Returns (x_bar, s_hat, t_hat, alpha_hat)."""
     gamma = min(s_churn / g.n, math.sqrt(2) - 1) if s_tmin <= g.s[j] <= s_tmax else 0.0
     if gamma <= 0:
-        return x_bar, g.s[j], g.t[j]
+        return x_bar, g.s[j], g.t[j], g.alpha[j]
     t_hat = float(diffusion.t_at_sigma(g.s[j] * (1 + gamma)))
     s_hat = float(diffusion.sigma_at(t_hat))
     x_bar = x_bar + math.sqrt(max(s_hat**2 - g.s[j] ** 2, 0.0)) * s_noise * _noise(x_bar, generator)
-    return x_bar, s_hat, t_hat
+    return x_bar, s_hat, t_hat, 1.0 / math.sqrt(1.0 + s_hat**2)
 
 
 def _karras(
@@ -382,8 +382,7 @@ def _karras(
     _need_finite_s(g, name)
     x_bar = x_T / g.alpha[0]
     for j in _steps(g.n, progress, name):
-        x_bar, s_hat, t_hat = _churn(g, diffusion, j, x_bar, s_churn, s_tmin, s_tmax, s_noise, generator)
-        a_hat = 1.0 / math.sqrt(1.0 + s_hat**2)
+        x_bar, s_hat, t_hat, a_hat = _churn(g, diffusion, j, x_bar, s_churn, s_tmin, s_tmax, s_noise, generator)
         # d = (x_bar - D(x_bar; s)) / s is exactly the eps prediction (no cancellation).
         x0, d = diffusion.denoise(model, a_hat * x_bar, t_hat, model_kwargs, clip)
         if j == g.n - 1:
@@ -521,6 +520,56 @@ def euler_ancestral(
         if callback is not None:
             callback(g.n - 1 - j, g.alpha[j + 1] * x_bar, x0)
     return x_bar
+
+
+# --------------------------------------------------------------------------- inversion
+@torch.no_grad()
+def ode_invert(
+    diffusion,
+    model,
+    x0,
+    timesteps,
+    *,
+    order=2,
+    model_kwargs=None,
+    clip_denoised=False,
+    progress=False,
+):
+    """Deterministic encoding x0 -> x at timesteps[-1]: multistep DPM-Solver++ (order 1 = DDIM, 2 = 2M, 3 = 3M)
+    run from the clean end up the noise levels, N = len(timesteps) evaluations.
+
+    As `samplers.ddim_invert`: the clean image is the state at alpha_bar = 1, and the first step to t_0 takes eps
+    from the model at (x0, t_0) (first order in sigma_0, which is ~0.01 for the usual schedules):
+    x_{t_0} = alpha_0 x0 + sigma_0 eps. Then the update of dpmpp_2m / dpmpp_3m with h = lambda_{j+1} - lambda_j < 0
+    and the x0 predictions at t_j, t_{j-1}, t_{j-2}. order=1 reproduces ddim_invert (fixed_point_iters=0).
+    Pair with the sampler of the same order for reconstructions.
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"sampler.order={order} is not supported by ode_invert; allowed: 1, 2, 3")
+    g = _grid(diffusion, timesteps)
+    t, alpha, sigma, lam = g.t[::-1], g.alpha[-2::-1], g.sigma[-2::-1], g.lam[-2::-1]  # ascending t_0 .. t_{N-1}
+    if not math.isfinite(lam[-1]):
+        raise ValueError("ode_invert needs alpha_bar > 0 at timesteps[-1]; drop t=T-1 under zero terminal SNR")
+    _, eps = diffusion.denoise(model, x0, t[0], model_kwargs, clip_denoised)
+    x, hist = alpha[0] * x0 + sigma[0] * eps, []
+    for j in _steps(g.n - 1, progress, "inverting"):
+        m0, _ = diffusion.denoise(model, x, t[j], model_kwargs, clip_denoised)
+        hist = [m0, *hist[: order - 1]]
+        h = lam[j + 1] - lam[j]
+        phi_1 = math.expm1(-h)
+        d = m0
+        if len(hist) == 2 or (len(hist) == 3 and order == 2):
+            r0 = (lam[j] - lam[j - 1]) / h
+            d = m0 + (0.5 / r0) * (m0 - hist[1])
+        elif len(hist) == 3:
+            r0, r1 = (lam[j] - lam[j - 1]) / h, (lam[j - 1] - lam[j - 2]) / h
+            phi_2 = phi_1 / h + 1
+            phi_3 = phi_2 / h - 0.5
+            d1_0, d1_1 = (m0 - hist[1]) / r0, (hist[1] - hist[2]) / r1
+            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+            d = m0 - (phi_2 / phi_1) * d1 + (2 * phi_3 / phi_1) * ((d1_0 - d1_1) / (r0 + r1))
+        x = (sigma[j + 1] / sigma[j]) * x - (alpha[j + 1] * phi_1) * d
+    return x
 
 
 # --------------------------------------------------------------------------- table for the registry

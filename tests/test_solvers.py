@@ -88,12 +88,12 @@ def _slope(nfe, errs):
 #   ddim                0.99    0.97
 #   heun                2.07    2.14
 #   dpmpp_2m            2.07    2.09
-#   ipndm (fixed AB)    2.07    2.14    fixed Adams-Bashforth weights on a non-uniform grid: second order
+#   ipndm fixed weights 2.07    2.14    (variable_step=False) fixed AB weights on a non-uniform grid: second order
 #   dpmpp_3m            3.08    3.20
 #   dpmpp_3m official   1.70    0.70    (match_official: the published D2 weight; second order, erratic here)
 #   unipc order=2       3.05    3.07    UniP-2 + UniC: one order above the predictor
 #   unipc order=3       4.05    4.24
-#   ipndm variable_step 3.75    3.36    approaching 4 (AB4) from below
+#   ipndm               3.75    3.36    (variable-step AB, the default) approaching 4 (AB4) from below
 # Karras rather than logsnr: on the logsnr grid the steps are uniform in lambda and, for Gaussian data, the
 # leading O(h^3) global error of the third-order methods is the integral of a total derivative and nearly
 # vanishes, so they show slope 4 (dpmpp_3m 4.02 / 4.04) and hide their true order.
@@ -101,11 +101,11 @@ ORDERS = [  # (method, options, slope bounds)
     ("ddim", {}, 0.9, 1.1),
     ("heun", {}, 1.85, 2.3),
     ("dpmpp_2m", {}, 1.85, 2.3),
-    ("ipndm", {}, 1.85, 2.3),
+    ("ipndm", {"variable_step": False}, 1.85, 2.3),
     ("dpmpp_3m", {}, 2.8, 3.5),
     ("unipc", {"order": 2}, 2.8, 3.4),
     ("unipc", {"order": 3}, 3.6, 4.6),
-    ("ipndm", {"variable_step": True}, 3.0, 4.3),
+    ("ipndm", {}, 3.0, 4.3),
 ]
 
 
@@ -122,19 +122,40 @@ def test_convergence_orders_on_gaussian_data(schedule):
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_higher_order_beats_ddim_at_equal_nfe(schedule):
-    """On the logsnr grid (DPM-Solver's recommendation). RMS errors at NFE 20 (linear / cosine): ddim 5.9e-2 /
-    8.8e-2, dpmpp_2m 7.2e-3 / 1.4e-2, dpmpp_3m 1.8e-3 / 7.2e-3, unipc 2.9e-4 / 2.4e-3, ipndm 6.1e-3 / 1.4e-2.
-    Heun spends two evaluations per step and its VE Euler predictor is poor over the first large steps:
-    at NFE 40 on cosine it is still level with DDIM (0.151 vs 0.144 max error), so it is checked from NFE 80."""
+    """On the logsnr grid (DPM-Solver's recommendation). RMS errors at NFE 20, linear / cosine: ddim 5.9e-2 / 8.9e-2,
+    dpmpp_2m 7.2e-3 / 1.4e-2, dpmpp_3m 1.8e-3 / 7.2e-3, unipc 2.9e-4 / 2.4e-3, ipndm 1.5e-2 / 4.2e-2 (ratio to
+    DDIM 0.25 / 0.47; at NFE 40 0.06 / 0.15). Heun spends two evaluations per step and its VE Euler predictor is
+    poor over the first large steps: at NFE 40 on cosine it is still level with DDIM (0.151 vs 0.144 max error),
+    so it is checked from NFE 80."""
     diff = GaussianDiffusion.from_schedule(schedule, 1000)
     for nfe in (20, 40):
         _, (base,) = _errors(diff, DETERMINISTIC["ddim"], [nfe], "logsnr")
         for name in ("dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"):
             _, (err,) = _errors(diff, DETERMINISTIC[name], [nfe], "logsnr")
-            assert err < 0.5 * base, (name, nfe, err, base)
+            assert err < 0.6 * base, (name, nfe, err, base)
     _, (base,) = _errors(diff, DETERMINISTIC["ddim"], [80], "logsnr")
     _, (err,) = _errors(diff, S.heun, [81], "logsnr", heun=True)
     assert err < 0.6 * base
+
+
+def test_float32_runs_stay_close_to_float64():
+    """Cosine schedule, 20 logsnr times (logSNR step 0.78): along the whole trajectory every deterministic method
+    in float32 stays within 1e-5 of its float64 run (measured <= 3.4e-6) and returns float32. iPNDM's fixed AB4
+    weights are unstable there (h J ~ -0.54 is outside AB4's interval (-0.3, 0)): the rounding grows ~2x per step
+    to 2.4e-3."""
+    diff = GaussianDiffusion.from_schedule("cosine", 1000)
+    model, x, ts = DATA.model(diff), _noise((64, 1, 4, 4)), sampling_times(diff, "logsnr", 20)
+
+    def gap(fn, **options):
+        states = {torch.float32: [], F64: []}
+        for dtype, seen in states.items():
+            out = fn(diff, model, x.to(dtype), ts, callback=lambda i, x_i, x0, seen=seen: seen.append(x_i), **options)
+            assert out.dtype == dtype
+        return max((a.double() - b).abs().max().item() for a, b in zip(*states.values()))
+
+    for name, fn in DETERMINISTIC.items():
+        assert gap(fn) < 1e-5, name
+    assert gap(S.ipndm, variable_step=False) > 1e-4
 
 
 # --------------------------------------------------------------------------- identities with DDIM

@@ -40,11 +40,11 @@ def _as_timestep_map(timestep_map) -> torch.Tensor:
     return tm.long()
 
 
-def _as_time(t) -> tuple[torch.Tensor, bool]:
-    """A float64 tensor of times (on t's device if t is a tensor) and whether the input was a plain number."""
+def _as_time(t) -> torch.Tensor:
+    """Times (a number or a tensor) as float64, on t's device when t is a tensor (a number stays on the CPU)."""
     if isinstance(t, torch.Tensor):
-        return t.to(torch.float64), False
-    return torch.tensor(float(t), dtype=torch.float64), True
+        return t.to(torch.float64)
+    return torch.tensor(float(t), dtype=torch.float64)
 
 
 class GaussianDiffusion:
@@ -285,12 +285,12 @@ class GaussianDiffusion:
 
     def sigma_at(self, t) -> torch.Tensor:
         """sigma at float times t (tensor of any shape, or a number): log sigma interpolated linearly in t."""
-        t, _ = _as_time(t)
+        t = _as_time(t)
         return self._interp(self.sigmas, t, log=True)
 
     def alpha_bar_at(self, t) -> torch.Tensor:
         """alpha_bar at float times t: 1 / (1 + sigma_at(t)^2), the table value at whole t (0 where sigma = inf)."""
-        t, _ = _as_time(t)
+        t = _as_time(t)
         t = t.clamp(0, self.num_timesteps - 1)
         whole = t.round()
         exact = self.alphas_cumprod.to(t.device)[whole.long()]
@@ -298,7 +298,7 @@ class GaussianDiffusion:
 
     def t_at_sigma(self, sigma) -> torch.Tensor:
         """The inverse of sigma_at: float64 times in [0, T-1] (clamped outside [sigma_0, sigma_{T-1}])."""
-        sigma, _ = _as_time(sigma)
+        sigma = _as_time(sigma)
         T = self.num_timesteps
         log_s = sigma.log()
         table = self.sigmas.to(sigma.device).log()
@@ -312,7 +312,7 @@ class GaussianDiffusion:
 
     def model_time(self, t) -> torch.Tensor:
         """The time the network is called with at process time t: timestep_map interpolated linearly (float64)."""
-        t, _ = _as_time(t)
+        t = _as_time(t)
         return self._interp(self.timestep_map.to(torch.float64), t)
 
     def denoise(
@@ -333,7 +333,7 @@ class GaussianDiffusion:
             v:   x0 = sqrt(a) x_t - sqrt(1-a) v,  eps = sqrt(a) v + sqrt(1-a) x_t   (finite at a = 0).
         clip_denoised clamps x0 to [-1, 1] and re-derives eps from it, as p_mean_variance does.
         """
-        tt, is_number = _as_time(t)
+        tt = _as_time(t)
         B = x_t.shape[0]
         time_dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
         a, mt = self.alpha_bar_at(tt), self.model_time(tt)

@@ -462,7 +462,9 @@ def heun(
 ):
     """Heun's second-order method, Karras et al. 2022 Alg. 1 (Alg. 2 with s_churn > 0): an Euler step to s_{j+1},
     then the trapezoidal correction with d' at the new point; the step to s = 0 skips the correction, so
-    NFE = 2N - 1."""
+    NFE = 2N - 1. The correction sees h d(eps)/d(x/alpha) ~ 1 - 1/q at the new point of a step that shrinks sigma by
+    a factor q, so Heun needs small logSNR steps: with few steps from sigma_max = 157 (linear) or 2e4 (cosine) it is
+    worse than DDIM at equal NFE (measured up to NFE 40 on cosine)."""
     return _karras(
         "heun",
         True,

@@ -68,6 +68,22 @@ def extract(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Ten
     return out.reshape(t.shape[0], *([1] * (like.ndim - 1)))
 
 
+def _as_timestep_map(timestep_map) -> torch.Tensor:
+    """int64 when every entry is a whole number (as before), float64 for the fractional times of a
+    continuous-time respacing (`respace` on a float grid)."""
+    tm = torch.as_tensor(timestep_map)
+    if tm.is_floating_point() and not torch.equal(tm, tm.round()):
+        return tm.to(torch.float64)
+    return tm.long()
+
+
+def _as_time(t) -> torch.Tensor:
+    """Times (a number or a tensor) as float64, on t's device when t is a tensor (a number stays on the CPU)."""
+    if isinstance(t, torch.Tensor):
+        return t.to(torch.float64)
+    return torch.tensor(float(t), dtype=torch.float64)
+
+
 class GaussianDiffusion:
     """A T-step Gaussian diffusion q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I).
 
@@ -131,7 +147,7 @@ class GaussianDiffusion:
         self.loss_weighting, self.snr_gamma = loss_weighting, float(snr_gamma)
         self.p2_k, self.p2_gamma = float(p2_k), float(p2_gamma)
         self.num_timesteps = T = betas.shape[0]
-        self.timestep_map = torch.arange(T) if timestep_map is None else torch.as_tensor(timestep_map).long()
+        self.timestep_map = torch.arange(T) if timestep_map is None else _as_timestep_map(timestep_map)
 
         self.betas = betas
         alphas = 1.0 - betas
@@ -182,12 +198,17 @@ class GaussianDiffusion:
         """True when the model must output 2C channels (mean part, variance part)."""
         return self.var_type in ("learned", "learned_range")
 
-    def respace(self, timesteps: Sequence[int]) -> GaussianDiffusion:
+    def respace(self, timesteps: Sequence[float]) -> GaussianDiffusion:
         """The process restricted to the kept steps s_0 < ... < s_{K-1} (IDDPM Sec. 4).
 
         beta'_i = 1 - alpha_bar_{s_i} / alpha_bar_{s_{i-1}} (alpha_bar_{s_{-1}} = 1), so alpha_bar at the
         kept steps is unchanged; the model is still called with the original timesteps s_i.
+        Fractional steps (a continuous-time grid, `respace.sampling_times`) take alpha_bar from
+        `alpha_bar_at` and the model's time from `model_time`; whole numbers give the integer result.
         """
+        values = [float(s) for s in timesteps]
+        if not all(math.isfinite(v) and v == int(v) for v in values):
+            return self._respace_continuous(values)
         kept = sorted(int(s) for s in timesteps)
         if not kept or kept[0] < 0 or kept[-1] >= self.num_timesteps or len(set(kept)) != len(kept):
             raise ValueError(
@@ -202,6 +223,18 @@ class GaussianDiffusion:
             self.loss_type,
             timestep_map=self.timestep_map[kept],
             **self.objective_kwargs,
+        )
+
+    def _respace_continuous(self, times: list[float]) -> GaussianDiffusion:
+        kept = sorted(times)
+        T = self.num_timesteps
+        if not all(0 <= v <= T - 1 for v in kept) or len(set(kept)) != len(kept):
+            raise ValueError(f"respaced timesteps must be distinct times in [0, {T - 1}], got {kept[:8]}...")
+        tt = torch.tensor(kept, dtype=torch.float64)
+        acp = self.alpha_bar_at(tt)
+        acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
+        return GaussianDiffusion(
+            1.0 - acp / acp_prev, self.mean_type, self.var_type, self.loss_type, timestep_map=self.model_time(tt)
         )
 
     # ----------------------------------------------------------------- forward process
@@ -318,6 +351,112 @@ class GaussianDiffusion:
             "eps": eps,
             "model_output": model_output,
         }
+
+    # ----------------------------------------------------------------- continuous time (for the fast solvers)
+    # The discrete process seen as a continuous one, as k-diffusion's DiscreteSchedule does: the VE noise level
+    # sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of x_t / sqrt(alpha_bar_t), with log sigma linear in t
+    # between whole-number steps. lambda_t = log(alpha_t / sigma_t) = -log sigma_t is DPM-Solver's half log-SNR.
+    # Times are float64 in [0, T-1] (clamped); at whole numbers every function returns the table value exactly.
+    # With zero terminal SNR (alpha_bar_{T-1} = 0) sigma_{T-1} = inf and sigma is inf on (T-2, T-1].
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """float64 [T]: sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), increasing in t."""
+        return ((1.0 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+
+    def _interp(self, table: torch.Tensor, t: torch.Tensor, log: bool = False) -> torch.Tensor:
+        """table (float64 [T]) linearly interpolated at times t (in log space when `log`); exact at whole t."""
+        T = self.num_timesteps
+        table = table.to(device=t.device, dtype=torch.float64)
+        t = t.clamp(0, T - 1)
+        whole = t.round()
+        exact = table[whole.long()]
+        if T == 1:
+            return exact
+        lo = t.floor().long().clamp(max=T - 2)
+        w = t - lo
+        ends = table.log() if log else table
+        a, b = ends[lo], ends[lo + 1]
+        mid = a + w * (b - a)
+        return torch.where(t == whole, exact, mid.exp() if log else mid)
+
+    def sigma_at(self, t) -> torch.Tensor:
+        """sigma at float times t (tensor of any shape, or a number): log sigma interpolated linearly in t."""
+        t = _as_time(t)
+        return self._interp(self.sigmas, t, log=True)
+
+    def alpha_bar_at(self, t) -> torch.Tensor:
+        """alpha_bar at float times t: 1 / (1 + sigma_at(t)^2), the table value at whole t (0 where sigma = inf)."""
+        t = _as_time(t)
+        t = t.clamp(0, self.num_timesteps - 1)
+        whole = t.round()
+        exact = self.alphas_cumprod.to(t.device)[whole.long()]
+        return torch.where(t == whole, exact, 1.0 / (1.0 + self.sigma_at(t) ** 2))
+
+    def t_at_sigma(self, sigma) -> torch.Tensor:
+        """The inverse of sigma_at: float64 times in [0, T-1] (clamped outside [sigma_0, sigma_{T-1}])."""
+        sigma = _as_time(sigma)
+        T = self.num_timesteps
+        log_s = sigma.log()
+        table = self.sigmas.to(sigma.device).log()
+        if T == 1:
+            return torch.zeros_like(log_s)
+        lo = (torch.searchsorted(table, log_s.reshape(-1), right=True).reshape(log_s.shape) - 1).clamp(0, T - 2)
+        a, b = table[lo], table[lo + 1]
+        t = lo + ((log_s - a) / (b - a)).clamp(0, 1)
+        t = torch.where(log_s >= table[-1], torch.full_like(t, T - 1), t)
+        return torch.where(log_s <= table[0], torch.zeros_like(t), t)
+
+    def model_time(self, t) -> torch.Tensor:
+        """The time the network is called with at process time t: timestep_map interpolated linearly (float64)."""
+        t = _as_time(t)
+        return self._interp(self.timestep_map.to(torch.float64), t)
+
+    def denoise(
+        self,
+        model: Callable[..., torch.Tensor],
+        x_t: torch.Tensor,
+        t,
+        model_kwargs: dict | None = None,
+        clip_denoised: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One model call at the (possibly fractional) time t: (x0_hat, eps_hat), each [B, C, H, W].
+
+        x_t: [B, C, H, W], the VP state at t; t: a number (the solvers' case: no device sync) or a [B] tensor.
+        The model sees model_time(t) as [B] int64 when it is a whole number (exactly what p_mean_variance passes)
+        and as float (float64 for float64 x_t, else float32) otherwise. Any mean_type; of a learned-variance
+        model's 2C output channels only the first C are used. With a = alpha_bar_at(t):
+            eps: x0 = (x_t - sqrt(1-a) eps) / sqrt(a);   x0: eps = (x_t - sqrt(a) x0) / sqrt(1-a);
+            v:   x0 = sqrt(a) x_t - sqrt(1-a) v,  eps = sqrt(a) v + sqrt(1-a) x_t   (finite at a = 0).
+        clip_denoised clamps x0 to [-1, 1] and re-derives eps from it, as p_mean_variance does.
+        """
+        tt = _as_time(t)
+        B = x_t.shape[0]
+        time_dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+        a, mt = self.alpha_bar_at(tt), self.model_time(tt)
+        if tt.ndim == 0:
+            a, mt = float(a), float(mt)
+            whole = mt == round(mt)
+            model_t = torch.full(
+                (B,), round(mt) if whole else mt, device=x_t.device, dtype=torch.long if whole else time_dtype
+            )
+            sa, s1a = math.sqrt(a), math.sqrt(1.0 - a)
+        else:
+            whole = torch.equal(mt, mt.round())
+            model_t = (mt.round().long() if whole else mt.to(time_dtype)).to(x_t.device)
+            shape = (B, *([1] * (x_t.ndim - 1)))
+            sa, s1a = (v.to(device=x_t.device, dtype=x_t.dtype).reshape(shape) for v in (a.sqrt(), (1.0 - a).sqrt()))
+        out, _ = self.split_model_output(model(x_t, model_t, **(model_kwargs or {})), x_t)
+        if self.mean_type == "eps":
+            eps, x0 = out, (x_t - s1a * out) / sa
+        elif self.mean_type == "x0":
+            x0, eps = out, (x_t - sa * out) / s1a
+        else:
+            x0, eps = sa * x_t - s1a * out, sa * out + s1a * x_t
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+            eps = (x_t - sa * x0) / s1a
+        return x0, eps
 
     # ----------------------------------------------------------------- variational bound
     def vb_terms_bpd(self, model, x0, x_t, t, clip_denoised=False, model_kwargs=None, model_output=None):

@@ -8,6 +8,11 @@ Specs (N = number of kept steps, all results sorted ascending and distinct):
     "trailingN"  steps that end at T-1: round(T - i T / N) - 1, i = 0..N-1
     "N" / "10,15,20"  IDDPM: T split into equal sections, each strided evenly with that many steps
 The respaced process itself is `GaussianDiffusion.respace(timesteps)`.
+
+`sampling_times(diffusion, spacing, steps)` is the sampler-facing entry: the integer spacings above, plus two
+continuous-time grids for the fast solvers (float times through `GaussianDiffusion.t_at_sigma`):
+    "logsnr"     uniform in lambda = -log sigma from lambda(T-1) to lambda(0) (DPM-Solver, Lu et al. 2022, Sec. 3.3)
+    "karras"     Karras et al. 2022 eq. 5, rho = 7, from sigma(T-1) down to sigma(0)
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ from __future__ import annotations
 import math
 import re
 
+import torch
+
 SPACINGS = ("ddim", "uniform", "quad", "trailing", "even")
+CONTINUOUS_SPACINGS = ("logsnr", "karras")
 
 
 def _sections(T: int, counts: list[int]) -> list[int]:
@@ -63,3 +71,52 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
     if len(steps) != n:
         raise ValueError(f"{spec!r} gives only {len(steps)} distinct timesteps out of T={T}; use fewer steps")
     return steps
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022 eq. 5, descending float64 [n]:
+    sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, i = 0..n-1."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def sampling_times(diffusion, spacing: str, steps: int) -> list:
+    """Ascending times a sampler visits: `steps` of them, ints for the integer spacings, floats for
+    "logsnr" / "karras" (both include t = 0 and t = T-1). Raises ValueError naming sampler.spacing / sampler.steps.
+
+    With zero terminal SNR (sigma_{T-1} = inf) the continuous grids put steps - 1 times on [0, T-2] and keep T-1
+    as the first visited time.
+    """
+    T, steps = diffusion.num_timesteps, int(steps)
+    if spacing in SPACINGS:
+        if not 1 <= steps <= T:
+            raise ValueError(f"sampler.steps={steps} must be between 1 and the process's diffusion.steps={T}")
+        return list(range(T)) if steps == T else space_timesteps(T, f"{spacing}{steps}")
+    if spacing not in CONTINUOUS_SPACINGS:
+        raise ValueError(
+            f"sampler.spacing={spacing!r} is unknown; allowed: {', '.join(SPACINGS + CONTINUOUS_SPACINGS)}"
+        )
+    if steps < 2 or T < 2:
+        raise ValueError(f"sampler.steps={steps} must be >= 2 for sampler.spacing={spacing} (both ends are kept)")
+    top = T - 1
+    sigma_max = float(diffusion.sigmas[top])
+    if not math.isfinite(sigma_max):  # zero terminal SNR: grid on [0, T-2], then T-1 itself
+        top, steps = T - 2, steps - 1
+        sigma_max = float(diffusion.sigmas[top])
+        if steps < 2 or top < 1:
+            raise ValueError(
+                f"sampler.steps={steps + 1} must be >= 3 for sampler.spacing={spacing} at zero terminal SNR"
+            )
+    sigma_min = float(diffusion.sigmas[0])
+    if spacing == "logsnr":
+        sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
+    else:
+        sigmas = karras_sigmas(sigma_min, sigma_max, steps)
+    times = diffusion.t_at_sigma(sigmas).flip(0).tolist()
+    times[0], times[-1] = 0.0, float(top)
+    if top != T - 1:
+        times.append(float(T - 1))
+    if any(b <= a for a, b in zip(times, times[1:])):
+        raise ValueError(f"sampler.steps={steps} is too many for sampler.spacing={spacing}: times are not distinct")
+    return times

@@ -1,0 +1,131 @@
+"""Exact test beds: data distributions whose ideal denoiser E[x0 | x_t] is known in closed form.
+
+    data = GaussianData(mu=0.1, s=0.5)                       # x0 ~ N(mu, s^2 I)
+    model = data.model(diffusion, mean_type="v")             # the perfect network for that process
+    x0 = dpmpp_2m(diffusion, model, x_T, times)              # compare with data.ode_flow(...) / data.sample(...)
+
+With x_t = sqrt(a) x0 + sqrt(1 - a) eps (a = alpha_bar_t), the marginal of x_t is known, so the optimal eps, x0
+and v predictions follow from E[x0 | x_t]: eps = (x_t - sqrt(a) E[x0|x_t]) / sqrt(1 - a) = E[eps | x_t] and
+v = sqrt(a) eps - sqrt(1 - a) x0. The `model` callables take the (possibly fractional) model time t [B] and read
+a from `diffusion.alpha_bar_at(t)`, so pass the process the model was trained on (not a respaced one).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _per_example(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """alpha_bar as a number or [B] -> broadcastable [B, 1, ..] in like's dtype/device."""
+    a = torch.as_tensor(a, dtype=torch.float64)
+    if a.ndim == 0:
+        return a.to(device=like.device, dtype=like.dtype)
+    return a.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class _Exact:
+    """Shared part: the exact model built on `denoise(x_t, alpha_bar)` and `eps(x_t, alpha_bar)`."""
+
+    def eps(self, x_t: torch.Tensor, alpha_bar) -> torch.Tensor:
+        """E[eps | x_t] = (x_t - sqrt(a) E[x0 | x_t]) / sqrt(1 - a) (finite for a < 1)."""
+        a = _per_example(alpha_bar, x_t)
+        return (x_t - a.sqrt() * self.denoise(x_t, alpha_bar)) / (1 - a).sqrt()
+
+    def model(self, diffusion, mean_type: str = "eps", learn_sigma: bool = False):
+        """A callable model(x_t, t, **kw) -> the exact eps / x0 / v prediction at model time t ([B], int or float).
+
+        learn_sigma appends C zero channels (the variance half of a learned-variance network's 2C output).
+        """
+        if mean_type not in ("eps", "x0", "v"):
+            raise ValueError(f"diffusion.mean_type={mean_type!r} is unknown; allowed: eps, x0, v")
+
+        def model(x_t, t, **_):
+            a = diffusion.alpha_bar_at(t.to(torch.float64))
+            x0, eps = self.denoise(x_t, a), self.eps(x_t, a)
+            if mean_type == "eps":
+                out = eps
+            elif mean_type == "x0":
+                out = x0
+            else:
+                ab = _per_example(a, x_t)
+                out = ab.sqrt() * eps - (1 - ab).sqrt() * x0
+            return torch.cat([out, torch.zeros_like(out)], 1) if learn_sigma else out
+
+        return model
+
+
+class GaussianData(_Exact):
+    """x0 ~ N(mu, s^2 I), independent pixels. Then x_t ~ N(sqrt(a) mu, (a s^2 + 1 - a) I) and
+
+    E[x0 | x_t] = mu + s^2 sqrt(a) (x_t - sqrt(a) mu) / (a s^2 + 1 - a),
+    E[eps | x_t] = sqrt(1 - a) (x_t - sqrt(a) mu) / (a s^2 + 1 - a).
+    """
+
+    def __init__(self, mu: float = 0.1, s: float = 0.5):
+        self.mu, self.s = float(mu), float(s)
+
+    def _var(self, a: torch.Tensor) -> torch.Tensor:
+        return a * self.s**2 + 1 - a
+
+    def denoise(self, x_t: torch.Tensor, alpha_bar) -> torch.Tensor:
+        a = _per_example(alpha_bar, x_t)
+        return self.mu + self.s**2 * a.sqrt() * (x_t - a.sqrt() * self.mu) / self._var(a)
+
+    def eps(self, x_t: torch.Tensor, alpha_bar) -> torch.Tensor:
+        a = _per_example(alpha_bar, x_t)
+        return (1 - a).sqrt() * (x_t - a.sqrt() * self.mu) / self._var(a)
+
+    def ode_flow(self, x: torch.Tensor, alpha_from, alpha_to) -> torch.Tensor:
+        """The probability-flow ODE's exact solution from level alpha_from to alpha_to (both alpha_bar).
+
+        For Gaussian data the flow is the increasing affine map between the two marginals:
+        x_to = sqrt(a_to) mu + sqrt(a_to s^2 + 1 - a_to) (x - sqrt(a_from) mu) / sqrt(a_from s^2 + 1 - a_from);
+        a_to = 1 gives x_0 = mu + s (x - sqrt(a) mu) / sqrt(a s^2 + 1 - a).
+        """
+        a0, a1 = _per_example(alpha_from, x), _per_example(alpha_to, x)
+        z = (x - a0.sqrt() * self.mu) / self._var(a0).sqrt()
+        return a1.sqrt() * self.mu + self._var(a1).sqrt() * z
+
+    def sample(self, n: int, shape, generator: torch.Generator | None = None, dtype=torch.float64) -> torch.Tensor:
+        """n draws of x0, [n, *shape]."""
+        return self.mu + self.s * torch.randn((n, *shape), generator=generator, dtype=dtype)
+
+
+class PointMixture(_Exact):
+    """A finite set of K points [K, *shape] blurred by N(0, s^2 I), uniform weights. Given component k,
+    x_t ~ N(sqrt(a) p_k, v I) with v = a s^2 + 1 - a, so by Bayes
+
+        w_k(x_t) = softmax_k(-|x_t - sqrt(a) p_k|^2 / (2 v)),
+        E[x0 | x_t] = sum_k w_k (p_k + s^2 sqrt(a) (x_t - sqrt(a) p_k) / v).
+    """
+
+    def __init__(self, points: torch.Tensor, s: float = 0.01):
+        self.points, self.s = torch.as_tensor(points), float(s)
+
+    def weights(self, x_t: torch.Tensor, alpha_bar) -> torch.Tensor:
+        """Posterior component probabilities [B, K] (log-sum-exp stable)."""
+        a = _per_example(alpha_bar, x_t).reshape(-1, 1)  # [B or 1, 1]
+        p = self.points.to(x_t).flatten(1)  # [K, D]
+        d2 = ((x_t.flatten(1)[:, None, :] - a[:, :, None].sqrt() * p[None]) ** 2).sum(-1)  # [B, K]
+        return torch.softmax(-d2 / (2 * (a * self.s**2 + 1 - a)), dim=1)
+
+    def denoise(self, x_t: torch.Tensor, alpha_bar) -> torch.Tensor:
+        a = _per_example(alpha_bar, x_t).reshape(-1, 1)
+        p = self.points.to(x_t).flatten(1)
+        w = self.weights(x_t, alpha_bar)
+        mean_p = w @ p  # [B, D]: sum_k w_k p_k
+        x = x_t.flatten(1)
+        x0 = mean_p + self.s**2 * a.sqrt() * (x - a.sqrt() * mean_p) / (a * self.s**2 + 1 - a)
+        return x0.reshape(x_t.shape)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n draws of x0, [n, *shape]: a uniformly chosen point plus N(0, s^2) noise."""
+        k = torch.randint(len(self.points), (n,), generator=generator)
+        p = self.points.to(torch.float64)[k]
+        return p + self.s * torch.randn(p.shape, generator=generator, dtype=p.dtype)
+
+    def nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index [B], Euclidean distance [B]) of the nearest point to each x."""
+        d = torch.cdist(x.flatten(1).to(torch.float64), self.points.flatten(1).to(torch.float64))
+        dist, idx = d.min(1)
+        return idx, dist

@@ -234,7 +234,12 @@ class GaussianDiffusion:
         acp = self.alpha_bar_at(tt)
         acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
         return GaussianDiffusion(
-            1.0 - acp / acp_prev, self.mean_type, self.var_type, self.loss_type, timestep_map=self.model_time(tt)
+            1.0 - acp / acp_prev,
+            self.mean_type,
+            self.var_type,
+            self.loss_type,
+            timestep_map=self.model_time(tt),
+            **self.objective_kwargs,
         )
 
     # ----------------------------------------------------------------- forward process

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .config import build
 from .lit import DiffusionModule
 from .lit.checkpointing import nonfinite_weights
 
@@ -119,13 +119,13 @@ def check_targets(cfg: DictConfig, source: str) -> None:
 def build_module(cfg: DictConfig) -> DiffusionModule:
     """The DiffusionModule a run config describes (train.py's, or one saved in a checkpoint)."""
     return DiffusionModule(
-        net=instantiate(cfg.net),
-        diffusion=instantiate(cfg.diffusion),
-        timestep_sampler=instantiate(cfg.timesteps),
-        optimizer=instantiate(cfg.optim),
-        lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+        net=build(cfg.net, "net"),
+        diffusion=build(cfg.diffusion, "diffusion"),
+        timestep_sampler=build(cfg.timesteps, "timesteps"),
+        optimizer=build(cfg.optim, "optim"),
+        lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.get("lr_scheduler") else None,
         label_dropout=cfg.get("label_dropout", 0.0),
-        sampler=instantiate(cfg.sampler),
+        sampler=build(cfg.sampler, "sampler"),
         run_config=OmegaConf.to_container(cfg, resolve=True),
         channels_last=cfg.get("channels_last", True),
         seed=cfg.get("seed", 0),

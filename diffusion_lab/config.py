@@ -1,17 +1,19 @@
-"""Validation of a composed run config: one pass, before any data is loaded or any step is run.
+"""The checks that need the whole run config (one field against another), before any data is loaded or any
+step is run. A single value is validated where it is constructed (GaussianDiffusion, UNet, Sampler, the
+DataModules, DiffusionModule); `build` turns such a constructor's error into a ConfigError with its message.
 
-Each problem raises `ConfigError` naming the key, the value and what is allowed.
+Every problem raises `ConfigError` naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import math
 
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from .data.base import SPLITS
-from .diffusion import LOSS_TYPES, MEAN_TYPES, METHODS, SCHEDULES, VAR_TYPES
-from .diffusion.respace import SPACINGS, space_timesteps
 
 
 class ConfigError(ValueError):
@@ -23,24 +25,33 @@ def _choice(key: str, value, allowed) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
 
 
-def validate_sampler(node: DictConfig, key: str, num_timesteps: int, conditional: bool) -> None:
-    """Check one Sampler config node (method, steps, spacing, eta, guidance) against a T-step process."""
-    _choice(f"{key}.method", node.get("method", "ddim"), METHODS)
-    _choice(f"{key}.spacing", node.get("spacing", "ddim"), SPACINGS)
-    steps = int(node.get("steps", 50))
-    if not 1 <= steps <= num_timesteps:
-        raise ConfigError(f"{key}.steps={steps} must be between 1 and diffusion.steps={num_timesteps}")
-    if steps < num_timesteps:
-        try:
-            space_timesteps(num_timesteps, f"{node.get('spacing', 'ddim')}{steps}")
-        except ValueError as e:
-            raise ConfigError(f"{key}.steps={steps} with {key}.spacing={node.get('spacing')!r}: {e}") from None
-    if float(node.get("eta", 0.0)) < 0:
-        raise ConfigError(f"{key}.eta={node.get('eta')} must be >= 0")
-    if node.get("guidance_scale") is not None and not conditional:
+def build(node, key: str):
+    """instantiate(node); a constructor's ValueError becomes a ConfigError with its message (Hydra wraps it)."""
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        cause = e
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, ValueError):
+            raise ConfigError(str(cause)) from None
+        raise
+
+
+def validate_sampler(node, key: str, diffusion, conditional: bool):
+    """The Sampler a config node (or object) describes, checked against the process it will run on."""
+    from .diffusion import Sampler
+
+    try:
+        sampler = node if isinstance(node, Sampler) else build(node, key)
+        sampler.timesteps(diffusion)
+    except ValueError as e:
+        raise ConfigError(str(e) if key == "sampler" else f"{key}: {e}") from None
+    if sampler.guidance_scale is not None and not conditional:
         raise ConfigError(
-            f"{key}.guidance_scale={node.guidance_scale} needs a class-conditional net (set net.num_classes)"
+            f"{key}.guidance_scale={sampler.guidance_scale:g} needs a class-conditional net (set net.num_classes)"
         )
+    return sampler
 
 
 def _number(key: str, value, minimum: float = 0.0) -> float:
@@ -92,43 +103,24 @@ def validate_data_against_net(datamodule, net) -> None:
 
 
 def validate_train_config(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first invalid value in a training config."""
-    d, net, data = cfg.diffusion, cfg.net, cfg.data
-    _choice("diffusion.schedule", d.schedule, SCHEDULES)
-    _choice("diffusion.mean_type", d.mean_type, MEAN_TYPES)
-    _choice("diffusion.var_type", d.var_type, VAR_TYPES)
-    _choice("diffusion.loss_type", d.loss_type, LOSS_TYPES)
-    T = int(d.steps)
-    if T < 1:
-        raise ConfigError(f"diffusion.steps={T} must be >= 1")
-    learns_sigma = d.var_type in ("learned", "learned_range")
-    if learns_sigma != bool(net.learn_sigma):
+    """Raise ConfigError for the first cross-field problem of a training config (the process is built here,
+    so its own checks run too)."""
+    net, data = cfg.net, cfg.data
+    diffusion = build(cfg.diffusion, "diffusion")
+    if diffusion.learns_sigma != bool(net.learn_sigma):
         raise ConfigError(
-            f"diffusion.var_type={d.var_type!r} needs net.learn_sigma={learns_sigma} "
-            f"(a network with {'2C' if learns_sigma else 'C'} output channels), got net.learn_sigma={net.learn_sigma}"
+            f"diffusion.var_type={diffusion.var_type!r} needs net.learn_sigma={diffusion.learns_sigma} "
+            f"(a network with {'2C' if diffusion.learns_sigma else 'C'} output channels), "
+            f"got net.learn_sigma={net.learn_sigma}"
         )
-    size, levels = int(data.image_size), len(net.channel_mult)
-    if size % 2 ** (levels - 1):
-        raise ConfigError(
-            f"data.image_size={size} cannot be halved {levels - 1} times (net.channel_mult={list(net.channel_mult)}); "
-            f"use a multiple of {2 ** (levels - 1)}"
-        )
-    reached = [size // 2**i for i in range(levels)]
-    for r in net.attention_resolutions:
-        if r not in reached:
-            raise ConfigError(f"net.attention_resolutions contains {r}, never reached; resolutions are {reached}")
     conditional = net.get("num_classes") is not None
     if conditional and data.get("num_classes") is None and not data.get("labels_from_subdirs"):
         raise ConfigError(f"net.num_classes={net.num_classes} but data={data._target_} has no labels")
-    if not 0.0 <= float(cfg.get("label_dropout", 0.0)) < 1.0:
-        raise ConfigError(f"label_dropout={cfg.label_dropout} must be in [0, 1)")
-    if float(cfg.get("label_dropout", 0.0)) > 0 and not conditional:
-        raise ConfigError(f"label_dropout={cfg.label_dropout} needs a class-conditional net (set net.num_classes)")
-    validate_sampler(cfg.sampler, "sampler", T, conditional)
+    validate_sampler(cfg.sampler, "sampler", diffusion, conditional)
     fid = (cfg.get("callbacks") or {}).get("fid")
     if fid is not None:
         for i, node in enumerate(fid.get("samplers") or []):
-            validate_sampler(node, f"callbacks.fid.samplers[{i}]", T, conditional)
+            validate_sampler(node, f"callbacks.fid.samplers[{i}]", diffusion, conditional)
         from .eval.inception import InceptionWeightsNotFound, resolve_inception_weights
 
         try:
@@ -141,5 +133,3 @@ def validate_train_config(cfg: DictConfig) -> None:
     if clip is not None:
         _number("trainer.gradient_clip_val", clip)
     validate_optim(cfg.optim)
-    if int(cfg.timesteps.num_timesteps) != T:
-        raise ConfigError(f"timesteps.num_timesteps={cfg.timesteps.num_timesteps} must equal diffusion.steps={T}")

@@ -56,7 +56,7 @@ def build_loggers(cfg: DictConfig, resume_step: int | None = None, wandb_run_id:
                     *(cfg.get("tags") or []),
                     f"schedule={cfg.diffusion.schedule}",
                     f"sampler={cfg.sampler.method}",
-                    f"steps={cfg.sampler.steps}",
+                    f"steps={cfg.sampler.get('steps') or cfg.sampler.get('nfe')}",
                 }
             )
             if wandb_run_id:  # a resumed training run continues its W&B run

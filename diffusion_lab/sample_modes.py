@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .diffusion import Sampler, ddim_invert, interpolate, paint
+from .diffusion import Sampler, paint, slerp
 
 MODES = ("grid", "inpaint", "interpolate", "progression")
 MASKS = ("left_half", "right_half", "top_half", "bottom_half", "center")
@@ -57,9 +57,9 @@ def inpaint(module, sampler: Sampler, originals: torch.Tensor, mask_kind: str, g
         module.net,
         x0,
         mask,
-        sampler.timesteps(module.diffusion.num_timesteps),
-        sampler=sampler.method,
-        eta=sampler.eta,
+        sampler.timesteps(module.diffusion),
+        sampler=sampler.method.name,
+        eta=sampler.options.get("eta", 0.0),
         generator=dev_g,
         progress=True,
     )
@@ -68,16 +68,24 @@ def inpaint(module, sampler: Sampler, originals: torch.Tensor, mask_kind: str, g
 
 
 def interpolation(module, sampler: Sampler, a: torch.Tensor, b: torch.Tensor, points: int):
-    """DDIM-invert two images, slerp their latents, decode `points` images (eta=0): one strip."""
-    ts = sampler.timesteps(module.diffusion.num_timesteps)
-    za = ddim_invert(module.diffusion, module.net, a[None].to(module.device), ts, fixed_point_iters=1)
-    zb = ddim_invert(module.diffusion, module.net, b[None].to(module.device), ts, fixed_point_iters=1)
-    return interpolate(module.diffusion, module.net, za, zb, points, ts, progress=True), points
+    """Invert two images with the sampler's deterministic inversion (registry.Method.invert: DDIM's with one
+    fixed-point iteration, DPM-Solver++'s multistep one), slerp the latents (DDIM Sec. 5.3), decode `points`
+    images with the same sampler: one strip."""
+    from .diffusion import METHODS
+
+    method = sampler.method
+    if method.invert is None or not sampler.deterministic:
+        able = ", ".join(m.name for m in METHODS.values() if m.invert is not None)
+        raise ValueError(f"mode=interpolate needs a deterministic sampler with an inversion ({able}); got {sampler}")
+    ts = sampler.timesteps(module.diffusion)
+    za, zb = (method.invert(module.diffusion, module.net, img[None].to(module.device), ts) for img in (a, b))
+    zs = torch.cat([slerp(za, zb, w) for w in torch.linspace(0, 1, points).tolist()])
+    return sampler(module.diffusion, module.net, zs, progress=True), points
 
 
 def progression(module, sampler: Sampler, n: int, g: torch.Generator, frames: int = 10):
     """Rows = samples, columns = x0_hat at `frames` evenly spaced steps (last = the final sample)."""
-    ts = sampler.timesteps(module.diffusion.num_timesteps)
+    ts = sampler.timesteps(module.diffusion)
     keep = {round(i * (len(ts) - 1) / max(frames - 1, 1)) for i in range(frames)}
     seen = []
 

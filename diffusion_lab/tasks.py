@@ -25,7 +25,13 @@ from .checkpoint import (
     read_checkpoint,
     resume_changes,
 )
-from .config import ConfigError, validate_data_against_net, validate_eval_config, validate_train_config
+from .config import (
+    ConfigError,
+    validate_data_against_net,
+    validate_eval_config,
+    validate_sampler,
+    validate_train_config,
+)
 from .generate import sample_uint8
 from .lit import EMA
 from .lit.checkpointing import ApplyChangedHyperparameters, AtomicCheckpointIO
@@ -132,81 +138,84 @@ def _load_for_eval(cfg: DictConfig):
     return module, instantiate(run_cfg.data)
 
 
-def _samplers(cfg: DictConfig) -> list:
-    """The evaluation grid (DDIM steps x etas, DDPM steps), or the single `sampler` when grid is null."""
-    from .diffusion import Sampler
+def _samplers(cfg: DictConfig, module) -> list[tuple]:
+    """(sampler, role) pairs: the grid's methods x NFE ("curve") and its DDPM steps ("reference"), or the single
+    `sampler` when grid is null. Each is checked against the checkpoint's process before any sampling."""
+    from .diffusion import Sampler, get_method
 
     if not cfg.get("grid"):
-        return [instantiate(cfg.sampler)]
+        return [(validate_sampler(cfg.sampler, "sampler", module.diffusion, module.conditional), "curve")]
     g = cfg.grid
-    return [Sampler("ddim", s, eta=e, spacing=g.get("spacing", "ddim")) for e in g.etas for s in g.ddim_steps] + [
-        Sampler("ddpm", s, spacing="even") for s in g.ddpm_steps
-    ]
+    nfes = list(g.get("ddim_steps") or g.nfe)  # ddim_steps: the grid's older name for the NFE list
+    pairs = []
+    for name in g.methods:
+        etas = g.etas if "eta" in get_method(name).options else [None]
+        pairs += [(Sampler(name, nfe=n, spacing=g.get("spacing"), eta=e), "curve") for e in etas for n in nfes]
+    pairs += [(Sampler("ddpm", s), "reference") for s in g.get("ddpm_steps") or []]
+    unique = {s.name: (s, role) for s, role in pairs}  # e.g. Heun at NFE 9 and 10 is one sampler
+    for i, (s, _) in enumerate(unique.values()):
+        validate_sampler(s, f"grid[{i}] ({s.name})", module.diffusion, module.conditional)
+    return list(unique.values())
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """FID/KID for each sampler (and bits/dim) of a checkpoint; writes results.csv/.md and fid_vs_steps.png."""
-    from .config import validate_sampler
+    """FID/KID, precision/recall (and the classifier score on MNIST-like data) for each sampler of a checkpoint,
+    and bits/dim; writes results.csv/.md and fid_vs_nfe.png into the run directory."""
     from .eval.bpd import bits_per_dim
     from .eval.fid import FIDEvaluator
     from .eval.inception import inception_weights
-    from .eval.report import plot_fid_vs_steps, write_csv, write_markdown
+    from .eval.report import plot_fid_vs_nfe, row, write_csv, write_markdown
 
     validate_eval_config(cfg)
     module, dm = _load_for_eval(cfg)
-    samplers = _samplers(cfg)
-    for i, s in enumerate(samplers):  # fail before any sampling
-        validate_sampler(
-            OmegaConf.create(vars(s)), f"samplers[{i}]", module.diffusion.num_timesteps, module.conditional
-        )
-    out_dir = Path(cfg.paths.output_dir)
+    samplers = _samplers(cfg, module)
+    real = dm.real_images(cfg.fid.reference_split)[: cfg.fid.get("num_reference")]
     ev = FIDEvaluator(
         inception_weights(cfg.fid.inception_weights, cfg.paths.cache_dir), cfg.paths.cache_dir, device=module.device
     )
-    real = dm.real_images(cfg.fid.reference_split)
-    if cfg.fid.get("num_reference"):
-        real = real[: cfg.fid.num_reference]
     ref_name = f"{type(dm).__name__}-{cfg.fid.reference_split}"
     ref = ev.reference_features(ref_name, real)
+    classifier = _classifier(cfg, dm)
     rows = []
-    for s in samplers:
+    for s, role in samplers:
         t0 = time.perf_counter()
         fake = sample_uint8(module, s, cfg.num_samples, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
         seconds = time.perf_counter() - t0
         scores = ev.score(fake, ref)
-        rows.append(
-            {
-                "sampler": s.name,
-                "method": s.method,
-                "steps": s.steps,
-                "eta": s.eta,
-                **scores,
-                "reference": ref_name,
-                "sample_seconds": seconds,
-            }
-        )
+        if classifier is not None:
+            from .eval.classifier import score_images
+
+            scores |= score_images(classifier, fake)
+        rows.append(row(s, scores, ref_name, seconds, role))
         log.info(
-            "%s: FID %.3f KID %.5f (N=%d vs %s N=%d) in %.1fs",
-            s.name,
-            scores["fid"],
-            scores["kid"],
-            scores["n"],
-            ref_name,
-            scores["n_ref"],
-            seconds,
-        )
-    extra = ""
-    result = {"rows": rows}
+            "%s (%d NFE): FID %.3f KID %.5f precision %.3f recall %.3f (N=%d vs %s N=%d) in %.1fs",
+            s.name, s.nfe, scores["fid"], scores["kid"], scores["precision"], scores["recall"], scores["n"],
+            ref_name, scores["n_ref"], seconds,
+        )  # fmt: skip
+    extra, result = "", {"rows": rows}
     if cfg.get("bpd_num_images"):
         held_out = dm.real_images("val")[: cfg.bpd_num_images]
         result["bpd"] = bits_per_dim(module, held_out, seed=cfg.seed)
         extra = f"Bits/dim on {result['bpd']['n']} held-out images: {result['bpd']['bpd']:.4f}"
         log.info(extra)
+    out_dir = Path(cfg.paths.output_dir)
     write_csv(rows, out_dir / "results.csv")
     write_markdown(rows, out_dir / "results.md", extra)
-    plot_fid_vs_steps(rows, out_dir / "fid_vs_steps.png", title=str(Path(cfg.ckpt_path).name))
+    plot_fid_vs_nfe(rows, out_dir / "fid_vs_nfe.png", title=str(Path(cfg.ckpt_path).name))
     _log_eval_to_wandb(cfg, rows, out_dir)
     return result
+
+
+def _classifier(cfg: DictConfig, dm):
+    """The dataset's classifier (eval/classifier.py) when cfg.classifier_score allows and the data has a labelled
+    test set of 1-channel images (MNIST, Fashion-MNIST); None otherwise."""
+    if not cfg.get("classifier_score", True) or not hasattr(dm, "test_images") or dm.channels != 1:
+        return None
+    from .eval.classifier import classifier_for
+
+    model, info = classifier_for(dm, cfg.paths.cache_dir)
+    log.info("classifier score: %s classifier, test accuracy %.4f", type(dm).__name__, info["test_accuracy"])
+    return model
 
 
 def _log_eval_to_wandb(cfg: DictConfig, rows: list[dict], out_dir: Path) -> None:
@@ -216,7 +225,7 @@ def _log_eval_to_wandb(cfg: DictConfig, rows: list[dict], out_dir: Path) -> None
     if hasattr(logger, "log_table"):
         cols = list(rows[0].keys())
         logger.log_table("eval/fid_table", columns=cols, data=[[r[c] for c in cols] for r in rows])
-        logger.log_image("eval/fid_vs_steps", [str(out_dir / "fid_vs_steps.png")])
+        logger.log_image("eval/fid_vs_nfe", [str(out_dir / "fid_vs_nfe.png")])
     logger.log_metrics({f"eval/fid/{r['sampler']}": r["fid"] for r in rows})
     logger.finalize("success")
 
@@ -226,7 +235,6 @@ def sample(cfg: DictConfig) -> Path:
     import numpy as np
 
     from . import sample_modes
-    from .config import validate_sampler
     from .data import to_uint8
     from .io import atomic_write
     from .lit.callbacks import save_grid
@@ -235,8 +243,7 @@ def sample(cfg: DictConfig) -> Path:
         raise ValueError(f"mode={cfg.mode!r} is unknown; allowed: {', '.join(sample_modes.MODES)}")
     validate_eval_config(cfg)
     module, dm = _load_for_eval(cfg)
-    validate_sampler(cfg.sampler, "sampler", module.diffusion.num_timesteps, module.conditional)
-    sampler = instantiate(cfg.sampler)
+    sampler = validate_sampler(cfg.sampler, "sampler", module.diffusion, module.conditional)
     g = torch.Generator().manual_seed(cfg.seed)
     out_dir = Path(cfg.paths.output_dir)
     if cfg.mode == "grid":

@@ -71,8 +71,49 @@ def test_evaluate_writes_table_plot_and_bpd(tiny_ckpt, tmp_path):
     result = evaluate(cfg)
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert [r["sampler"] for r in rows] == ["ddim5_eta0", "ddim10_eta0", "ddpm100"]
+    assert [r["nfe"] for r in rows] == ["5", "10", "100"] and [r["role"] for r in rows][-1] == "reference"
     assert all(float(r["fid"]) > 0 and r["n"] == "24" and r["n_ref"] == "48" for r in rows)
-    assert (tmp_path / "fid_vs_steps.png").stat().st_size > 1000
+    assert all(0 <= float(r["precision"]) <= 1 and 0 <= float(r["recall"]) <= 1 for r in rows)
+    assert (tmp_path / "fid_vs_nfe.png").stat().st_size > 1000
     md = (tmp_path / "results.md").read_text()
-    assert "| ddim | 5 |" in md and "Bits/dim on 4 held-out images" in md
+    assert "| ddim5_eta0 | DDIM eta=0 | 5 |" in md and "Bits/dim on 4 held-out images" in md
     assert 0 < result["bpd"]["bpd"] < 20
+
+
+def test_evaluate_cli_solver_grid(tiny_ckpt, tmp_path):
+    """The solver grid from the command line: one row per (method, NFE) with its measured NFE, DDPM-T as the
+    reference row, one FID-vs-NFE plot."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "evaluate.py",
+            f"ckpt_path={tiny_ckpt}",
+            "grid.methods=[ddim,dpmpp_2m,unipc,heun]",
+            "grid.nfe=[3,6]",
+            "num_samples=8",
+            "batch_size=8",
+            "bpd_num_images=0",
+            "fid.reference_split=val",
+            "fid.num_reference=16",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    got = [(r["sampler"], r["nfe"], r["role"]) for r in rows]
+    assert got == [
+        ("ddim3_eta0", "3", "curve"),
+        ("ddim6_eta0", "6", "curve"),
+        ("dpmpp_2m3", "3", "curve"),
+        ("dpmpp_2m6", "6", "curve"),
+        ("unipc3", "3", "curve"),
+        ("unipc6", "6", "curve"),
+        ("heun2", "3", "curve"),
+        ("heun3", "5", "curve"),
+        ("ddpm100", "100", "reference"),
+    ]
+    assert (tmp_path / "fid_vs_nfe.png").stat().st_size > 1000

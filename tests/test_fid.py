@@ -164,3 +164,21 @@ def test_reference_cache_never_half_written(tmp_path, digits):
         Path(tmp).write_bytes(b"half")
         raise RuntimeError("killed mid-write")
     assert not path.exists() and not list(path.parent.glob("*.tmp"))
+
+
+def test_precision_recall_closed_cases():
+    """Kynkäänniemi et al. 2019 with k=3: identical sets 1/1, far-apart sets 0/0, and a generated set that covers
+    one of the real set's two clusters: every generated point is real-looking (precision 1), half the real
+    points are missed (recall 0.5)."""
+    from diffusion_lab.eval.precision_recall import knn_radii, precision_recall
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 16, generator=g)
+    assert precision_recall(a, a) == {"precision": 1.0, "recall": 1.0}
+    assert precision_recall(a, a + 100.0) == {"precision": 0.0, "recall": 0.0}
+    real = torch.cat([torch.randn(100, 16, generator=g), torch.randn(100, 16, generator=g) + 50.0])
+    pr = precision_recall(real, real[:100])
+    assert pr["precision"] == 1.0 and pr["recall"] == 0.5
+    # the radius is the distance to the 3rd nearest other point
+    pts = torch.tensor([[0.0], [1.0], [3.0], [6.0], [10.0]])
+    assert knn_radii(pts, k=3).tolist() == [6.0, 5.0, 3.0, 5.0, 9.0]

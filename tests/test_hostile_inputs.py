@@ -215,6 +215,7 @@ def test_class_folders_must_match_net_num_classes(tmp_path, folders):
         *FAST,
         "logger=none",
         "data=folder",
+        "net=unet_digits",
         f"data.path={tmp_path / 'imgs'}",
         "data.labels_from_subdirs=true",
         "data.image_size=8",

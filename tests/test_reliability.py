@@ -205,14 +205,15 @@ def test_sigkill_mid_training_then_resume_finishes(tmp_path):
 
 INVALID = [
     (["diffusion.schedule=quadratic"], r"diffusion.schedule='quadratic'.*linear, cosine"),
-    (["sampler.method=euler"], r"sampler.method='euler'.*ddpm, ddim"),
+    (["sampler.method=dpm_fast"], r"sampler.method='dpm_fast' is unknown; allowed: ddpm, ddim, dpmpp_2m"),
+    (["+sampler.order=2"], r"sampler.order is not an option of sampler.method=ddim"),
     (["diffusion.var_type=big"], r"diffusion.var_type='big'.*fixed_small"),
     (["diffusion.loss_type=l1"], r"diffusion.loss_type='l1'.*mse"),
     (["diffusion.mean_type=score"], r"diffusion.mean_type='score'.*eps, x0, v"),
     (["sampler.steps=2000"], r"sampler.steps=2000 must be between 1 and diffusion.steps=1000"),
-    (["sampler.eta=-0.5"], r"sampler.eta=-0.5 must be >= 0"),
+    (["sampler.eta=-0.5"], r"sampler.eta=-0.5 must be a number >= 0"),
     (["sampler.guidance_scale=3"], r"sampler.guidance_scale=3.*class-conditional"),
-    (["net.attention_resolutions=[16]"], r"net.attention_resolutions contains 16.*\[8, 4, 2\]"),
+    (["net.attention_resolutions=[16]"], r"net.attention_resolutions=\[16\]: \[16\] never reached.*\[8, 4, 2\]"),
     (["data.image_size=12", "net.channel_mult=[1,2,2,2]"], r"data.image_size=12 cannot be halved 3 times"),
     (["diffusion.var_type=learned_range"], r"needs net.learn_sigma=True"),
     (["label_dropout=0.1"], r"label_dropout=0.1 needs a class-conditional net"),

@@ -178,11 +178,52 @@ def test_slerp_endpoints_and_norm():
 
 
 def test_sampler_spec_names_and_errors():
+    diff = GaussianDiffusion(get_betas("linear", 1000))
     assert Sampler("ddim", 50).name == "ddim50_eta0" and Sampler("ddpm", 1000).name == "ddpm1000"
-    assert Sampler("ddim", 50).timesteps(1000) == list(range(0, 1000, 20))
-    with pytest.raises(ValueError, match="sampler.steps=2000 exceeds"):
-        Sampler("ddim", 2000).timesteps(1000)
-    with pytest.raises(ValueError, match="sampler.method='euler'"):
-        Sampler("euler", 10)
-    with pytest.raises(ValueError, match="sampler.eta"):
+    assert Sampler("ddim", 50).timesteps(diff) == list(range(0, 1000, 20))
+    with pytest.raises(ValueError, match="sampler.steps=2000 must be between 1 and diffusion.steps=1000"):
+        Sampler("ddim", 2000).timesteps(diff)
+    with pytest.raises(ValueError, match="sampler.method='dpm_fast' is unknown; allowed: ddpm, ddim, dpmpp_2m"):
+        Sampler("dpm_fast", 10)
+    with pytest.raises(ValueError, match="sampler.eta=-0.1 must be a number >= 0"):
         Sampler("ddim", 10, eta=-0.1)
+    with pytest.raises(ValueError, match=r"sampler.order is not an option of sampler.method=ddim \(it takes: eta"):
+        Sampler("ddim", 10, order=2)
+    with pytest.raises(ValueError, match="sampler.spacing='cubic' is unknown"):
+        Sampler("dpmpp_2m", 10, spacing="cubic")
+    with pytest.raises(ValueError, match="sampler.steps=10 and sampler.nfe=12 disagree"):
+        Sampler("dpmpp_2m", steps=10, nfe=12)
+
+
+@pytest.mark.parametrize(
+    "method,nfe,steps,label",
+    [("ddim", 10, 10, "DDIM eta=0"), ("heun", 10, 5, "Heun"), ("heun", 9, 5, "Heun"), ("unipc", 7, 7, "UniPC-3")],
+)
+def test_nfe_budget_gives_the_most_steps_that_fit(method, nfe, steps, label):
+    s = Sampler(method, nfe=nfe)
+    assert s.steps == steps and s.nfe <= nfe and s.label == label
+    assert Sampler(method, nfe=s.nfe + 2).nfe > s.nfe  # a larger budget buys more
+
+
+def test_every_method_counts_its_network_evaluations():
+    """NFE is measured, not declared: a counting model sees exactly Sampler.nfe calls per sample."""
+    from diffusion_lab.diffusion import METHODS
+
+    diff = GaussianDiffusion(get_betas("linear", 100))
+    calls = []
+
+    def model(x, t, **_):
+        calls.append(1)
+        return _model(x, t)
+
+    for name in METHODS:
+        calls.clear()
+        s = Sampler(name, nfe=8)
+        s(diff, model, torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0)))
+        assert len(calls) == s.nfe, (name, len(calls), s.nfe)
+
+
+def test_paint_refuses_multistep_methods_by_name():
+    diff = GaussianDiffusion(get_betas("linear", 50))
+    with pytest.raises(ValueError, match=r"sampler.method=dpmpp_2m cannot inpaint .* methods that can: ddpm, ddim"):
+        paint(diff, _model, torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2), "ddim10", sampler="dpmpp_2m")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # "test": the datasets that have a separate test set (MNIST, Fashion, CIFAR)
 
 
 def to_model_range(x_uint8: torch.Tensor) -> torch.Tensor:
@@ -135,9 +135,14 @@ class ImageDataModule(L.LightningDataModule):
             )
 
     def real_images(self, split: str = "train") -> torch.Tensor:
-        """uint8 [N, C, H, W] of a split ("train" or "val"), e.g. for FID reference statistics."""
+        """uint8 [N, C, H, W] of a split ("train", "val", or "test" where the dataset has a test set), e.g. for
+        FID reference statistics."""
         if split not in SPLITS:
             raise ValueError(f"reference_split={split!r} is unknown; allowed: {', '.join(SPLITS)}")
+        if split == "test":
+            if not hasattr(self, "test_images"):
+                raise ValueError(f"reference_split=test: {type(self).__name__} has no test set; use train or val")
+            return self.test_images()[0]
         self.setup()
         return (self.train_set if split == "train" else self.val_set).images
 

@@ -1,9 +1,11 @@
 """The diffusion math: plain PyTorch, no network, no Lightning (see ARCHITECTURE.md, rule 1)."""
 
+from .analytic import GaussianData, PointMixture
 from .gaussian import LOSS_TYPES, LOSS_WEIGHTINGS, MEAN_TYPES, VAR_TYPES, GaussianDiffusion, snr_loss_weight
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
-from .respace import space_timesteps
-from .sampler_spec import METHODS, Sampler
+from .registry import METHODS, Method, get_method
+from .respace import sampling_times, space_timesteps
+from .sampler_spec import Sampler
 from .samplers import (
     ClassifierFreeGuidance,
     ddim_invert,
@@ -15,6 +17,7 @@ from .samplers import (
     slerp,
 )
 from .schedules import SCHEDULES, get_betas, rescale_zero_terminal_snr
+from .solvers import dpmpp_2m, dpmpp_3m, euler, euler_ancestral, heun, ipndm, ode_invert, unipc
 from .timesteps import LossSecondMomentSampler, UniformSampler
 
 __all__ = [
@@ -23,6 +26,19 @@ __all__ = [
     "rescale_zero_terminal_snr",
     "snr_loss_weight",
     "space_timesteps",
+    "sampling_times",
+    "dpmpp_2m",
+    "dpmpp_3m",
+    "unipc",
+    "ipndm",
+    "euler",
+    "heun",
+    "euler_ancestral",
+    "ode_invert",
+    "GaussianData",
+    "PointMixture",
+    "Method",
+    "get_method",
     "ddpm_sample",
     "ddim_sample",
     "ddim_invert",

@@ -91,7 +91,7 @@ def sampling_times(diffusion, spacing: str, steps: int) -> list:
     T, steps = diffusion.num_timesteps, int(steps)
     if spacing in SPACINGS:
         if not 1 <= steps <= T:
-            raise ValueError(f"sampler.steps={steps} must be between 1 and the process's diffusion.steps={T}")
+            raise ValueError(f"sampler.steps={steps} must be between 1 and diffusion.steps={T}")
         return list(range(T)) if steps == T else space_timesteps(T, f"{spacing}{steps}")
     if spacing not in CONTINUOUS_SPACINGS:
         raise ValueError(

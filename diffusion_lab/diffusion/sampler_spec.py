@@ -1,54 +1,115 @@
-"""`Sampler`: a named, configurable sampler (method, steps, spacing, eta) as Hydra builds it.
+"""`Sampler`: a named, configured reverse-process sampler, as Hydra builds it and as every table names it.
 
-    sampler = Sampler(method="ddim", steps=50)          # == ddim_sample(..., "ddim50", eta=0)
+    sampler = Sampler("ddim", steps=50)                    # == ddim_sample(..., sampling_times(d, "ddim", 50), eta=0)
+    sampler = Sampler("dpmpp_2m", nfe=10)                  # steps from the NFE budget; spacing = the method's default
+    sampler = Sampler("unipc", steps=10, order=2, spacing="karras")
     x0 = sampler(diffusion, model, x_T, generator=g)
-The functions in samplers.py stay the API; this object only holds the choices a sweep varies
-(`sampler.steps=10,50,100`) and names the result for logs ("ddim50_eta0.0").
+    sampler.name, sampler.label, sampler.nfe              # 'unipc10_order2_karras', 'UniPC-2', 10
+
+The method (its function, options, NFE rule, label) comes from the registry (registry.py). Every invariant is
+checked once: the method and its options at construction, the steps against a process's T in `timesteps`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
-from .respace import SPACINGS, space_timesteps
-from .samplers import ClassifierFreeGuidance, ddim_sample, ddpm_sample
+from .registry import Method, get_method
+from .respace import CONTINUOUS_SPACINGS, SPACINGS, sampling_times
+from .samplers import ClassifierFreeGuidance
 
-METHODS = ("ddpm", "ddim")
+ALL_SPACINGS = SPACINGS + CONTINUOUS_SPACINGS
 
 
-@dataclass
 class Sampler:
-    method: str = "ddim"
-    steps: int = 50
-    eta: float = 0.0
-    spacing: str = "ddim"  # see respace.py: ddim, uniform, quad, trailing, even
-    clip_denoised: bool = True
-    temperature: float = 1.0
-    guidance_scale: float | None = None  # classifier-free guidance; None = no guidance
+    """Args:
+    method: a registered method name (ddpm, ddim, dpmpp_2m, dpmpp_3m, unipc, ipndm, euler, heun, euler_ancestral).
+    steps: visited times (the process is respaced to them); or
+    nfe: a network-evaluation budget instead: the most steps whose NFE fits (Heun: 2 steps - 1).
+    spacing: how the times are chosen (respace.sampling_times); None: the method's default.
+    clip_denoised: clamp each x0 prediction to [-1, 1] (DPM-Solver++'s thresholding, static).
+    guidance_scale: classifier-free guidance scale s (None: no guidance).
+    **options: the method's own options (eta, temperature, order, s_churn, ...), validated by the registry.
+    """
 
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"sampler.method={self.method!r} is unknown; allowed: {', '.join(METHODS)}")
-        if self.spacing not in SPACINGS:
-            raise ValueError(f"sampler.spacing={self.spacing!r} is unknown; allowed: {', '.join(SPACINGS)}")
-        if self.eta < 0:
-            raise ValueError(f"sampler.eta={self.eta} must be >= 0")
-        if int(self.steps) < 1:
-            raise ValueError(f"sampler.steps={self.steps} must be >= 1")
+    def __init__(
+        self,
+        method: str = "ddim",
+        steps: int | None = None,
+        nfe: int | None = None,
+        spacing: str | None = None,
+        clip_denoised: bool = True,
+        guidance_scale: float | None = None,
+        **options: Any,
+    ):
+        self.method: Method = get_method(method)
+        self.options = self.method.resolve({k: v for k, v in options.items() if v is not None})
+        if steps is not None and nfe is not None and self.method.steps_for_nfe(nfe) != int(steps):
+            raise ValueError(f"sampler.steps={steps} and sampler.nfe={nfe} disagree; give one of them")
+        if nfe is not None:
+            if isinstance(nfe, bool) or int(nfe) != nfe or nfe < self.method.nfe(1):
+                raise ValueError(f"sampler.nfe={nfe!r} must be an integer >= {self.method.nfe(1)} for {method}")
+            steps = self.method.steps_for_nfe(int(nfe))
+        steps = 50 if steps is None else steps
+        if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+            raise ValueError(f"sampler.steps={steps!r} must be a positive integer")
+        self.steps = int(steps)
+        self.spacing = spacing or self.method.spacing
+        if self.spacing not in ALL_SPACINGS:
+            raise ValueError(f"sampler.spacing={self.spacing!r} is unknown; allowed: {', '.join(ALL_SPACINGS)}")
+        self.clip_denoised = bool(clip_denoised)
+        if guidance_scale is not None and (isinstance(guidance_scale, bool) or guidance_scale < 0):
+            raise ValueError(f"sampler.guidance_scale={guidance_scale!r} must be a number >= 0 (or null)")
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+
+    # ------------------------------------------------------------------ what tables and plots show
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per sample (x2 batch size under guidance, not counted twice)."""
+        return self.method.nfe(self.steps)
+
+    @property
+    def deterministic(self) -> bool:
+        return not self.method.stochastic(self.options)
 
     @property
     def name(self) -> str:
-        """Log name, e.g. 'ddim50_eta0.0', 'ddpm1000', 'ddim50_eta0.0_cfg3.0'."""
-        base = f"ddim{self.steps}_eta{self.eta:g}" if self.method == "ddim" else f"ddpm{self.steps}"
+        """Log name: 'ddim50_eta0', 'ddpm1000', 'heun10' (+ '_<spacing>' when not the default, '_cfg3')."""
+        base = self.method.log_name(self.steps, self.options)
+        base += f"_{self.spacing}" if self.spacing != self.method.spacing else ""
         return base + (f"_cfg{self.guidance_scale:g}" if self.guidance_scale is not None else "")
 
-    def timesteps(self, num_timesteps: int) -> list[int]:
-        """The kept timesteps; raises ValueError naming sampler.steps when impossible for T."""
-        if self.steps > num_timesteps:
-            raise ValueError(f"sampler.steps={self.steps} exceeds the process's diffusion.steps={num_timesteps}")
-        if self.steps == num_timesteps:
-            return list(range(num_timesteps))
-        return space_timesteps(num_timesteps, f"{self.spacing}{self.steps}")
+    @property
+    def label(self) -> str:
+        """Display name of the method with its options ('DDIM eta=0', 'UniPC-2'): one curve in a plot."""
+        spacing = f" ({self.spacing})" if self.spacing != self.method.spacing else ""
+        return self.method.label(self.options) + spacing
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments (a plain dict, e.g. for a results row or a Hydra node)."""
+        return {
+            "method": self.method.name,
+            "steps": self.steps,
+            "spacing": self.spacing,
+            "clip_denoised": self.clip_denoised,
+            "guidance_scale": self.guidance_scale,
+            **self.options,
+        }
+
+    def replace(self, **changes: Any) -> Sampler:
+        """A copy with some arguments changed (like dataclasses.replace)."""
+        return Sampler(**{**self.config(), **changes})
+
+    def __repr__(self) -> str:
+        return f"Sampler({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sampler) and self.config() == other.config()
+
+    # ------------------------------------------------------------------ running it
+    def timesteps(self, diffusion) -> list:
+        """The ascending times it visits on `diffusion`; ValueError naming sampler.steps when its T cannot give them."""
+        return sampling_times(diffusion, self.spacing, self.steps)
 
     def __call__(
         self,
@@ -62,21 +123,22 @@ class Sampler:
         callback=None,
         null_label: int | None = None,
     ):
+        """x_0 [B, C, H, W] from x_T [B, C, H, W] (the state at the first visited time)."""
         if self.guidance_scale is not None:
             if null_label is None or not model_kwargs or "y" not in model_kwargs:
                 raise ValueError(
                     "sampler.guidance_scale needs a class-conditional model (net.num_classes) and labels y"
                 )
             model = ClassifierFreeGuidance(model, self.guidance_scale, null_label)
-        kw = dict(
-            clip_denoised=self.clip_denoised,
+        return self.method.fn(
+            diffusion,
+            model,
+            x_T,
+            self.timesteps(diffusion),
             model_kwargs=model_kwargs,
             generator=generator,
-            temperature=self.temperature,
-            progress=progress,
             callback=callback,
+            clip_denoised=self.clip_denoised,
+            progress=progress,
+            **self.options,
         )
-        ts = self.timesteps(diffusion.num_timesteps)
-        if self.method == "ddpm":
-            return ddpm_sample(diffusion, model, x_T, ts, **kw)
-        return ddim_sample(diffusion, model, x_T, ts, eta=self.eta, **kw)

@@ -214,6 +214,8 @@ def paint(
 ):
     """Inpainting: sample the unknown region while the known one follows the original's noising.
 
+    sampler: a registered method with a single-step update (ddpm, ddim; registry.Method.step), eta its option.
+
     x0: [B, C, H, W] in [-1, 1]; mask: broadcastable to x0, 1 where x0 is known. Starts from x0 noised
     to the first visited level (pure noise in effect when starting at T). After the step that produces
     x at the level of index i-1, the known region is set to q_sample(x0, i-1) (to x0 itself after the
@@ -233,7 +235,15 @@ def paint(
             known = process.q_sample(x0, t_prev, _noise(x0, generator))
         return mask * known + (1 - mask) * x
 
-    step = ddpm_step if sampler == "ddpm" else ddim_step
+    from .registry import METHODS, get_method  # the registry imports this module
+
+    step = get_method(sampler).step
+    if step is None:
+        able = ", ".join(m.name for m in METHODS.values() if m.step is not None)
+        raise ValueError(
+            f"sampler.method={sampler} cannot inpaint (paint replaces the known region after each single step; "
+            f"methods that can: {able})"
+        )
     return sample_loop(
         process,
         model,

@@ -22,6 +22,7 @@ from ..diffusion import Sampler
 from ..lit.callbacks import ema_module, log_image, save_grid
 from .fid import FIDEvaluator
 from .inception import inception_weights
+from .precision_recall import precision_recall
 
 
 class FIDCallback(L.Callback):
@@ -50,7 +51,8 @@ class FIDCallback(L.Callback):
                 f"callbacks.fid.reference_split={reference_split!r} is unknown; allowed: {', '.join(SPLITS)}"
             )
         # Sampler objects, or mappings of their fields (as OmegaConf turns dataclasses inside lists into)
-        samplers = [s if isinstance(s, Sampler) else Sampler(**s) for s in (samplers or [])]
+        samplers = [s if isinstance(s, Sampler) else Sampler(**{k: v for k, v in s.items() if k != "_target_"})
+                    for s in (samplers or [])]
         self.samplers = samplers or [Sampler("ddim", 50), Sampler("ddpm", 1000)]
         self.num_samples, self.every_n_epochs = num_samples, every_n_epochs
         self.weights_arg, self.cache_dir, self.reference_split = inception_weights, cache_dir, reference_split
@@ -107,8 +109,10 @@ class FIDCallback(L.Callback):
                 chunks.append(to_uint8(module.sample(m, sampler, y=y, generator=g, x_T=x_T)).cpu())
             fake = torch.cat(chunks) if chunks else torch.zeros(0, *real.shape[1:], dtype=torch.uint8)
             seconds = time.perf_counter() - t0
-            scores = ev.score_features(ev.features(fake), ref_share, self.num_samples, ref.shape[0])
-            scores["sample_seconds"] = seconds
+            feats = ev.features(fake)
+            scores = ev.score_features(feats, ref_share, self.num_samples, ref.shape[0])
+            scores |= precision_recall(ref, self._gather(trainer, feats))
+            scores["sample_seconds"], scores["nfe"] = seconds, sampler.nfe
             results[sampler.name] = scores
             if trainer.is_global_zero and fake.shape[0]:
                 path = self.dirpath / f"{sampler.name}_step{trainer.global_step:07d}.png"
@@ -118,20 +122,28 @@ class FIDCallback(L.Callback):
         self._log(trainer, results)
         return results
 
+    @staticmethod
+    def _gather(trainer, feats: torch.Tensor) -> torch.Tensor:
+        """Every rank's features [N_r, D] -> all of them on every rank (shares differ by at most one row)."""
+        if trainer.world_size == 1:
+            return feats
+        n = torch.tensor([feats.shape[0]], device=trainer.strategy.root_device)
+        sizes = trainer.strategy.all_gather(n).reshape(-1).tolist()
+        padded = torch.zeros(max(sizes), feats.shape[1], dtype=feats.dtype)
+        padded[: feats.shape[0]] = feats
+        everything = trainer.strategy.all_gather(padded.to(trainer.strategy.root_device)).cpu()
+        return torch.cat([everything[r, :k] for r, k in enumerate(sizes)])
+
     def _log(self, trainer, results):
         metrics = {}
         for name, s in results.items():
-            metrics.update(
-                {
-                    f"val/fid/{name}": s["fid"],
-                    f"val/kid/{name}": s["kid"],
-                    f"val/sample_seconds/{name}": s["sample_seconds"],
-                }
-            )
-        ddim = [s["fid"] for n, s in results.items() if n.startswith("ddim")]
-        ddpm = [s["fid"] for n, s in results.items() if n.startswith("ddpm")]
-        if ddim and ddpm and ddpm[0] > 0:
-            metrics["val/fid_ratio_ddim_ddpm"] = ddim[0] / ddpm[0]
+            for key in ("fid", "kid", "precision", "recall", "sample_seconds"):
+                metrics[f"val/{key}/{name}"] = s[key]
+        # Each sampler's FID relative to the one with the most network evaluations (DDPM-T by default).
+        ref = max(results, key=lambda n: results[n]["nfe"], default=None)
+        for name, s in results.items():
+            if name != ref and results[ref]["fid"] > 0:
+                metrics[f"val/fid_ratio/{name}"] = s["fid"] / results[ref]["fid"]
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
         for k, v in metrics.items():

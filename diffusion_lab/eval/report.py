@@ -1,4 +1,8 @@
-"""Result tables (CSV, Markdown) and the FID-vs-steps plot of an evaluation, written atomically."""
+"""Result tables (CSV, Markdown) and the FID-vs-NFE plot of an evaluation, written atomically.
+
+A row is one sampler's scores: `row(sampler, scores, ...)`; rows with role "reference" (DDPM at the full T by
+default) are drawn as dashed horizontal lines, every other (method, options, spacing) label is one curve.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,32 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from ..io import atomic_write  # noqa: E402
 
-COLUMNS = ["sampler", "method", "steps", "eta", "fid", "kid", "kid_std", "n", "n_ref", "reference", "sample_seconds"]
+COLUMNS = [
+    "sampler", "label", "role", "method", "steps", "nfe", "spacing", "eta", "fid", "kid", "kid_std", "precision",
+    "recall", "cls_score", "confident", "n", "n_ref", "reference", "sample_seconds", "seconds_per_sample",
+]  # fmt: skip
+
+
+def row(sampler, scores: dict, reference: str, seconds: float, role: str = "curve") -> dict:
+    """A results row: the sampler's identity (from the registry), its scores, the reference set, the time."""
+    return {
+        "sampler": sampler.name,
+        "label": sampler.label,
+        "role": role,
+        "method": sampler.method.name,
+        "steps": sampler.steps,
+        "nfe": sampler.nfe,
+        "spacing": sampler.spacing,
+        "eta": sampler.options.get("eta", ""),
+        **scores,
+        "reference": reference,
+        "sample_seconds": seconds,
+        "seconds_per_sample": seconds / max(1, scores.get("n", 1)),
+    }
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -22,17 +48,25 @@ def write_csv(rows: list[dict], path: Path) -> None:
         w.writerows(rows)
 
 
+def _num(v, fmt: str) -> str:
+    return format(v, fmt) if isinstance(v, int | float) else "-"
+
+
 def markdown_table(rows: list[dict], extra: str = "") -> str:
-    """One row per sampler: FID, KID, N and the reference set, as DDIM Table 1 lays out its columns."""
-    lines = [
-        "| sampler | steps | eta | FID | KID x1e3 | N | reference | seconds |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    """One row per sampler: NFE, FID, KID, precision/recall (and the classifier score where there is one)."""
+    cls = any("cls_score" in r for r in rows)
+    head = "| sampler | label | NFE | FID | KID x1e3 | precision | recall |"
+    head += (" cls score | confident |" if cls else "") + " N | reference | s/sample |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['steps']} | {r['eta']:g} | {r['fid']:.2f} | {1e3 * r['kid']:.2f} ± "
-            f"{1e3 * r['kid_std']:.2f} | {r['n']} | {r['reference']} (N={r['n_ref']}) | {r['sample_seconds']:.1f} |"
+        line = (
+            f"| {r['sampler']} | {r['label']} | {r['nfe']} | {r['fid']:.2f} | {1e3 * r['kid']:.2f} ± "
+            f"{1e3 * r['kid_std']:.2f} | {_num(r.get('precision'), '.3f')} | {_num(r.get('recall'), '.3f')} |"
         )
+        if cls:
+            line += f" {_num(r.get('cls_score'), '.2f')} | {_num(r.get('confident'), '.3f')} |"
+        line += f" {r['n']} | {r['reference']} (N={r['n_ref']}) | {r['seconds_per_sample']:.4f} |"
+        lines.append(line)
     return "\n".join(lines) + ("\n\n" + extra if extra else "") + "\n"
 
 
@@ -41,20 +75,29 @@ def write_markdown(rows: list[dict], path: Path, extra: str = "") -> None:
         Path(tmp).write_text(markdown_table(rows, extra))
 
 
-def plot_fid_vs_steps(rows: list[dict], path: Path, title: str = "") -> None:
-    """FID against steps (log x), one line per (method, eta); single-step methods as points."""
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for key in sorted({(r["method"], r["eta"]) for r in rows}):
-        pts = sorted((r["steps"], r["fid"]) for r in rows if (r["method"], r["eta"]) == key)
-        label = f"DDIM eta={key[1]:g}" if key[0] == "ddim" else "DDPM"
+def plot_fid_vs_nfe(rows: list[dict], path: Path, title: str = "", ax=None) -> None:
+    """FID against network evaluations (log x): one line per label, reference rows as dashed horizontal lines."""
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    curves = [r for r in rows if r.get("role") != "reference"]
+    for label in dict.fromkeys(r["label"] for r in curves):
+        pts = sorted((r["nfe"], r["fid"]) for r in curves if r["label"] == label)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    for i, r in enumerate(r for r in rows if r.get("role") == "reference"):
+        ax.axhline(r["fid"], color="black", ls="--", lw=1, alpha=0.7 - 0.2 * i, label=f"{r['label']}, {r['nfe']} NFE")
+    nfes = sorted({r["nfe"] for r in curves})
     ax.set_xscale("log")
-    ax.set_xlabel("sampling steps")
+    if nfes:
+        ax.set_xticks(nfes, [str(n) for n in nfes])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("network evaluations per sample (NFE)")
     ax.set_ylabel(f"FID (N={rows[0]['n']})" if rows else "FID")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    ax.legend(fontsize=8)
+    if own:
+        fig.tight_layout()
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -73,7 +72,7 @@ class SampleGridCallback(L.Callback):
             nrow = max(1, self.num_samples // k)
             y = torch.arange(k).repeat_interleave(nrow)
             variants = [
-                (f"{name}_cfg{s:g}", replace(sampler, guidance_scale=float(s))) for s in self.guidance_scales
+                (f"{name}_cfg{s:g}", sampler.replace(guidance_scale=float(s))) for s in self.guidance_scales
             ] or variants
         n = y.shape[0] if y is not None else self.num_samples
         paths = []

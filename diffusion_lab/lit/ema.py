@@ -20,19 +20,26 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
 class EMA(L.Callback):
-    """Exponential moving average ema <- decay * ema + (1 - decay) * w after every optimizer step.
+    """Exponential moving average ema <- d_n * ema + (1 - d_n) * w after the n-th optimizer step.
 
+    d_n = decay, or with warmup d_n = min(decay, (1 + n) / (10 + n)) (TensorFlow's ExponentialMovingAverage with
+    num_updates): without it a short run's average keeps decay^n of its random initial weights (0.999^800 = 45%
+    after 800 steps); with it the horizon grows with the run until it reaches 1 / (1 - decay).
     Validation runs on the EMA weights (swapped in and back). The raw weights stay in the module after fit.
     """
 
-    def __init__(self, decay: float = 0.9999, update_every_n_steps: int = 1):
+    def __init__(self, decay: float = 0.9999, update_every_n_steps: int = 1, warmup: bool = False):
         if not 0.0 <= float(decay) <= 1.0:
             raise ValueError(f"callbacks.ema.decay={decay} must be in [0, 1]")
         if int(update_every_n_steps) < 1:
             raise ValueError(f"callbacks.ema.update_every_n_steps={update_every_n_steps} must be >= 1")
-        self.decay, self.update_every_n_steps = float(decay), int(update_every_n_steps)
+        self.decay, self.update_every_n_steps, self.warmup = float(decay), int(update_every_n_steps), bool(warmup)
         self.averaged: AveragedModel | None = None
         self.latest_update_step = 0
+
+    def decay_at(self, step: int) -> float:
+        """The decay used by the update after optimizer step `step` (1-based)."""
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
     @staticmethod
     def of(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
@@ -54,6 +61,7 @@ class EMA(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if step > self.latest_update_step and (step - 1) % self.update_every_n_steps == 0:
+            self.averaged.multi_avg_fn = get_ema_multi_avg_fn(self.decay_at(step))
             self.averaged.update_parameters(pl_module)
             self.latest_update_step = step
 

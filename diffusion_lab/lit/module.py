@@ -68,6 +68,10 @@ class DiffusionModule(L.LightningModule):
         self.optimizer_factory = optimizer or (lambda p: torch.optim.Adam(p, lr=2e-4))
         self.lr_scheduler_factory = lr_scheduler
         self.label_dropout = float(label_dropout)
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout={label_dropout} must be in [0, 1)")
+        if self.label_dropout > 0 and not self.conditional:
+            raise ValueError(f"label_dropout={label_dropout} needs a class-conditional net (set net.num_classes)")
         self.sampler = sampler or Sampler("ddim", 50)
         self.run_config = run_config or {}
         self.seed = int(seed)

@@ -1,0 +1,229 @@
+"""MNIST on 2 CPU cores: the net-size ablation behind experiment=mnist_cpu, the recipe's cost and quality, and
+DDIM's Table 1 re-checked on MNIST (issue 15).
+
+    python bench/mnist.py --stage throughput   # images/s of candidate nets (each in its own process)
+    python bench/mnist.py --stage ablation     # each candidate trained for the same wall-clock budget, scored
+    python bench/mnist.py --stage recipe       # experiment=mnist_cpu end to end: minutes, loss, FID, classifier
+    python bench/mnist.py --stage table        # DDIM eta {0,1} x S {10,20,50,100} and DDPM-1000, N=1,000
+    python bench/mnist.py                      # all stages, then the BENCHMARKS.md section
+
+FID is torch-fidelity's Inception through diffusion_lab.eval.fid against the 10,000 MNIST test images; the
+floor is the FID of 2,000 real training images against the same reference. The classifier score is
+exp(E KL(p(y|x) || p(y))) of diffusion_lab.eval.classifier's CNN (10 is the maximum) and the share of samples
+it classifies with confidence >= 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import CACHE, ROOT, RUNS, machine, machine_line, peak_rss_mib, run_worker, summary
+
+# Candidate nets at 28x28 (28 -> 14 -> 7, attention at 7x7 and in the middle), as net.* overrides.
+NETS = {
+    "c32b1": ["net.base_channels=32", "net.num_res_blocks=1"],
+    "c32b2": ["net.base_channels=32", "net.num_res_blocks=2"],
+    "c48b1": ["net.base_channels=48", "net.num_res_blocks=1"],
+    "c64b1": ["net.base_channels=64", "net.num_res_blocks=1"],
+    "c64b2": ["net.base_channels=64", "net.num_res_blocks=2"],
+}
+RESULTS_JSON = ROOT / "bench" / "results" / "mnist_stages.json"
+
+
+def load_stages() -> dict:
+    return json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+
+
+def save_stage(name: str, data: dict) -> None:
+    from diffusion_lab.io import atomic_write
+
+    stages = load_stages()
+    stages[name] = data
+    with atomic_write(RESULTS_JSON) as tmp:
+        tmp.write_text(json.dumps(stages, indent=1, default=float))
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = hydra_compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths = {
+            "output_dir": str(RUNS / "mnist_throughput"),
+            "cache_dir": str(CACHE),
+            "data_dir": str(ROOT / "data"),
+            "root_dir": str(ROOT),
+        }
+    return cfg
+
+
+def worker_throughput(net: str, batch: int, warmup: int, steps: int) -> dict:
+    """Our full training step (train.yaml's callbacks: EMA, non-finite guard) on MNIST-shaped images."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from diffusion_lab.data import ImageDataModule
+    from diffusion_lab.tasks import build_module
+
+    cfg = compose(["experiment=mnist_cpu", "logger=none", f"data.batch_size={batch}", *NETS[net]])
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch * (warmup + steps), 1, 28, 28), generator=g, dtype=torch.uint8)
+
+    class Images(ImageDataModule):
+        def load_images(self):
+            return images, torch.full((images.shape[0],), -1)
+
+    dm = Images(image_size=28, channels=1, val_fraction=0.0, batch_size=batch)
+    L.seed_everything(0)
+    module = build_module(cfg)
+    stamps = []
+
+    class Timer(L.Callback):
+        def on_train_batch_end(self, *args):
+            stamps.append(time.perf_counter())
+
+    callbacks = [instantiate(cfg.callbacks.nonfinite_guard), instantiate(cfg.callbacks.ema), Timer()]
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=False,
+        max_steps=warmup + steps,
+        max_epochs=1,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    sec = (stamps[-1] - stamps[warmup - 1]) / steps
+    params = sum(p.numel() for p in module.net.parameters())
+    return {"images_per_s": batch / sec, "step_seconds": sec, "params": params, "peak_rss_mib": peak_rss_mib()}
+
+
+def stage_throughput(repeats: int = 3) -> dict:
+    """Images/s per (net, batch): `repeats` interleaved rounds, each side in its own process; medians."""
+    cases = [(n, 128) for n in NETS] + [("c32b1", 64), ("c32b1", 256)]
+    runs: dict[str, list] = {f"{n}@{b}": [] for n, b in cases}
+    info = {}
+    for r in range(repeats):
+        for n, b in cases:
+            out = run_worker("mnist.py", "throughput", n, str(b))
+            runs[f"{n}@{b}"].append(out["images_per_s"])
+            info[f"{n}@{b}"] = out
+            summary("mnist", f"round {r}: {n} batch {b}: {out['images_per_s']:.1f} images/s")
+    table = {
+        k: {
+            "images_per_s": statistics.median(v),
+            "spread": (min(v), max(v)),
+            "params": info[k]["params"],
+            "peak_rss_mib": info[k]["peak_rss_mib"],
+        }
+        for k, v in runs.items()
+    }
+    save_stage("throughput", {"machine": machine(), "repeats": repeats, "table": table})
+    return table
+
+
+# The ablation: each candidate trained for the same wall-clock budget from the same seed, then scored alike.
+CANDIDATES = {
+    "c32b1_bs128": ["net.base_channels=32", "net.num_res_blocks=1", "data.batch_size=128"],
+    "c32b1_bs64": ["net.base_channels=32", "net.num_res_blocks=1", "data.batch_size=64"],
+    "c32b2_bs128": ["net.base_channels=32", "net.num_res_blocks=2", "data.batch_size=128"],
+    "c48b1_bs128": ["net.base_channels=48", "net.num_res_blocks=1", "data.batch_size=128"],
+}
+
+
+def train_run(name: str, overrides: list[str]) -> tuple[Path, float]:
+    """`python train.py experiment=mnist_cpu <overrides>` into outputs/bench/mnist/<name> (reused when done);
+    (last checkpoint, wall seconds of the training process)."""
+    run_dir = RUNS / "mnist" / name
+    ckpt, done = run_dir / "checkpoints" / "last.ckpt", run_dir / "DONE"
+    if not (done.exists() and ckpt.exists()):
+        cmd = [sys.executable, "train.py", "experiment=mnist_cpu", *overrides, f"hydra.run.dir={run_dir}",
+               "logger=csv", "trainer.enable_progress_bar=false"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        done.write_text(f"{time.perf_counter() - t0:.1f}\n")
+    return ckpt, float(done.read_text())
+
+
+def evaluate_run(ckpt: Path, name: str, extra: list[str]) -> list[dict]:
+    """`python evaluate.py ckpt_path=<ckpt> fid.reference_split=test <extra>`; its results.csv rows."""
+    import csv
+
+    out = RUNS / "mnist" / "eval" / name
+    if not (out / "results.csv").exists():
+        cmd = [sys.executable, "evaluate.py", f"ckpt_path={ckpt}", "fid.reference_split=test", "bpd_num_images=0",
+               f"hydra.run.dir={out}", *extra]
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k, v in r.items():
+            try:
+                r[k] = float(v)
+            except (TypeError, ValueError):
+                pass
+    return rows
+
+
+def final_loss(run: Path) -> float:
+    """Mean train loss over the last 100 logged steps of a run's metrics.csv."""
+    import csv
+
+    with open(run / "csv" / "metrics.csv") as f:
+        losses = [float(r["train/loss_step"]) for r in csv.DictReader(f) if r.get("train/loss_step")]
+    return sum(losses[-100:]) / len(losses[-100:])
+
+
+def stage_ablation(minutes: int) -> dict:
+    """Each candidate trained for `minutes` of wall clock (trainer.max_time), then FID (N=1,000 DDIM-50 vs the
+    10,000 test images) and the classifier score of the EMA weights."""
+    table = {}
+    for name, overrides in CANDIDATES.items():
+        limit = [f"+trainer.max_time='00:00:{minutes:02d}:00'", "trainer.max_steps=-1", "trainer.max_epochs=-1"]
+        ckpt, seconds = train_run(f"ablation_{minutes}min_{name}", [*overrides, *limit])
+        step = torch.load(ckpt, weights_only=True)["global_step"]
+        r = evaluate_run(ckpt, f"ablation_{minutes}min_{name}", ["grid=null", "sampler=ddim", "sampler.steps=50"])[0]
+        table[name] = {"overrides": overrides, "train_seconds": seconds, "steps": step, "fid": r["fid"],
+                       "cls_score": r["cls_score"], "confident": r["confident"], "precision": r["precision"],
+                       "recall": r["recall"], "final_loss": final_loss(ckpt.parents[1])}
+        summary("mnist", f"ablation {name}: {step} steps in {minutes} min, FID {r['fid']:.2f}, "
+                         f"classifier {r['cls_score']:.2f} ({r['confident']:.3f} confident)")
+    save_stage("ablation", {"machine": machine(), "minutes": minutes, "table": table})
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=["throughput", "ablation", "recipe", "table", "all"], default="all")
+    ap.add_argument("--worker", nargs="*")
+    ap.add_argument("--minutes", type=int, default=10, help="ablation: training minutes per candidate")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    if args.worker:
+        kind, *rest = args.worker
+        if kind == "throughput":
+            print(json.dumps(worker_throughput(rest[0], int(rest[1]), warmup=5, steps=20)))
+        return
+    print(machine_line(machine()))
+    if args.stage in ("throughput", "all"):
+        for k, v in stage_throughput().items():
+            print(f"{k}: {v['images_per_s']:.1f} images/s ({v['spread'][0]:.1f}-{v['spread'][1]:.1f}), "
+                  f"{v['params'] / 1e6:.2f}M params, {v['peak_rss_mib']:.0f} MiB")
+    if args.stage in ("ablation", "all"):
+        stage_ablation(args.minutes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The sampler registry: every reverse-process method by name, with what the rest of the code needs to know.
+
+    method = get_method("heun")
+    method.fn(diffusion, model, x_T, timesteps, model_kwargs=..., generator=..., callback=..., **options)
+    method.nfe(10) == 19; method.steps_for_nfe(10) == 5; method.label({}) == "Heun"
+
+Every `fn` has one signature (samplers.ddim_sample's; see solvers.py for the conventions): ascending `timesteps`,
+x_T at the last of them, the result x_0. Adding a sampler is one function + one `register(Method(...))` below +
+one conf/sampler/<name>.yaml. Nothing outside this module compares method names: labels, NFE, which options a
+method takes and their valid values, whether it is deterministic, and whether `paint` / inversion support it
+are all read from here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import solvers
+from .samplers import ddim_invert, ddim_sample, ddim_step, ddpm_sample, ddpm_step
+
+
+def _nonneg(name: str) -> Callable[[Any], None]:
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
+            raise ValueError(f"sampler.{name}={v!r} must be a number >= 0")
+
+    return check
+
+
+def _one_of(name: str, allowed: tuple) -> Callable[[Any], None]:
+    def check(v):
+        if v not in allowed or isinstance(v, bool) != isinstance(allowed[0], bool):
+            raise ValueError(f"sampler.{name}={v!r} is unknown; allowed: {', '.join(map(str, allowed))}")
+
+    return check
+
+
+CHECKS: dict[str, Callable[[str], Callable[[Any], None]]] = {
+    "eta": _nonneg,
+    "temperature": _nonneg,
+    "s_churn": _nonneg,
+    "s_tmin": _nonneg,
+    "s_tmax": _nonneg,
+    "s_noise": _nonneg,
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered sampler.
+
+    name: the config value (`sampler.method=<name>`); fn: the sampler function.
+    title: display name; `label(options)` adds the options that differ from their defaults.
+    options: the options it accepts -> default, each validated by `checks` (`CHECKS` unless given).
+    spacing: its default timestep discretization (respace.sampling_times).
+    evals_per_step: network evaluations per visited time, `extra_last` fewer in all (Heun: 2 and 1 -> 2N - 1).
+    stochastic: options -> whether it draws noise (DDIM: eta > 0).
+    step: the single-step update `paint` runs (DDPM / DDIM), None when the method cannot inpaint that way.
+    invert: (diffusion, model, x0, timesteps, **options) -> x at timesteps[-1], for deterministic inversion.
+    in_name: options always written in the log name (DDIM's eta, for names like ddim50_eta0).
+    """
+
+    name: str
+    fn: Callable
+    title: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    checks: Mapping[str, Callable[[Any], None]] = field(default_factory=dict)
+    spacing: str = "logsnr"
+    evals_per_step: int = 1
+    extra_last: int = 0
+    stochastic: Callable[[Mapping[str, Any]], bool] = lambda o: False
+    step: Callable | None = None
+    invert: Callable | None = None
+    in_name: tuple[str, ...] = ()
+
+    def nfe(self, steps: int) -> int:
+        """Network evaluations of a run visiting `steps` times."""
+        return self.evals_per_step * int(steps) - self.extra_last
+
+    def steps_for_nfe(self, nfe: int) -> int:
+        """The most visited times whose NFE does not exceed `nfe` (at least 1)."""
+        return max(1, (int(nfe) + self.extra_last) // self.evals_per_step)
+
+    def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The full option dict: defaults updated with `given`; ValueError for an option it does not take."""
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            takes = ", ".join(self.options) or "no options"
+            raise ValueError(f"sampler.{unknown[0]} is not an option of sampler.method={self.name} (it takes: {takes})")
+        opts = {**self.options, **given}
+        for k, v in opts.items():
+            (self.checks.get(k) or CHECKS.get(k, lambda _: lambda v: None)(k))(v)
+        return opts
+
+    def label(self, options: Mapping[str, Any]) -> str:
+        """'DDIM eta=0', 'UniPC-2', 'Heun': the title plus the options that differ from the defaults."""
+        if "order" in self.options and "{order}" in self.title:
+            title = self.title.format(order=options.get("order", self.options["order"]))
+            shown = {k: v for k, v in options.items() if k != "order" and v != self.options[k]}
+        else:
+            title = self.title
+            shown = {k: v for k, v in options.items() if k in self.in_name or v != self.options[k]}
+        return " ".join([title, *(f"{k}={_fmt(v)}" for k, v in shown.items())])
+
+    def log_name(self, steps: int, options: Mapping[str, Any]) -> str:
+        """'ddim50_eta0', 'ddpm1000', 'unipc10_order2': name, steps, then always-named and non-default options."""
+        parts = [f"{self.name}{steps}"]
+        parts += [f"{k}{_fmt(v)}" for k, v in options.items() if k in self.in_name or v != self.options[k]]
+        return "_".join(parts)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) and math.isfinite(v) else str(v)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method, or ValueError naming sampler.method and the allowed names."""
+    if name not in METHODS:
+        raise ValueError(f"sampler.method={name!r} is unknown; allowed: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def _ode_inverter(order: int) -> Callable:
+    def invert(diffusion, model, x0, timesteps, **kwargs):
+        return solvers.ode_invert(diffusion, model, x0, timesteps, order=order, **kwargs)
+
+    return invert
+
+
+_KARRAS_CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
+
+register(
+    Method(
+        "ddpm",
+        ddpm_sample,
+        "DDPM",
+        {"temperature": 1.0},
+        spacing="even",
+        stochastic=lambda o: o["temperature"] > 0,
+        step=ddpm_step,
+    )
+)
+register(
+    Method(
+        "ddim",
+        ddim_sample,
+        "DDIM",
+        {"eta": 0.0, "temperature": 1.0},
+        spacing="ddim",
+        stochastic=lambda o: o["eta"] > 0 and o["temperature"] > 0,
+        step=ddim_step,
+        # one fixed-point iteration per step: close to the exact inverse of the eta = 0 decoder (samplers.py)
+        invert=lambda diffusion, model, x0, timesteps, **kw: ddim_invert(
+            diffusion, model, x0, timesteps, **{"fixed_point_iters": 1, **kw}
+        ),
+        in_name=("eta",),
+    )
+)
+register(
+    Method(
+        "dpmpp_2m",
+        solvers.dpmpp_2m,
+        "DPM-Solver++(2M)",
+        {"lower_order_final": True},
+        {"lower_order_final": _one_of("lower_order_final", (True, False))},
+        invert=_ode_inverter(2),
+    )
+)
+register(
+    Method(
+        "dpmpp_3m",
+        solvers.dpmpp_3m,
+        "DPM-Solver++(3M)",
+        {"lower_order_final": True, "match_official": False},
+        {
+            "lower_order_final": _one_of("lower_order_final", (True, False)),
+            "match_official": _one_of("match_official", (True, False)),
+        },
+        invert=_ode_inverter(3),
+    )
+)
+register(
+    Method(
+        "unipc",
+        solvers.unipc,
+        "UniPC-{order}",
+        {"order": 3, "lower_order_final": True},
+        {"order": _one_of("order", (1, 2, 3)), "lower_order_final": _one_of("lower_order_final", (True, False))},
+    )
+)
+register(
+    Method(
+        "ipndm",
+        solvers.ipndm,
+        "iPNDM",
+        {"max_order": 4, "variable_step": True},
+        {"max_order": _one_of("max_order", (1, 2, 3, 4)), "variable_step": _one_of("variable_step", (True, False))},
+        spacing="karras",
+    )
+)
+register(
+    Method(
+        "euler",
+        solvers.euler,
+        "Euler",
+        dict(_KARRAS_CHURN),
+        spacing="karras",
+        stochastic=lambda o: o["s_churn"] > 0 and o["s_noise"] > 0,
+    )
+)
+register(
+    Method(
+        "heun",
+        solvers.heun,
+        "Heun",
+        dict(_KARRAS_CHURN),
+        spacing="karras",
+        evals_per_step=2,
+        extra_last=1,
+        stochastic=lambda o: o["s_churn"] > 0 and o["s_noise"] > 0,
+    )
+)
+register(
+    Method(
+        "euler_ancestral",
+        solvers.euler_ancestral,
+        "Euler ancestral",
+        {"eta": 1.0, "s_noise": 1.0},
+        spacing="karras",
+        stochastic=lambda o: o["eta"] > 0 and o["s_noise"] > 0,
+    )
+)

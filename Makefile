@@ -50,15 +50,20 @@ bench: install-bench  ## quick benchmarks (~10 min): speed vs diffusers / torch-
 	$(PY) bench/sampling.py --quick
 	$(PY) bench/loss_aware.py --quick
 	$(PY) bench/fid.py --quick
+	$(PY) bench/solvers.py --quick
 	$(PY) bench/report.py --quick
 
-bench-full: install-bench  ## all six benchmarks at full size (~90 min on 2 cores) -> BENCHMARKS.md
+bench-full: install-bench  ## every benchmark at full size (hours on 2 cores; each section states its time) -> BENCHMARKS.md
 	$(PY) bench/train_throughput.py
 	$(PY) bench/sampling.py
 	$(PY) bench/loss_aware.py
 	$(PY) bench/fid.py
 	$(PY) bench/ddim_table.py
 	$(PY) bench/iddpm_steps.py
+	$(PY) bench/solvers.py --data digits
+	$(PY) bench/mnist.py
+	$(PY) bench/solvers.py --data mnist
+	$(PY) bench/convergence.py
 	$(PY) bench/report.py
 
 clean:  ## remove run outputs and caches (keeps .venv)

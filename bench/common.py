@@ -185,13 +185,40 @@ def with_variance(module, var_type: str):
     return GaussianDiffusion(d.betas, d.mean_type, var_type, d.loss_type, timestep_map=d.timestep_map)
 
 
-def sample_and_score(module, sampler, n: int, evaluator, ref_features, seed: int = 0, batch: int = 500) -> dict:
-    """FID/KID of n samples (x_T from `seed`: every sampler starts from the same noise) and the seconds
-    sampling and scoring took."""
-    from diffusion_lab.tasks import sample_uint8
+def sample_and_score(
+    module, sampler, n: int, evaluator, ref_features, seed: int = 0, batch: int = 500, classifier=None
+) -> dict:
+    """FID/KID and precision/recall of n samples (x_T from `seed`: every sampler starts from the same noise),
+    the classifier score when a classifier is given, and the seconds sampling and scoring took."""
+    from diffusion_lab.eval.classifier import score_images
+    from diffusion_lab.generate import sample_uint8
 
     t0 = time.perf_counter()
     fake = sample_uint8(module, sampler, n, batch, torch.Generator().manual_seed(seed))
     t1 = time.perf_counter()
     scores = evaluator.score(fake, ref_features)
+    if classifier is not None:
+        scores |= score_images(classifier, fake)
     return {**scores, "sample_seconds": t1 - t0, "fid_seconds": time.perf_counter() - t1}
+
+
+def scored_rows(module, samplers, n: int, evaluator, ref_features, ref_name: str, cache: Path, seed: int = 0,
+                classifier=None, roles: dict | None = None) -> list[dict]:
+    """One results row (eval.report.row: FID, KID, precision/recall, classifier score, seconds per sample) per
+    sampler, each from the same x_T (seed), cached in `cache` (JSON keyed by sampler name and N) so that a re-run
+    or another benchmark on the same checkpoint reuses finished rows."""
+    from diffusion_lab.eval.report import row
+
+    done = json.loads(cache.read_text()) if cache.exists() else {}
+    rows = []
+    for s in samplers:
+        key = f"{s.name}@{n}@seed{seed}"
+        if key not in done:
+            r = sample_and_score(module, s, n, evaluator, ref_features, seed=seed, classifier=classifier)
+            done[key] = row(s, r, ref_name, r["sample_seconds"], (roles or {}).get(s.name, "curve"))
+            with atomic_write(cache) as tmp:
+                tmp.write_text(json.dumps(done, indent=1, default=float))
+            summary("rows", f"{s.name}: NFE {s.nfe}, FID {r['fid']:.2f}, precision {r['precision']:.3f}, "
+                            f"recall {r['recall']:.3f}, {r['sample_seconds'] / n * 1e3:.2f} ms/sample")
+        rows.append(done[key])
+    return rows

@@ -31,8 +31,8 @@ from common import (  # noqa: E402
     write_result,
 )
 
+from diffusion_lab.checkpoint import load_module  # noqa: E402
 from diffusion_lab.diffusion import Sampler  # noqa: E402
-from diffusion_lab.tasks import load_module  # noqa: E402
 
 PAPER_CIFAR10 = {  # DDIM Table 1, CIFAR-10 (shared/REFERENCE.md)
     0.0: {10: 13.36, 20: 6.84, 50: 4.67, 100: 4.16, 1000: 4.04},

@@ -31,9 +31,9 @@ from common import (  # noqa: E402
     write_result,
 )
 
+from diffusion_lab.checkpoint import load_module  # noqa: E402
 from diffusion_lab.diffusion import Sampler  # noqa: E402
 from diffusion_lab.eval.bpd import bits_per_dim  # noqa: E402
-from diffusion_lab.tasks import load_module  # noqa: E402
 
 MODELS = {  # name -> (train.py overrides, description)
     "ddpm_linear": ([], "linear + fixed-small + L_simple (uniform t)"),
@@ -57,7 +57,11 @@ def run(n: int, steps: list[int], bpd_images: int) -> dict:
             cells.append({"steps": s, **r})
             print(f"{name} DDPM respaced to {s}: FID {r['fid']:.2f} ({r['sample_seconds']:.1f}s)", flush=True)
         t0 = time.perf_counter()
-        bpd = bits_per_dim(module, held_out, batch_size=180) if bpd_images else None
+        bpd = (
+            bits_per_dim(module.diffusion, module.net, held_out, batch_size=180, null_label=module.null_label)
+            if bpd_images
+            else None
+        )
         out["models"][name] = {
             "description": desc,
             "train_seconds": train_seconds(name),

@@ -72,8 +72,8 @@ def worker_throughput(net: str, batch: int, warmup: int, steps: int) -> dict:
     import lightning as L
     from hydra.utils import instantiate
 
+    from diffusion_lab.checkpoint import build_module
     from diffusion_lab.data import ImageDataModule
-    from diffusion_lab.tasks import build_module
 
     cfg = compose(["experiment=mnist_cpu", "logger=none", f"data.batch_size={batch}", *NETS[net]])
     g = torch.Generator().manual_seed(0)
@@ -204,9 +204,183 @@ def stage_ablation(minutes: int) -> dict:
     return table
 
 
+MNIST_TEST = "the 10,000 MNIST test images"
+PAPER_CIFAR10 = {0.0: {10: 13.36, 20: 6.84, 50: 4.67, 100: 4.16}, 1.0: {10: 41.07, 20: 18.36, 50: 8.01, 100: 5.78},
+                 "ddpm": 3.17}  # DDIM Table 1 (CIFAR-10) and DDPM's own FID: shared/REFERENCE.md
+
+
+def recipe_checkpoint() -> Path:
+    """The experiment=mnist_cpu checkpoint (trained on first use, exactly as committed)."""
+    return train_run("recipe", [])[0]
+
+
+def mnist_setup():
+    """(evaluator, MNIST test features, classifier, its info, the DataModule)."""
+    from common import fid_evaluator
+
+    from diffusion_lab.data import MNISTDataModule
+    from diffusion_lab.eval.classifier import classifier_for
+
+    ev, dm = fid_evaluator(), MNISTDataModule(data_dir=str(ROOT / "data"), image_size=28)
+    ref = ev.reference_features("MNISTDataModule-test", dm.test_images()[0])
+    classifier, info = classifier_for(dm, str(CACHE))
+    return ev, ref, classifier, info, dm
+
+
+def stage_recipe(n: int = 2000) -> dict:
+    """Train experiment=mnist_cpu; FID / precision / recall / classifier score of N DDIM-50 samples against the
+    test set, beside the floor: the same scores of N real training images."""
+    import shutil
+
+    from common import RESULTS, scored_rows
+
+    from diffusion_lab.checkpoint import load_module
+    from diffusion_lab.diffusion import Sampler
+    from diffusion_lab.eval.classifier import score_images
+
+    ckpt, seconds = train_run("recipe", [])
+    module = load_module(ckpt)
+    ev, ref, classifier, info, dm = mnist_setup()
+    rows = scored_rows(module, [Sampler("ddim", 50)], n, ev, ref, MNIST_TEST, RUNS / "rows" / "mnist-recipe.json",
+                       classifier=classifier)
+    real = dm.load_images()[0][:n]
+    floor = {**ev.score(real, ref), **score_images(classifier, real)}
+    shutil.copyfile(ckpt.parents[1] / "samples" / "final.png", RESULTS / "mnist_recipe_samples.png")
+    c = torch.load(ckpt, weights_only=True)
+    data = {"machine": machine(), "n": n, "train_seconds": seconds, "steps": c["global_step"],
+            "epochs": c["epoch"], "final_loss": final_loss(ckpt.parents[1]), "ddim50": rows[0], "floor": floor,
+            "classifier_test_accuracy": info["test_accuracy"], "ckpt": str(ckpt)}
+    save_stage("recipe", data)
+    summary("mnist", f"recipe: {seconds / 60:.1f} min, FID {rows[0]['fid']:.2f} (floor {floor['fid']:.2f}), "
+                     f"classifier {rows[0]['cls_score']:.2f}, {rows[0]['confident']:.3f} confident")
+    return data
+
+
+def stage_table(n: int = 1000) -> dict:
+    """DDIM's Table 1 on the recipe model: eta {0, 1} x S {10, 20, 50, 100} and DDPM-1000, same x_T, N each."""
+    from common import scored_rows
+
+    from diffusion_lab.checkpoint import load_module
+    from diffusion_lab.diffusion import Sampler
+
+    ckpt = recipe_checkpoint()
+    module = load_module(ckpt)
+    ev, ref, classifier, _, _ = mnist_setup()
+    samplers = [Sampler("ddim", s, eta=e) for e in (0.0, 1.0) for s in (10, 20, 50, 100)]
+    samplers.append(Sampler("ddpm", module.diffusion.num_timesteps))
+    cache = RUNS / "rows" / f"mnist-{ckpt.parent.parent.name}.json"  # shared with bench/solvers.py --data mnist
+    rows = scored_rows(module, samplers, n, ev, ref, MNIST_TEST, cache, classifier=classifier,
+                       roles={samplers[-1].name: "reference"})
+    data = {"machine": machine(), "n": n, "rows": rows, "ckpt": str(ckpt)}
+    save_stage("table", data)
+    return data
+
+
+def table_targets(rows: list[dict]) -> list[str]:
+    fid = {(r["method"], r["eta"] if r["method"] == "ddim" else None, r["steps"]): r["fid"] for r in rows}
+    out = []
+    for s in (10, 20):
+        e0, e1 = fid.get(("ddim", 0.0, s)), fid.get(("ddim", 1.0, s))
+        if e0 is not None and e1 is not None:
+            gain = 1 - e0 / e1
+            out.append(f"S={s}: eta 0 {e0:.2f} vs eta 1 {e1:.2f}, {100 * gain:.0f}% lower (target >= 20%: "
+                       f"{'met' if gain >= 0.2 else 'NOT met'})")
+    d50, ddpm = fid.get(("ddim", 0.0, 50)), next((r["fid"] for r in rows if r["method"] == "ddpm"), None)
+    if d50 is not None and ddpm is not None:
+        out.append(f"DDIM-50 / DDPM-1000 = {d50:.2f} / {ddpm:.2f} = {d50 / ddpm:.3f} (target <= 1.15: "
+                   f"{'met' if d50 / ddpm <= 1.15 else 'NOT met'})")
+    return out
+
+
+def score_row(name: str, r: dict) -> str:
+    return (f"| {name} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cls_score']:.2f} | "
+            f"{r['confident']:.3f} |")
+
+
+def write_section() -> str:
+    """The BENCHMARKS.md section from the stages recorded so far (bench/results/mnist_stages.json)."""
+    from common import write_result
+
+    st = load_stages()
+    parts = ["## 8. MNIST on 2 CPU cores (`bench/mnist.py`)\n"]
+    if "throughput" in st:
+        t = st["throughput"]
+        parts.append(f"### Candidate nets: training images/s (`python bench/mnist.py --stage throughput`)\n\n"
+                     f"Machine: {machine_line(t['machine'])}. Our full training step (EMA, non-finite guard), "
+                     f"28x28, each case in its own process; median of {t['repeats']} interleaved rounds (range).\n")
+        rows = ["| net (base channels, res blocks) @ batch | params | images/s | peak RSS |", "|---|---|---|---|"]
+        for k, v in t["table"].items():
+            rows.append(f"| {k} | {v['params'] / 1e6:.2f}M | {v['images_per_s']:.0f} ({v['spread'][0]:.0f}-"
+                        f"{v['spread'][1]:.0f}) | {v['peak_rss_mib']:.0f} MiB |")
+        parts.append("\n".join(rows) + "\n")
+    if "ablation" in st:
+        a = st["ablation"]
+        parts.append(f"### Ablation: the same {a['minutes']} minutes of training each "
+                     f"(`python bench/mnist.py --stage ablation --minutes {a['minutes']}`)\n\n"
+                     f"Machine: {machine_line(a['machine'])}. `experiment=mnist_cpu` with the net/batch below, "
+                     "stopped by `trainer.max_time`; FID of N=1,000 DDIM-50 samples (EMA weights) against the "
+                     "10,000 test images, and the classifier score.\n")
+        rows = ["| candidate | steps | final loss | FID | precision | recall | classifier score | confident |",
+                "|---|---|---|---|---|---|---|---|"]
+        for k, v in a["table"].items():
+            rows.append(f"| {k} | {v['steps']} | {v['final_loss']:.4f} | {v['fid']:.2f} | {v['precision']:.3f} | "
+                        f"{v['recall']:.3f} | {v['cls_score']:.2f} | {v['confident']:.3f} |")
+        parts.append("\n".join(rows) + "\n")
+    if "recipe" in st:
+        r = st["recipe"]
+        d, f = r["ddim50"], r["floor"]
+        ok_time = r["train_seconds"] <= 40 * 60
+        ok_cls = d["cls_score"] >= 9.0 and d["confident"] >= 0.95
+        ok_fid = d["fid"] <= 2 * f["fid"]
+        parts.append(f"""### The recipe: `python train.py experiment=mnist_cpu` (`python bench/mnist.py --stage recipe`)
+
+Machine: {machine_line(r['machine'])}. Training process wall time {r['train_seconds'] / 60:.1f} min (start-up,
+validation and sample grids included), {r['steps']} steps ({r['epochs']} epochs), final train loss
+{r['final_loss']:.4f} (mean of the last 100 logged steps). N={r['n']} DDIM-50 samples of the EMA weights against
+the 10,000 test images; the floor is the same scores of {r['n']} real training images. Classifier: the small
+CNN of `diffusion_lab.eval.classifier` (test accuracy {r['classifier_test_accuracy']:.4f}).
+
+| | FID | precision | recall | classifier score | confident (>= 0.9) |
+|---|---|---|---|---|---|
+{score_row("DDIM-50 samples", d)}
+{score_row("real training images (floor)", f)}
+
+![samples](mnist_recipe_samples.png)
+
+Targets: training <= 40 min ({'met' if ok_time else 'NOT met'}: {r['train_seconds'] / 60:.1f}); classifier score
+>= 9.0 and >= 95% confident ({'met' if ok_cls else 'NOT met'}: {d['cls_score']:.2f}, {100 * d['confident']:.1f}%);
+FID within 2x the floor ({'met' if ok_fid else 'NOT met'}: {d['fid']:.2f} vs 2 x {f['fid']:.2f}).
+""")
+    if "table" in st:
+        t = st["table"]
+        rows = t["rows"]
+        fid = {(r["method"], r["eta"] if r["method"] == "ddim" else None, r["steps"]): r for r in rows}
+        steps = [10, 20, 50, 100]
+        lines = ["| eta \\ S | " + " | ".join(map(str, steps)) + " | 1000 (DDPM) |", "|---" * 6 + "|"]
+        ddpm = next((r for r in rows if r["method"] == "ddpm"), None)
+        for eta in (0.0, 1.0):
+            cells = [f"{fid[('ddim', eta, s)]['fid']:.2f} ({PAPER_CIFAR10[eta][s]:g})" if ('ddim', eta, s) in fid
+                     else "—" for s in steps]
+            last = f"{ddpm['fid']:.2f} ({PAPER_CIFAR10['ddpm']:g})" if (ddpm and eta == 1.0) else ""
+            lines.append(f"| {eta:g} | " + " | ".join(cells) + f" | {last} |")
+        parts.append(f"""### DDIM's Table 1 on MNIST (`python bench/mnist.py --stage table`)
+
+Machine: {machine_line(t['machine'])}. The recipe model; N={t['n']} per cell, the same x_T, against the 10,000
+test images; DDIM's own stride ("ddim" spacing); DDPM-1000 with the trained fixed-small variance. In
+parentheses: the paper's CIFAR-10 numbers (DDIM Table 1; DDPM's 3.17 for the last column).
+
+{chr(10).join(lines)}
+
+Targets: {'; '.join(table_targets(rows))}.
+""")
+    text = "\n".join(parts)
+    write_result("mnist", st, text)
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["throughput", "ablation", "recipe", "table", "all"], default="all")
+    ap.add_argument("--stage", choices=["throughput", "ablation", "recipe", "table", "report", "all"], default="all")
     ap.add_argument("--worker", nargs="*")
     ap.add_argument("--minutes", type=int, default=10, help="ablation: training minutes per candidate")
     args = ap.parse_args()
@@ -223,6 +397,12 @@ def main() -> None:
                   f"{v['params'] / 1e6:.2f}M params, {v['peak_rss_mib']:.0f} MiB")
     if args.stage in ("ablation", "all"):
         stage_ablation(args.minutes)
+    if args.stage in ("recipe", "all"):
+        stage_recipe()
+    if args.stage in ("table", "all"):
+        data = stage_table()
+        summary("mnist", "; ".join(table_targets(data["rows"])))
+    write_section()
 
 
 if __name__ == "__main__":

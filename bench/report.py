@@ -19,14 +19,20 @@ ORDER = [
     ("ddim_table", "python bench/ddim_table.py"),
     ("iddpm_steps", "python bench/iddpm_steps.py"),
     ("loss_aware", "python bench/loss_aware.py"),
+    ("solvers_digits", "python bench/solvers.py --data digits"),
+    ("mnist", "python bench/mnist.py"),
+    ("solvers_mnist", "python bench/solvers.py --data mnist"),
+    ("convergence", "python bench/convergence.py"),
 ]
+QUICK = {"train_throughput", "sampling", "fid", "loss_aware", "solvers_digits"}  # what `make bench` runs
 
 HEADER = """# Benchmarks
 
 Written by `bench/report.py` from the sections each benchmark writes (`bench/results/<name>.md`, numbers in
-`<name>.json`). Re-run: `make bench-full` (all six, full size; about 90 minutes on 2 cores) or `make bench`
-(the quick subset: throughput, sampling, FID at N=300, loss-aware cost; about 10 minutes; it writes
-`bench/results/quick/BENCHMARKS.md` and leaves this file alone). Peer packages come from the `bench` extra
+`<name>.json`). Re-run: `make bench-full` (every section at full size: several hours on 2 cores, each
+section states its own wall time) or `make bench` (the quick subset: throughput, sampling, FID at N=300,
+loss-aware cost, a solver smoke run; it writes `bench/results/quick/BENCHMARKS.md` and leaves this file
+alone). Peer packages come from the `bench` extra
 (`pip install -e '.[bench]'`, which `make bench` does). Each section names its machine, date and command;
 ratios compare runs on the same machine, in the same session, with the same threads. None of this is a
 timed test.
@@ -40,8 +46,11 @@ def main() -> None:
     d = results_dir(a.quick)
     parts = [HEADER]
     for name, cmd in ORDER:
+        if a.quick and name not in QUICK:
+            continue
         f = d / f"{name}.md"
-        missing = f"## {name}\n\nNot run yet: `{cmd}{' --quick' if a.quick else ''}`.\n"
+        quick_cmd = "python bench/solvers.py --quick" if name == "solvers_digits" else f"{cmd} --quick"
+        missing = f"## {name}\n\nNot run yet: `{quick_cmd if a.quick else cmd}`.\n"
         parts.append(f.read_text() if f.exists() else missing)
     analysis = ROOT / "bench" / "ANALYSIS.md"
     if not a.quick and analysis.exists():

@@ -56,8 +56,8 @@ def worker_ours(c: dict, warmup: int, steps: int, overrides: list[str]) -> dict:
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
+    from diffusion_lab.checkpoint import build_module
     from diffusion_lab.data import ImageDataModule
-    from diffusion_lab.tasks import build_module
 
     data = "digits" if c["channels"] == 1 else "cifar10"
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):

@@ -7,12 +7,11 @@ Every problem raises `ConfigError` naming the key, the value and what is allowed
 
 from __future__ import annotations
 
-import math
-
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from .checks import check_choice, check_number
 from .data.base import SPLITS
 
 
@@ -21,8 +20,10 @@ class ConfigError(ValueError):
 
 
 def _choice(key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+    try:
+        check_choice(key, value, allowed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build(node, key: str):
@@ -56,9 +57,10 @@ def validate_sampler(node, key: str, diffusion, conditional: bool):
 
 def _number(key: str, value, minimum: float = 0.0) -> float:
     """A finite real number >= minimum (bools and strings refused), else ConfigError naming the key."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < minimum:
-        raise ConfigError(f"{key}={value!r} must be a finite number >= {minimum:g}")
-    return float(value)
+    try:
+        return check_number(key, value, minimum, finite=True)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate_optim(optim: DictConfig) -> None:

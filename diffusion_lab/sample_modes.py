@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_choice
 from .diffusion import Sampler, paint, slerp
 
 MODES = ("grid", "inpaint", "interpolate", "progression")
@@ -22,8 +23,7 @@ def make_mask(kind: str, size: int) -> torch.Tensor:
         "bottom_half": (slice(None, h), slice(None)),
         "center": (slice(size // 4, size - size // 4), slice(size // 4, size - size // 4)),
     }
-    if kind not in region:
-        raise ValueError(f"mask={kind!r} is unknown; allowed: {', '.join(MASKS)}")
+    check_choice("mask", kind, MASKS)
     m[..., region[kind][0], region[kind][1]] = 0  # the generated part
     return m
 

@@ -195,7 +195,9 @@ def evaluate(cfg: DictConfig) -> dict:
     extra, result = "", {"rows": rows}
     if cfg.get("bpd_num_images"):
         held_out = dm.real_images("val")[: cfg.bpd_num_images]
-        result["bpd"] = bits_per_dim(module, held_out, seed=cfg.seed)
+        result["bpd"] = bits_per_dim(
+            module.diffusion, module.net, held_out, seed=cfg.seed, null_label=module.null_label, device=module.device
+        )
         extra = f"Bits/dim on {result['bpd']['n']} held-out images: {result['bpd']['bpd']:.4f}"
         log.info(extra)
     out_dir = Path(cfg.paths.output_dir)
@@ -236,11 +238,11 @@ def sample(cfg: DictConfig) -> Path:
 
     from . import sample_modes
     from .data import to_uint8
+    from .images import save_grid
     from .io import atomic_write
-    from .lit.callbacks import save_grid
 
     if cfg.mode not in sample_modes.MODES:
-        raise ValueError(f"mode={cfg.mode!r} is unknown; allowed: {', '.join(sample_modes.MODES)}")
+        raise ConfigError(f"mode={cfg.mode!r} is unknown; allowed: {', '.join(sample_modes.MODES)}")
     validate_eval_config(cfg)
     module, dm = _load_for_eval(cfg)
     sampler = validate_sampler(cfg.sampler, "sampler", module.diffusion, module.conditional)

@@ -156,7 +156,7 @@ def test_bad_train_config_one_line_exit_2(tmp_path, capsys, overrides, message):
     [
         (["num_samples=0"], "num_samples=0 must be a positive integer"),
         (["batch_size=0"], "batch_size=0 must be a positive integer"),
-        (["fid.reference_split=tset"], "fid.reference_split='tset' is not allowed; choose one of: train, val"),
+        (["fid.reference_split=tset"], "fid.reference_split='tset' is unknown; allowed: train, val, test"),
     ],
 )
 def test_bad_evaluate_config_fails_before_sampling(tiny_ckpt, tmp_path, capsys, overrides, message):

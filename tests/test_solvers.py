@@ -16,6 +16,7 @@ from diffusion_lab.diffusion import (
     ddim_sample,
     ddpm_sample,
     get_betas,
+    get_method,
 )
 from diffusion_lab.diffusion import solvers as S
 from diffusion_lab.diffusion.analytic import GaussianData, PointMixture
@@ -196,12 +197,12 @@ def test_nfe_and_callback_indices():
         seen.clear()
         out = fn(diff, model, _noise((2, 1, 2, 2)), ts, generator=_gen(), callback=lambda *a: seen.append(a))
         method = "ddim" if name.startswith("ddim") else name
-        assert len(calls) == S.nfe(method, 7), name
+        assert len(calls) == get_method(method).nfe(7), name
         assert calls[0] == pytest.approx(ts[-1]) and calls[-1] == pytest.approx(ts[0])
         # callback(i, new state, x0_hat at t_i) with i = 6 .. 0; the result is x0_hat at t_0
         assert [a[0] for a in seen] == list(range(6, -1, -1)), name
         assert torch.equal(seen[-1][1], out) and torch.equal(seen[-1][2], out), name
-    assert S.nfe("heun", 10) == 19 and S.nfe("unipc", 10) == 10
+    assert get_method("heun").nfe(10) == 19 and get_method("unipc").nfe(10) == 10
 
 
 # --------------------------------------------------------------------------- stochastic samplers
@@ -474,8 +475,8 @@ def test_bad_options_raise_clear_errors():
         S.ipndm(diff, model, x, [0, 50, 99], max_order=0)
     with pytest.raises(ValueError, match="strictly ascending"):
         S.dpmpp_2m(diff, model, x, [99, 50, 0])
-    with pytest.raises(ValueError, match="sampler.method='plms'"):
-        S.nfe("plms", 10)
+    with pytest.raises(ValueError, match="sampler.method='plms' is unknown"):
+        get_method("plms")
 
 
 # --------------------------------------------------------------------------- the network at fractional times

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..checks import check_choice
+
 SPLITS = ("train", "val", "test")  # "test": the datasets that have a separate test set (MNIST, Fashion, CIFAR)
 
 
@@ -137,8 +139,7 @@ class ImageDataModule(L.LightningDataModule):
     def real_images(self, split: str = "train") -> torch.Tensor:
         """uint8 [N, C, H, W] of a split ("train", "val", or "test" where the dataset has a test set), e.g. for
         FID reference statistics."""
-        if split not in SPLITS:
-            raise ValueError(f"reference_split={split!r} is unknown; allowed: {', '.join(SPLITS)}")
+        check_choice("reference_split", split, SPLITS)
         if split == "test":
             if not hasattr(self, "test_images"):
                 raise ValueError(f"reference_split=test: {type(self).__name__} has no test set; use train or val")

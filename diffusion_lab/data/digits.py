@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_choice
 from .base import ImageDataModule, resize_uint8
 
 
@@ -15,8 +16,7 @@ class DigitsDataModule(ImageDataModule):
             raise ValueError(f"data.channels={channels}: digits are greyscale, allowed: 1")
         kwargs.setdefault("num_classes", 10)
         super().__init__(image_size=image_size, channels=1, **kwargs)
-        if resize_mode not in ("pad", "resize"):
-            raise ValueError(f"data.resize_mode={resize_mode!r} is unknown; allowed: pad, resize")
+        check_choice("data.resize_mode", resize_mode, ("pad", "resize"))
         self.resize_mode = resize_mode
 
     def load_images(self):

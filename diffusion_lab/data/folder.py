@@ -14,6 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import functional as TF
 
+from ..checks import check_choice
 from .base import ImageDataModule
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class FolderDataModule(ImageDataModule):
         **kwargs,
     ):
         if channels not in (1, 3):
-            raise ValueError(f"data.channels={channels} is not allowed; choose 1 (grey) or 3 (RGB)")
+            check_choice("data.channels", channels, (1, 3))
         super().__init__(image_size=image_size, channels=channels, hflip=hflip, **kwargs)
         self.path, self.labels_from_subdirs, self.skip_corrupt = Path(path), labels_from_subdirs, skip_corrupt
         self.files = self._list_files()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..checks import check_choice
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .schedules import get_betas
 
@@ -22,9 +23,6 @@ LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
 LOSS_WEIGHTINGS = ("none", "min_snr", "p2")
 
 
-def _check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is unknown; allowed: {', '.join(allowed)}")
 
 
 def snr_loss_weight(
@@ -48,7 +46,7 @@ def snr_loss_weight(
     k^-gamma (p2); the x0 and v forms are 0, since an x0 or v model's eps-error is 0 there (eps = x_t).
     snr: float64 [T] -> float64 [T].
     """
-    _check_choice("diffusion.loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
+    check_choice("diffusion.loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
     if loss_weighting == "none":
         return torch.ones_like(snr)
     if loss_weighting == "min_snr":
@@ -117,10 +115,10 @@ class GaussianDiffusion:
         p2_k: float = 1.0,
         p2_gamma: float = 1.0,
     ):
-        _check_choice("diffusion.mean_type", mean_type, MEAN_TYPES)
-        _check_choice("diffusion.var_type", var_type, VAR_TYPES)
-        _check_choice("diffusion.loss_type", loss_type, LOSS_TYPES)
-        _check_choice("diffusion.loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
+        check_choice("diffusion.mean_type", mean_type, MEAN_TYPES)
+        check_choice("diffusion.var_type", var_type, VAR_TYPES)
+        check_choice("diffusion.loss_type", loss_type, LOSS_TYPES)
+        check_choice("diffusion.loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
         if loss_weighting != "none" and loss_type in ("kl", "rescaled_kl"):
             raise ValueError(
                 f"diffusion.loss_weighting={loss_weighting!r} needs diffusion.loss_type mse or rescaled_mse "

@@ -18,24 +18,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checks import check_choice, check_number
 from . import solvers
 from .samplers import ddim_invert, ddim_sample, ddim_step, ddpm_sample, ddpm_step
 
 
 def _nonneg(name: str) -> Callable[[Any], None]:
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
-            raise ValueError(f"sampler.{name}={v!r} must be a number >= 0")
-
-    return check
+    return lambda v: check_number(f"sampler.{name}", v)
 
 
 def _one_of(name: str, allowed: tuple) -> Callable[[Any], None]:
-    def check(v):
-        if v not in allowed or isinstance(v, bool) != isinstance(allowed[0], bool):
-            raise ValueError(f"sampler.{name}={v!r} is unknown; allowed: {', '.join(map(str, allowed))}")
-
-    return check
+    return lambda v: check_choice(f"sampler.{name}", v, allowed)
 
 
 CHECKS: dict[str, Callable[[str], Callable[[Any], None]]] = {
@@ -126,8 +119,7 @@ def register(method: Method) -> Method:
 
 def get_method(name: str) -> Method:
     """The registered method, or ValueError naming sampler.method and the allowed names."""
-    if name not in METHODS:
-        raise ValueError(f"sampler.method={name!r} is unknown; allowed: {', '.join(METHODS)}")
+    check_choice("sampler.method", name, METHODS)
     return METHODS[name]
 
 
@@ -196,7 +188,10 @@ register(
         solvers.unipc,
         "UniPC-{order}",
         {"order": 3, "lower_order_final": True},
-        {"order": _one_of("order", (1, 2, 3)), "lower_order_final": _one_of("lower_order_final", (True, False))},
+        {
+            "order": _one_of("order", solvers.UNIPC_ORDERS),
+            "lower_order_final": _one_of("lower_order_final", (True, False)),
+        },
     )
 )
 register(
@@ -205,7 +200,10 @@ register(
         solvers.ipndm,
         "iPNDM",
         {"max_order": 4, "variable_step": True},
-        {"max_order": _one_of("max_order", (1, 2, 3, 4)), "variable_step": _one_of("variable_step", (True, False))},
+        {
+            "max_order": _one_of("max_order", solvers.IPNDM_ORDERS),
+            "variable_step": _one_of("variable_step", (True, False)),
+        },
         spacing="karras",
     )
 )

@@ -22,6 +22,8 @@ import re
 
 import torch
 
+from ..checks import check_choice
+
 SPACINGS = ("ddim", "uniform", "quad", "trailing", "even")
 CONTINUOUS_SPACINGS = ("logsnr", "karras")
 
@@ -93,10 +95,7 @@ def sampling_times(diffusion, spacing: str, steps: int) -> list:
         if not 1 <= steps <= T:
             raise ValueError(f"sampler.steps={steps} must be between 1 and diffusion.steps={T}")
         return list(range(T)) if steps == T else space_timesteps(T, f"{spacing}{steps}")
-    if spacing not in CONTINUOUS_SPACINGS:
-        raise ValueError(
-            f"sampler.spacing={spacing!r} is unknown; allowed: {', '.join(SPACINGS + CONTINUOUS_SPACINGS)}"
-        )
+    check_choice("sampler.spacing", spacing, SPACINGS + CONTINUOUS_SPACINGS)
     if steps < 2 or T < 2:
         raise ValueError(f"sampler.steps={steps} must be >= 2 for sampler.spacing={spacing} (both ends are kept)")
     top = T - 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..checks import check_choice, check_number
 from .registry import Method, get_method
 from .respace import CONTINUOUS_SPACINGS, SPACINGS, sampling_times
 from .samplers import ClassifierFreeGuidance
@@ -55,12 +56,9 @@ class Sampler:
             raise ValueError(f"sampler.steps={steps!r} must be a positive integer")
         self.steps = int(steps)
         self.spacing = spacing or self.method.spacing
-        if self.spacing not in ALL_SPACINGS:
-            raise ValueError(f"sampler.spacing={self.spacing!r} is unknown; allowed: {', '.join(ALL_SPACINGS)}")
+        check_choice("sampler.spacing", self.spacing, ALL_SPACINGS)
         self.clip_denoised = bool(clip_denoised)
-        if guidance_scale is not None and (isinstance(guidance_scale, bool) or guidance_scale < 0):
-            raise ValueError(f"sampler.guidance_scale={guidance_scale!r} must be a number >= 0 (or null)")
-        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        self.guidance_scale = None if guidance_scale is None else check_number("sampler.guidance_scale", guidance_scale)
 
     # ------------------------------------------------------------------ what tables and plots show
     @property

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import check_number
 from .gaussian import GaussianDiffusion, extract
 from .respace import space_timesteps
 
@@ -139,8 +140,7 @@ def ddim_sample(
     start_index=None,
 ):
     """DDIM sampling (Song et al. 2021, eq. 12); eta=0 is deterministic, eta=1 on all T steps is DDPM."""
-    if eta < 0:
-        raise ValueError(f"sampler.eta={eta} must be >= 0")
+    check_number("sampler.eta", eta)
     return sample_loop(
         diffusion,
         model,

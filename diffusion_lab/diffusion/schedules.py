@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..checks import check_choice
+
 SCHEDULES = ("linear", "cosine")
 
 
@@ -74,8 +76,7 @@ def get_betas(name: str, num_timesteps: int, zero_terminal_snr: bool = False) ->
 
     zero_terminal_snr: rescale them with `rescale_zero_terminal_snr` (values in (0, 1], the last exactly 1).
     """
-    if name not in _BUILDERS:
-        raise ValueError(f"diffusion.schedule={name!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+    check_choice("diffusion.schedule", name, SCHEDULES)
     if int(num_timesteps) < 1:
         raise ValueError(f"diffusion.steps={num_timesteps!r} must be a positive integer")
     betas = _BUILDERS[name](int(num_timesteps))

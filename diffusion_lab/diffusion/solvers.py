@@ -8,7 +8,7 @@ Every method has the signature of `samplers.ddim_sample` and its conventions, so
 - `timesteps`: ascending times t_0 < .. < t_{N-1} (ints or floats in [0, T-1], e.g. respace.sampling_times).
   The model is evaluated at t_{N-1}, .., t_0 and the last step goes to the clean image (sigma = 0), whose value
   is the denoiser's x0 prediction at t_0, exactly as DDIM's last step (alpha_bar_prev = 1). So N evaluations
-  (NFE) for the single-evaluation methods, 2N - 1 for Heun (`nfe`).
+  (NFE) for the single-evaluation methods, 2N - 1 for Heun (registry.Method.nfe).
 - x_T: the VP state at t_{N-1} (N(0, I) for pure noise). callback(i, x, x0_hat) after each step with i = N-1 .. 0
   the index of the time just evaluated, x the new state and x0_hat the prediction at t_i (as sample_loop).
 - Randomness only from `generator`. Per-step scalars are float64 Python numbers from the time grid (no device
@@ -32,6 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from ..checks import check_choice, check_number
+
+UNIPC_ORDERS = (1, 2, 3)  # unipc's `order`
+IPNDM_ORDERS = (1, 2, 3, 4)  # ipndm's `max_order`
 
 
 @dataclass
@@ -237,8 +242,7 @@ def unipc(
     No corrector on the step to t_0 (its evaluation is the returned x0_hat).
     order in {1, 2, 3} (default 3).
     """
-    if order not in (1, 2, 3):
-        raise ValueError(f"sampler.order={order} is not supported by unipc; allowed: 1, 2, 3")
+    check_choice("sampler.order", order, UNIPC_ORDERS)
     g = _grid(diffusion, timesteps)
     x = x_T
     x0, _ = diffusion.denoise(model, x, g.t[0], model_kwargs, clip_denoised)
@@ -327,8 +331,7 @@ def ipndm(
       (logsnr, NFE 10: 0.075 vs 0.24 max error).
     Variable steps are the default for that robustness.
     """
-    if max_order not in (1, 2, 3, 4):
-        raise ValueError(f"sampler.max_order={max_order} is not supported by ipndm; allowed: 1, 2, 3, 4")
+    check_choice("sampler.max_order", max_order, IPNDM_ORDERS)
     g = _grid(diffusion, timesteps)
     _need_finite_s(g, "ipndm")
     x, eps_hist = x_T, []
@@ -510,8 +513,7 @@ def euler_ancestral(
 ):
     """k-diffusion sample_euler_ancestral in the VE variables: an Euler step down to s_down, then fresh noise of
     std s_noise s_up (`ancestral_step`); eta = 0 is Euler. No noise on the step to s = 0."""
-    if eta < 0:
-        raise ValueError(f"sampler.eta={eta} must be >= 0")
+    check_number("sampler.eta", eta)
     g = _grid(diffusion, timesteps)
     _need_finite_s(g, "euler_ancestral")
     x_bar = x_T / g.alpha[0]
@@ -551,8 +553,7 @@ def ode_invert(
     and the x0 predictions at t_j, t_{j-1}, t_{j-2}. order=1 reproduces ddim_invert (fixed_point_iters=0).
     Pair with the sampler of the same order for reconstructions.
     """
-    if order not in (1, 2, 3):
-        raise ValueError(f"sampler.order={order} is not supported by ode_invert; allowed: 1, 2, 3")
+    check_choice("ode_invert order", order, (1, 2, 3))
     g = _grid(diffusion, timesteps)
     t, alpha, sigma, lam = g.t[::-1], g.alpha[-2::-1], g.sigma[-2::-1], g.lam[-2::-1]  # ascending t_0 .. t_{N-1}
     if not math.isfinite(lam[-1]):
@@ -580,21 +581,3 @@ def ode_invert(
 
 
 # --------------------------------------------------------------------------- table for the registry
-SOLVERS = {
-    "dpmpp_2m": dpmpp_2m,
-    "dpmpp_3m": dpmpp_3m,
-    "unipc": unipc,
-    "ipndm": ipndm,
-    "euler": euler,
-    "heun": heun,
-    "euler_ancestral": euler_ancestral,
-}
-DETERMINISTIC = ("dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "euler", "heun")  # euler / heun with s_churn = 0
-
-
-def nfe(method: str, steps: int) -> int:
-    """Network evaluations for `steps` visited times: 2 steps - 1 for heun, steps for every other method
-    (including ddim and ddpm)."""
-    if method not in (*SOLVERS, "ddim", "ddpm"):
-        raise ValueError(f"sampler.method={method!r} is unknown; allowed: ddpm, ddim, {', '.join(SOLVERS)}")
-    return 2 * int(steps) - 1 if method == "heun" else int(steps)

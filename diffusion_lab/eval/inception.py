@@ -75,22 +75,23 @@ def convert_torchscript(ts_path: Path) -> dict[str, torch.Tensor]:
 
 
 def _template_state_dict() -> dict[str, torch.Tensor]:
-    """An uninitialised FeatureExtractorInceptionV3's state dict (names and shapes), without loading weights."""
+    """An uninitialised FeatureExtractorInceptionV3's state dict (names and shapes), without loading weights.
+
+    torch-fidelity's constructor always loads weights; a subclass that skips that one call, fed an empty file,
+    gives the layout with nothing patched in the library.
+    """
+    import tempfile
+
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    orig = FeatureExtractorInceptionV3.load_state_dict
-    try:
-        FeatureExtractorInceptionV3.load_state_dict = lambda self, sd, *a, **k: None
-        import torch_fidelity.feature_extractor_inceptionv3 as fe
+    class Layout(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, *args, **kwargs):  # the layout is all that is needed here
+            return None
 
-        orig_load = fe.load_state_dict_from_url
-        fe.load_state_dict_from_url = lambda *a, **k: {}
-        try:
-            model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-        finally:
-            fe.load_state_dict_from_url = orig_load
-    finally:
-        FeatureExtractorInceptionV3.load_state_dict = orig
+    with tempfile.TemporaryDirectory() as d:
+        empty = Path(d) / "empty.pth"
+        torch.save({}, empty)
+        model = Layout("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
     return {k: v.float() for k, v in model.state_dict().items()}
 
 
@@ -126,6 +127,12 @@ def resolve_inception_weights(path: str | None = None, cache_dir: str | Path | N
     if path:
         if not Path(path).exists():
             raise InceptionWeightsNotFound(f"fid.inception_weights={path!r} does not exist")
+        try:  # torch-fidelity reads it with weights_only=False: make sure it is plain data first
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure means the file is not usable as plain weights
+            raise InceptionWeightsNotFound(
+                f"fid.inception_weights={path!r} is not a plain state dict ({str(e).splitlines()[0]})"
+            ) from None
         return str(path), "config path"
     if torch_fidelity_cache_path().exists():
         return str(torch_fidelity_cache_path()), "torch-fidelity cache"

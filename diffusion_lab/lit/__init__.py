@@ -1,7 +1,8 @@
-"""Lightning glue: the DiffusionModule and its callbacks."""
+"""Lightning glue: the DiffusionModule and its callbacks (EMA, sample grids, FID during training, checkpoints)."""
 
-from .callbacks import SampleGridCallback, ema_module, save_grid
 from .ema import EMA
+from .fid_callback import FIDCallback
 from .module import DiffusionModule
+from .sample_grid import SampleGridCallback
 
-__all__ = ["DiffusionModule", "EMA", "SampleGridCallback", "ema_module", "save_grid"]
+__all__ = ["DiffusionModule", "EMA", "SampleGridCallback", "FIDCallback"]

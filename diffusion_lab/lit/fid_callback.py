@@ -1,11 +1,13 @@
-"""FIDCallback: FID/KID of each configured sampler on the EMA weights during training, correct under DDP.
+"""FIDCallback: FID/KID and precision/recall of each configured sampler on the EMA weights during training,
+correct under DDP.
 
 Every `every_n_epochs` epochs and at the end of fit, each rank draws its share of `num_samples` with
 its own seed, computes Inception features of its share, and updates torchmetrics FID/KID with those
 and with its slice of the reference features; torchmetrics reduces the states across ranks in
-compute(), so the score is that of all ranks' samples against the whole reference set. Rank 0 logs
-`val/fid/<sampler>`, `val/kid/<sampler>`, `val/sample_seconds/<sampler>`, the DDIM/DDPM FID ratio
-and a grid per sampler.
+compute(), so the score is that of all ranks' samples against the whole reference set. Precision and recall
+(k-NN manifolds) need every feature: the generated ones are gathered from all ranks. Rank 0 logs
+`val/{fid,kid,precision,recall,sample_seconds}/<sampler>`, `val/fid_ratio/<sampler>` (FID relative to the
+sampler with the most network evaluations, DDPM-T by default) and a grid per sampler.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ..checks import check_choice
 from ..data import to_uint8
 from ..data.base import SPLITS
 from ..diffusion import Sampler
-from ..lit.callbacks import ema_module, log_image, save_grid
-from .fid import FIDEvaluator
-from .inception import inception_weights
-from .precision_recall import precision_recall
+from ..eval.fid import FIDEvaluator
+from ..eval.inception import inception_weights
+from ..eval.precision_recall import precision_recall
+from ..images import log_image, save_grid
+from .ema import EMA
 
 
 class FIDCallback(L.Callback):
@@ -46,13 +50,12 @@ class FIDCallback(L.Callback):
         seed: int = 1234,
         allow_download: bool = True,
     ):
-        if reference_split not in SPLITS:
-            raise ValueError(
-                f"callbacks.fid.reference_split={reference_split!r} is unknown; allowed: {', '.join(SPLITS)}"
-            )
+        check_choice("callbacks.fid.reference_split", reference_split, SPLITS)
         # Sampler objects, or mappings of their fields (as OmegaConf turns dataclasses inside lists into)
-        samplers = [s if isinstance(s, Sampler) else Sampler(**{k: v for k, v in s.items() if k != "_target_"})
-                    for s in (samplers or [])]
+        samplers = [
+            s if isinstance(s, Sampler) else Sampler(**{k: v for k, v in s.items() if k != "_target_"})
+            for s in (samplers or [])
+        ]
         self.samplers = samplers or [Sampler("ddim", 50), Sampler("ddpm", 1000)]
         self.num_samples, self.every_n_epochs = num_samples, every_n_epochs
         self.weights_arg, self.cache_dir, self.reference_split = inception_weights, cache_dir, reference_split
@@ -117,7 +120,7 @@ class FIDCallback(L.Callback):
             if trainer.is_global_zero and fake.shape[0]:
                 path = self.dirpath / f"{sampler.name}_step{trainer.global_step:07d}.png"
                 grid = save_grid(fake[:64].float() / 127.5 - 1, path)
-                log_image(trainer, f"fid_samples/{sampler.name}", path, grid, trainer.global_step)
+                log_image(trainer.loggers, f"fid_samples/{sampler.name}", path, grid, trainer.global_step)
         self.results = results
         self._log(trainer, results)
         return results
@@ -151,8 +154,8 @@ class FIDCallback(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self.evaluate(trainer, ema_module(trainer, pl_module))
+            self.evaluate(trainer, EMA.of(trainer, pl_module))
 
     def on_train_end(self, trainer, pl_module):
         # Before teardown moves the model off the GPU; ema_module() gives the averaged copy.
-        self.evaluate(trainer, ema_module(trainer, pl_module))
+        self.evaluate(trainer, EMA.of(trainer, pl_module))

@@ -1,0 +1,163 @@
+"""Time to FID (issue 16): the MNIST CPU recipe trained with four objectives for the same wall-clock budget.
+
+    python bench/convergence.py               # baseline, min-SNR-5, P2 (k=1, gamma=1), v-prediction: 20 min each
+    python bench/convergence.py --minutes 8   # shorter budget (checkpoints every minutes/5)
+
+Each run is `python train.py experiment=mnist_cpu <objective>` with the same seed, stopped by trainer.max_time,
+with a checkpoint every budget/5 minutes of training (Lightning's ModelCheckpoint(train_time_interval=...),
+measured from the start of training). Every checkpoint is scored with FID (N=1,000 DDIM-50 samples of the EMA
+weights, the same x_T) against the 10,000 MNIST test images, and the classifier score. Target: the best
+objective reaches the baseline's final FID in at most 0.7x the baseline's training time (the min-SNR paper
+reports 3.4x faster convergence on ImageNet 256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import sys
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from common import ROOT, RUNS, machine, machine_line, save_figure, scored_rows, summary, write_result  # noqa: E402
+from mnist import MNIST_TEST, mnist_setup  # noqa: E402
+
+from diffusion_lab.checkpoint import load_module  # noqa: E402
+from diffusion_lab.diffusion import Sampler  # noqa: E402
+
+OBJECTIVES = {
+    "baseline": [],  # eps prediction, L_simple (the recipe)
+    "min_snr5": ["diffusion.loss_weighting=min_snr", "diffusion.snr_gamma=5.0"],
+    "p2": ["diffusion.loss_weighting=p2", "diffusion.p2_k=1.0", "diffusion.p2_gamma=1.0"],
+    "v_pred": ["diffusion.mean_type=v"],
+}
+
+
+def train(name: str, overrides: list[str], minutes: int) -> list[tuple[float, object]]:
+    """(training minutes, checkpoint path) of one objective's timed checkpoints."""
+    run = RUNS / "convergence" / f"{name}_{minutes}min"
+    every = minutes / 5
+    if not (run / "DONE").exists():
+        cmd = [
+            sys.executable, "train.py", "experiment=mnist_cpu", *overrides, f"hydra.run.dir={run}", "logger=csv",
+            "trainer.enable_progress_bar=false", "trainer.max_steps=-1", "trainer.max_epochs=-1",
+            f"+trainer.max_time={{minutes: {minutes}}}", "callbacks.sample_grid.every_n_epochs=1000",
+            "+callbacks.timed._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"+callbacks.timed.dirpath={run}/timed", "+callbacks.timed.save_top_k=-1",
+            "+callbacks.timed.filename=step{step:07d}", "+callbacks.timed.auto_insert_metric_name=false",
+            f"+callbacks.timed.train_time_interval={{_target_: datetime.timedelta, minutes: {every}}}",
+        ]  # fmt: skip
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        (run / "DONE").write_text("done\n")
+    ckpts = sorted((run / "timed").glob("step*.ckpt"))
+    return [(every * (i + 1), p) for i, p in enumerate(ckpts)]
+
+
+def run(minutes: int, n: int) -> dict:
+    t0 = time.perf_counter()
+    ev, ref, classifier, _, _ = mnist_setup()
+    curves = {}
+    for name, overrides in OBJECTIVES.items():
+        points = []
+        for m, ckpt in train(name, overrides, minutes):
+            module = load_module(ckpt)
+            cache = RUNS / "rows" / f"convergence-{name}-{minutes}min-{ckpt.stem}.json"
+            r = scored_rows(module, [Sampler("ddim", 50)], n, ev, ref, MNIST_TEST, cache, classifier=classifier)[0]
+            step = torch.load(ckpt, weights_only=True)["global_step"]
+            points.append({"minutes": m, "step": step, **{k: r[k] for k in ("fid", "precision", "recall")},
+                           "cls_score": r.get("cls_score"), "confident": r.get("confident")})
+        curves[name] = points
+        summary("convergence", f"{name}: " + ", ".join(f"{p['minutes']:g} min FID {p['fid']:.2f}" for p in points))
+    return {"machine": machine(), "minutes": minutes, "n": n, "curves": curves,
+            "wall_seconds": time.perf_counter() - t0}
+
+
+def time_to(points: list[dict], fid: float) -> float | None:
+    """First training time at which FID <= fid, linearly interpolated in log FID between checkpoints."""
+    prev = None
+    for p in points:
+        if p["fid"] <= fid:
+            if prev is None:
+                return p["minutes"]
+            a, b = math.log(prev["fid"]), math.log(p["fid"])
+            w = (a - math.log(fid)) / (a - b) if a != b else 1.0
+            return prev["minutes"] + w * (p["minutes"] - prev["minutes"])
+        prev = p
+    return None
+
+
+def targets(res: dict) -> list[str]:
+    base = res["curves"]["baseline"]
+    final, budget = base[-1]["fid"], base[-1]["minutes"]
+    out = []
+    best = None
+    for name, pts in res["curves"].items():
+        if name == "baseline":
+            continue
+        t = time_to(pts, final)
+        out.append(f"{name}: " + (f"{t:.1f} min ({t / budget:.2f}x)" if t is not None else "not within the budget"))
+        if t is not None and (best is None or t < best[1]):
+            best = (name, t)
+    verdict = (f"best {best[0]} at {best[1] / budget:.2f}x the baseline's {budget:g} min "
+               f"(target <= 0.7x: {'met' if best[1] / budget <= 0.7 else 'NOT met'})") if best else \
+        "no objective reached the baseline's final FID within the budget (target NOT met)"  # fmt: skip
+    return [f"baseline final FID {final:.2f} at {budget:g} min", *out, verdict]
+
+
+def section(res: dict, cmd: str, link: str) -> str:
+    names = list(res["curves"])
+    mins = [p["minutes"] for p in res["curves"]["baseline"]]
+    lines = ["| objective \\ training minutes | " + " | ".join(f"{m:g}" for m in mins) + " | steps at the end |",
+             "|---" * (len(mins) + 2) + "|"]
+    for name in names:
+        pts = {p["minutes"]: p for p in res["curves"][name]}
+        cells = [f"{pts[m]['fid']:.2f}" if m in pts else "—" for m in mins]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {res['curves'][name][-1]['step']} |")
+    return f"""### Time to FID (`{cmd}`)
+
+Machine: {machine_line(res['machine'])}. Each objective: `experiment=mnist_cpu` + its override, the same seed,
+{res['minutes']} minutes of training; FID of N={res['n']} DDIM-50 samples (EMA weights, same x_T) against
+{MNIST_TEST} at each timed checkpoint. Wall time of this benchmark: {res['wall_seconds'] / 60:.1f} min.
+
+{chr(10).join(lines)}
+
+![FID vs training minutes]({link})
+
+{'; '.join(targets(res))}.
+"""
+
+
+def plot(res: dict, quick: bool) -> str:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name, pts in res["curves"].items():
+        ax.plot([p["minutes"] for p in pts], [p["fid"] for p in pts], marker="o", label=name)
+    ax.set_xlabel("training minutes (2 CPU cores)")
+    ax.set_ylabel(f"FID (N={res['n']}, DDIM-50, vs MNIST test)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title("Time to FID on MNIST: objectives at equal wall clock")
+    fig.tight_layout()
+    link = save_figure(fig, "convergence", quick)
+    plt.close(fig)
+    return link
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=int, default=20)
+    p.add_argument("--num-samples", type=int, default=1000)
+    a = p.parse_args()
+    res = run(a.minutes, a.num_samples)
+    cmd = "python bench/convergence.py" + (f" --minutes {a.minutes}" if a.minutes != 20 else "")
+    write_result("convergence", res, section(res, cmd, plot(res, False)))
+    summary("convergence", "; ".join(targets(res)))
+
+
+if __name__ == "__main__":
+    main()

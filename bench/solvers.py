@@ -1,0 +1,168 @@
+"""The fast solvers against DDIM and DDPM: FID per network evaluation (issue 14), on one checkpoint each.
+
+    python bench/solvers.py --data digits   # train.py's default digits model (trained once into outputs/bench)
+    python bench/solvers.py --data mnist    # the experiment=mnist_cpu model (python bench/mnist.py --stage recipe)
+    python bench/solvers.py --quick         # digits, N=200, NFE {5, 10}, four methods: a smoke run
+
+Every method at NFE in {5, 10, 20, 50} plus DDPM-1000 (the reference), N=1,000 samples of the EMA weights, all
+from the same x_T (seed 0); FID/KID and improved precision/recall on the same Inception features (and the
+classifier score on MNIST), seconds per sample. Each method runs on its default grid (conf/sampler/<method>.yaml):
+logsnr for DPM-Solver++ and UniPC, karras (rho 7) for iPNDM / Euler / Heun / Euler ancestral, DDIM's own stride
+for DDIM. Targets: at NFE 10 the best solver's FID excess over DDPM-1000 is at most 1/3 of DDIM-10's; at NFE 5
+the best solver beats DDIM-10. Rows are cached (outputs/bench/rows/), so a re-run only computes what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from common import (  # noqa: E402
+    RUNS,
+    all_digits_uint8,
+    fid_evaluator,
+    machine,
+    machine_line,
+    save_figure,
+    scored_rows,
+    summary,
+    train_digits,
+    write_result,
+)
+
+from diffusion_lab.checkpoint import load_module  # noqa: E402
+from diffusion_lab.diffusion import Sampler  # noqa: E402
+from diffusion_lab.eval.report import plot_fid_vs_nfe  # noqa: E402
+
+METHODS = ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "euler", "heun", "euler_ancestral"]
+NFES = [5, 10, 20, 50]
+
+
+def model_and_reference(data: str):
+    """(module, evaluator, reference features, reference name, classifier or None, checkpoint) for a data set."""
+    ev = fid_evaluator()
+    if data == "digits":
+        ckpt = train_digits("ddpm_linear", [])
+        return load_module(ckpt), ev, ev.reference_features("digits-all", all_digits_uint8()), "all 1,797 digits", \
+            None, ckpt  # fmt: skip
+    from mnist import recipe_checkpoint
+
+    from diffusion_lab.data import MNISTDataModule
+    from diffusion_lab.eval.classifier import classifier_for
+
+    ckpt = recipe_checkpoint()
+    dm = MNISTDataModule(image_size=28)
+    ref = ev.reference_features("MNISTDataModule-test", dm.test_images()[0])
+    classifier, _ = classifier_for(dm, str(RUNS.parents[1] / ".cache"))
+    return load_module(ckpt), ev, ref, "the 10,000 MNIST test images", classifier, ckpt
+
+
+def run(data: str, n: int, methods: list[str], nfes: list[int], with_ddpm: bool) -> dict:
+    t0 = time.perf_counter()
+    module, ev, ref, ref_name, classifier, ckpt = model_and_reference(data)
+    samplers = [Sampler(m, nfe=k) for m in methods for k in nfes]
+    samplers = list({s.name: s for s in samplers}.values())  # Heun: NFE 9 and 10 are the same 5 steps
+    roles = {}
+    if with_ddpm:
+        ddpm = Sampler("ddpm", module.diffusion.num_timesteps)
+        samplers.append(ddpm)
+        roles[ddpm.name] = "reference"
+    cache = RUNS / "rows" / f"{data}-{ckpt.parent.parent.name}.json"
+    rows = scored_rows(module, samplers, n, ev, ref, ref_name, cache, classifier=classifier, roles=roles)
+    return {"machine": machine(), "data": data, "n": n, "ckpt": str(ckpt), "reference": ref_name, "rows": rows,
+            "wall_seconds": time.perf_counter() - t0}
+
+
+def targets(rows: list[dict]) -> list[str]:
+    ref = next((r for r in rows if r["role"] == "reference"), None)
+    at = {(r["method"], r["nfe"]): r for r in rows if r["role"] != "reference"}
+    out = []
+    ddim10 = at.get(("ddim", 10))
+    if ref and ddim10:
+        best10 = min((r for r in rows if r["role"] != "reference" and r["nfe"] == 10), key=lambda r: r["fid"])
+        ex_best, ex_ddim = best10["fid"] - ref["fid"], ddim10["fid"] - ref["fid"]
+        ok = ex_best <= ex_ddim / 3
+        out.append(
+            f"NFE 10: best {best10['label']} FID {best10['fid']:.2f}, excess over DDPM-{ref['nfe']} {ex_best:.2f} vs "
+            f"DDIM-10's {ex_ddim:.2f} (target <= 1/3 = {ex_ddim / 3:.2f}: {'met' if ok else 'NOT met'})"
+        )
+    five = [r for r in rows if r["role"] != "reference" and r["nfe"] == 5]
+    if five and ddim10:
+        best5 = min(five, key=lambda r: r["fid"])
+        ok = best5["fid"] < ddim10["fid"]
+        out.append(
+            f"NFE 5: best {best5['label']} FID {best5['fid']:.2f} vs DDIM-10 {ddim10['fid']:.2f} "
+            f"({'met' if ok else 'NOT met'})"
+        )
+    return out
+
+
+def section(res: dict, cmd: str, link: str) -> str:
+    rows = res["rows"]
+    nfes = sorted({r["nfe"] for r in rows if r["role"] != "reference"})
+    labels = list(dict.fromkeys(r["label"] for r in rows if r["role"] != "reference"))
+
+    def cell(label, k):
+        r = next((r for r in rows if r["label"] == label and r["nfe"] == k), None)
+        return "—" if r is None else f"{r['fid']:.2f} ({r['precision']:.2f}/{r['recall']:.2f})"
+
+    head = "| method (grid) \\ NFE | " + " | ".join(map(str, nfes)) + " | s/sample at the largest NFE |"
+    lines = [head, "|---" * (len(nfes) + 2) + "|"]
+    for label in labels:
+        mine = [r for r in rows if r["label"] == label]
+        spacing = mine[0]["spacing"]
+        slow = max(mine, key=lambda r: r["nfe"])["seconds_per_sample"]
+        lines.append(f"| {label} ({spacing}) | " + " | ".join(cell(label, k) for k in nfes) + f" | {slow:.4f} |")
+    ref = [r for r in rows if r["role"] == "reference"]
+    for r in ref:
+        lines.append(f"| {r['label']}, {r['nfe']} steps (reference) | {r['fid']:.2f} ({r['precision']:.2f}/"
+                     f"{r['recall']:.2f}) " + "| " * (len(nfes) - 1) + f"| {r['seconds_per_sample']:.4f} |")
+    cls = [r for r in rows if "cls_score" in r]
+    cls_line = ""
+    if cls:
+        best = max(cls, key=lambda r: r["cls_score"])
+        worst = min(r["cls_score"] for r in cls)
+        cls_line = (f"Classifier score (10 = best): {worst:.2f} to {best['cls_score']:.2f} ({best['sampler']}); "
+                    f"per row in `bench/results/solvers_{res['data']}.json`.\n")
+    return f"""### Solvers on {res['data']} (`{cmd}`)
+
+Machine: {machine_line(res['machine'])}. Checkpoint: `{res['ckpt']}`; N={res['n']} per cell against
+{res['reference']}; cells are FID (precision/recall, k=3). Wall time: {res['wall_seconds'] / 60:.1f} min
+(rows reused from the cache count as zero).
+
+{chr(10).join(lines)}
+
+![FID vs NFE]({link})
+
+{cls_line}Targets: {'; '.join(targets(rows)) or 'not evaluated in this run'}.
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", choices=["digits", "mnist"], default="digits")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--num-samples", type=int, default=None)
+    a = p.parse_args()
+    if a.quick:
+        res = run("digits", a.num_samples or 200, ["ddim", "dpmpp_2m", "unipc", "heun"], [5, 10], with_ddpm=False)
+        cmd = "python bench/solvers.py --quick"
+    else:
+        res = run(a.data, a.num_samples or 1000, METHODS, NFES, with_ddpm=True)
+        cmd = f"python bench/solvers.py --data {a.data}"
+    name = f"solvers_{res['data']}"
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    plot_fid_vs_nfe(res["rows"], None, title=f"FID vs NFE, {res['data']} (N={res['n']})", ax=ax)
+    fig.tight_layout()
+    link = save_figure(fig, name, a.quick)
+    plt.close(fig)
+    write_result(name, res, section(res, cmd, link), a.quick)
+    summary("solvers", "; ".join(targets(res["rows"])) or "done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""One wording for the checks every layer makes on a value it is given (a config key, an argument).
+
+check_choice("sampler.method", "euler2", METHODS)   # ValueError: sampler.method='euler2' is unknown; allowed: ...
+check_number("sampler.eta", -1.0)                   # ValueError: sampler.eta=-1.0 must be a number >= 0
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+
+def check_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
+    """ValueError unless value is one of `allowed` (bools and ints are not mixed up)."""
+    allowed = tuple(allowed)
+    if value not in allowed or any(isinstance(value, bool) != isinstance(a, bool) for a in allowed if a == value):
+        raise ValueError(f"{key}={value!r} is unknown; allowed: {', '.join(map(str, allowed))}")
+
+
+def check_number(key: str, value: Any, minimum: float = 0.0, finite: bool = False) -> float:
+    """ValueError unless value is a real number >= minimum (and finite when asked); returns it as a float."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and value >= minimum
+    if not ok or (finite and not math.isfinite(value)):
+        raise ValueError(f"{key}={value!r} must be a {'finite ' if finite else ''}number >= {minimum:g}")
+    return float(value)

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export WANDB_MODE ?= offline
 
-.PHONY: help install install-bench data-fashion train test test-slow lint bench bench-full clean
+.PHONY: help install install-bench data-fashion train test lint bench bench-full clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -39,8 +39,6 @@ train: install  ## train the default DDPM on the embedded digits set (CPU, ~5 mi
 test: install  ## the fast test suite (what CI runs)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10
 
-test-slow: install  ## the long tests too
-	$(PY) -m pytest -q -m slow
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check .

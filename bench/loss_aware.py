@@ -4,7 +4,7 @@
     python bench/loss_aware.py --quick    # 1 repeat
 
 Two measurements: (1) direct: the sampler's own work per step, `sample(B)` + `update(t, losses)` of a
-warmed-up LossSecondMomentSampler against the UniformSampler's, for B = 128 (one process) and
+warmed-up LossAwareTimestepSampler against the UniformTimestepSampler's, for B = 128 (one process) and
 B = 1,024 (what `update` receives from 8 DDP ranks of 128), divided by the step time; (2) end to end:
 `python train.py experiment=iddpm_cosine` steps with timesteps=loss_aware vs timesteps=uniform.
 """
@@ -19,7 +19,7 @@ import torch
 from common import machine, machine_line, run_worker, summary, timed, write_result
 from peers import CONFIGS
 
-from diffusion_lab.diffusion.timesteps import LossSecondMomentSampler, UniformSampler
+from diffusion_lab.diffusion.timesteps import LossAwareTimestepSampler, UniformTimestepSampler
 
 
 def sampler_seconds(sampler, batch: int, repeats: int = 20) -> float:
@@ -34,8 +34,8 @@ def sampler_seconds(sampler, batch: int, repeats: int = 20) -> float:
     return timed(step, repeats)
 
 
-def warmed_up(T: int = 1000) -> LossSecondMomentSampler:
-    s = LossSecondMomentSampler(T)
+def warmed_up(T: int = 1000) -> LossAwareTimestepSampler:
+    s = LossAwareTimestepSampler(T)
     for _ in range(10):
         s.update(torch.arange(T), torch.rand(T))
     assert s.warmed_up()
@@ -45,7 +45,7 @@ def warmed_up(T: int = 1000) -> LossSecondMomentSampler:
 def run(repeats: int, steps: int) -> dict:
     direct = {}
     for B in (128, 1024):
-        la, un = sampler_seconds(warmed_up(), B), sampler_seconds(UniformSampler(1000), B)
+        la, un = sampler_seconds(warmed_up(), B), sampler_seconds(UniformTimestepSampler(1000), B)
         direct[B] = {"loss_aware": la, "uniform": un, "extra": la - un}
     runs = {"uniform": [], "loss_aware": []}
     for _ in range(repeats):

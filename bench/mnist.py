@@ -140,7 +140,12 @@ CANDIDATES = {
     "c32b1_bs64": ["net.base_channels=32", "net.num_res_blocks=1", "data.batch_size=64"],
     "c32b2_bs128": ["net.base_channels=32", "net.num_res_blocks=2", "data.batch_size=128"],
     "c48b1_bs128": ["net.base_channels=48", "net.num_res_blocks=1", "data.batch_size=128"],
-}
+    # second round, on the best of the first: the two levers left for an undertrained regime
+    "c32b1_bs64_nodrop": ["net.base_channels=32", "net.num_res_blocks=1", "data.batch_size=64", "net.dropout=0.0"],
+    "c32b1_bs64_nodrop_lr2e-3": [
+        "net.base_channels=32", "net.num_res_blocks=1", "data.batch_size=64", "net.dropout=0.0", "optim.lr=2e-3",
+    ],
+}  # fmt: skip
 
 
 def train_run(name: str, overrides: list[str]) -> tuple[Path, float]:

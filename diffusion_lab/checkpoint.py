@@ -38,6 +38,8 @@ ALLOWED_TARGETS = frozenset(
         "diffusion_lab.diffusion.timesteps.LossSecondMomentSampler",
         "diffusion_lab.diffusion.UniformTimestepSampler",
         "diffusion_lab.diffusion.LossAwareTimestepSampler",
+        "diffusion_lab.diffusion.timesteps.UniformTimestepSampler",
+        "diffusion_lab.diffusion.timesteps.LossAwareTimestepSampler",
         "diffusion_lab.data.DigitsDataModule",
         "diffusion_lab.data.MNISTDataModule",
         "diffusion_lab.data.FashionMNISTDataModule",
@@ -45,8 +47,24 @@ ALLOWED_TARGETS = frozenset(
         "diffusion_lab.data.FolderDataModule",
     }
 )
-# torch's optimizers and LR schedulers are classes whose constructors only store numbers.
+# torch's optimizers and LR schedulers whose constructors take only numbers (not LambdaLR & co., which take callables).
 ALLOWED_PATTERN = re.compile(r"torch\.optim\.(lr_scheduler\.)?[A-Z][A-Za-z0-9]*")
+CALLABLE_TAKING = {"LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler"}
+
+
+def _torch_optim_class(target: str) -> bool:
+    """An Optimizer or LR scheduler class of torch.optim (importing torch.optim runs no checkpoint code)."""
+    if not ALLOWED_PATTERN.fullmatch(target) or target.rsplit(".", 1)[1] in CALLABLE_TAKING:
+        return False
+    import torch.optim
+    import torch.optim.lr_scheduler as sched
+
+    module = sched if ".lr_scheduler." in target else torch.optim
+    obj = getattr(module, target.rsplit(".", 1)[1], None)
+    bases = (torch.optim.Optimizer, sched.LRScheduler, sched.ReduceLROnPlateau)
+    return isinstance(obj, type) and issubclass(obj, bases)
+
+
 # The run-config nodes a checkpoint's model, sampler and data are built from.
 BUILT_NODES = ("net", "diffusion", "timesteps", "optim", "lr_scheduler", "sampler", "data")
 
@@ -63,7 +81,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes; a write was interrupted): use another checkpoint")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; each becomes one line
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "Weights only load failed" in str(e):  # torch's weights-only unpickler met a non-data object
@@ -109,15 +127,16 @@ def check_targets(cfg: DictConfig, source: str) -> None:
         node = cfg.get(name)
         node = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig | ListConfig) else node
         for key, target in targets(node, name):
-            if target not in ALLOWED_TARGETS and not ALLOWED_PATTERN.fullmatch(target):
+            if target not in ALLOWED_TARGETS and not _torch_optim_class(target):
                 raise CheckpointError(
                     f"{source}: {key}._target_={target!r} is not one of diffusion_lab's own classes; a checkpoint "
                     "may only describe those (refused: building it could run arbitrary code)"
                 )
 
 
-def build_module(cfg: DictConfig) -> DiffusionModule:
-    """The DiffusionModule a run config describes (train.py's, or one saved in a checkpoint)."""
+def build_module(cfg: DictConfig, with_sampler: bool = True) -> DiffusionModule:
+    """The DiffusionModule a run config describes (train.py's, or one saved in a checkpoint). with_sampler=False
+    leaves out the run's grid sampler (sample.py / evaluate.py bring their own)."""
     return DiffusionModule(
         net=build(cfg.net, "net"),
         diffusion=build(cfg.diffusion, "diffusion"),
@@ -125,17 +144,33 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         optimizer=build(cfg.optim, "optim"),
         lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.get("lr_scheduler") else None,
         label_dropout=cfg.get("label_dropout", 0.0),
-        sampler=build(cfg.sampler, "sampler"),
+        sampler=build(cfg.sampler, "sampler") if with_sampler else None,
         run_config=OmegaConf.to_container(cfg, resolve=True),
         channels_last=cfg.get("channels_last", True),
         seed=cfg.get("seed", 0),
     )
 
 
+def _interpolations(node: Any, key: str = "run_config") -> list[str]:
+    """Keys of the string values holding an OmegaConf interpolation or resolver ("${...}")."""
+    if isinstance(node, dict):
+        return [k for name, v in node.items() for k in _interpolations(v, f"{key}.{name}")]
+    if isinstance(node, list | tuple):
+        return [k for i, v in enumerate(node) for k in _interpolations(v, f"{key}[{i}]")]
+    return [key] if isinstance(node, str) and "${" in node else []
+
+
 def checkpoint_config(ckpt: dict, path: str | Path) -> DictConfig:
-    """The run config saved in a checkpoint, after the allow-list check."""
+    """The run config saved in a checkpoint, after the checks: train.py saves it resolved, so an interpolation
+    (`${node}`, `${oc.decode:...}`, `${oc.env:...}`) can only be an attempt to smuggle a node or read the
+    environment past the allow-list; then every `_target_` of the nodes that get built is on the allow-list."""
     if not isinstance(ckpt["run_config"], dict):
         raise CheckpointError(f"{path}: run_config is not a mapping")
+    if found := _interpolations(ckpt["run_config"]):
+        raise CheckpointError(
+            f"{path}: {found[0]} holds an interpolation ({len(found)} in all); a saved run config never does "
+            "(refused: it could build objects past the allow-list)"
+        )
     cfg = OmegaConf.create(ckpt["run_config"])
     check_targets(cfg, str(path))
     return cfg
@@ -149,7 +184,7 @@ def load_module(ckpt_path: str | Path, map_location: str = "cpu", ema: bool = Tr
     ckpt = read_checkpoint(ckpt_path, map_location)
     check_finite(ckpt, ckpt_path)
     try:
-        module = build_module(checkpoint_config(ckpt, ckpt_path))
+        module = build_module(checkpoint_config(ckpt, ckpt_path), with_sampler=False)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - the saved config itself is bad input
@@ -192,8 +227,18 @@ FREE_ON_RESUME = (
     "channels_last", "trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "trainer.enable_progress_bar",
     "trainer.log_every_n_steps", "trainer.default_root_dir", "trainer.check_val_every_n_epoch",
     "trainer.limit_val_batches", "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
-    "trainer.precision", "trainer.sync_batchnorm", "data.num_workers",
+    "trainer.precision", "trainer.sync_batchnorm", "data.num_workers", "data.data_dir", "data.debian_dir",
 )  # fmt: skip
+# Keys that exist since a later version, with the value that reproduces what older checkpoints did, and
+# renamed targets: a checkpoint written before either change resumes as if it had them.
+ADDED_KEYS = {
+    "diffusion.loss_weighting": "none", "diffusion.snr_gamma": 5.0, "diffusion.p2_k": 1.0, "diffusion.p2_gamma": 1.0,
+    "diffusion.zero_terminal_snr": False,
+}  # fmt: skip
+RENAMED_TARGETS = {
+    "diffusion_lab.diffusion.UniformSampler": "diffusion_lab.diffusion.UniformTimestepSampler",
+    "diffusion_lab.diffusion.LossSecondMomentSampler": "diffusion_lab.diffusion.LossAwareTimestepSampler",
+}
 # Keys whose new value is applied to the resumed run (the optimizer's values are put into its restored state).
 APPLIED_ON_RESUME = ("optim", "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm", "label_dropout")
 
@@ -213,11 +258,14 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
 
 def resume_changes(run: dict, saved: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """(applied, refused): the keys whose values differ between the run config and the checkpoint's,
-    each as key -> (checkpoint value, run value), split by what a resumed run can take."""
-    a, b = _flatten(saved), _flatten(run)
+    each as key -> (checkpoint value, run value), split by what a resumed run can take. Optimizer keys other
+    than its numbers (`optim._target_`, `optim._partial_`) cannot be applied to a restored optimizer."""
+    a = {k: RENAMED_TARGETS.get(v, v) if isinstance(v, str) else v for k, v in _flatten(saved).items()}
+    a = {**{k: v for k, v in ADDED_KEYS.items() if k not in a}, **a}
+    b = _flatten(run)
     diff = {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
     diff = {k: v for k, v in diff.items() if not _under(k, FREE_ON_RESUME)}
-    applied = {k: v for k, v in diff.items() if _under(k, APPLIED_ON_RESUME)}
+    applied = {k: v for k, v in diff.items() if _under(k, APPLIED_ON_RESUME) and not k.split(".")[-1].startswith("_")}
     refused = {k: v for k, v in diff.items() if k not in applied}
     return applied, refused
 

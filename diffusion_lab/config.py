@@ -84,6 +84,10 @@ def validate_eval_config(cfg: DictConfig) -> None:
     _choice("fid.reference_split", fid.get("reference_split", "train"), SPLITS)
     if fid.get("num_reference") is not None and int(fid.num_reference) < 2:
         raise ConfigError(f"fid.num_reference={fid.num_reference} must be >= 2 (or null for all)")
+    if cfg.get("mode") == "inpaint":
+        from .sample_modes import MASKS
+
+        _choice("mask", cfg.get("mask"), MASKS)
     if not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path is required: ckpt_path=<run dir>/checkpoints/last.ckpt")
 

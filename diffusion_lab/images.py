@@ -1,7 +1,7 @@
 """Image files and image logging: sample grids as PNG (atomically), sent to the loggers that take images.
 
-    grid = save_grid(images, "samples/final.png")        # images [N, C, H, W] in [-1, 1]
-    log_image(trainer.loggers, "samples/grid", path, grid, step)
+grid = save_grid(images, "samples/final.png")        # images [N, C, H, W] in [-1, 1]
+log_image(trainer.loggers, "samples/grid", path, grid, step)
 """
 
 from __future__ import annotations

@@ -72,22 +72,25 @@ def build_loggers(cfg: DictConfig, resume_step: int | None = None, wandb_run_id:
 @rank_zero_only
 def continue_csv_log(logger: CSVLogger, resume_step: int) -> None:
     """Keep the rows a run logged before its checkpoint (step < resume_step) and drop the later ones, which the
-    resumed run logs again. Lightning's CSV writer deletes metrics.csv when its directory is not empty."""
+    resumed run logs again. Lightning's CSV writer deletes a metrics.csv it finds, so the file is first renamed
+    aside (a kill before the kept rows are written back leaves it there, and the next resume uses it)."""
     path = Path(logger.log_dir) / "metrics.csv"
-    if not path.is_file():
+    aside = path.with_name(".metrics.csv.before-resume")
+    if path.is_file():
+        os.replace(path, aside)
+    if not aside.is_file():
         return
-    with open(path, newline="") as f:
+    with open(aside, newline="") as f:
         reader = csv.DictReader(f)
-        header, rows = (
-            list(reader.fieldnames or []),
-            [r for r in reader if r.get("step") and int(r["step"]) < resume_step],
-        )
-    writer = logger.experiment  # created now; it has deleted the old file
+        header = list(reader.fieldnames or [])
+        rows = [r for r in reader if r.get("step") and int(r["step"]) < resume_step]
+    writer = logger.experiment  # Lightning's writer: its header starts as the kept rows' columns
     writer.metrics_keys = header
     with atomic_write(writer.metrics_file_path) as tmp, open(tmp, "w", newline="") as f:
         out = csv.DictWriter(f, fieldnames=header)
         out.writeheader()
         out.writerows(rows)
+    aside.unlink()
     log.info("resume: kept %d metric rows (steps < %d) of %s", len(rows), resume_step, path)
 
 

@@ -48,7 +48,11 @@ def grid(module, sampler: Sampler, n: int, g: torch.Generator, class_label=None)
 
 
 def inpaint(module, sampler: Sampler, originals: torch.Tensor, mask_kind: str, g: torch.Generator):
-    """Rows: original | masked (unknown region grey) | result, one column per image."""
+    """Rows: original | masked (unknown region grey) | result, one column per image. The sampler's method must
+    have a single-step update (paint); its options and clipping apply; guidance needs labels, which this mode
+    does not take."""
+    if sampler.guidance_scale is not None:
+        raise ValueError("mode=inpaint does not take sampler.guidance_scale (it inpaints without class labels)")
     mask = make_mask(mask_kind, originals.shape[-1]).to(module.device)
     x0 = originals.to(module.device)
     dev_g = torch.Generator(device=module.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
@@ -58,9 +62,10 @@ def inpaint(module, sampler: Sampler, originals: torch.Tensor, mask_kind: str, g
         x0,
         mask,
         sampler.timesteps(module.diffusion),
-        sampler=sampler.method.name,
-        eta=sampler.options.get("eta", 0.0),
+        method=sampler.method.name,
+        clip_denoised=sampler.clip_denoised,
         generator=dev_g,
+        **sampler.options,
         progress=True,
     )
     masked = x0 * mask + (1 - mask) * 0.0

@@ -27,6 +27,7 @@ from .checkpoint import (
 )
 from .config import (
     ConfigError,
+    build,
     validate_data_against_net,
     validate_eval_config,
     validate_sampler,
@@ -49,7 +50,8 @@ def _callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 def _remove_stale_temp_files(ckpt_dir: Path) -> None:
     """Temp files of checkpoint writes that a kill interrupted (io.atomic_write names them .<name>.*.tmp)."""
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and ckpt_dir.is_dir():
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))  # set by DDP launchers for other ranks
+    if rank == 0 and ckpt_dir.is_dir():
         for tmp in ckpt_dir.glob(".*.ckpt.*.tmp"):
             log.info("removing %s, left by an interrupted checkpoint write", tmp)
             tmp.unlink(missing_ok=True)
@@ -83,19 +85,31 @@ def _resolve_ckpt_path(cfg: DictConfig) -> Path | None:
 
 
 def _resume_plan(cfg: DictConfig, ckpt_path: Path) -> tuple[dict, dict]:
-    """(optimizer values to apply, the checkpoint) for a resume; ConfigError naming every key that cannot change."""
+    """(optimizer argument -> (old, new) to apply, what the loggers need from the checkpoint) for a resume;
+    ConfigError naming every key that cannot change."""
     ckpt = read_checkpoint(ckpt_path)
     applied, refused = resume_changes(OmegaConf.to_container(cfg, resolve=True), ckpt["run_config"])
+    optim = {k.split(".", 1)[1]: v for k, v in applied.items() if k.startswith("optim.")}
+    if optim:  # only the optimizer's own arguments can be put into its restored param groups
+        takes = build(cfg.optim, "optim")([torch.zeros(1, requires_grad=True)]).defaults
+        refused |= {f"optim.{k}": v for k, v in optim.items() if k not in takes}
     if refused:
         listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in refused.items())
         raise ConfigError(
             f"resume from {ckpt_path}: the run config differs from the checkpoint's in {listed}; these cannot change "
             "within a run: resume with the checkpoint's values, or start a new run (another hydra.run.dir)"
         )
-    optim = {k.split(".", 1)[1]: b for k, (a, b) in applied.items() if k.startswith("optim.")}
     if applied:
         log.warning("resume: applying the changed values %s", {k: f"{a} -> {b}" for k, (a, b) in applied.items()})
-    return optim, ckpt
+    run = ckpt["run_config"]
+    if _world(run) != _world(OmegaConf.to_container(cfg, resolve=True)):
+        log.warning("resume: the number of devices changed; the data order will differ from an uninterrupted run")
+    return optim, {"global_step": ckpt["global_step"], "wandb_run_id": ckpt.get("wandb_run_id")}
+
+
+def _world(run: dict) -> tuple:
+    t = run.get("trainer") or {}
+    return t.get("devices"), t.get("num_nodes", 1)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -149,10 +163,10 @@ def _samplers(cfg: DictConfig, module) -> list[tuple]:
     nfes = list(g.get("ddim_steps") or g.nfe)  # ddim_steps: the grid's older name for the NFE list
     pairs = []
     for name in g.methods:
-        etas = g.etas if "eta" in get_method(name).options else [None]
+        etas = g.etas if g.get("etas") and "eta" in get_method(name).options else [None]
         pairs += [(Sampler(name, nfe=n, spacing=g.get("spacing"), eta=e), "curve") for e in etas for n in nfes]
     pairs += [(Sampler("ddpm", s), "reference") for s in g.get("ddpm_steps") or []]
-    unique = {s.name: (s, role) for s, role in pairs}  # e.g. Heun at NFE 9 and 10 is one sampler
+    unique = {(s.name, role): (s, role) for s, role in pairs}  # e.g. Heun at NFE 9 and 10 is one sampler
     for i, (s, _) in enumerate(unique.values()):
         validate_sampler(s, f"grid[{i}] ({s.name})", module.diffusion, module.conditional)
     return list(unique.values())

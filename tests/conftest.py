@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny processes and analytic models for the math tests, Hydra composition for the runs."""
+"""Shared fixtures: the analytic model for the math tests, Hydra composition and a tiny checkpoint for the runs."""
 
 from __future__ import annotations
 
@@ -15,23 +15,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-class GaussianDataEps:
-    """The exact E[eps | x_t] for data x0 ~ N(mu, s^2) per pixel: an analytic 'perfect' eps model.
-
-    x_t = sqrt(a) x0 + sqrt(1-a) eps  =>  E[eps | x_t] = sqrt(1-a) (x_t - sqrt(a) mu) / (a s^2 + 1 - a).
-    """
-
-    def __init__(self, diffusion, mu: float = 0.1, s: float = 0.5):
-        self.acp, self.mu, self.s = diffusion.alphas_cumprod, mu, s
-
-    def __call__(self, x, t, **_):
-        a = self.acp[t].to(x.dtype).reshape(-1, 1, 1, 1)
-        return (1 - a).sqrt() * (x - a.sqrt() * self.mu) / (a * self.s**2 + 1 - a)
-
-
 @pytest.fixture
 def gaussian_eps():
-    return GaussianDataEps
+    """(diffusion, mu, s) -> the exact eps model of data N(mu, s^2) per pixel (diffusion_lab.diffusion.analytic)."""
+    from diffusion_lab.diffusion import GaussianData
+
+    return lambda diffusion, mu=0.1, s=0.5: GaussianData(mu, s).model(diffusion, "eps")
 
 
 def compose_train(overrides: list[str], tmp_path: Path, config_name: str = "train") -> DictConfig:

@@ -1,14 +1,17 @@
 """Every experiment preset composes and runs a few steps on the CPU (full-scale presets shrunk), and a
 2x2 multirun of the real train.py makes 4 run directories with the right values."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import FAST, ROOT, compose_train
 
+from diffusion_lab.checkpoint import load_module
 from diffusion_lab.tasks import train
 
 # The MNIST-family CPU presets run in test_mnist.py (with the skip for absent Fashion-MNIST files).
@@ -38,10 +41,18 @@ TINY_FID = [
 def test_experiment_composes_and_runs(tmp_path, name):
     with_fid = "with_fid" in (ROOT / "conf" / "experiment" / f"{name}.yaml").read_text()
     overrides = [f"experiment={name}", *SHRINK.get(name, []), *FAST, "logger=none", *(TINY_FID if with_fid else [])]
-    metrics = train(compose_train(overrides, tmp_path))
-    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    cfg = compose_train(overrides, tmp_path)
+    metrics = train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3 and math.isfinite(metrics["train/loss_step"])
+    # the preset's choices reached the model rebuilt from its checkpoint (e.g. iddpm_cosine: learned range)
+    preset = yaml.safe_load((ROOT / "conf" / "experiment" / f"{name}.yaml").read_text())
+    process = load_module(tmp_path / "checkpoints" / "last.ckpt").diffusion
+    for key in ("mean_type", "var_type", "loss_type", "loss_weighting", "zero_terminal_snr"):
+        if key in (preset.get("diffusion") or {}):
+            assert getattr(process, key) == preset["diffusion"][key], key
     if with_fid:
-        assert metrics["val/fid/ddim2_eta0"] > 0
+        assert metrics["val/fid/ddim2_eta0"] > 0 and 0 <= metrics["val/precision/ddim2_eta0"] <= 1
 
 
 def test_multirun_2x2_makes_four_runs(tmp_path):

@@ -177,8 +177,10 @@ def test_precision_recall_closed_cases():
     assert precision_recall(a, a) == {"precision": 1.0, "recall": 1.0}
     assert precision_recall(a, a + 100.0) == {"precision": 0.0, "recall": 0.0}
     real = torch.cat([torch.randn(100, 16, generator=g), torch.randn(100, 16, generator=g) + 50.0])
-    pr = precision_recall(real, real[:100])
+    pr = precision_recall(real, real[:100], same_size=False)
     assert pr["precision"] == 1.0 and pr["recall"] == 0.5
+    assert precision_recall(real[:3], real[:3]) == pytest.approx({"precision": float("nan"), "recall": float("nan")},
+                                                                nan_ok=True)  # k=3 needs more than 3 points
     # the radius is the distance to the 3rd nearest other point
     pts = torch.tensor([[0.0], [1.0], [3.0], [6.0], [10.0]])
     assert knn_radii(pts, k=3).tolist() == [6.0, 5.0, 3.0, 5.0, 9.0]

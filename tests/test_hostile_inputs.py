@@ -65,22 +65,32 @@ def test_pickle_payload_checkpoint_is_refused_unread(tiny_ckpt, tmp_path):
     assert not marker.exists() and not (tmp_path / "run" / "grid.png").exists()
 
 
-@pytest.mark.parametrize("where", ["net", "nested"])
+@pytest.mark.parametrize("where", ["net", "nested", "interpolation", "decode"])
 def test_checkpoint_config_cannot_name_an_arbitrary_callable(tiny_ckpt, tmp_path, where):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     ckpt = _ckpt(tiny_ckpt)
     attack = {"_target_": "builtins.open", "_args_": [str(victim), "w"]}
+    message = r"_target_='builtins.open' is not one of diffusion_lab's own classes"
     if where == "net":
         ckpt["run_config"]["net"] = attack
-    else:  # deep inside a node that is built, where recursive instantiation would reach it
+    elif where == "nested":  # deep inside a node that is built, where recursive instantiation would reach it
         ckpt["run_config"]["diffusion"]["schedule"] = attack
+    elif where == "interpolation":  # a checked node pointing at an unchecked one
+        ckpt["run_config"]["evil"] = attack
+        ckpt["run_config"]["net"]["dropout"] = "${evil}"
+        message = r"run_config.net.dropout holds an interpolation"
+    else:  # a resolver that builds the node from a string
+        ckpt["run_config"]["net"]["dropout"] = (
+            "${oc.decode:'{_target_: builtins.open, _args_: [" + str(victim) + ", w]}'}"
+        )
+        message = r"run_config.net.dropout holds an interpolation"
     torch.save(ckpt, tmp_path / "evil.ckpt")
-    with pytest.raises(CheckpointError, match=r"_target_='builtins.open' is not one of diffusion_lab's own classes"):
+    with pytest.raises(CheckpointError, match=message):
         load_module(tmp_path / "evil.ckpt")
     assert victim.read_text() == "precious"
     r = _cli("evaluate.py", [f"ckpt_path={tmp_path / 'evil.ckpt'}", "num_samples=2"], tmp_path)
-    _one_line(r, "builtins.open")
+    _one_line(r, "builtins.open" if where in ("net", "nested") else "holds an interpolation")
     assert victim.read_text() == "precious"
 
 
@@ -134,7 +144,7 @@ def test_weights_that_do_not_fit_the_config_get_one_line(tiny_ckpt, tmp_path):
 BAD_RUNS = [
     (["optim.lr=abc"], "optim.lr='abc' must be a finite number >= 0"),
     (["optim.lr=inf"], "optim.lr=inf must be a finite number >= 0"),
-    (["net.base_channels=0"], "net.base_channels=0 must be a positive integer"),
+    (["net.base_channels=0"], "net.base_channels=0 must be an integer >= 1"),
     (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1 must be a finite number >= 0"),
     (["data.batch_size=5000"], "data.batch_size=5000 is larger than the training set (1617 images)"),
     (["callbacks=with_fid", "callbacks.fid.reference_split=tset"], "callbacks.fid.reference_split='tset' is unknown"),

@@ -4,7 +4,6 @@ score's closed forms and a small trained classifier, and the data package's impo
 
 from __future__ import annotations
 
-import ast
 import gzip
 import math
 from pathlib import Path
@@ -228,42 +227,3 @@ def test_small_classifier_trains_caches_and_scores(tmp_path):
     scores = score_images(model, xt[:2000])
     assert scores["cls_score"] > 6.5 and scores["confident"] > 0.6
     assert torch.equal(predict_probs(model, resize_uint8(xt[:100], 32)), predict_probs(model, xt[:100]))
-
-
-# --- layering ---------------------------------------------------------------------------------------------------
-
-FORBIDDEN = ("diffusion_lab.offline", "diffusion_lab.lit", "diffusion_lab.eval", "diffusion_lab.tasks")
-
-
-def imported_modules(source: str, module: str) -> set[str]:
-    """Absolute names of every module `source` (the code of `module`, e.g. diffusion_lab.data.base) imports."""
-    names, package = set(), module.rsplit(".", 1)[0]
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
-            mod = ".".join(p for p in (base, node.module) if p)
-            names |= {mod} | {f"{mod}.{a.name}" for a in node.names}
-    return names
-
-
-def _bad(names: set[str], forbidden: tuple[str, ...]) -> list[str]:
-    return sorted(n for n in names if any(n == f or n.startswith(f + ".") for f in forbidden))
-
-
-def test_layering_check_catches_an_upward_import():
-    old = "from ..offline import write_mnist_raw\nimport diffusion_lab.lit.module\nfrom .base import x\n"
-    found = _bad(imported_modules(old, "diffusion_lab.data.torchvision_sets"), FORBIDDEN)
-    assert found == ["diffusion_lab.lit.module", "diffusion_lab.offline", "diffusion_lab.offline.write_mnist_raw"]
-
-
-def test_data_package_imports_nothing_from_offline_lit_or_eval():
-    for path in sorted((ROOT / "diffusion_lab" / "data").glob("*.py")):
-        module = f"diffusion_lab.data.{path.stem}"
-        assert _bad(imported_modules(path.read_text(), module), FORBIDDEN) == [], path.name
-    clf = ROOT / "diffusion_lab" / "eval" / "classifier.py"
-    assert (
-        _bad(imported_modules(clf.read_text(), "diffusion_lab.eval.classifier"), ("lightning", "diffusion_lab.lit"))
-        == []
-    )

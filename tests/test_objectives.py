@@ -9,7 +9,7 @@ from conftest import FAST, compose_train
 
 from diffusion_lab.diffusion import (
     GaussianDiffusion,
-    LossSecondMomentSampler,
+    LossAwareTimestepSampler,
     ddim_sample,
     ddpm_sample,
     get_betas,
@@ -232,7 +232,7 @@ def test_weighting_drives_the_loss_aware_sampler(mean_type, weighting, opts, w_e
     probs = {}
     for name, kw in (("none", {}), (weighting, opts)):
         diff = GaussianDiffusion(get_betas("linear", T), mean_type=mean_type, loss_weighting=name, **kw)
-        sampler = LossSecondMomentSampler(T, history_per_term=K, uniform_prob=0.0)
+        sampler = LossAwareTimestepSampler(T, history_per_term=K, uniform_prob=0.0)
         losses = diff.training_losses(lambda x, tt: 0.5 * x, x0, t, noise=noise)
         sampler.update(t, losses["loss"])
         assert sampler.warmed_up()

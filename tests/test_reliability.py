@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import lightning as L
 import pytest
 import torch
 from conftest import FAST, ROOT, compose_train
@@ -228,3 +229,57 @@ def test_invalid_config_fails_fast(tmp_path, overrides, match):
         train(compose_train([*FAST, *overrides], tmp_path))
     assert not (tmp_path / "checkpoints").exists()  # nothing was trained or written
     assert time.time() - t0 < 30
+
+
+def test_a_checkpoint_written_before_the_renames_and_new_keys_resumes(tmp_path):
+    """A run config as the previous release saved it (old timestep-sampler target names, no loss-weighting or
+    zero-terminal-SNR keys) resumes: renamed targets and keys added with their old behaviour are not changes."""
+    train(compose_train([*RESUME, "trainer.max_epochs=1"], tmp_path))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    c = torch.load(last, weights_only=True)
+    c["run_config"]["timesteps"]["_target_"] = "diffusion_lab.diffusion.LossSecondMomentSampler"
+    for key in ("loss_weighting", "snr_gamma", "p2_k", "p2_gamma", "zero_terminal_snr"):
+        del c["run_config"]["diffusion"][key]
+    torch.save(c, last)
+    train(compose_train([*RESUME, "trainer.max_epochs=2", "ckpt_path=last"], tmp_path))
+    assert _states(last)[3] == 8
+
+
+def test_epochs_after_the_last_save_point_are_checkpointed(tmp_path):
+    """Validation (and so Lightning's saves) every 10 epochs, 3 epochs run: last.ckpt still has all 12 steps."""
+    train(compose_train([*RESUME, "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=10"], tmp_path))
+    assert _states(tmp_path / "checkpoints" / "last.ckpt")[3] == 12
+
+
+def test_gradient_accumulation_resume_is_exact_and_micro_batches_differ(tmp_path):
+    acc = [*RESUME, "+trainer.accumulate_grad_batches=2", "logger=none"]
+    train(compose_train([*acc, "trainer.max_epochs=100", "trainer.max_steps=5"], tmp_path / "full"))
+    train(compose_train([*acc, "trainer.max_epochs=100", "trainer.max_steps=3"], tmp_path / "part"))
+    train(compose_train([*acc, "trainer.max_epochs=100", "trainer.max_steps=5", "ckpt_path=last"], tmp_path / "part"))
+    _assert_same_run(
+        tmp_path / "full" / "checkpoints" / "last.ckpt", tmp_path / "part" / "checkpoints" / "last.ckpt", 5
+    )
+    from diffusion_lab.lit.module import batch_seed
+
+    assert batch_seed(42, 0, 0, 0) != batch_seed(42, 0, 1, 0)  # the two micro-batches of step 1 draw differently
+
+
+def test_resume_without_the_ema_callback_continues_from_the_raw_weights(tmp_path):
+    train(compose_train([*RESUME, "trainer.max_epochs=1"], tmp_path))
+    raw = _states(tmp_path / "checkpoints" / "last.ckpt")[1]
+    seen = {}
+
+    class Peek(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    cfg = compose_train([*RESUME, "trainer.max_epochs=2", "ckpt_path=last", "callbacks.ema=null"], tmp_path)
+    from diffusion_lab import tasks
+
+    orig = tasks._callbacks
+    tasks._callbacks = lambda c: [*orig(c), Peek()]
+    try:
+        train(cfg)
+    finally:
+        tasks._callbacks = orig
+    assert all(torch.equal(seen[k], raw[k]) for k in raw)

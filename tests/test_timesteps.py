@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-from diffusion_lab.diffusion import LossSecondMomentSampler, UniformSampler
+from diffusion_lab.diffusion import LossAwareTimestepSampler, UniformTimestepSampler
 
 
 def test_uniform_weights_are_one():
-    t, w = UniformSampler(10).sample(1000, "cpu", generator=torch.Generator().manual_seed(0))
+    t, w = UniformTimestepSampler(10).sample(1000, "cpu", generator=torch.Generator().manual_seed(0))
     assert t.min() >= 0 and t.max() <= 9 and torch.all(w == 1)
 
 
 def test_loss_aware_is_uniform_before_warmup():
-    s = LossSecondMomentSampler(5, history_per_term=3)
+    s = LossAwareTimestepSampler(5, history_per_term=3)
     s.update(torch.tensor([0, 1, 2, 3, 4, 0, 1]), torch.arange(7.0))
     assert not s.warmed_up()
     torch.testing.assert_close(s.probabilities(), torch.full((5,), 0.2, dtype=torch.float64))
@@ -20,7 +20,7 @@ def test_loss_aware_is_uniform_before_warmup():
 
 def test_loss_aware_probabilities_match_formula():
     T, H, u = 4, 3, 0.001
-    s = LossSecondMomentSampler(T, history_per_term=H, uniform_prob=u)
+    s = LossAwareTimestepSampler(T, history_per_term=H, uniform_prob=u)
     hist = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5], [4.0, 0.0, 1.0], [2.0, 2.0, 9.0]])
     for j in range(H):
         s.update(torch.arange(T), hist[:, j])
@@ -40,7 +40,7 @@ def test_loss_aware_probabilities_match_formula():
 def test_importance_weighted_mean_is_unbiased():
     T = 50
     losses = torch.linspace(0.01, 5.0, T) ** 2  # a loss curve spanning two orders of magnitude
-    s = LossSecondMomentSampler(T)
+    s = LossAwareTimestepSampler(T)
     for _ in range(10):
         s.update(torch.arange(T), losses)
     g = torch.Generator().manual_seed(123)
@@ -55,20 +55,20 @@ def test_importance_weighted_mean_is_unbiased():
 
 
 def test_state_dict_round_trip():
-    s = LossSecondMomentSampler(6, history_per_term=2)
+    s = LossAwareTimestepSampler(6, history_per_term=2)
     s.update(torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 2]), torch.rand(13))
-    s2 = LossSecondMomentSampler(6, history_per_term=2)
+    s2 = LossAwareTimestepSampler(6, history_per_term=2)
     s2.load_state_dict(s.state_dict())
     torch.testing.assert_close(s2.probabilities(), s.probabilities())
     with pytest.raises(ValueError, match="expected"):
-        LossSecondMomentSampler(7, history_per_term=2).load_state_dict(s.state_dict())
+        LossAwareTimestepSampler(7, history_per_term=2).load_state_dict(s.state_dict())
 
 
 @pytest.mark.parametrize("T,K,B", [(5, 3, 7), (3, 4, 50), (1000, 10, 1024)])
 def test_history_holds_the_last_k_losses_per_t_in_order(T, K, B):
     """After any sequence of batches (with repeated t, and more than K of one t in a batch), row t holds
     the last K losses seen for t, oldest first, and counts[t] = min(seen, K)."""
-    s = LossSecondMomentSampler(T, history_per_term=K)
+    s = LossAwareTimestepSampler(T, history_per_term=K)
     seen = {t: [] for t in range(T)}
     g = torch.Generator().manual_seed(0)
     for _ in range(12):
@@ -80,3 +80,12 @@ def test_history_holds_the_last_k_losses_per_t_in_order(T, K, B):
         last = ls[-K:]
         assert int(s.counts[ti]) == len(last)
         assert s.history[ti, : len(last)].tolist() == last
+
+
+def test_old_names_still_import_with_a_deprecation_warning():
+    from diffusion_lab.diffusion import LossSecondMomentSampler, UniformSampler
+
+    with pytest.warns(DeprecationWarning, match="now UniformTimestepSampler"):
+        assert isinstance(UniformSampler(10), UniformTimestepSampler)
+    with pytest.warns(DeprecationWarning, match="now LossAwareTimestepSampler"):
+        assert isinstance(LossSecondMomentSampler(10), LossAwareTimestepSampler)

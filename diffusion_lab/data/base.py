@@ -103,6 +103,8 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size!r} must be a positive integer")
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         self.val_fraction, self.batch_size, self.num_workers = val_fraction, batch_size, num_workers
         self.hflip, self.split_seed = hflip, split_seed
@@ -148,14 +150,10 @@ class ImageDataModule(L.LightningDataModule):
         return (self.train_set if split == "train" else self.val_set).images
 
     def _position(self) -> tuple[int, int]:
-        """(epoch, batches of it already trained) from the trainer's counters: every finished epoch has the
-        same number of batches, so the batches done in the current one are global batches - epoch * per-epoch."""
+        """(epoch, batches of it already trained): Lightning's restored batch progress when a run resumes inside an
+        epoch (the iterator is made before the epoch loop resets it), 0 when an epoch starts."""
         t = self.trainer
-        full = len(self.train_set) // t.world_size // self.batch_size
-        limit = t.limit_train_batches  # Lightning's rule: an int caps the batches, a float is a fraction
-        per_epoch = min(full, int(limit)) if isinstance(limit, int) else int(full * limit)
-        done = t.global_step * t.accumulate_grad_batches - t.current_epoch * per_epoch
-        return t.current_epoch, max(0, min(done, per_epoch))
+        return t.current_epoch, int(t.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer
@@ -184,6 +182,7 @@ class ImageDataModule(L.LightningDataModule):
 
 def resize_uint8(images: torch.Tensor, size: int, mode: str = "pad") -> torch.Tensor:
     """uint8 [N, C, h, w] -> [N, C, size, size] by zero-padding (centred) or bilinear resizing."""
+    check_choice("data.resize_mode", mode, ("pad", "resize"))
     h = images.shape[-1]
     if size == h:
         return images

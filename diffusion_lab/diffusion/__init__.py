@@ -18,7 +18,7 @@ from .samplers import (
 )
 from .schedules import SCHEDULES, get_betas, rescale_zero_terminal_snr
 from .solvers import dpmpp_2m, dpmpp_3m, euler, euler_ancestral, heun, ipndm, ode_invert, unipc
-from .timesteps import LossSecondMomentSampler, UniformSampler
+from .timesteps import LossAwareTimestepSampler, LossSecondMomentSampler, UniformSampler, UniformTimestepSampler
 
 __all__ = [
     "GaussianDiffusion",
@@ -48,7 +48,9 @@ __all__ = [
     "sample_loop",
     "ClassifierFreeGuidance",
     "Sampler",
-    "UniformSampler",
+    "UniformTimestepSampler",
+    "LossAwareTimestepSampler",
+    "UniformSampler",  # deprecated names of the two above
     "LossSecondMomentSampler",
     "normal_kl",
     "discretized_gaussian_log_likelihood",

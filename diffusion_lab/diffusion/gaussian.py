@@ -23,8 +23,6 @@ LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
 LOSS_WEIGHTINGS = ("none", "min_snr", "p2")
 
 
-
-
 def snr_loss_weight(
     snr: torch.Tensor,
     mean_type: str,
@@ -205,38 +203,23 @@ class GaussianDiffusion:
         `alpha_bar_at` and the model's time from `model_time`; whole numbers give the integer result.
         """
         values = [float(s) for s in timesteps]
-        if not all(math.isfinite(v) and v == int(v) for v in values):
-            return self._respace_continuous(values)
-        kept = sorted(int(s) for s in timesteps)
-        if not kept or kept[0] < 0 or kept[-1] >= self.num_timesteps or len(set(kept)) != len(kept):
-            raise ValueError(
-                f"respaced timesteps must be distinct ints in [0, {self.num_timesteps}), got {kept[:8]}..."
-            )
-        acp = self.alphas_cumprod[kept]
-        acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
-        return GaussianDiffusion(
-            1.0 - acp / acp_prev,
-            self.mean_type,
-            self.var_type,
-            self.loss_type,
-            timestep_map=self.timestep_map[kept],
-            **self.objective_kwargs,
-        )
-
-    def _respace_continuous(self, times: list[float]) -> GaussianDiffusion:
-        kept = sorted(times)
         T = self.num_timesteps
-        if not all(0 <= v <= T - 1 for v in kept) or len(set(kept)) != len(kept):
+        integer = all(math.isfinite(v) and v == int(v) for v in values)
+        kept = sorted(int(v) for v in values) if integer else sorted(values)
+        if not kept or not all(0 <= v <= T - 1 for v in kept) or len(set(kept)) != len(kept):
             raise ValueError(f"respaced timesteps must be distinct times in [0, {T - 1}], got {kept[:8]}...")
-        tt = torch.tensor(kept, dtype=torch.float64)
-        acp = self.alpha_bar_at(tt)
+        if integer:
+            acp, timestep_map = self.alphas_cumprod[kept], self.timestep_map[kept]
+        else:
+            tt = torch.tensor(kept, dtype=torch.float64)
+            acp, timestep_map = self.alpha_bar_at(tt), self.model_time(tt)
         acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
         return GaussianDiffusion(
             1.0 - acp / acp_prev,
             self.mean_type,
             self.var_type,
             self.loss_type,
-            timestep_map=self.model_time(tt),
+            timestep_map=timestep_map,
             **self.objective_kwargs,
         )
 

@@ -26,7 +26,7 @@ class Sampler:
     """Args:
     method: a registered method name (ddpm, ddim, dpmpp_2m, dpmpp_3m, unipc, ipndm, euler, heun, euler_ancestral).
     steps: visited times (the process is respaced to them); or
-    nfe: a network-evaluation budget instead: the most steps whose NFE fits (Heun: 2 steps - 1).
+    nfe: a network-evaluation budget instead (wins over steps): the most steps whose NFE fits (Heun: 2 steps - 1).
     spacing: how the times are chosen (respace.sampling_times); None: the method's default.
     clip_denoised: clamp each x0 prediction to [-1, 1] (DPM-Solver++'s thresholding, static).
     guidance_scale: classifier-free guidance scale s (None: no guidance).
@@ -45,9 +45,7 @@ class Sampler:
     ):
         self.method: Method = get_method(method)
         self.options = self.method.resolve({k: v for k, v in options.items() if v is not None})
-        if steps is not None and nfe is not None and self.method.steps_for_nfe(nfe) != int(steps):
-            raise ValueError(f"sampler.steps={steps} and sampler.nfe={nfe} disagree; give one of them")
-        if nfe is not None:
+        if nfe is not None:  # a budget in network evaluations decides the steps (a config's default steps is ignored)
             if isinstance(nfe, bool) or int(nfe) != nfe or nfe < self.method.nfe(1):
                 raise ValueError(f"sampler.nfe={nfe!r} must be an integer >= {self.method.nfe(1)} for {method}")
             steps = self.method.steps_for_nfe(int(nfe))

@@ -8,6 +8,7 @@ clip_denoised. `timesteps` is a list of kept steps, a spec for `space_timesteps`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -202,7 +203,7 @@ def paint(
     mask,
     timesteps=None,
     *,
-    sampler: str = "ddpm",
+    method: str = "ddpm",
     eta: float = 0.0,
     start_index=None,
     clip_denoised=True,
@@ -211,10 +212,12 @@ def paint(
     temperature=1.0,
     progress=False,
     callback=None,
+    sampler: str | None = None,
 ):
     """Inpainting: sample the unknown region while the known one follows the original's noising.
 
-    sampler: a registered method with a single-step update (ddpm, ddim; registry.Method.step), eta its option.
+    method: a registered method with a single-step update (ddpm, ddim; registry.Method.step), eta its option.
+    (`sampler=` is the deprecated name of `method`.)
 
     x0: [B, C, H, W] in [-1, 1]; mask: broadcastable to x0, 1 where x0 is known. Starts from x0 noised
     to the first visited level (pure noise in effect when starting at T). After the step that produces
@@ -237,11 +240,14 @@ def paint(
 
     from .registry import METHODS, get_method  # the registry imports this module
 
-    step = get_method(sampler).step
+    if sampler is not None:
+        warnings.warn("paint(sampler=...) is now paint(method=...)", DeprecationWarning, stacklevel=2)
+        method = sampler
+    step = get_method(method).step
     if step is None:
         able = ", ".join(m.name for m in METHODS.values() if m.step is not None)
         raise ValueError(
-            f"sampler.method={sampler} cannot inpaint (paint replaces the known region after each single step; "
+            f"sampler.method={method} cannot inpaint (paint replaces the known region after each single step; "
             f"methods that can: {able})"
         )
     return sample_loop(

@@ -1,4 +1,5 @@
-"""Timestep samplers: which t each training example gets, and its importance weight.
+"""Timestep samplers (improved-diffusion's "schedule samplers"): which t each training example gets, and its
+importance weight. Not to be confused with the reverse-process samplers (sampler_spec.Sampler).
 
 `sample(batch_size, device) -> (t int64 [B], weights float32 [B])` with weights = 1 / (T p_t), so
 mean(weights * L_t) is an unbiased estimate of the uniform-t mean loss. The loss-aware sampler is
@@ -9,10 +10,12 @@ No torch.distributed here: the caller passes losses gathered from every rank to 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
-class UniformSampler:
+class UniformTimestepSampler:
     """p_t = 1/T for every t; weights are all 1."""
 
     def __init__(self, num_timesteps: int):
@@ -38,7 +41,7 @@ class UniformSampler:
         pass
 
 
-class LossSecondMomentSampler(UniformSampler):
+class LossAwareTimestepSampler(UniformTimestepSampler):
     """IDDPM importance sampling: p_t proportional to sqrt(mean of the last `history_per_term` L_t^2).
 
     Uniform until every t has a full history; then mixed with `uniform_prob` of the uniform
@@ -97,6 +100,11 @@ class LossSecondMomentSampler(UniformSampler):
         return {"history": self.history.clone(), "counts": self.counts.clone()}
 
     def load_state_dict(self, state: dict) -> None:
+        if "history" not in state or "counts" not in state:
+            raise ValueError(
+                "timesteps: the saved timestep-sampler state has no loss history (it was a uniform sampler); "
+                "resume with the run's own timesteps config"
+            )
         if state["history"].shape != self.history.shape:
             raise ValueError(
                 f"timestep sampler state has shape {tuple(state['history'].shape)}, "
@@ -104,3 +112,19 @@ class LossSecondMomentSampler(UniformSampler):
             )
         self.history = state["history"].clone().double()
         self.counts = state["counts"].clone().long()
+
+
+class UniformSampler(UniformTimestepSampler):
+    """Deprecated name of UniformTimestepSampler (kept importable for one release)."""
+
+    def __init__(self, *args, **kwargs):
+        warnings.warn("UniformSampler is now UniformTimestepSampler", DeprecationWarning, stacklevel=2)
+        super().__init__(*args, **kwargs)
+
+
+class LossSecondMomentSampler(LossAwareTimestepSampler):
+    """Deprecated name of LossAwareTimestepSampler (kept importable for one release)."""
+
+    def __init__(self, *args, **kwargs):
+        warnings.warn("LossSecondMomentSampler is now LossAwareTimestepSampler", DeprecationWarning, stacklevel=2)
+        super().__init__(*args, **kwargs)

@@ -157,4 +157,7 @@ class FIDEvaluator:
         """FID, KID and improved precision/recall (k-NN manifolds, k=3) of generated uint8 images against
         reference features, in one process; one Inception pass."""
         fake = self.features(fake_uint8)
-        return {**self.score_features(fake, real_features), **precision_recall(real_features, fake, k)}
+        return {
+            **self.score_features(fake, real_features),
+            **precision_recall(real_features, fake, k, device=self.device),
+        }

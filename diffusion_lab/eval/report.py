@@ -85,7 +85,8 @@ def plot_fid_vs_nfe(rows: list[dict], path: Path, title: str = "", ax=None) -> N
         pts = sorted((r["nfe"], r["fid"]) for r in curves if r["label"] == label)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     for i, r in enumerate(r for r in rows if r.get("role") == "reference"):
-        ax.axhline(r["fid"], color="black", ls="--", lw=1, alpha=0.7 - 0.2 * i, label=f"{r['label']}, {r['nfe']} NFE")
+        alpha = max(0.15, 0.7 - 0.2 * i)
+        ax.axhline(r["fid"], color="black", ls="--", lw=1, alpha=alpha, label=f"{r['label']}, {r['nfe']} NFE")
     nfes = sorted({r["nfe"] for r in curves})
     ax.set_xscale("log")
     if nfes:

@@ -81,26 +81,40 @@ class RunCheckpoint(ModelCheckpoint):
             trainer.save_checkpoint(self.last_path())
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.saved_step != trainer.global_step:  # nothing written at this step yet
-            super().on_train_end(trainer, pl_module)
+        # Lightning writes last.ckpt here only when no last.ckpt was written during the run, so the epochs
+        # after the last save point (e.g. past the last validation, or a max_time stop) would be lost.
+        if self.save_last and self.saved_step != trainer.global_step:
+            trainer.save_checkpoint(self.last_path())
+
+    @property
+    def state_key(self) -> str:
+        """ModelCheckpoint's key, so the top-k state of checkpoints written with it is restored."""
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
 
 
 class ApplyChangedHyperparameters(Callback):
     """Resume with changed optimizer values (e.g. optim.lr): Lightning restores the optimizer's param groups
-    from the checkpoint, which would silently keep the old values. `changes` maps an optimizer argument name
-    to its new value; schedulers' base learning rates follow a changed lr."""
+    from the checkpoint, which would silently keep the old values. `changes` maps an optimizer argument to
+    (old, new). With an LR scheduler the learning rate is scaled by new / old (warm-up and decay continue from
+    where they were, relative to the new base rate); without one it is set."""
 
-    def __init__(self, changes: dict[str, Any]):
+    def __init__(self, changes: dict[str, tuple[Any, Any]]):
         self.changes = dict(changes)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
-                for name, value in self.changes.items():
-                    if name in group:
-                        group[name] = tuple(value) if isinstance(group[name], tuple) else value
-        if "lr" in self.changes:
-            for config in trainer.lr_scheduler_configs:
-                if hasattr(config.scheduler, "base_lrs"):
-                    config.scheduler.base_lrs = [self.changes["lr"]] * len(config.scheduler.base_lrs)
-        log.info("resume: applied the changed optimizer values %s", self.changes)
+                for name, (old, new) in self.changes.items():
+                    if name == "lr" and schedulers and old:
+                        group["lr"] *= new / old
+                        if "initial_lr" in group:
+                            group["initial_lr"] = new
+                    else:
+                        group[name] = tuple(new) if isinstance(group[name], tuple) else new
+        if "lr" in self.changes and self.changes["lr"][0]:
+            old, new = self.changes["lr"]
+            for sched in schedulers:
+                if hasattr(sched, "base_lrs"):
+                    sched.base_lrs = [b * new / old for b in sched.base_lrs]
+        log.info("resume: applied the changed optimizer values %s", {k: v[1] for k, v in self.changes.items()})

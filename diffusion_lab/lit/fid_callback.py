@@ -31,10 +31,10 @@ from .ema import EMA
 
 class FIDCallback(L.Callback):
     """Args:
-    samplers: Sampler objects to score (default DDIM-50 eta 0 and DDPM-1000).
+    samplers: Sampler objects to score (default DDIM-50 eta 0 and DDPM at the process's T).
     num_samples: generated images per sampler, split across ranks. every_n_epochs: 0 = only at fit end.
     inception_weights: explicit weights path (else resolved offline; see inception.py).
-    reference_split: which split of the DataModule is the reference set ("train" or "val").
+    reference_split: which split of the DataModule is the reference set ("train", "val" or "test").
     """
 
     def __init__(
@@ -56,7 +56,7 @@ class FIDCallback(L.Callback):
             s if isinstance(s, Sampler) else Sampler(**{k: v for k, v in s.items() if k != "_target_"})
             for s in (samplers or [])
         ]
-        self.samplers = samplers or [Sampler("ddim", 50), Sampler("ddpm", 1000)]
+        self.samplers = samplers  # None: DDIM-50 and DDPM-T, set in setup() once T is known
         self.num_samples, self.every_n_epochs = num_samples, every_n_epochs
         self.weights_arg, self.cache_dir, self.reference_split = inception_weights, cache_dir, reference_split
         self.batch_size, self.dirpath, self.seed, self.allow_download = batch_size, Path(dirpath), seed, allow_download
@@ -64,6 +64,8 @@ class FIDCallback(L.Callback):
         self.results: dict[str, dict[str, float]] = {}
 
     def setup(self, trainer, pl_module, stage):
+        if not self.samplers:
+            self.samplers = [Sampler("ddim", 50), Sampler("ddpm", pl_module.diffusion.num_timesteps)]
         # Resolve weights before any training step, so a missing file fails at once; rank 0 first, so that
         # a first-time conversion happens once.
         if not trainer.is_global_zero:
@@ -157,5 +159,5 @@ class FIDCallback(L.Callback):
             self.evaluate(trainer, EMA.of(trainer, pl_module))
 
     def on_train_end(self, trainer, pl_module):
-        # Before teardown moves the model off the GPU; ema_module() gives the averaged copy.
+        # Before teardown moves the model off the GPU; EMA.of() gives the averaged copy.
         self.evaluate(trainer, EMA.of(trainer, pl_module))

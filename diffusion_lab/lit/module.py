@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from ..diffusion import GaussianDiffusion, Sampler
-from ..diffusion.timesteps import UniformSampler
+from ..diffusion.timesteps import UniformTimestepSampler
+from .ema import EMA
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """A 63-bit seed for training step `step` on rank `rank`: a hash of the three, so nearby seeds, steps and
-    ranks give unrelated random streams."""
-    digest = hashlib.blake2b(f"{int(seed)}/{int(step)}/{int(rank)}".encode(), digest_size=8).digest()
+def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    """A 63-bit seed for training batch `batch` of epoch `epoch` on rank `rank`: a hash of the four, so nearby
+    values give unrelated random streams (and each micro-batch of an accumulated step its own)."""
+    digest = hashlib.blake2b(f"{int(seed)}/{int(epoch)}/{int(batch)}/{int(rank)}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
@@ -29,7 +30,7 @@ class DiffusionModule(L.LightningModule):
     """Args:
     net: the denoiser, `net(x_t, t, y=None) -> [B, C or 2C, H, W]`.
     diffusion: the GaussianDiffusion (schedule, parameterization, loss type).
-    timestep_sampler: UniformSampler or LossSecondMomentSampler over diffusion.num_timesteps.
+    timestep_sampler: UniformTimestepSampler or LossAwareTimestepSampler over diffusion.num_timesteps.
     optimizer: partial `(params) -> Optimizer`; lr_scheduler: optional partial `(optimizer) -> scheduler`.
     label_dropout: probability of replacing a label with the null label (classifier-free guidance).
     sampler: the default Sampler for sample grids.
@@ -37,16 +38,16 @@ class DiffusionModule(L.LightningModule):
     channels_last: keep the network's weights in channels-last (NHWC) memory format. oneDNN's CPU
         convolutions and cuDNN's tensor-core kernels run faster on it; inputs stay NCHW (the convolution
         follows the weights' format). bench/train_throughput.py: 1.18x training images/s on 2 CPU cores.
-    seed: the run's seed. Each training step reseeds the global RNG from (seed, global step, rank), so t,
-        noise, dropout and label dropout of a step do not depend on what ran before it: a resumed run
-        (any stop point, any rank) continues exactly, with no RNG state to save.
+    seed: the run's seed. Each training batch reseeds the global RNG from (seed, epoch, batch index, rank), so
+        t, noise, dropout and label dropout of a batch do not depend on what ran before it: a resumed run (any
+        stop point, any rank) continues exactly, with no RNG state to save.
     """
 
     def __init__(
         self,
         net: nn.Module,
         diffusion: GaussianDiffusion,
-        timestep_sampler: UniformSampler | None = None,
+        timestep_sampler: UniformTimestepSampler | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
         label_dropout: float = 0.0,
@@ -59,7 +60,7 @@ class DiffusionModule(L.LightningModule):
         self.net, self.diffusion = net, diffusion
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
-        self.timestep_sampler = timestep_sampler or UniformSampler(diffusion.num_timesteps)
+        self.timestep_sampler = timestep_sampler or UniformTimestepSampler(diffusion.num_timesteps)
         if self.timestep_sampler.num_timesteps != diffusion.num_timesteps:
             raise ValueError(
                 f"timesteps.num_timesteps={self.timestep_sampler.num_timesteps} must equal "
@@ -96,10 +97,10 @@ class DiffusionModule(L.LightningModule):
         return {"y": y}
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
-        torch.manual_seed(step_seed(self.seed, self.global_step, self.global_rank))
+        torch.manual_seed(batch_seed(self.seed, self.current_epoch, batch_idx, self.global_rank))
         # Logged metrics' step is the optimizer step. Lightning's restart bookkeeping adds one to its logging
-        # counter when a max_steps run resumes from an end-of-epoch checkpoint; set it through the loop's
-        # public checkpoint hook so a resumed run's rows continue at the right step.
+        # counter when a max_steps run resumes from an end-of-epoch checkpoint; reset it through the loop's
+        # (public) checkpoint-loading hook, whose state key names the counter (workaround for a Lightning bug).
         self.trainer.fit_loop.epoch_loop.on_load_checkpoint({"_batches_that_stepped": self.global_step})
 
     def training_step(self, batch, batch_idx):
@@ -160,6 +161,16 @@ class DiffusionModule(L.LightningModule):
                 checkpoint["wandb_run_id"] = logger.version
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # state_dict holds the EMA weights; the EMA callback puts the raw ones back. Without it (e.g. resumed
+        # with callbacks.ema=null) training must still continue from the raw weights, not from the average.
+        # (This hook runs before Lightning loads state_dict into the module.)
+        try:
+            callbacks = self.trainer.callbacks
+        except RuntimeError:  # not attached to a trainer (a plain load)
+            callbacks = []
+        has_ema = any(isinstance(cb, EMA) for cb in callbacks)
+        if "current_model_state" in checkpoint and not has_ema:
+            checkpoint["state_dict"] = checkpoint["current_model_state"]
         if "timestep_sampler" in checkpoint:
             self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
 

@@ -59,7 +59,7 @@ class SampleGridCallback(L.Callback):
         return paths
 
     def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.is_global_zero and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if trainer.is_global_zero and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.write(trainer, EMA.of(trainer, pl_module), f"epoch_{trainer.current_epoch:04d}")
 
     def on_train_end(self, trainer, pl_module):

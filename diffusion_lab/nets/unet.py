@@ -38,8 +38,9 @@ class UNet(nn.Module):
             ("image_size", image_size),
             ("num_heads", num_heads),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "num_res_blocks" else 1):
-                raise ValueError(f"net.{key}={value!r} must be a positive integer")
+            least = 0 if key == "num_res_blocks" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"net.{key}={value!r} must be an integer >= {least}")
         if not channel_mult or any(not isinstance(m, int) or m < 1 for m in channel_mult):
             raise ValueError(f"net.channel_mult={list(channel_mult)} must be a non-empty list of positive integers")
         if not 0.0 <= float(dropout) < 1.0:

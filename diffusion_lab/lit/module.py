@@ -38,6 +38,8 @@ class DiffusionModule(L.LightningModule):
     channels_last: keep the network's weights in channels-last (NHWC) memory format. oneDNN's CPU
         convolutions and cuDNN's tensor-core kernels run faster on it; inputs stay NCHW (the convolution
         follows the weights' format). bench/train_throughput.py: 1.18x training images/s on 2 CPU cores.
+    compile: run the training forward through torch.compile(net) (the module and its checkpoints keep the
+        plain net; sampling and validation use it uncompiled). Measured in BENCHMARKS.md, section 1.
     seed: the run's seed. Each training batch reseeds the global RNG from (seed, epoch, batch index, rank), so
         t, noise, dropout and label dropout of a batch do not depend on what ran before it: a resumed run (any
         stop point, any rank) continues exactly, with no RNG state to save.
@@ -55,6 +57,7 @@ class DiffusionModule(L.LightningModule):
         run_config: dict | None = None,
         channels_last: bool = True,
         seed: int = 0,
+        compile: bool = False,
     ):
         super().__init__()
         self.net, self.diffusion = net, diffusion
@@ -76,6 +79,8 @@ class DiffusionModule(L.LightningModule):
         self.sampler = sampler or Sampler("ddim", 50)
         self.run_config = run_config or {}
         self.seed = int(seed)
+        # torch.compile's wrapper is kept out of the module tree, so state_dict keys and the EMA copy are unchanged.
+        self._train_fn = {"net": torch.compile(self.net) if compile else self.net}
 
     @property
     def conditional(self) -> bool:
@@ -106,7 +111,8 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x0, y = batch
         t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
-        losses = self.diffusion.training_losses(self.net, x0, t, model_kwargs=self.model_kwargs(y, drop=True))
+        net = self._train_fn["net"]
+        losses = self.diffusion.training_losses(net, x0, t, model_kwargs=self.model_kwargs(y, drop=True))
         self.last_batch_info = {"t": t, "losses": {k: v.detach() for k, v in losses.items()}}  # for NonFiniteGuard
         # All ranks' (t, unweighted loss) pairs, so every rank's sampler holds the same history.
         gathered_t, gathered_loss = self.all_gather((t, losses["loss"].detach()))

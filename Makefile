@@ -58,6 +58,7 @@ bench-full: install-bench  ## every benchmark at full size (hours on 2 cores; ea
 	$(PY) bench/fid.py
 	$(PY) bench/ddim_table.py
 	$(PY) bench/iddpm_steps.py
+	$(PY) bench/solver_orders.py
 	$(PY) bench/solvers.py --data digits
 	$(PY) bench/mnist.py
 	$(PY) bench/solvers.py --data mnist

@@ -19,6 +19,7 @@ ORDER = [
     ("ddim_table", "python bench/ddim_table.py"),
     ("iddpm_steps", "python bench/iddpm_steps.py"),
     ("loss_aware", "python bench/loss_aware.py"),
+    ("solver_orders", "python bench/solver_orders.py"),
     ("solvers_digits", "python bench/solvers.py --data digits"),
     ("mnist", "python bench/mnist.py"),
     ("solvers_mnist", "python bench/solvers.py --data mnist"),

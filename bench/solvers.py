@@ -153,7 +153,7 @@ def main() -> None:
         cmd = "python bench/solvers.py --quick"
     else:
         res = run(a.data, a.num_samples or 1000, METHODS, NFES, with_ddpm=True)
-        cmd = f"python bench/solvers.py --data {a.data}"
+        cmd = f"python bench/solvers.py --data {a.data}" + (f" --num-samples {a.num_samples}" if a.num_samples else "")
     name = f"solvers_{res['data']}"
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     plot_fid_vs_nfe(res["rows"], None, title=f"FID vs NFE, {res['data']} (N={res['n']})", ax=ax)

@@ -3,6 +3,7 @@
     python bench/solvers.py --data digits   # train.py's default digits model (trained once into outputs/bench)
     python bench/solvers.py --data mnist    # the experiment=mnist_cpu model (python bench/mnist.py --stage recipe)
     python bench/solvers.py --quick         # digits, N=200, NFE {5, 10}, four methods: a smoke run
+    python bench/solvers.py --data mnist --num-samples 500 --also-spacing ddim   # + 2M and UniPC on DDIM's grid
 
 Every method at NFE in {5, 10, 20, 50} plus DDPM-1000 (the reference), N=1,000 samples of the EMA weights, all
 from the same x_T (seed 0); FID/KID and improved precision/recall on the same Inception features (and the
@@ -40,6 +41,7 @@ from diffusion_lab.eval.report import plot_fid_vs_nfe  # noqa: E402
 
 METHODS = ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "euler", "heun", "euler_ancestral"]
 NFES = [5, 10, 20, 50]
+ALSO_METHODS = ["dpmpp_2m", "unipc"]  # --also-spacing: these on another grid too
 
 
 def model_and_reference(data: str):
@@ -61,10 +63,11 @@ def model_and_reference(data: str):
     return load_module(ckpt), ev, ref, "the 10,000 MNIST test images", classifier, ckpt
 
 
-def run(data: str, n: int, methods: list[str], nfes: list[int], with_ddpm: bool) -> dict:
+def run(data: str, n: int, methods: list[str], nfes: list[int], with_ddpm: bool, also: list[str] = ()) -> dict:
     t0 = time.perf_counter()
     module, ev, ref, ref_name, classifier, ckpt = model_and_reference(data)
     samplers = [Sampler(m, nfe=k) for m in methods for k in nfes]
+    samplers += [Sampler(m, nfe=k, spacing=sp) for sp in also for m in ALSO_METHODS for k in nfes]
     samplers = list({s.name: s for s in samplers}.values())  # Heun: NFE 9 and 10 are the same 5 steps
     roles = {}
     if with_ddpm:
@@ -147,13 +150,15 @@ def main() -> None:
     p.add_argument("--data", choices=["digits", "mnist"], default="digits")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--num-samples", type=int, default=None)
+    p.add_argument("--also-spacing", nargs="*", default=[], help=f"{ALSO_METHODS} on these grids as well")
     a = p.parse_args()
     if a.quick:
         res = run("digits", a.num_samples or 200, ["ddim", "dpmpp_2m", "unipc", "heun"], [5, 10], with_ddpm=False)
         cmd = "python bench/solvers.py --quick"
     else:
-        res = run(a.data, a.num_samples or 1000, METHODS, NFES, with_ddpm=True)
+        res = run(a.data, a.num_samples or 1000, METHODS, NFES, with_ddpm=True, also=a.also_spacing)
         cmd = f"python bench/solvers.py --data {a.data}" + (f" --num-samples {a.num_samples}" if a.num_samples else "")
+        cmd += f" --also-spacing {' '.join(a.also_spacing)}" if a.also_spacing else ""
     name = f"solvers_{res['data']}"
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     plot_fid_vs_nfe(res["rows"], None, title=f"FID vs NFE, {res['data']} (N={res['n']})", ax=ax)

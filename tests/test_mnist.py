@@ -132,9 +132,13 @@ def test_cpu_presets_compose_and_run(tmp_path, request, name):
     assert cfg.diffusion.mean_type == "eps" and cfg.diffusion.schedule in ("linear", "cosine")
     assert cfg.callbacks.ema.decay == raw.callbacks.ema.decay and cfg.optim.lr == raw.optim.lr
     assert cfg.trainer.max_steps == 3  # FAST shrank the preset's budget
-    assert (
-        raw.trainer.max_steps > 1000 and "INITIAL VALUES" in (ROOT / "conf" / "experiment" / f"{name}.yaml").read_text()
-    )
+    assert raw.trainer.max_steps > 1000  # the preset itself is a real training budget
+    # Fashion-MNIST mirrors the MNIST recipe value for value (its header says so); only the data differ.
+    mnist = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "experiment" / "mnist_cpu.yaml"))
+    this = OmegaConf.to_container(raw)
+    for c in (mnist, this):
+        c.pop("tags"), c.pop("defaults")
+    assert this == mnist
 
 
 # --- Fashion-MNIST files and the missing-data error -------------------------------------------------------------

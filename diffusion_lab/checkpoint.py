@@ -85,9 +85,12 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; each becomes one line
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "Weights only load failed" in str(e):  # torch's weights-only unpickler met a non-data object
+            # torch's own text goes on to suggest weights_only=False: for an untrusted file, name the object only
+            named = re.search(r"GLOBAL ([\w.]+)", str(e))
             raise CheckpointError(
                 f"{path} holds pickled Python objects, not only data; it was refused unread "
-                f"(diffusion_lab never writes such checkpoints: do not trust this file). [{text}]"
+                f"(diffusion_lab never writes such checkpoints: do not trust this file)"
+                + (f"; it asks for {named.group(1)}" if named else "")
             ) from None
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated or another format: {text})"

@@ -307,7 +307,7 @@ def write_section() -> str:
     from common import write_result
 
     st = load_stages()
-    parts = ["## 8. MNIST on 2 CPU cores (`bench/mnist.py`)\n"]
+    parts = ["## MNIST on 2 CPU cores (`bench/mnist.py`)\n"]
     if "throughput" in st:
         t = st["throughput"]
         parts.append(f"### Candidate nets: training images/s (`python bench/mnist.py --stage throughput`)\n\n"

@@ -288,7 +288,8 @@ def table_targets(rows: list[dict]) -> list[str]:
         e0, e1 = fid.get(("ddim", 0.0, s)), fid.get(("ddim", 1.0, s))
         if e0 is not None and e1 is not None:
             gain = 1 - e0 / e1
-            out.append(f"S={s}: eta 0 {e0:.2f} vs eta 1 {e1:.2f}, {100 * gain:.0f}% lower (target >= 20%: "
+            how = f"{100 * gain:.0f}% lower" if gain >= 0 else f"{100 * (e0 / e1 - 1):.0f}% higher"
+            out.append(f"S={s}: eta 0 {e0:.2f} vs eta 1 {e1:.2f}, {how} (target >= 20% lower: "
                        f"{'met' if gain >= 0.2 else 'NOT met'})")
     d50, ddpm = fid.get(("ddim", 0.0, 50)), next((r["fid"] for r in rows if r["method"] == "ddpm"), None)
     if d50 is not None and ddpm is not None:
@@ -350,7 +351,7 @@ CNN of `diffusion_lab.eval.classifier` (test accuracy {r['classifier_test_accura
 {score_row("DDIM-50 samples", d)}
 {score_row("real training images (floor)", f)}
 
-![samples](mnist_recipe_samples.png)
+![samples](bench/results/mnist_recipe_samples.png)
 
 Targets: training <= 40 min ({'met' if ok_time else 'NOT met'}: {r['train_seconds'] / 60:.1f}); classifier score
 >= 9.0 and >= 95% confident ({'met' if ok_cls else 'NOT met'}: {d['cls_score']:.2f}, {100 * d['confident']:.1f}%);

@@ -124,8 +124,9 @@ def section(res: dict, cmd: str, link: str) -> str:
         lines.append(f"| {label}{grid} | " + " | ".join(cell(label, k) for k in nfes) + f" | {slow:.4f} |")
     ref = [r for r in rows if r["role"] == "reference"]
     for r in ref:
-        lines.append(f"| {r['label']}, {r['nfe']} steps (reference) | {r['fid']:.2f} ({r['precision']:.2f}/"
-                     f"{r['recall']:.2f}) " + "| " * (len(nfes) - 1) + f"| {r['seconds_per_sample']:.4f} |")
+        lines.append(f"| {r['label']}, {r['nfe']} steps (reference): {r['fid']:.2f} ({r['precision']:.2f}/"
+                     f"{r['recall']:.2f}) at NFE {r['nfe']} " + "| — " * len(nfes)
+                     + f"| {r['seconds_per_sample']:.4f} |")
     cls = [r for r in rows if "cls_score" in r]
     cls_line = ""
     if cls:

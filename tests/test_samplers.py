@@ -3,6 +3,7 @@ inpainting and classifier-free guidance."""
 
 import pytest
 import torch
+from conftest import ROOT, compose_train
 
 from diffusion_lab.diffusion import (
     ClassifierFreeGuidance,
@@ -226,3 +227,31 @@ def test_paint_refuses_multistep_methods_by_name():
     diff = GaussianDiffusion(get_betas("linear", 50))
     with pytest.raises(ValueError, match=r"sampler.method=dpmpp_2m cannot inpaint .* methods that can: ddpm, ddim"):
         paint(diff, _model, torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2), "ddim10", method="dpmpp_2m")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "sampler").glob("*.yaml")))
+def test_every_sampler_config_builds_its_registered_method(tmp_path, name):
+    """`sampler=<name>` composes and instantiates the registry's method of that name; `sampler.nfe=10` gives a
+    sampler whose measured NFE fits the budget."""
+    from hydra.utils import instantiate
+
+    from diffusion_lab.diffusion.registry import METHODS
+
+    cfg = compose_train([f"sampler={name}"], tmp_path)
+    s = instantiate(cfg.sampler)
+    assert s.method is METHODS[name]
+    budget = instantiate(compose_train([f"sampler={name}", "sampler.nfe=10"], tmp_path).sampler)
+    assert budget.nfe <= 10 and budget.method is METHODS[name]
+
+
+def test_solver_sweep_names_only_registered_methods():
+    """conf/sweep/solver_x_nfe.yaml sweeps sampler configs that exist, each a registered method."""
+    from omegaconf import OmegaConf
+
+    from diffusion_lab.diffusion.registry import METHODS
+
+    sweep = OmegaConf.load(ROOT / "conf" / "sweep" / "solver_x_nfe.yaml")
+    params = sweep.hydra.sweeper.params
+    methods = str(params["sampler"]).split(",")
+    assert methods and all(m in METHODS and (ROOT / "conf" / "sampler" / f"{m}.yaml").exists() for m in methods)
+    assert [int(k) for k in str(params["sampler.nfe"]).split(",")] == [5, 10, 20, 50]

@@ -55,7 +55,7 @@ def run() -> dict:
                     exact = data.denoise(data.ode_flow(x_T, a_hi, a_lo), a_lo)
                     errs.append((s(diffusion, model, x_T) - exact).pow(2).mean().sqrt().item())
                     nfes.append(s.nfe)
-                label = Sampler(name, nfe=10, **opts).label  # without the grid: one table row per solver
+                label = s.method.label(s.options)  # Sampler.label without the grid: one table row per solver
                 label += " as published" if opts.get("match_official") else ""
                 label += " (fixed-step AB)" if opts.get("variable_step") is False else ""
                 rows.append(

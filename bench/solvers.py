@@ -38,6 +38,7 @@ from common import (  # noqa: E402
 
 from diffusion_lab.checkpoint import load_module  # noqa: E402
 from diffusion_lab.diffusion import Sampler  # noqa: E402
+from diffusion_lab.diffusion.registry import METHODS as REGISTRY  # noqa: E402
 from diffusion_lab.eval.report import plot_fid_vs_nfe  # noqa: E402
 
 METHODS = ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "euler", "heun", "euler_ancestral"]
@@ -120,7 +121,7 @@ def section(res: dict, cmd: str, link: str) -> str:
         mine = [r for r in rows if r["label"] == label]
         spacing = mine[0]["spacing"]
         slow = max(mine, key=lambda r: r["nfe"])["seconds_per_sample"]
-        grid = "" if label.endswith(f"({spacing})") else f" ({spacing})"  # a non-default grid is in the label
+        grid = f" ({spacing})" if spacing == REGISTRY[mine[0]["method"]].spacing else ""  # else in the label
         lines.append(f"| {label}{grid} | " + " | ".join(cell(label, k) for k in nfes) + f" | {slow:.4f} |")
     ref = [r for r in rows if r["role"] == "reference"]
     for r in ref:

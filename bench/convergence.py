@@ -1,14 +1,14 @@
 """Time to FID (issue 16): the MNIST CPU recipe trained with four objectives for the same wall-clock budget.
 
     python bench/convergence.py               # baseline, min-SNR-5, P2 (k=1, gamma=1), v-prediction: 20 min each
-    python bench/convergence.py --minutes 8   # shorter budget (checkpoints every minutes/5)
+    python bench/convergence.py --minutes 8 --checkpoints 4 --num-samples 300   # a shorter, cheaper run
 
 Each run is `python train.py experiment=mnist_cpu <objective>` with the same seed, stopped by trainer.max_time,
-with a checkpoint every budget/5 minutes of training (Lightning's ModelCheckpoint(train_time_interval=...),
-measured from the start of training). Every checkpoint is scored with FID (N=1,000 DDIM-50 samples of the EMA
-weights, the same x_T) against the 10,000 MNIST test images, and the classifier score. Target: the best
-objective reaches the baseline's final FID in at most 0.7x the baseline's training time (the min-SNR paper
-reports 3.4x faster convergence on ImageNet 256).
+with a checkpoint every budget/K minutes of training (K = --checkpoints, 5 by default; Lightning's
+ModelCheckpoint(train_time_interval=...), measured from the start of training). Every checkpoint is scored
+with FID (N=1,000 DDIM-50 samples of the EMA weights, the same x_T) against the 10,000 MNIST test images,
+and the classifier score. Target: the best objective reaches the baseline's final FID in at most 0.7x the
+baseline's training time (the min-SNR paper reports 3.4x faster convergence on ImageNet 256).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ OBJECTIVES = {
 }
 
 
-def train(name: str, overrides: list[str], minutes: int) -> list[tuple[float, object]]:
-    """(training minutes, checkpoint path) of one objective's timed checkpoints."""
-    run = RUNS / "convergence" / f"{name}_{minutes}min"
-    every = minutes / 5
+def train(name: str, overrides: list[str], minutes: int, k: int) -> list[tuple[float, object]]:
+    """(training minutes, checkpoint path) of one objective's k timed checkpoints."""
+    run = RUNS / "convergence" / f"{name}_{minutes}min_{k}ckpts"
+    every = minutes / k
     if not (run / "DONE").exists():
         cmd = [
             sys.executable, "train.py", "experiment=mnist_cpu", *overrides, f"hydra.run.dir={run}", "logger=csv",
@@ -58,15 +58,15 @@ def train(name: str, overrides: list[str], minutes: int) -> list[tuple[float, ob
     return [(every * (i + 1), p) for i, p in enumerate(ckpts)]
 
 
-def run(minutes: int, n: int) -> dict:
+def run(minutes: int, n: int, k: int) -> dict:
     t0 = time.perf_counter()
     ev, ref, classifier, _, _ = mnist_setup()
     curves = {}
     for name, overrides in OBJECTIVES.items():
         points = []
-        for m, ckpt in train(name, overrides, minutes):
+        for m, ckpt in train(name, overrides, minutes, k):
             module = load_module(ckpt)
-            cache = RUNS / "rows" / f"convergence-{name}-{minutes}min-{ckpt.stem}.json"
+            cache = RUNS / "rows" / f"convergence-{name}-{minutes}min-{k}ckpts-{ckpt.stem}.json"
             r = scored_rows(module, [Sampler("ddim", 50)], n, ev, ref, MNIST_TEST, cache, classifier=classifier)[0]
             step = torch.load(ckpt, weights_only=True)["global_step"]
             points.append({"minutes": m, "step": step, **{k: r[k] for k in ("fid", "precision", "recall")},
@@ -152,9 +152,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=int, default=20)
     p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--checkpoints", type=int, default=5, help="timed checkpoints per run (FID at each)")
     a = p.parse_args()
-    res = run(a.minutes, a.num_samples)
-    cmd = "python bench/convergence.py" + (f" --minutes {a.minutes}" if a.minutes != 20 else "")
+    res = run(a.minutes, a.num_samples, a.checkpoints)
+    cmd = "python bench/convergence.py" + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v != p.get_default(k)
+    )
     write_result("convergence", res, section(res, cmd, plot(res, False)))
     summary("convergence", "; ".join(targets(res)))
 

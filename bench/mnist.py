@@ -6,6 +6,7 @@ DDIM's Table 1 re-checked on MNIST (issue 15).
     python bench/mnist.py --stage recipe       # experiment=mnist_cpu end to end: minutes, loss, FID, classifier
     python bench/mnist.py --stage table        # DDIM eta {0,1} x S {10,20,50,100} and DDPM-1000, N=1,000
     python bench/mnist.py                      # all stages, then the BENCHMARKS.md section
+    python bench/mnist.py --stage table --num-samples 300   # fewer samples per row (scored rows are cached)
 
 FID is torch-fidelity's Inception through diffusion_lab.eval.fid against the 10,000 MNIST test images; the
 floor is the FID of 2,000 real training images against the same reference. The classifier score is
@@ -281,6 +282,11 @@ def stage_table(n: int = 1000) -> dict:
     return data
 
 
+def n_flag(n: int, default: int) -> str:
+    """The --num-samples flag that reproduces a stage run at N=n (empty at the stage's default)."""
+    return "" if n == default else f" --num-samples {n}"
+
+
 def table_targets(rows: list[dict]) -> list[str]:
     fid = {(r["method"], r["eta"] if r["method"] == "ddim" else None, r["steps"]): r["fid"] for r in rows}
     out = []
@@ -338,7 +344,8 @@ def write_section() -> str:
         ok_time = r["train_seconds"] <= 40 * 60
         ok_cls = d["cls_score"] >= 9.0 and d["confident"] >= 0.95
         ok_fid = d["fid"] <= 2 * f["fid"]
-        parts.append(f"""### The recipe: `python train.py experiment=mnist_cpu` (`python bench/mnist.py --stage recipe`)
+        cmd = f"python bench/mnist.py --stage recipe{n_flag(r['n'], 2000)}"
+        parts.append(f"""### The recipe: `python train.py experiment=mnist_cpu` (`{cmd}`)
 
 Machine: {machine_line(r['machine'])}. Training process wall time {r['train_seconds'] / 60:.1f} min (start-up,
 validation and sample grids included), {r['steps']} steps ({r['epochs']} epochs), final train loss
@@ -369,7 +376,7 @@ FID within 2x the floor ({'met' if ok_fid else 'NOT met'}: {d['fid']:.2f} vs 2 x
                      else "—" for s in steps]
             last = f"{ddpm['fid']:.2f} ({PAPER_CIFAR10['ddpm']:g})" if (ddpm and eta == 1.0) else ""
             lines.append(f"| {eta:g} | " + " | ".join(cells) + f" | {last} |")
-        parts.append(f"""### DDIM's Table 1 on MNIST (`python bench/mnist.py --stage table`)
+        parts.append(f"""### DDIM's Table 1 on MNIST (`python bench/mnist.py --stage table{n_flag(t['n'], 1000)}`)
 
 Machine: {machine_line(t['machine'])}. The recipe model; N={t['n']} per cell, the same x_T, against the 10,000
 test images; DDIM's own stride ("ddim" spacing); DDPM-1000 with the trained fixed-small variance. In
@@ -389,6 +396,7 @@ def main() -> None:
     ap.add_argument("--stage", choices=["throughput", "ablation", "recipe", "table", "report", "all"], default="all")
     ap.add_argument("--worker", nargs="*")
     ap.add_argument("--minutes", type=int, default=10, help="ablation: training minutes per candidate")
+    ap.add_argument("--num-samples", type=int, help="recipe / table: samples per row (default 2,000 / 1,000)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     if args.worker:
@@ -404,9 +412,9 @@ def main() -> None:
     if args.stage in ("ablation", "all"):
         stage_ablation(args.minutes)
     if args.stage in ("recipe", "all"):
-        stage_recipe()
+        stage_recipe(args.num_samples or 2000)
     if args.stage in ("table", "all"):
-        data = stage_table()
+        data = stage_table(args.num_samples or 1000)
         summary("mnist", "; ".join(table_targets(data["rows"])))
     write_section()
 

@@ -10,8 +10,9 @@ architecture; peak memory, FLOPs per image, the fraction of the fp32 matmul peak
 Ours: train.yaml composed by Hydra with the example's optimizer (AdamW lr 1e-4, betas 0.95/0.999, weight decay
 1e-6, eps 1e-8), gradient clipping 1.0, our EMA, the non-finite guard, the uniform timestep sampler, DDPM linear
 L_simple, run by Lightning's Trainer for warm-up + K steps; images/s over the K steps (on_train_batch_end to
-on_train_batch_end, data loading included). Levers, one at a time: `optim.fused=true` (one fused AdamW kernel)
-and `compile=true` (torch.compile of the training forward; its compile seconds are the first step's extra time).
+on_train_batch_end, data loading included). Levers, one at a time: `optim.fused=null` (torch's foreach AdamW
+instead of the default fused kernel) and `compile=true` (torch.compile of the training forward; its compile
+seconds are the first step's extra time).
 diffusers' example: UNet2DModel + DDPMScheduler.add_noise + MSE + the same AdamW + its cosine warm-up scheduler +
 diffusers.training_utils.EMAModel (decay 0.9999, warm-up) + clip_grad_norm_(1.0), without accelerate (one CPU
 process). The bare loop (UNet2DModel, add_noise, MSE, Adam; nothing else) is kept as a second peer row. Each side
@@ -42,18 +43,20 @@ from peers import CONFIGS, diffusers_unet, ours_unet, random_images
 
 ADAMW = ["optim=adamw", "optim.lr=1e-4", "+optim.betas=[0.95,0.999]", "optim.weight_decay=1e-6", "+optim.eps=1e-8"]
 SIDES = {
-    "ours": "diffusion_lab (Lightning step, the example's AdamW, foreach; the default)",
-    "ours_fused": "diffusion_lab + optim.fused=true",
+    "ours": "diffusion_lab (Lightning step, the example's AdamW, fused: the default)",
+    "ours_foreach": "diffusion_lab + optim.fused=null (torch's foreach Adam)",
     "ours_compile": "diffusion_lab + optim.fused=true + compile=true (steady state)",
     "diffusers": "diffusers train_unconditional.py step (AdamW, EMAModel, clipping, cosine warm-up)",
     "diffusers_bare": "diffusers UNet2DModel bare loop (Adam only)",
 }
-SIDE_OVERRIDES = {"ours": [], "ours_fused": ["optim.fused=true"], "ours_compile": ["optim.fused=true", "compile=true"],
+SIDE_OVERRIDES = {"ours": [], "ours_foreach": ["optim.fused=null"], "ours_fused": ["optim.fused=true"],
+                  "ours_compile": ["optim.fused=true", "compile=true"],
                   "ours_nchw": ["channels_last=false"], "ours_bf16": ["trainer.precision=bf16-mixed"]}  # fmt: skip
 ABLATIONS = {  # what the layout alone is worth (not in `make bench-full`)
     "ours_nchw": "diffusion_lab with channels_last=false",
     "diffusers_cl": "diffusers example step, channels-last weights",
     "ours_bf16": "diffusion_lab + trainer.precision=bf16-mixed (CPU autocast)",
+    "ours_fused": "diffusion_lab + optim.fused=true",  # the default since 2026-11-29; kept for earlier results
 }
 
 
@@ -213,7 +216,8 @@ def profile_ops(c: dict, steps: int = 3, top: int = 8) -> list[dict]:
 
 def run(configs: list[str], repeats: int, steps: dict[str, int], sides: list[str]) -> dict:
     peak = matmul_peak_gflops()
-    out = {"machine": machine(), "matmul_peak_gflops": peak, "configs": {}}
+    out = {"machine": machine(), "matmul_peak_gflops": peak, "configs": {},
+           "labels": {s: (SIDES | ABLATIONS)[s] for s in sides}}  # as measured: a default may change later
     for name in configs:
         c = CONFIGS[name]
         runs = {s: [] for s in sides}
@@ -250,13 +254,13 @@ def section(res: dict, cmd: str) -> tuple[str, str]:
         for s, m in r["sides"].items():
             lo, hi = m.get("spread", (m["images_per_s"],) * 2)
             lines.append(
-                f"| {name} (batch {r['batch']}) | {(SIDES | ABLATIONS)[s]} | {m['params']:,.0f} | "
+                f"| {name} (batch {r['batch']}) | {res['labels'][s]} | {m['params']:,.0f} | "
                 f"{m['images_per_s']:.1f} ({lo:.1f}-{hi:.1f}) | {m['images_per_s'] / d['images_per_s']:.2f}x | "
                 f"{m['peak_rss_mib']:.0f} ({m['peak_rss_mib'] - m['base_rss_mib']:.0f}) | {m['gflops_per_s']:.1f} | "
                 f"{100 * m['fraction_of_peak']:.1f}% |"
             )
         o = r["sides"].get("ours")
-        for s in ("ours_fused", "ours_compile", "ours_bf16", "ours_nchw"):
+        for s in ("ours_foreach", "ours_fused", "ours_compile", "ours_bf16", "ours_nchw"):
             if o is None:
                 break
             if s in r["sides"]:
@@ -310,6 +314,7 @@ def main() -> None:
         action="store_true",
         help="re-measure only the matmul peak and rewrite the section from the saved results",
     )
+    p.add_argument("--render", action="store_true", help="rewrite the section from the saved results, no timing")
     p.add_argument("--sides", nargs="+", choices=list(SIDES | ABLATIONS), help="sides to time (diffusers always)")
     p.add_argument("--worker", nargs=3, metavar=("SIDE", "CONFIG", "STEPS"), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -324,7 +329,10 @@ def main() -> None:
             )
         print(json.dumps(res))
         return
-    if a.recompute_peak:
+    if a.render:
+        res = json.loads((results_dir(a.quick) / "train_throughput.json").read_text())
+        cmd = res["command"]
+    elif a.recompute_peak:
         res = json.loads((results_dir(a.quick) / "train_throughput.json").read_text())
         res["matmul_peak_gflops"] = peak = matmul_peak_gflops()
         for r in res["configs"].values():
@@ -332,7 +340,7 @@ def main() -> None:
                 m["fraction_of_peak"] = m["gflops_per_s"] / peak
         cmd = res.get("command", "python bench/train_throughput.py") + " (peak: --recompute-peak)"
     elif a.quick:
-        res = run(["small"], 1, {"small": 8}, ["ours", "ours_fused", "diffusers", "diffusers_bare"])
+        res = run(["small"], 1, {"small": 8}, ["ours", "ours_foreach", "diffusers", "diffusers_bare"])
         cmd = "python bench/train_throughput.py --quick"
     else:
         sides = list(SIDES | ABLATIONS if a.ablations else SIDES)

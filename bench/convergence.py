@@ -46,16 +46,18 @@ def train(name: str, overrides: list[str], minutes: int, k: int) -> list[tuple[f
         cmd = [
             sys.executable, "train.py", "experiment=mnist_cpu", *overrides, f"hydra.run.dir={run}", "logger=csv",
             "trainer.enable_progress_bar=false", "trainer.max_steps=-1", "trainer.max_epochs=-1",
-            f"+trainer.max_time={{minutes: {minutes}}}", "callbacks.sample_grid.every_n_epochs=1000",
+            f"+trainer.max_time='00:00:{minutes:02d}:00'", "callbacks.sample_grid.every_n_epochs=1000",
             "+callbacks.timed._target_=lightning.pytorch.callbacks.ModelCheckpoint",
             f"+callbacks.timed.dirpath={run}/timed", "+callbacks.timed.save_top_k=-1",
-            "+callbacks.timed.filename=step{step:07d}", "+callbacks.timed.auto_insert_metric_name=false",
+            "+callbacks.timed.filename='step{step:07d}'", "+callbacks.timed.auto_insert_metric_name=false",
             f"+callbacks.timed.train_time_interval={{_target_: datetime.timedelta, minutes: {every}}}",
         ]  # fmt: skip
         subprocess.run(cmd, cwd=ROOT, check=True)
         (run / "DONE").write_text("done\n")
-    ckpts = sorted((run / "timed").glob("step*.ckpt"))
-    return [(every * (i + 1), p) for i, p in enumerate(ckpts)]
+    # the timed callback saves at every, 2 every, ...; the budget's end is the run's own last.ckpt (the time limit
+    # stops training before the timed callback sees its last interval)
+    timed = sorted((run / "timed").glob("step*.ckpt"))[: k - 1]
+    return [(every * (i + 1), p) for i, p in enumerate(timed)] + [(float(minutes), run / "checkpoints" / "last.ckpt")]
 
 
 def run(minutes: int, n: int, k: int) -> dict:

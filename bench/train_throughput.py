@@ -132,24 +132,25 @@ def worker_diffusers(c: dict, warmup: int, steps: int, channels_last: bool, exam
     """diffusers' training step: the example's (example=True) or the bare loop."""
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler  # imported before the memory baseline, as ours are
+    from diffusers.training_utils import EMAModel
 
     torch.manual_seed(0)
     unet = diffusers_unet(c)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
+    data = random_images(c, c["batch"] * (warmup + steps)).float() / 127.5 - 1
+    # the baseline as on our side (net and images built, nothing else): the EMA copy and the optimizer's state
+    # count as training memory on both sides (our EMA is made inside trainer.fit)
+    base = current_rss_mib()
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     if example:
-        from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import EMAModel
-
         opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
         lr_sched = get_scheduler("cosine", optimizer=opt, num_warmup_steps=500, num_training_steps=10_000)
         ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
     else:
         opt = torch.optim.Adam(unet.parameters(), lr=1e-3)
-    data = random_images(c, c["batch"] * (warmup + steps)).float() / 127.5 - 1
     unet.train()
-    base = current_rss_mib()
     stamps = []
     t0 = time.perf_counter()
     for x0 in data.split(c["batch"]):

@@ -46,7 +46,8 @@ def train(name: str, overrides: list[str], minutes: int, k: int) -> list[tuple[f
         cmd = [
             sys.executable, "train.py", "experiment=mnist_cpu", *overrides, f"hydra.run.dir={run}", "logger=csv",
             "trainer.enable_progress_bar=false", "trainer.max_steps=-1", "trainer.max_epochs=-1",
-            f"+trainer.max_time='00:00:{minutes:02d}:00'", "callbacks.sample_grid.every_n_epochs=1000",
+            f"+trainer.max_time='00:{minutes // 60:02d}:{minutes % 60:02d}:00'",
+            "callbacks.sample_grid.every_n_epochs=1000",
             "+callbacks.timed._target_=lightning.pytorch.callbacks.ModelCheckpoint",
             f"+callbacks.timed.dirpath={run}/timed", "+callbacks.timed.save_top_k=-1",
             "+callbacks.timed.filename='step{step:07d}'", "+callbacks.timed.auto_insert_metric_name=false",
@@ -68,9 +69,9 @@ def run(minutes: int, n: int, k: int) -> dict:
         points = []
         for m, ckpt in train(name, overrides, minutes, k):
             module = load_module(ckpt)
-            cache = RUNS / "rows" / f"convergence-{name}-{minutes}min-{k}ckpts-{ckpt.stem}.json"
-            r = scored_rows(module, [Sampler("ddim", 50)], n, ev, ref, MNIST_TEST, cache, classifier=classifier)[0]
             step = torch.load(ckpt, weights_only=True)["global_step"]
+            cache = RUNS / "rows" / f"convergence-{name}-{minutes}min-{k}ckpts-{ckpt.stem}-step{step}.json"
+            r = scored_rows(module, [Sampler("ddim", 50)], n, ev, ref, MNIST_TEST, cache, classifier=classifier)[0]
             points.append({"minutes": m, "step": step, **{k: r[k] for k in ("fid", "precision", "recall")},
                            "cls_score": r.get("cls_score"), "confident": r.get("confident")})
         curves[name] = points

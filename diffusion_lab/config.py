@@ -139,3 +139,10 @@ def validate_train_config(cfg: DictConfig) -> None:
     if clip is not None:
         _number("trainer.gradient_clip_val", clip)
     validate_optim(cfg.optim)
+    precision = str(cfg.trainer.get("precision"))
+    if cfg.optim.get("fused") and precision.endswith("-mixed") and (clip or 0) > 0:
+        # Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales inside its step
+        raise ConfigError(
+            f"optim.fused=true cannot be combined with trainer.precision={precision} and "
+            f"trainer.gradient_clip_val={clip}: use optim.fused=null, or trainer.gradient_clip_val=0"
+        )

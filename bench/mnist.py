@@ -211,6 +211,7 @@ def stage_ablation(minutes: int) -> dict:
 
 
 MNIST_TEST = "the 10,000 MNIST test images"
+N_RECIPE, N_TABLE = 2000, 1000  # samples per scored row, as the issue asks (--num-samples overrides both)
 PAPER_CIFAR10 = {0.0: {10: 13.36, 20: 6.84, 50: 4.67, 100: 4.16}, 1.0: {10: 41.07, 20: 18.36, 50: 8.01, 100: 5.78},
                  "ddpm": 3.17}  # DDIM Table 1 (CIFAR-10) and DDPM's own FID: shared/REFERENCE.md
 
@@ -233,7 +234,7 @@ def mnist_setup():
     return ev, ref, classifier, info, dm
 
 
-def stage_recipe(n: int = 2000) -> dict:
+def stage_recipe(n: int = N_RECIPE) -> dict:
     """Train experiment=mnist_cpu; FID / precision / recall / classifier score of N DDIM-50 samples against the
     test set, beside the floor: the same scores of N real training images."""
     import shutil
@@ -262,7 +263,7 @@ def stage_recipe(n: int = 2000) -> dict:
     return data
 
 
-def stage_table(n: int = 1000) -> dict:
+def stage_table(n: int = N_TABLE) -> dict:
     """DDIM's Table 1 on the recipe model: eta {0, 1} x S {10, 20, 50, 100} and DDPM-1000, same x_T, N each."""
     from common import scored_rows
 
@@ -344,7 +345,7 @@ def write_section() -> str:
         ok_time = r["train_seconds"] <= 40 * 60
         ok_cls = d["cls_score"] >= 9.0 and d["confident"] >= 0.95
         ok_fid = d["fid"] <= 2 * f["fid"]
-        cmd = f"python bench/mnist.py --stage recipe{n_flag(r['n'], 2000)}"
+        cmd = f"python bench/mnist.py --stage recipe{n_flag(r['n'], N_RECIPE)}"
         parts.append(f"""### The recipe: `python train.py experiment=mnist_cpu` (`{cmd}`)
 
 Machine: {machine_line(r['machine'])}. Training process wall time {r['train_seconds'] / 60:.1f} min (start-up,
@@ -376,7 +377,7 @@ FID within 2x the floor ({'met' if ok_fid else 'NOT met'}: {d['fid']:.2f} vs 2 x
                      else "—" for s in steps]
             last = f"{ddpm['fid']:.2f} ({PAPER_CIFAR10['ddpm']:g})" if (ddpm and eta == 1.0) else ""
             lines.append(f"| {eta:g} | " + " | ".join(cells) + f" | {last} |")
-        parts.append(f"""### DDIM's Table 1 on MNIST (`python bench/mnist.py --stage table{n_flag(t['n'], 1000)}`)
+        parts.append(f"""### DDIM's Table 1 on MNIST (`python bench/mnist.py --stage table{n_flag(t['n'], N_TABLE)}`)
 
 Machine: {machine_line(t['machine'])}. The recipe model; N={t['n']} per cell, the same x_T, against the 10,000
 test images; DDIM's own stride ("ddim" spacing); DDPM-1000 with the trained fixed-small variance. In
@@ -412,9 +413,9 @@ def main() -> None:
     if args.stage in ("ablation", "all"):
         stage_ablation(args.minutes)
     if args.stage in ("recipe", "all"):
-        stage_recipe(args.num_samples or 2000)
+        stage_recipe(args.num_samples or N_RECIPE)
     if args.stage in ("table", "all"):
-        data = stage_table(args.num_samples or 1000)
+        data = stage_table(args.num_samples or N_TABLE)
         summary("mnist", "; ".join(table_targets(data["rows"])))
     write_section()
 

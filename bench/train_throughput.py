@@ -329,16 +329,15 @@ def main() -> None:
             )
         print(json.dumps(res))
         return
-    if a.render:
+    if a.render or a.recompute_peak:
         res = json.loads((results_dir(a.quick) / "train_throughput.json").read_text())
-        cmd = res["command"]
-    elif a.recompute_peak:
-        res = json.loads((results_dir(a.quick) / "train_throughput.json").read_text())
-        res["matmul_peak_gflops"] = peak = matmul_peak_gflops()
-        for r in res["configs"].values():
-            for m in r["sides"].values():
-                m["fraction_of_peak"] = m["gflops_per_s"] / peak
-        cmd = res.get("command", "python bench/train_throughput.py") + " (peak: --recompute-peak)"
+        cmd = res.get("command", "python bench/train_throughput.py")
+        if a.recompute_peak:
+            res["matmul_peak_gflops"] = peak = matmul_peak_gflops()
+            for r in res["configs"].values():
+                for m in r["sides"].values():
+                    m["fraction_of_peak"] = m["gflops_per_s"] / peak
+            cmd += " (peak: --recompute-peak)"
     elif a.quick:
         res = run(["small"], 1, {"small": 8}, ["ours", "ours_fused", "diffusers", "diffusers_bare"])
         cmd = "python bench/train_throughput.py --quick"

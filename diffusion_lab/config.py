@@ -64,7 +64,8 @@ def _number(key: str, value, minimum: float = 0.0) -> float:
 
 
 def validate_optim(optim: DictConfig) -> None:
-    """The optimizer's numeric arguments (lr, weight_decay, eps, momentum, betas) are numbers in range."""
+    """The optimizer's numeric arguments (lr, weight_decay, eps, momentum, betas) are numbers in range; fused is a
+    bool or null (a typo such as 'ture' would otherwise be truthy)."""
     for name in ("lr", "weight_decay", "eps", "momentum"):
         if name in optim:
             _number(f"optim.{name}", optim[name])
@@ -72,6 +73,9 @@ def validate_optim(optim: DictConfig) -> None:
         betas = list(optim.betas)
         if len(betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas):
             raise ConfigError(f"optim.betas={betas} must be two numbers in [0, 1)")
+    fused = optim.get("fused")
+    if fused is not None and not isinstance(fused, bool):
+        raise ConfigError(f"optim.fused={fused!r} must be true, false or null")
 
 
 def validate_eval_config(cfg: DictConfig) -> None:

@@ -149,6 +149,7 @@ BAD_RUNS = [
     (["data.batch_size=5000"], "data.batch_size=5000 is larger than the training set (1617 images)"),
     (["callbacks=with_fid", "callbacks.fid.reference_split=tset"], "callbacks.fid.reference_split='tset' is unknown"),
     (["sampler.steps=5000"], "sampler.steps=5000 must be between 1 and diffusion.steps=1000"),
+    (["optim.fused=ture"], "optim.fused='ture' must be true, false or null"),
     (["optim.fused=true", "+trainer.precision=bf16-mixed"], "optim.fused=true cannot be combined with "
      "trainer.precision=bf16-mixed and trainer.gradient_clip_val=1.0"),
 ]

@@ -32,9 +32,9 @@ from diffusion_lab.checkpoint import load_module  # noqa: E402
 from diffusion_lab.diffusion import Sampler  # noqa: E402
 
 OBJECTIVES = {
-    "baseline": [],  # eps prediction, L_simple (the recipe)
-    "min_snr5": ["diffusion.loss_weighting=min_snr", "diffusion.snr_gamma=5.0"],
-    "p2": ["diffusion.loss_weighting=p2", "diffusion.p2_k=1.0", "diffusion.p2_gamma=1.0"],
+    "baseline": ["diffusion.mean_type=eps"],  # eps prediction, L_simple (the recipe before it moved to v)
+    "min_snr5": ["diffusion.mean_type=eps", "diffusion.loss_weighting=min_snr", "diffusion.snr_gamma=5.0"],
+    "p2": ["diffusion.mean_type=eps", "diffusion.loss_weighting=p2", "diffusion.p2_k=1.0", "diffusion.p2_gamma=1.0"],
     "v_pred": ["diffusion.mean_type=v"],
 }
 

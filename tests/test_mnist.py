@@ -129,7 +129,7 @@ def test_cpu_presets_compose_and_run(tmp_path, request, name):
     cfg = _run(tmp_path, [f"experiment={name}", *extra])
     assert cfg.data._target_.endswith("FashionMNISTDataModule" if "fashion" in name else ".MNISTDataModule")
     assert cfg.data.image_size == 28 and list(cfg.net.channel_mult) == [1, 2, 2]
-    assert cfg.diffusion.mean_type == "eps" and cfg.diffusion.schedule in ("linear", "cosine")
+    assert cfg.diffusion.mean_type == "v" and cfg.diffusion.schedule in ("linear", "cosine")
     assert cfg.callbacks.ema.decay == raw.callbacks.ema.decay and cfg.optim.lr == raw.optim.lr
     assert cfg.trainer.max_steps == 3  # FAST shrank the preset's budget
     assert raw.trainer.max_steps > 1000  # the preset itself is a real training budget

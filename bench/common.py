@@ -202,14 +202,33 @@ def sample_and_score(
     return {**scores, "sample_seconds": t1 - t0, "fid_seconds": time.perf_counter() - t1}
 
 
+def weights_fingerprint(module) -> str:
+    """sha256 of every tensor in module.state_dict() (names, shapes, dtypes and bytes): which weights a row scored."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def scored_rows(module, samplers, n: int, evaluator, ref_features, ref_name: str, cache: Path, seed: int = 0,
                 classifier=None, roles: dict | None = None) -> list[dict]:
     """One results row (eval.report.row: FID, KID, precision/recall, classifier score, seconds per sample) per
     sampler, each from the same x_T (seed), cached in `cache` (JSON keyed by sampler name and N) so that a re-run
-    or another benchmark on the same checkpoint reuses finished rows."""
+    or another benchmark on the same checkpoint reuses finished rows. The cache is bound to the weights it scored
+    (a hash of the module's state_dict): after a retrain into the same run directory its rows are dropped, not
+    reused."""
     from diffusion_lab.eval.report import row
 
+    weights = weights_fingerprint(module)
     done = json.loads(cache.read_text()) if cache.exists() else {}
+    if done.get("_weights") != weights:
+        if done:
+            summary("rows", f"{cache.name}: scored other weights (a retrain?), its {len(done)} entries dropped")
+        done = {"_weights": weights}
     rows = []
     for s in samplers:
         key = f"{s.name}@{n}@seed{seed}"

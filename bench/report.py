@@ -14,6 +14,7 @@ from common import ROOT, atomic_write, results_dir
 
 ORDER = [
     ("train_throughput", "python bench/train_throughput.py"),
+    ("train_levers", "python bench/train_throughput.py --levers"),
     ("sampling", "python bench/sampling.py"),
     ("fid", "python bench/fid.py"),
     ("ddim_table", "python bench/ddim_table.py"),

@@ -6,13 +6,15 @@ architecture; peak memory, FLOPs per image, the fraction of the fp32 matmul peak
     python bench/train_throughput.py --ablations   # + ours with NCHW weights, diffusers with channels-last
     python bench/train_throughput.py --quick       # small config only, fewer steps, one round
     python bench/train_throughput.py --sides ours ours_bf16 diffusers   # any subset of sides (and ablations)
+    python bench/train_throughput.py --levers      # compile and CPU bf16 against the default step, 3 rounds,
+                                                   # its own section (train_levers), section 1 left alone
 
 Ours: train.yaml composed by Hydra with the example's optimizer (AdamW lr 1e-4, betas 0.95/0.999, weight decay
 1e-6, eps 1e-8), gradient clipping 1.0, our EMA, the non-finite guard, the uniform timestep sampler, DDPM linear
 L_simple, run by Lightning's Trainer for warm-up + K steps; images/s over the K steps (on_train_batch_end to
 on_train_batch_end, data loading included). Levers, one at a time: `optim.fused=true` (one fused AdamW kernel
-instead of torch's default foreach) and `compile=true` (torch.compile of the training forward; its compile
-seconds are the first step's extra time).
+instead of torch's default foreach), `compile=true` (torch.compile of the training forward; its compile
+seconds are the first step's extra time) and `trainer.precision=bf16-mixed` (CPU autocast).
 diffusers' example: UNet2DModel + DDPMScheduler.add_noise + MSE + the same AdamW + its cosine warm-up scheduler +
 diffusers.training_utils.EMAModel (decay 0.9999, warm-up) + clip_grad_norm_(1.0), without accelerate (one CPU
 process). The bare loop (UNet2DModel, add_noise, MSE, Adam; nothing else) is kept as a second peer row. Each side
@@ -45,11 +47,11 @@ ADAMW = ["optim=adamw", "optim.lr=1e-4", "+optim.betas=[0.95,0.999]", "optim.wei
 SIDES = {
     "ours": "diffusion_lab (Lightning step, the example's AdamW, foreach; the default)",
     "ours_fused": "diffusion_lab + optim.fused=true",
-    "ours_compile": "diffusion_lab + optim.fused=true + compile=true (steady state)",
+    "ours_compile": "diffusion_lab + compile=true (steady state)",
     "diffusers": "diffusers train_unconditional.py step (AdamW, EMAModel, clipping, cosine warm-up)",
     "diffusers_bare": "diffusers UNet2DModel bare loop (Adam only)",
 }
-SIDE_OVERRIDES = {"ours": [], "ours_fused": ["optim.fused=true"], "ours_compile": ["optim.fused=true", "compile=true"],
+SIDE_OVERRIDES = {"ours": [], "ours_fused": ["optim.fused=true"], "ours_compile": ["compile=true"],
                   "ours_nchw": ["channels_last=false"], "ours_bf16": ["trainer.precision=bf16-mixed"]}  # fmt: skip
 ABLATIONS = {  # what the layout alone is worth (not in `make bench-full`)
     "ours_nchw": "diffusion_lab with channels_last=false",
@@ -241,7 +243,10 @@ def run(configs: list[str], repeats: int, steps: dict[str, int], sides: list[str
     return out
 
 
-def section(res: dict, cmd: str) -> tuple[str, str]:
+TITLE = "## 1. Training throughput (`bench/train_throughput.py`)"
+
+
+def section(res: dict, cmd: str, title: str = TITLE) -> tuple[str, str]:
     lines = [
         "| config | side | params | images/s (range) | vs diffusers example | peak RSS MiB (above start) | "
         "GFLOP/s | of fp32 peak |",
@@ -283,7 +288,7 @@ def section(res: dict, cmd: str) -> tuple[str, str]:
         for n, r in res["configs"].items()
     )
     flops = "; ".join(f"{n}: {r['flops_per_image'] / 1e9:.2f} GFLOP" for n, r in res["configs"].items())
-    text = f"""## 1. Training throughput (`bench/train_throughput.py`)
+    text = f"""{title}
 
 Command: `{cmd}` — machine: {machine_line(res["machine"])}. Measured fp32 matmul peak (4096^3, best of 5):
 {res["matmul_peak_gflops"]:.0f} GFLOP/s. Forward+backward FLOPs per image: {flops}.
@@ -315,6 +320,7 @@ def main() -> None:
         help="re-measure only the matmul peak and rewrite the section from the saved results",
     )
     p.add_argument("--render", action="store_true", help="rewrite the section from the saved results, no timing")
+    p.add_argument("--levers", action="store_true", help="time compile and bf16 against ours (own section)")
     p.add_argument("--sides", nargs="+", choices=list(SIDES | ABLATIONS), help="sides to time (diffusers always)")
     p.add_argument("--worker", nargs=3, metavar=("SIDE", "CONFIG", "STEPS"), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -329,8 +335,11 @@ def main() -> None:
             )
         print(json.dumps(res))
         return
+    out, title = "train_throughput", TITLE
+    if a.levers:
+        out, title = "train_levers", "### 1b. Training levers: torch.compile and CPU bf16 autocast"
     if a.render or a.recompute_peak:
-        res = json.loads((results_dir(a.quick) / "train_throughput.json").read_text())
+        res = json.loads((results_dir(a.quick) / f"{out}.json").read_text())
         cmd = res.get("command", "python bench/train_throughput.py")
         if a.recompute_peak:
             res["matmul_peak_gflops"] = peak = matmul_peak_gflops()
@@ -338,6 +347,10 @@ def main() -> None:
                 for m in r["sides"].values():
                     m["fraction_of_peak"] = m["gflops_per_s"] / peak
             cmd += " (peak: --recompute-peak)"
+    elif a.levers:  # 3 rounds: each compile process spends minutes in inductor on 2 cores
+        sides = ["ours", "ours_compile", "ours_bf16", "diffusers"]
+        res = run(["small", "cifar10"], 3, {"small": 12, "cifar10": 6}, sides)
+        cmd = "python bench/train_throughput.py --levers"
     elif a.quick:
         res = run(["small"], 1, {"small": 8}, ["ours", "ours_fused", "diffusers", "diffusers_bare"])
         cmd = "python bench/train_throughput.py --quick"
@@ -349,9 +362,9 @@ def main() -> None:
         cmd = "python bench/train_throughput.py" + (" --ablations" if a.ablations else "")
         cmd += f" --sides {' '.join(a.sides)}" if a.sides else ""
     res["command"] = cmd
-    text, line = section(res, cmd)
-    write_result("train_throughput", res, text, a.quick)
-    summary("train_throughput", line)
+    text, line = section(res, cmd, title)
+    write_result(out, res, text, a.quick)
+    summary(out, line)
 
 
 if __name__ == "__main__":

@@ -194,11 +194,12 @@ def final_loss(run: Path) -> float:
 
 def stage_ablation(minutes: int) -> dict:
     """Each candidate trained for `minutes` of wall clock (trainer.max_time), then FID (N=1,000 DDIM-50 vs the
-    10,000 test images) and the classifier score of the EMA weights."""
+    10,000 test images) and the classifier score of the EMA weights. Eps prediction, as the recipe was when the
+    net was chosen (ABLATION_OBJECTIVE), so that a re-run reproduces the recorded table."""
     table = {}
     for name, overrides in CANDIDATES.items():
         limit = [f"+trainer.max_time='00:00:{minutes:02d}:00'", "trainer.max_steps=-1", "trainer.max_epochs=-1"]
-        ckpt, seconds = train_run(f"ablation_{minutes}min_{name}", [*overrides, *limit])
+        ckpt, seconds = train_run(f"ablation_{minutes}min_{name}", [*overrides, *limit, *ABLATION_OBJECTIVE])
         step = torch.load(ckpt, weights_only=True)["global_step"]
         r = evaluate_run(ckpt, f"ablation_{minutes}min_{name}", ["grid=null", "sampler=ddim", "sampler.steps=50"])[0]
         table[name] = {"overrides": overrides, "train_seconds": seconds, "steps": step, "fid": r["fid"],
@@ -211,6 +212,7 @@ def stage_ablation(minutes: int) -> dict:
 
 
 MNIST_TEST = "the 10,000 MNIST test images"
+ABLATION_OBJECTIVE = ["diffusion.mean_type=eps"]  # the net ablation predates the recipe's move to v-prediction
 N_RECIPE, N_TABLE = 2000, 1000  # samples per scored row, as the issue asks (--num-samples overrides both)
 PAPER_CIFAR10 = {0.0: {10: 13.36, 20: 6.84, 50: 4.67, 100: 4.16}, 1.0: {10: 41.07, 20: 18.36, 50: 8.01, 100: 5.78},
                  "ddpm": 3.17}  # DDIM Table 1 (CIFAR-10) and DDPM's own FID: shared/REFERENCE.md
@@ -310,6 +312,30 @@ def score_row(name: str, r: dict) -> str:
             f"{r['confident']:.3f} |")
 
 
+def previous_recipe_row(st: dict) -> str:
+    """The recipe before v-prediction (stage recipe_eps), as one more row of the recipe table."""
+    if "recipe_eps" not in st:
+        return ""
+    p = st["recipe_eps"]
+    cpu = p["machine"]["cpu"].split("(")[0]
+    name = f"previous recipe: {p['objective']}, {p['train_seconds'] / 60:.1f} min ({cpu}), N={p['n']}"
+    return "\n" + score_row(name, p["ddim50"])
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """DDIM's Table 1 layout (eta rows x S columns, DDPM-1000 last) with the paper's CIFAR-10 numbers beside."""
+    fid = {(r["method"], r["eta"] if r["method"] == "ddim" else None, r["steps"]): r for r in rows}
+    steps = [10, 20, 50, 100]
+    lines = ["| eta \\ S | " + " | ".join(map(str, steps)) + " | 1000 (DDPM) |", "|---" * 6 + "|"]
+    ddpm = next((r for r in rows if r["method"] == "ddpm"), None)
+    for eta in (0.0, 1.0):
+        cells = [f"{fid[('ddim', eta, s)]['fid']:.2f} ({PAPER_CIFAR10[eta][s]:g})" if ("ddim", eta, s) in fid
+                 else "—" for s in steps]
+        last = f"{ddpm['fid']:.2f} ({PAPER_CIFAR10['ddpm']:g})" if (ddpm and eta == 1.0) else ""
+        lines.append(f"| {eta:g} | " + " | ".join(cells) + f" | {last} |")
+    return lines
+
+
 def write_section() -> str:
     """The BENCHMARKS.md section from the stages recorded so far (bench/results/mnist_stages.json)."""
     from common import write_result
@@ -330,7 +356,8 @@ def write_section() -> str:
         a = st["ablation"]
         parts.append(f"### Ablation: the same {a['minutes']} minutes of training each "
                      f"(`python bench/mnist.py --stage ablation --minutes {a['minutes']}`)\n\n"
-                     f"Machine: {machine_line(a['machine'])}. `experiment=mnist_cpu` with the net/batch below, "
+                     f"Machine: {machine_line(a['machine'])}. `experiment=mnist_cpu diffusion.mean_type=eps` (the "
+                     "objective of the recipe when the net was chosen) with the net/batch below, "
                      "stopped by `trainer.max_time`; FID of N=1,000 DDIM-50 samples (EMA weights) against the "
                      "10,000 test images, and the classifier score.\n")
         rows = ["| candidate | steps | final loss | FID | precision | recall | classifier score | confident |",
@@ -357,7 +384,7 @@ CNN of `diffusion_lab.eval.classifier` (test accuracy {r['classifier_test_accura
 | | FID | precision | recall | classifier score | confident (>= 0.9) |
 |---|---|---|---|---|---|
 {score_row("DDIM-50 samples", d)}
-{score_row("real training images (floor)", f)}
+{score_row("real training images (floor)", f)}{previous_recipe_row(st)}
 
 ![samples](bench/results/mnist_recipe_samples.png)
 
@@ -368,15 +395,13 @@ FID within 2x the floor ({'met' if ok_fid else 'NOT met'}: {d['fid']:.2f} vs 2 x
     if "table" in st:
         t = st["table"]
         rows = t["rows"]
-        fid = {(r["method"], r["eta"] if r["method"] == "ddim" else None, r["steps"]): r for r in rows}
-        steps = [10, 20, 50, 100]
-        lines = ["| eta \\ S | " + " | ".join(map(str, steps)) + " | 1000 (DDPM) |", "|---" * 6 + "|"]
-        ddpm = next((r for r in rows if r["method"] == "ddpm"), None)
-        for eta in (0.0, 1.0):
-            cells = [f"{fid[('ddim', eta, s)]['fid']:.2f} ({PAPER_CIFAR10[eta][s]:g})" if ('ddim', eta, s) in fid
-                     else "—" for s in steps]
-            last = f"{ddpm['fid']:.2f} ({PAPER_CIFAR10['ddpm']:g})" if (ddpm and eta == 1.0) else ""
-            lines.append(f"| {eta:g} | " + " | ".join(cells) + f" | {last} |")
+        lines = table_lines(rows)
+        prev = ""
+        if "table_eps" in st:
+            p = st["table_eps"]
+            prev = (f"\nThe previous recipe ({p['objective']}; {machine_line(p['machine'])}), N={p['n']}, the same "
+                    f"x_T:\n\n{chr(10).join(table_lines(p['rows']))}\n\n"
+                    f"Its targets: {'; '.join(table_targets(p['rows']))}.\n")
         parts.append(f"""### DDIM's Table 1 on MNIST (`python bench/mnist.py --stage table{n_flag(t['n'], N_TABLE)}`)
 
 Machine: {machine_line(t['machine'])}. The recipe model; N={t['n']} per cell, the same x_T, against the 10,000
@@ -386,7 +411,7 @@ parentheses: the paper's CIFAR-10 numbers (DDIM Table 1; DDPM's 3.17 for the las
 {chr(10).join(lines)}
 
 Targets: {'; '.join(table_targets(rows))}.
-""")
+{prev}""")
     text = "\n".join(parts)
     write_result("mnist", st, text)
     return text

@@ -208,6 +208,9 @@ def weights_fingerprint(module) -> str:
 
     h = hashlib.sha256()
     for name, t in module.state_dict().items():
+        if not torch.is_tensor(t):  # extra state
+            h.update(f"{name}{t!r}".encode())
+            continue
         t = t.detach().cpu().contiguous()
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -225,9 +228,11 @@ def scored_rows(module, samplers, n: int, evaluator, ref_features, ref_name: str
 
     weights = weights_fingerprint(module)
     done = json.loads(cache.read_text()) if cache.exists() else {}
+    if done and "_weights" not in done:  # written before caches were bound to weights: adopted as they are
+        done["_weights"] = weights
     if done.get("_weights") != weights:
         if done:
-            summary("rows", f"{cache.name}: scored other weights (a retrain?), its {len(done)} entries dropped")
+            summary("rows", f"{cache.name}: scored other weights (a retrain?), its {len(done) - 1} rows dropped")
         done = {"_weights": weights}
     rows = []
     for s in samplers:

@@ -1,4 +1,4 @@
-"""Time to FID (issue 16): the MNIST CPU recipe trained with four objectives for the same wall-clock budget.
+"""Time to FID (issue 16): the MNIST CPU recipe's net and data trained with four objectives for the same wall clock.
 
     python bench/convergence.py               # baseline, min-SNR-5, P2 (k=1, gamma=1), v-prediction: 20 min each
     python bench/convergence.py --minutes 8 --checkpoints 4 --num-samples 300   # a shorter, cheaper run
@@ -26,15 +26,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from common import RESULTS, ROOT, RUNS, machine, machine_line, save_figure, scored_rows, summary, write_result  # noqa: E402
-from mnist import MNIST_TEST, mnist_setup  # noqa: E402
+from mnist import EPS_OBJECTIVE, MNIST_TEST, mnist_setup  # noqa: E402
 
 from diffusion_lab.checkpoint import load_module  # noqa: E402
 from diffusion_lab.diffusion import Sampler  # noqa: E402
 
 OBJECTIVES = {
-    "baseline": ["diffusion.mean_type=eps"],  # eps prediction, L_simple (the recipe before it moved to v)
-    "min_snr5": ["diffusion.mean_type=eps", "diffusion.loss_weighting=min_snr", "diffusion.snr_gamma=5.0"],
-    "p2": ["diffusion.mean_type=eps", "diffusion.loss_weighting=p2", "diffusion.p2_k=1.0", "diffusion.p2_gamma=1.0"],
+    "baseline": EPS_OBJECTIVE,  # eps prediction, L_simple (the recipe before it moved to v-prediction)
+    "min_snr5": [*EPS_OBJECTIVE, "diffusion.loss_weighting=min_snr", "diffusion.snr_gamma=5.0"],
+    "p2": [*EPS_OBJECTIVE, "diffusion.loss_weighting=p2", "diffusion.p2_k=1.0", "diffusion.p2_gamma=1.0"],
     "v_pred": ["diffusion.mean_type=v"],
 }
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,10 @@ from pathlib import Path
 
 import torch
 from common import CACHE, ROOT, RUNS, machine, machine_line, peak_rss_mib, run_worker, summary
+
+# The net ablation (throughput and ablation stages) and the eps runs of bench/convergence.py predate the recipe's
+# move to v-prediction: pinned, so that a re-run reproduces the recorded tables.
+EPS_OBJECTIVE = ["diffusion.mean_type=eps"]
 
 # Candidate nets at 28x28 (28 -> 14 -> 7, attention at 7x7 and in the middle), as net.* overrides.
 NETS = {
@@ -76,7 +81,7 @@ def worker_throughput(net: str, batch: int, warmup: int, steps: int) -> dict:
     from diffusion_lab.checkpoint import build_module
     from diffusion_lab.data import ImageDataModule
 
-    cfg = compose(["experiment=mnist_cpu", "logger=none", f"data.batch_size={batch}", *NETS[net]])
+    cfg = compose(["experiment=mnist_cpu", "logger=none", f"data.batch_size={batch}", *NETS[net], *EPS_OBJECTIVE])
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch * (warmup + steps), 1, 28, 28), generator=g, dtype=torch.uint8)
 
@@ -154,13 +159,42 @@ def train_run(name: str, overrides: list[str]) -> tuple[Path, float]:
     (last checkpoint, wall seconds of the training process)."""
     run_dir = RUNS / "mnist" / name
     ckpt, done = run_dir / "checkpoints" / "last.ckpt", run_dir / "DONE"
-    if not (done.exists() and ckpt.exists()):
+    if done.exists() and ckpt.exists():
+        check_same_recipe(run_dir, overrides)
+    else:
         cmd = [sys.executable, "train.py", "experiment=mnist_cpu", *overrides, f"hydra.run.dir={run_dir}",
                "logger=csv", "trainer.enable_progress_bar=false"]
         t0 = time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, check=True)
         done.write_text(f"{time.perf_counter() - t0:.1f}\n")
     return ckpt, float(done.read_text())
+
+
+def check_same_recipe(run_dir: Path, overrides: list[str]) -> None:
+    """A finished run is reused only if it trained what `experiment=mnist_cpu <overrides>` composes today (the
+    preset may have changed since): otherwise stop with one line, leaving the old run for its owner to move."""
+    from omegaconf import OmegaConf
+
+    def leaves(cfg) -> dict:
+        out = {}
+        for key in RECIPE_KEYS:
+            v = OmegaConf.select(cfg, key)
+            if OmegaConf.is_dict(v):
+                out |= {f"{key}.{k}": x for k, x in OmegaConf.to_container(v).items()}
+            else:
+                out[key] = OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+        return out
+
+    saved = leaves(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+    now = leaves(compose(["experiment=mnist_cpu", *overrides]))
+    for key in sorted(saved.keys() | now.keys()):
+        if saved.get(key) != now.get(key):
+            sys.exit(f"error: {run_dir} was trained with {key}={saved.get(key)}, the preset now gives "
+                     f"{now.get(key)}: move that run directory aside (or delete it) to retrain")
+
+
+RECIPE_KEYS = ["diffusion", "net", "optim", "lr_scheduler", "data.batch_size", "data.image_size", "trainer.max_steps",
+               "callbacks.ema.decay", "seed"]
 
 
 def evaluate_run(ckpt: Path, name: str, extra: list[str]) -> list[dict]:
@@ -195,11 +229,11 @@ def final_loss(run: Path) -> float:
 def stage_ablation(minutes: int) -> dict:
     """Each candidate trained for `minutes` of wall clock (trainer.max_time), then FID (N=1,000 DDIM-50 vs the
     10,000 test images) and the classifier score of the EMA weights. Eps prediction, as the recipe was when the
-    net was chosen (ABLATION_OBJECTIVE), so that a re-run reproduces the recorded table."""
+    net was chosen (EPS_OBJECTIVE), so that a re-run reproduces the recorded table."""
     table = {}
     for name, overrides in CANDIDATES.items():
         limit = [f"+trainer.max_time='00:00:{minutes:02d}:00'", "trainer.max_steps=-1", "trainer.max_epochs=-1"]
-        ckpt, seconds = train_run(f"ablation_{minutes}min_{name}", [*overrides, *limit, *ABLATION_OBJECTIVE])
+        ckpt, seconds = train_run(f"ablation_{minutes}min_{name}", [*overrides, *limit, *EPS_OBJECTIVE])
         step = torch.load(ckpt, weights_only=True)["global_step"]
         r = evaluate_run(ckpt, f"ablation_{minutes}min_{name}", ["grid=null", "sampler=ddim", "sampler.steps=50"])[0]
         table[name] = {"overrides": overrides, "train_seconds": seconds, "steps": step, "fid": r["fid"],
@@ -212,14 +246,18 @@ def stage_ablation(minutes: int) -> dict:
 
 
 MNIST_TEST = "the 10,000 MNIST test images"
-ABLATION_OBJECTIVE = ["diffusion.mean_type=eps"]  # the net ablation predates the recipe's move to v-prediction
 N_RECIPE, N_TABLE = 2000, 1000  # samples per scored row, as the issue asks (--num-samples overrides both)
 PAPER_CIFAR10 = {0.0: {10: 13.36, 20: 6.84, 50: 4.67, 100: 4.16}, 1.0: {10: 41.07, 20: 18.36, 50: 8.01, 100: 5.78},
                  "ddpm": 3.17}  # DDIM Table 1 (CIFAR-10) and DDPM's own FID: shared/REFERENCE.md
 
 
+def objective(module, steps: int) -> str:
+    """What a recipe checkpoint was trained for, in words: 'v prediction, 2,400 steps'."""
+    return f"{module.diffusion.mean_type} prediction, {steps:,} steps"
+
+
 def recipe_checkpoint() -> Path:
-    """The experiment=mnist_cpu checkpoint (trained on first use, exactly as committed)."""
+    """The experiment=mnist_cpu checkpoint (trained on first use; a run of an older preset is refused)."""
     return train_run("recipe", [])[0]
 
 
@@ -257,6 +295,7 @@ def stage_recipe(n: int = N_RECIPE) -> dict:
     shutil.copyfile(ckpt.parents[1] / "samples" / "final.png", RESULTS / "mnist_recipe_samples.png")
     c = torch.load(ckpt, weights_only=True)
     data = {"machine": machine(), "n": n, "train_seconds": seconds, "steps": c["global_step"],
+            "objective": objective(module, c["global_step"]),
             "epochs": c["epoch"], "final_loss": final_loss(ckpt.parents[1]), "ddim50": rows[0], "floor": floor,
             "classifier_test_accuracy": info["test_accuracy"], "ckpt": str(ckpt)}
     save_stage("recipe", data)
@@ -280,7 +319,8 @@ def stage_table(n: int = N_TABLE) -> dict:
     cache = RUNS / "rows" / f"mnist-{ckpt.parent.parent.name}.json"  # shared with bench/solvers.py --data mnist
     rows = scored_rows(module, samplers, n, ev, ref, MNIST_TEST, cache, classifier=classifier,
                        roles={samplers[-1].name: "reference"})
-    data = {"machine": machine(), "n": n, "rows": rows, "ckpt": str(ckpt)}
+    step = torch.load(ckpt, weights_only=True)["global_step"]
+    data = {"machine": machine(), "n": n, "rows": rows, "ckpt": str(ckpt), "objective": objective(module, step)}
     save_stage("table", data)
     return data
 
@@ -317,7 +357,7 @@ def previous_recipe_row(st: dict) -> str:
     if "recipe_eps" not in st:
         return ""
     p = st["recipe_eps"]
-    cpu = p["machine"]["cpu"].split("(")[0]
+    cpu = re.sub(r"\((R|TM)\)|Processor", "", p["machine"]["cpu"]).strip()
     name = f"previous recipe: {p['objective']}, {p['train_seconds'] / 60:.1f} min ({cpu}), N={p['n']}"
     return "\n" + score_row(name, p["ddim50"])
 
@@ -356,7 +396,7 @@ def write_section() -> str:
         a = st["ablation"]
         parts.append(f"### Ablation: the same {a['minutes']} minutes of training each "
                      f"(`python bench/mnist.py --stage ablation --minutes {a['minutes']}`)\n\n"
-                     f"Machine: {machine_line(a['machine'])}. `experiment=mnist_cpu diffusion.mean_type=eps` (the "
+                     f"Machine: {machine_line(a['machine'])}. `experiment=mnist_cpu {' '.join(EPS_OBJECTIVE)}` (the "
                      "objective of the recipe when the net was chosen) with the net/batch below, "
                      "stopped by `trainer.max_time`; FID of N=1,000 DDIM-50 samples (EMA weights) against the "
                      "10,000 test images, and the classifier score.\n")
@@ -383,7 +423,7 @@ CNN of `diffusion_lab.eval.classifier` (test accuracy {r['classifier_test_accura
 
 | | FID | precision | recall | classifier score | confident (>= 0.9) |
 |---|---|---|---|---|---|
-{score_row("DDIM-50 samples", d)}
+{score_row(f"DDIM-50 samples ({r.get('objective', 'eps prediction')})", d)}
 {score_row("real training images (floor)", f)}{previous_recipe_row(st)}
 
 ![samples](bench/results/mnist_recipe_samples.png)

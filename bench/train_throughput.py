@@ -47,7 +47,6 @@ ADAMW = ["optim=adamw", "optim.lr=1e-4", "+optim.betas=[0.95,0.999]", "optim.wei
 SIDES = {
     "ours": "diffusion_lab (Lightning step, the example's AdamW, foreach; the default)",
     "ours_fused": "diffusion_lab + optim.fused=true",
-    "ours_compile": "diffusion_lab + compile=true (steady state)",
     "diffusers": "diffusers train_unconditional.py step (AdamW, EMAModel, clipping, cosine warm-up)",
     "diffusers_bare": "diffusers UNet2DModel bare loop (Adam only)",
 }
@@ -56,8 +55,12 @@ SIDE_OVERRIDES = {"ours": [], "ours_fused": ["optim.fused=true"], "ours_compile"
 ABLATIONS = {  # what the layout alone is worth (not in `make bench-full`)
     "ours_nchw": "diffusion_lab with channels_last=false",
     "diffusers_cl": "diffusers example step, channels-last weights",
+}
+LEVERS = {  # --levers: their own section, 3 rounds (each compile process spends minutes in inductor on 2 cores)
+    "ours_compile": "diffusion_lab + compile=true (steady state)",
     "ours_bf16": "diffusion_lab + trainer.precision=bf16-mixed (CPU autocast)",
 }
+ALL_SIDES = SIDES | ABLATIONS | LEVERS
 
 
 def current_rss_mib() -> float:
@@ -218,7 +221,7 @@ def profile_ops(c: dict, steps: int = 3, top: int = 8) -> list[dict]:
 def run(configs: list[str], repeats: int, steps: dict[str, int], sides: list[str]) -> dict:
     peak = matmul_peak_gflops()
     out = {"machine": machine(), "matmul_peak_gflops": peak, "configs": {},
-           "labels": {s: (SIDES | ABLATIONS)[s] for s in sides}}  # as measured: a default may change later
+           "labels": {s: ALL_SIDES[s] for s in sides}}  # as measured: a default may change later
     for name in configs:
         c = CONFIGS[name]
         runs = {s: [] for s in sides}
@@ -257,7 +260,7 @@ def section(res: dict, cmd: str, title: str = TITLE) -> tuple[str, str]:
         d = r["sides"]["diffusers"]
         for s, m in r["sides"].items():
             lo, hi = m.get("spread", (m["images_per_s"],) * 2)
-            label = res.get("labels", {}).get(s) or (SIDES | ABLATIONS)[s]  # as measured; older results: as now
+            label = res.get("labels", {}).get(s) or ALL_SIDES[s]  # as measured; older results: as now
             lines.append(
                 f"| {name} (batch {r['batch']}) | {label} | {m['params']:,.0f} | "
                 f"{m['images_per_s']:.1f} ({lo:.1f}-{hi:.1f}) | {m['images_per_s'] / d['images_per_s']:.2f}x | "
@@ -321,9 +324,12 @@ def main() -> None:
     )
     p.add_argument("--render", action="store_true", help="rewrite the section from the saved results, no timing")
     p.add_argument("--levers", action="store_true", help="time compile and bf16 against ours (own section)")
-    p.add_argument("--sides", nargs="+", choices=list(SIDES | ABLATIONS), help="sides to time (diffusers always)")
+    p.add_argument("--sides", nargs="+", choices=list(ALL_SIDES), help="sides to time (diffusers always)")
     p.add_argument("--worker", nargs=3, metavar=("SIDE", "CONFIG", "STEPS"), help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.levers and (a.quick or a.sides or a.ablations):
+        p.error("--levers times its own fixed sides (ours, ours_compile, ours_bf16, diffusers): drop --quick/--sides/"
+                "--ablations")
     if a.worker:
         side, name, steps = a.worker
         c, steps = CONFIGS[name], int(steps)
@@ -347,8 +353,8 @@ def main() -> None:
                 for m in r["sides"].values():
                     m["fraction_of_peak"] = m["gflops_per_s"] / peak
             cmd += " (peak: --recompute-peak)"
-    elif a.levers:  # 3 rounds: each compile process spends minutes in inductor on 2 cores
-        sides = ["ours", "ours_compile", "ours_bf16", "diffusers"]
+    elif a.levers:
+        sides = ["ours", *LEVERS, "diffusers"]
         res = run(["small", "cifar10"], 3, {"small": 12, "cifar10": 6}, sides)
         cmd = "python bench/train_throughput.py --levers"
     elif a.quick:

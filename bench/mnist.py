@@ -416,8 +416,9 @@ def write_section() -> str:
         parts.append(f"""### The recipe: `python train.py experiment=mnist_cpu` (`{cmd}`)
 
 Machine: {machine_line(r['machine'])}. Training process wall time {r['train_seconds'] / 60:.1f} min (start-up,
-validation and sample grids included), {r['steps']} steps ({r['epochs']} epochs), final train loss
-{r['final_loss']:.4f} (mean of the last 100 logged steps). N={r['n']} DDIM-50 samples of the EMA weights against
+validation and sample grids included), {r['steps']} steps ({r['epochs']} full epochs), final train loss
+{r['final_loss']:.4f} (mean of the last 100 logged steps; the MSE on what the net predicts, so losses of different
+objectives do not compare). N={r['n']} DDIM-50 samples of the EMA weights against
 the 10,000 test images; the floor is the same scores of {r['n']} real training images. Classifier: the small
 CNN of `diffusion_lab.eval.classifier` (test accuracy {r['classifier_test_accuracy']:.4f}).
 

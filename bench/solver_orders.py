@@ -24,8 +24,8 @@ METHODS = [
     ("dpmpp_2m", {}),
     ("dpmpp_3m", {}),
     ("dpmpp_3m", {"match_official": True}),
-    ("unipc", {"order": 2}),
-    ("unipc", {"order": 3}),
+    ("unipc", {"order": 2, "lower_order_final": False}),  # the method's own order (UniPC lowers its final steps
+    ("unipc", {"order": 3, "lower_order_final": False}),  # at every N by default, as the official `sample` does)
     ("ipndm", {}),
     ("ipndm", {"variable_step": False}),
 ]

@@ -51,7 +51,7 @@ SIDES = {
     "diffusers_bare": "diffusers UNet2DModel bare loop (Adam only)",
 }
 SIDE_OVERRIDES = {"ours": [], "ours_fused": ["optim.fused=true"], "ours_compile": ["compile=true"],
-                  "ours_nchw": ["channels_last=false"], "ours_bf16": ["trainer.precision=bf16-mixed"]}  # fmt: skip
+                  "ours_nchw": ["channels_last=false"], "ours_bf16": ["+trainer.precision=bf16-mixed"]}  # fmt: skip
 ABLATIONS = {  # what the layout alone is worth (not in `make bench-full`)
     "ours_nchw": "diffusion_lab with channels_last=false",
     "diffusers_cl": "diffusers example step, channels-last weights",
@@ -324,6 +324,8 @@ def main() -> None:
     )
     p.add_argument("--render", action="store_true", help="rewrite the section from the saved results, no timing")
     p.add_argument("--levers", action="store_true", help="time compile and bf16 against ours (own section)")
+    p.add_argument("--rounds", type=int, default=3, help="--levers: interleaved rounds")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=["small", "cifar10"], help="--levers only")
     p.add_argument("--sides", nargs="+", choices=list(ALL_SIDES), help="sides to time (diffusers always)")
     p.add_argument("--worker", nargs=3, metavar=("SIDE", "CONFIG", "STEPS"), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -355,8 +357,10 @@ def main() -> None:
             cmd += " (peak: --recompute-peak)"
     elif a.levers:
         sides = ["ours", *LEVERS, "diffusers"]
-        res = run(["small", "cifar10"], 3, {"small": 12, "cifar10": 6}, sides)
+        res = run(a.configs, a.rounds, {"small": 12, "cifar10": 6}, sides)
         cmd = "python bench/train_throughput.py --levers"
+        cmd += f" --rounds {a.rounds}" if a.rounds != 3 else ""
+        cmd += f" --configs {' '.join(a.configs)}" if a.configs != ["small", "cifar10"] else ""
     elif a.quick:
         res = run(["small"], 1, {"small": 8}, ["ours", "ours_fused", "diffusers", "diffusers_bare"])
         cmd = "python bench/train_throughput.py --quick"

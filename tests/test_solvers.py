@@ -502,3 +502,22 @@ def test_unet_is_continuous_in_t():
         mid, step = f(300 + h / 2) - (f(300.0) + f(300 + h)) / 2, f(300 + h) - f(300.0)
         ratios.append((mid.norm() / step.norm()).item())
     assert ratios[0] < 0.25 and ratios[1] < 0.4 * ratios[0]  # measured 0.171 and 0.034
+
+
+def test_final_steps_lower_their_order_as_each_official_sampler_does():
+    """UniPC's official sample() lowers the order of its last steps at every N; DPM-Solver's only below 10 ODE steps.
+    At 20 time-uniform steps of the cosine schedule the last log-SNR gap is ~3x the one before it (2.0 vs 0.6):
+    a third-order UniPC step across it ruined the MNIST recipe's samples (FID 78.7 vs 42.8, BENCHMARKS.md)."""
+    diff = GaussianDiffusion.from_schedule("cosine", 1000)
+    g = S._grid(diff, sampling_times(diff, "ddim", 20))
+    gaps = [b - a for a, b in zip(g.lam[:-2], g.lam[1:-1])]
+    assert gaps[-1] > 2.5 * gaps[-2]
+    n = g.n
+    assert [S._order(j, g, 3, True, final_below=None) for j in (n - 4, n - 3, n - 2)] == [3, 2, 1]  # UniPC
+    assert [S._order(j, g, 3, True) for j in (n - 4, n - 3, n - 2)] == [3, 3, 3]  # DPM-Solver++, 19 ODE steps
+    assert [S._order(j, g, 3, False, final_below=None) for j in (n - 3, n - 2)] == [3, 3]
+    # and unipc() uses UniPC's rule: its default differs from lower_order_final=False at 20 steps
+    model, x = DATA.model(diff), _noise((8, 1, 2, 2))
+    ts = sampling_times(diff, "ddim", 20)
+    official, own = S.unipc(diff, model, x, ts), S.unipc(diff, model, x, ts, lower_order_final=False)
+    assert not torch.allclose(official, own)

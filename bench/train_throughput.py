@@ -332,6 +332,8 @@ def main() -> None:
     if a.levers and (a.quick or a.sides or a.ablations):
         p.error("--levers times its own fixed sides (ours, ours_compile, ours_bf16, diffusers): drop --quick/--sides/"
                 "--ablations")
+    if not a.levers and (a.rounds != 3 or a.configs != ["small", "cifar10"]):
+        p.error("--rounds and --configs apply to --levers only (section 1 always times both configs, 5 rounds)")
     if a.worker:
         side, name, steps = a.worker
         c, steps = CONFIGS[name], int(steps)

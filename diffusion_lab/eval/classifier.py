@@ -29,6 +29,9 @@ from ..io import atomic_write
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 SIZE = 28
+# 6 passes, not 2: with 2 the CNN (test accuracy 0.9834) called only 94% of real MNIST images confident, under
+# the 95% the samples are asked to reach; with 6 (0.9863, 166 s on 2 cores, once) real images score 9.71 / 97.6%.
+EPOCHS = 6
 
 
 class SmallCNN(nn.Module):
@@ -103,7 +106,7 @@ def train_classifier(
     images_uint8: torch.Tensor,
     labels: torch.Tensor,
     num_classes: int = 10,
-    epochs: int = 2,
+    epochs: int = EPOCHS,
     batch_size: int = 128,
     lr: float = 1e-3,
     seed: int = 0,
@@ -126,12 +129,15 @@ def train_classifier(
     return model.eval()
 
 
-def cache_path(cache_dir: str | Path, key: str, images_uint8: torch.Tensor, labels: torch.Tensor) -> Path:
-    """<cache_dir>/classifier/<key>-<N>-<sha1 of the 28x28 images and labels>-v<version>.pt: changed data
-    misses; the same images padded to 32x32 hit."""
+def cache_path(
+    cache_dir: str | Path, key: str, images_uint8: torch.Tensor, labels: torch.Tensor, epochs: int = EPOCHS, seed: int = 0
+) -> Path:
+    """<cache_dir>/classifier/<key>-<N>-<sha1 of the 28x28 images and labels>-e<epochs>-s<seed>-v<version>.pt:
+    changed data or training length misses; the same images padded to 32x32 hit."""
     h = hashlib.sha1(crop_or_pad(images_uint8).contiguous().numpy().tobytes())
     h.update(labels.long().contiguous().numpy().tobytes())
-    return Path(cache_dir) / "classifier" / f"{key}-{images_uint8.shape[0]}-{h.hexdigest()[:12]}-v{CACHE_VERSION}.pt"
+    name = f"{key}-{images_uint8.shape[0]}-{h.hexdigest()[:12]}-e{epochs}-s{seed}-v{CACHE_VERSION}.pt"
+    return Path(cache_dir) / "classifier" / name
 
 
 def load_or_train(
@@ -140,12 +146,12 @@ def load_or_train(
     test: tuple[torch.Tensor, torch.Tensor],
     cache_dir: str | Path = ".cache",
     num_classes: int = 10,
-    epochs: int = 2,
+    epochs: int = EPOCHS,
     seed: int = 0,
 ) -> tuple[SmallCNN, dict]:
     """The classifier for a dataset: loaded from the cache, or trained on `train` (uint8 images, labels),
     scored on `test` and cached atomically. Returns (model in eval mode, info with "test_accuracy")."""
-    path = cache_path(cache_dir, key, *train)
+    path = cache_path(cache_dir, key, *train, epochs=epochs, seed=seed)
     if path.exists():
         blob = torch.load(path, weights_only=True)
         model = SmallCNN(blob["num_classes"])
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", choices=["mnist", "fashion_mnist"], default="mnist")
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--cache-dir", default=".cache")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=EPOCHS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dm_cls = {"mnist": MNISTDataModule, "fashion_mnist": FashionMNISTDataModule}[args.data]

@@ -223,10 +223,12 @@ def scored_rows(module, samplers, n: int, evaluator, ref_features, ref_name: str
     sampler, each from the same x_T (seed), cached in `cache` (JSON keyed by sampler name and N) so that a re-run
     or another benchmark on the same checkpoint reuses finished rows. The cache is bound to the weights it scored
     (a hash of the module's state_dict): after a retrain into the same run directory its rows are dropped, not
-    reused."""
+    reused. So is each row to the classifier that gave its classifier score (its weights' hash in the row's
+    "classifier"; rows from before that tag, or from another classifier, are sampled and scored again)."""
     from diffusion_lab.eval.report import row
 
     weights = weights_fingerprint(module)
+    cls_id = weights_fingerprint(classifier) if classifier is not None else None
     done = json.loads(cache.read_text()) if cache.exists() else {}
     if done and "_weights" not in done:  # written before caches were bound to weights: adopted as they are
         done["_weights"] = weights
@@ -237,9 +239,10 @@ def scored_rows(module, samplers, n: int, evaluator, ref_features, ref_name: str
     rows = []
     for s in samplers:
         key = f"{s.name}@{n}@seed{seed}"
-        if key not in done:
+        if key not in done or done[key].get("classifier") != cls_id:
             r = sample_and_score(module, s, n, evaluator, ref_features, seed=seed, classifier=classifier)
             done[key] = row(s, r, ref_name, r["sample_seconds"], (roles or {}).get(s.name, "curve"))
+            done[key]["classifier"] = cls_id
             with atomic_write(cache) as tmp:
                 tmp.write_text(json.dumps(done, indent=1, default=float))
             summary("rows", f"{s.name}: NFE {s.nfe}, FID {r['fid']:.2f}, precision {r['precision']:.3f}, "

@@ -13,7 +13,8 @@ Ours: train.yaml composed by Hydra with the example's optimizer (AdamW lr 1e-4, 
 1e-6, eps 1e-8), gradient clipping 1.0, our EMA, the non-finite guard, the uniform timestep sampler, DDPM linear
 L_simple, run by Lightning's Trainer for warm-up + K steps; images/s over the K steps (on_train_batch_end to
 on_train_batch_end, data loading included). Levers, one at a time: `optim.fused=true` (one fused AdamW kernel
-instead of torch's default foreach), `compile=true` (torch.compile of the training forward; its compile
+instead of torch's default foreach), our packed CPU dropout mask against torch's nn.Dropout (side
+ours_nn_dropout: the lever undone), `compile=true` (torch.compile of the training forward; its compile
 seconds are the first step's extra time) and `trainer.precision=bf16-mixed` (CPU autocast).
 diffusers' example: UNet2DModel + DDPMScheduler.add_noise + MSE + the same AdamW + its cosine warm-up scheduler +
 diffusers.training_utils.EMAModel (decay 0.9999, warm-up) + clip_grad_norm_(1.0), without accelerate (one CPU
@@ -47,11 +48,13 @@ ADAMW = ["optim=adamw", "optim.lr=1e-4", "+optim.betas=[0.95,0.999]", "optim.wei
 SIDES = {
     "ours": "diffusion_lab (Lightning step, the example's AdamW, foreach; the default)",
     "ours_fused": "diffusion_lab + optim.fused=true",
+    "ours_nn_dropout": "diffusion_lab with torch's nn.Dropout mask (the default before the packed CPU mask)",
     "diffusers": "diffusers train_unconditional.py step (AdamW, EMAModel, clipping, cosine warm-up)",
     "diffusers_bare": "diffusers UNet2DModel bare loop (Adam only)",
 }
 SIDE_OVERRIDES = {"ours": [], "ours_fused": ["optim.fused=true"], "ours_compile": ["compile=true"],
-                  "ours_nchw": ["channels_last=false"], "ours_bf16": ["+trainer.precision=bf16-mixed"]}  # fmt: skip
+                  "ours_nchw": ["channels_last=false"], "ours_bf16": ["+trainer.precision=bf16-mixed"],
+                  "ours_nn_dropout": []}  # fmt: skip
 ABLATIONS = {  # what the layout alone is worth (not in `make bench-full`)
     "ours_nchw": "diffusion_lab with channels_last=false",
     "diffusers_cl": "diffusers example step, channels-last weights",
@@ -268,7 +271,7 @@ def section(res: dict, cmd: str, title: str = TITLE) -> tuple[str, str]:
                 f"{100 * m['fraction_of_peak']:.1f}% |"
             )
         o = r["sides"].get("ours")
-        for s in ("ours_fused", "ours_compile", "ours_bf16", "ours_nchw"):
+        for s in ("ours_fused", "ours_nn_dropout", "ours_compile", "ours_bf16", "ours_nchw"):
             if o is None:
                 break
             if s in r["sides"]:
@@ -337,6 +340,12 @@ def main() -> None:
     if a.worker:
         side, name, steps = a.worker
         c, steps = CONFIGS[name], int(steps)
+        if side == "ours_nn_dropout":  # the lever undone: torch's bernoulli_ mask in every ResBlock
+            from torch import nn
+
+            from diffusion_lab.nets import layers
+
+            layers.Dropout.forward = nn.Dropout.forward
         if side.startswith("ours"):
             res = worker_ours(c, warmup=2, steps=steps, overrides=SIDE_OVERRIDES[side])
         else:

@@ -129,3 +129,29 @@ def test_compiled_training_forward_keeps_the_module_and_its_loss(monkeypatch):
         losses.append(m.diffusion.training_losses(m._train_fn["net"], x0, t)["loss"])
     torch.testing.assert_close(losses[0], losses[1])
     assert losses[0].abs().min() > 0
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_cpu_dropout_has_nn_dropouts_law(p):
+    """Dropout's packed 16-bit mask: keep rate q = 1 - round(p * 2^16) / 2^16 within 5 binomial standard errors
+    over 10^6 elements (an odd count: the last 64-bit draw is cut), kept elements scaled by exactly 1/q so the
+    mean of out / x is 1 in expectation; the gradient is the same mask; eval mode and p = 0 are the identity."""
+    from diffusion_lab.nets.layers import Dropout
+
+    torch.manual_seed(0)
+    n = 1_000_003
+    q = 1 - round(p * 65536) / 65536
+    x = torch.full((n,), 2.0, requires_grad=True)
+    out = Dropout(p).train()(x)
+    kept = out != 0
+    assert kept.float().mean().item() == pytest.approx(q, abs=5 * (q * (1 - q) / n) ** 0.5)
+    assert torch.equal(out[kept], torch.full_like(out[kept], 2.0 / q))
+    out.sum().backward()
+    assert torch.equal(x.grad, kept.float() / q)
+    # Each of the four 16-bit lanes of a draw is its own uniform: neighbours are not correlated.
+    k = kept[: n - n % 4].view(-1, 4).float()
+    assert all(abs(k[:, i].mean().item() - q) < 5 * (q * (1 - q) / k.shape[0]) ** 0.5 for i in range(4))
+    assert abs(torch.corrcoef(k.T)[0, 1:].abs().max().item()) < 0.01
+    y = torch.randn(3, 4, 5, 5)
+    assert torch.equal(Dropout(p).eval()(y), y) and torch.equal(Dropout(0.0).train()(y), y)
+    assert Dropout(p).train()(y.bfloat16()).dtype == torch.bfloat16

@@ -130,7 +130,12 @@ def train_classifier(
 
 
 def cache_path(
-    cache_dir: str | Path, key: str, images_uint8: torch.Tensor, labels: torch.Tensor, epochs: int = EPOCHS, seed: int = 0
+    cache_dir: str | Path,
+    key: str,
+    images_uint8: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int = EPOCHS,
+    seed: int = 0,
 ) -> Path:
     """<cache_dir>/classifier/<key>-<N>-<sha1 of the 28x28 images and labels>-e<epochs>-s<seed>-v<version>.pt:
     changed data or training length misses; the same images padded to 32x32 hit."""

@@ -217,6 +217,16 @@ def weights_fingerprint(module) -> str:
     return h.hexdigest()[:16]
 
 
+def classifier_note(res: dict) -> str:
+    """'' when `res` was scored by today's MNIST classifier (its "classifier_epochs"), else a caveat naming the CNN
+    that scored it. Results without the field predate 2026-11-30, when the CNN trained 2 epochs (it called 94% of
+    real MNIST images confident; with 6, 98%), so their classifier scores run lower than today's."""
+    from diffusion_lab.eval.classifier import EPOCHS
+
+    e = res.get("classifier_epochs", 2)
+    return "" if e == EPOCHS else f" (classifier scores by the {e}-epoch CNN of the time, not today's {EPOCHS}-epoch)"
+
+
 def scored_rows(module, samplers, n: int, evaluator, ref_features, ref_name: str, cache: Path, seed: int = 0,
                 classifier=None, roles: dict | None = None) -> list[dict]:
     """One results row (eval.report.row: FID, KID, precision/recall, classifier score, seconds per sample) per

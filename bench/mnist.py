@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import CACHE, ROOT, RUNS, machine, machine_line, peak_rss_mib, run_worker, summary
+from common import CACHE, ROOT, RUNS, classifier_note, machine, machine_line, peak_rss_mib, run_worker, summary
 
 # The net ablation (throughput and ablation stages) and the eps runs of bench/convergence.py predate the recipe's
 # move to v-prediction: pinned, so that a re-run reproduces the recorded tables.
@@ -241,7 +241,9 @@ def stage_ablation(minutes: int) -> dict:
                        "recall": r["recall"], "final_loss": final_loss(ckpt.parents[1])}
         summary("mnist", f"ablation {name}: {step} steps in {minutes} min, FID {r['fid']:.2f}, "
                          f"classifier {r['cls_score']:.2f} ({r['confident']:.3f} confident)")
-    save_stage("ablation", {"machine": machine(), "minutes": minutes, "table": table})
+    from diffusion_lab.eval.classifier import EPOCHS
+
+    save_stage("ablation", {"machine": machine(), "minutes": minutes, "table": table, "classifier_epochs": EPOCHS})
     return table
 
 
@@ -297,7 +299,7 @@ def stage_recipe(n: int = N_RECIPE) -> dict:
     data = {"machine": machine(), "n": n, "train_seconds": seconds, "steps": c["global_step"],
             "objective": objective(module, c["global_step"]),
             "epochs": c["epoch"], "final_loss": final_loss(ckpt.parents[1]), "ddim50": rows[0], "floor": floor,
-            "classifier_test_accuracy": info["test_accuracy"], "ckpt": str(ckpt)}
+            "classifier_test_accuracy": info["test_accuracy"], "classifier_epochs": info["epochs"], "ckpt": str(ckpt)}
     save_stage("recipe", data)
     summary("mnist", f"recipe: {seconds / 60:.1f} min, FID {rows[0]['fid']:.2f} (floor {floor['fid']:.2f}), "
                      f"classifier {rows[0]['cls_score']:.2f}, {rows[0]['confident']:.3f} confident")
@@ -313,14 +315,15 @@ def stage_table(n: int = N_TABLE) -> dict:
 
     ckpt = recipe_checkpoint()
     module = load_module(ckpt)
-    ev, ref, classifier, _, _ = mnist_setup()
+    ev, ref, classifier, info, _ = mnist_setup()
     samplers = [Sampler("ddim", s, eta=e) for e in (0.0, 1.0) for s in (10, 20, 50, 100)]
     samplers.append(Sampler("ddpm", module.diffusion.num_timesteps))
     cache = RUNS / "rows" / f"mnist-{ckpt.parent.parent.name}.json"  # shared with bench/solvers.py --data mnist
     rows = scored_rows(module, samplers, n, ev, ref, MNIST_TEST, cache, classifier=classifier,
                        roles={samplers[-1].name: "reference"})
     step = torch.load(ckpt, weights_only=True)["global_step"]
-    data = {"machine": machine(), "n": n, "rows": rows, "ckpt": str(ckpt), "objective": objective(module, step)}
+    data = {"machine": machine(), "n": n, "rows": rows, "ckpt": str(ckpt), "objective": objective(module, step),
+            "classifier_epochs": info["epochs"]}
     save_stage("table", data)
     return data
 
@@ -359,6 +362,7 @@ def previous_recipe_row(st: dict) -> str:
     p = st["recipe_eps"]
     cpu = re.sub(r"\((R|TM)\)|Processor", "", p["machine"]["cpu"]).strip()
     name = f"previous recipe: {p['objective']}, {p['train_seconds'] / 60:.1f} min ({cpu}), N={p['n']}"
+    name += classifier_note(p)
     return "\n" + score_row(name, p["ddim50"])
 
 
@@ -399,7 +403,7 @@ def write_section() -> str:
                      f"Machine: {machine_line(a['machine'])}. `experiment=mnist_cpu {' '.join(EPS_OBJECTIVE)}` (the "
                      "objective of the recipe when the net was chosen) with the net/batch below, "
                      "stopped by `trainer.max_time`; FID of N=1,000 DDIM-50 samples (EMA weights) against the "
-                     "10,000 test images, and the classifier score.\n")
+                     f"10,000 test images, and the classifier score{classifier_note(a)}.\n")
         rows = ["| candidate | steps | final loss | FID | precision | recall | classifier score | confident |",
                 "|---|---|---|---|---|---|---|---|"]
         for k, v in a["table"].items():
@@ -418,8 +422,8 @@ def write_section() -> str:
 Machine: {machine_line(r['machine'])}. Training process wall time {r['train_seconds'] / 60:.1f} min (start-up,
 validation and sample grids included), {r['steps']} steps ({r['epochs']} full epochs), final train loss
 {r['final_loss']:.4f} (mean of the last 100 logged steps; the MSE on what the net predicts, so losses of different
-objectives do not compare). N={r['n']} DDIM-50 samples of the EMA weights against
-the 10,000 test images; the floor is the same scores of {r['n']} real training images. Classifier: the small
+objectives do not compare). N={r['n']:,} DDIM-50 samples of the EMA weights against
+the 10,000 test images; the floor is the same scores of {r['n']:,} real training images. Classifier: the small
 CNN of `diffusion_lab.eval.classifier` (test accuracy {r['classifier_test_accuracy']:.4f}).
 
 | | FID | precision | recall | classifier score | confident (>= 0.9) |

@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import (  # noqa: E402
     RUNS,
     all_digits_uint8,
+    classifier_note,
     fid_evaluator,
     machine,
     machine_line,
@@ -39,6 +40,7 @@ from common import (  # noqa: E402
 from diffusion_lab.checkpoint import load_module  # noqa: E402
 from diffusion_lab.diffusion import Sampler  # noqa: E402
 from diffusion_lab.diffusion.registry import METHODS as REGISTRY  # noqa: E402
+from diffusion_lab.eval.classifier import EPOCHS  # noqa: E402
 from diffusion_lab.eval.report import plot_fid_vs_nfe  # noqa: E402
 
 METHODS = ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "euler", "heun", "euler_ancestral"]
@@ -79,7 +81,8 @@ def run(data: str, n: int, methods: list[str], nfes: list[int], with_ddpm: bool,
     cache = RUNS / "rows" / f"{data}-{ckpt.parent.parent.name}.json"
     rows = scored_rows(module, samplers, n, ev, ref, ref_name, cache, classifier=classifier, roles=roles)
     return {"machine": machine(), "data": data, "n": n, "ckpt": str(ckpt), "reference": ref_name, "rows": rows,
-            "wall_seconds": time.perf_counter() - t0}
+            "wall_seconds": time.perf_counter() - t0,
+            **({"classifier_epochs": EPOCHS} if classifier is not None else {})}  # classifier_for's default
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -134,7 +137,7 @@ def section(res: dict, cmd: str, link: str) -> str:
         best = max(cls, key=lambda r: r["cls_score"])
         worst = min(r["cls_score"] for r in cls)
         cls_line = (f"Classifier score (10 = best): {worst:.2f} to {best['cls_score']:.2f} ({best['sampler']}); "
-                    f"per row in `bench/results/solvers_{res['data']}.json`.\n")
+                    f"per row in `bench/results/solvers_{res['data']}.json`{classifier_note(res)}.\n")
     return f"""### Solvers on {res['data']} (`{cmd}`)
 
 Machine: {machine_line(res['machine'])}. Checkpoint: `{res['ckpt']}`; N={res['n']} per cell against

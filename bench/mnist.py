@@ -355,15 +355,21 @@ def score_row(name: str, r: dict) -> str:
             f"{r['confident']:.3f} |")
 
 
-def previous_recipe_row(st: dict) -> str:
-    """The recipe before v-prediction (stage recipe_eps), as one more row of the recipe table."""
-    if "recipe_eps" not in st:
-        return ""
-    p = st["recipe_eps"]
-    cpu = re.sub(r"\((R|TM)\)|Processor", "", p["machine"]["cpu"]).strip()
-    name = f"previous recipe: {p['objective']}, {p['train_seconds'] / 60:.1f} min ({cpu}), N={p['n']}"
-    name += classifier_note(p)
-    return "\n" + score_row(name, p["ddim50"])
+ARCHIVED_RECIPES = ["recipe_d0_at2400", "recipe_v2400", "recipe_eps"]  # hand-archived stages, newest first
+
+
+def previous_recipe_rows(st: dict) -> str:
+    """Earlier recipes and checkpoints (the ARCHIVED_RECIPES stages, copied by hand from an older "recipe" stage
+    when the preset changed), one more row each of the recipe table."""
+    out = ""
+    for key in (k for k in ARCHIVED_RECIPES if k in st):
+        p = st[key]
+        cpu = re.sub(r"\((R|TM)\)|Processor", "", p["machine"]["cpu"]).strip()
+        name = p.get("label") or (
+            f"previous recipe: {p['objective']}, {p['train_seconds'] / 60:.1f} min ({cpu}), N={p['n']:,}"
+        )
+        out += "\n" + score_row(name + classifier_note(p), p["ddim50"])
+    return out
 
 
 def table_lines(rows: list[dict]) -> list[str]:
@@ -429,7 +435,7 @@ CNN of `diffusion_lab.eval.classifier` (test accuracy {r['classifier_test_accura
 | | FID | precision | recall | classifier score | confident (>= 0.9) |
 |---|---|---|---|---|---|
 {score_row(f"DDIM-50 samples ({r.get('objective', 'eps prediction')})", d)}
-{score_row("real training images (floor)", f)}{previous_recipe_row(st)}
+{score_row("real training images (floor)", f)}{previous_recipe_rows(st)}
 
 ![samples](bench/results/mnist_recipe_samples.png)
 

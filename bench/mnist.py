@@ -356,6 +356,7 @@ def score_row(name: str, r: dict) -> str:
 
 
 ARCHIVED_RECIPES = ["recipe_d0_at2400", "recipe_v2400", "recipe_eps"]  # hand-archived stages, newest first
+ARCHIVED_TABLES = ["table_v2400", "table_eps"]
 
 
 def previous_recipe_rows(st: dict) -> str:
@@ -448,14 +449,15 @@ FID within 2x the floor ({'met' if ok_fid else 'NOT met'}: {d['fid']:.2f} vs 2 x
         rows = t["rows"]
         lines = table_lines(rows)
         prev = ""
-        if "table_eps" in st:
-            p = st["table_eps"]
-            prev = (f"\nThe previous recipe ({p['objective']}; {machine_line(p['machine'])}), N={p['n']}, the same "
-                    f"x_T:\n\n{chr(10).join(table_lines(p['rows']))}\n\n"
-                    f"Its targets: {'; '.join(table_targets(p['rows']))}.\n")
+        for key in (k for k in ARCHIVED_TABLES if k in st):
+            p = st[key]
+            prev += (f"\nAn earlier recipe ({p['objective']}; {machine_line(p['machine'])}), N={p['n']}, the same "
+                     f"x_T:\n\n{chr(10).join(table_lines(p['rows']))}\n\n"
+                     f"Its targets: {'; '.join(table_targets(p['rows']))}.\n")
         parts.append(f"""### DDIM's Table 1 on MNIST (`python bench/mnist.py --stage table{n_flag(t['n'], N_TABLE)}`)
 
-Machine: {machine_line(t['machine'])}. The recipe model; N={t['n']} per cell, the same x_T, against the 10,000
+Machine: {machine_line(t['machine'])}. The recipe's model at the time ({t.get('objective', 'eps prediction')},
+`{t['ckpt'].split('outputs/')[-1]}`); N={t['n']} per cell, the same x_T, against the 10,000
 test images; DDIM's own stride ("ddim" spacing); DDPM-1000 with the trained fixed-small variance. In
 parentheses: the paper's CIFAR-10 numbers (DDIM Table 1; DDPM's 3.17 for the last column).
 

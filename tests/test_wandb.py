@@ -1,6 +1,8 @@
 """logger=wandb with no account: offline mode is chosen automatically and the offline run directory holds
 the config, the logged metric keys and the sample images."""
 
+import time
+
 import torch
 from conftest import FAST, compose_train
 
@@ -16,8 +18,16 @@ def test_wandb_offline_run_files(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list(tmp_path.rglob("*"))[:20]
     run = runs[0]
-    data = b"".join(p.read_bytes() for p in run.glob("*.wandb"))  # the offline run's record stream
-    for key in (b"diffusion", b"schedule", b"train/loss_step", b"val/loss", b"samples"):
+    keys = (b"diffusion", b"schedule", b"train/loss_step", b"val/loss", b"samples")
+    # The record stream is written by wandb's own service process: once (a loaded machine, 2026-11-30) the file
+    # still held only its 7-byte header when finish() had returned, so wait for it, up to 60 s.
+    deadline = time.monotonic() + 60
+    while True:
+        data = b"".join(p.read_bytes() for p in run.glob("*.wandb"))  # the offline run's record stream
+        if all(k in data for k in keys) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for key in keys:
         assert key in data, key
     assert list(run.rglob("*.png"))  # the sample grids
 

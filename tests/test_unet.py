@@ -155,3 +155,8 @@ def test_cpu_dropout_has_nn_dropouts_law(p):
     y = torch.randn(3, 4, 5, 5)
     assert torch.equal(Dropout(p).eval()(y), y) and torch.equal(Dropout(0.0).train()(y), y)
     assert Dropout(p).train()(y.bfloat16()).dtype == torch.bfloat16
+    # p that rounds to 65,536/65,536 (no lane kept) is nn.Dropout's, not a division by zero.
+    torch.manual_seed(1)
+    near_one = Dropout(1 - 2**-18).train()(y)
+    torch.manual_seed(1)
+    assert torch.equal(near_one, torch.nn.Dropout(1 - 2**-18).train()(y))

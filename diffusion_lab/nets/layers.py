@@ -38,13 +38,14 @@ class Dropout(nn.Dropout):
     Why not nn.Dropout itself on the CPU: its bernoulli_ draws one random number per element, 13% of unet_small's
     training step in the profile (BENCHMARKS.md 1b). Here one 64-bit draw gives four uniform 16-bit lanes, and an
     element is kept when its lane u >= round(p * 2^16): p is rounded to a multiple of 1/65,536 (0.1 -> 0.1000061)
-    and the scale is the exact 1/q of that rounded p. Other devices (CUDA's fused kernel) use nn.Dropout.
+    and the scale is the exact 1/q of that rounded p. Other devices (CUDA's fused kernel), and p so close to 1
+    that it rounds to 1 (p > 1 - 2^-17, where no lane would be kept), use nn.Dropout.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
-            return super().forward(x)
         drop = round(self.p * 65536)  # lanes 0 .. drop-1 (of 65,536) are dropped
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" or drop == 65536:
+            return super().forward(x)
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # full 64-bit range
         lanes = bits.view(torch.int16)[:n].view(x.shape)  # int16 v uniform on [-32768, 32767], u = v + 32768

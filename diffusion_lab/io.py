@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash mid-write never leaves a half-written file where a good one was."""
+"""Atomic file writes: a crash mid-write never leaves a half-written file where a good one was; and reading back
+the caches written that way, where a damaged file is one clear error."""
 
 from __future__ import annotations
 
@@ -53,3 +54,20 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
                 "(the previous file, if any, is unchanged)",
             ) from e
         raise
+
+
+def load_cache(path: str | Path, keys: tuple[str, ...]) -> dict:
+    """torch.load(path, weights_only=True) of a cache file this package wrote (a dict holding `keys`). One that
+    cannot be read (truncated, foreign, edited) is a ValueError naming the file: delete it and it is rebuilt."""
+    import torch
+
+    try:
+        blob = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-facing error
+        raise ValueError(
+            f"cache file {path} cannot be read ({type(e).__name__}); delete it and the next run rebuilds it"
+        ) from e
+    missing = [k for k in keys if not isinstance(blob, dict) or k not in blob]
+    if missing:
+        raise ValueError(f"cache file {path} lacks {missing}; delete it and the next run rebuilds it")
+    return blob

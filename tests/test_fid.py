@@ -1,5 +1,6 @@
 """FID/KID: closed-form behaviour, agreement with torch-fidelity, the offline weights, the reference cache."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,19 @@ def test_precision_recall_closed_cases():
     # the radius is the distance to the 3rd nearest other point
     pts = torch.tensor([[0.0], [1.0], [3.0], [6.0], [10.0]])
     assert knn_radii(pts, k=3).tolist() == [6.0, 5.0, 3.0, 5.0, 9.0]
+
+
+def test_damaged_reference_cache_is_one_clear_error(tmp_path, digits):
+    """A truncated or foreign file where the cached reference features should be: a ValueError naming the file and
+    saying to delete it (cli.run prints it as one line), never an unpickling traceback or a pickle executed."""
+    ev = FIDEvaluator.__new__(FIDEvaluator)
+    ev.cache_dir = tmp_path
+    path = ev.cache_path("k", digits[:4])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for content in (b"\x80\x04 truncated", None):
+        if content is None:
+            torch.save({"feats": torch.zeros(2)}, path)  # a readable dict without "features"
+        else:
+            path.write_bytes(content)
+        with pytest.raises(ValueError, match=rf"cache file {re.escape(str(path))}.*delete it"):
+            ev.reference_features("k", digits[:4])

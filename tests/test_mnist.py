@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,14 @@ def test_small_classifier_trains_caches_and_scores(tmp_path):
     scores = score_images(model, xt[:2000])
     assert scores["cls_score"] > 6.5 and scores["confident"] > 0.6
     assert torch.equal(predict_probs(model, resize_uint8(xt[:100], 32)), predict_probs(model, xt[:100]))
+
+
+def test_damaged_classifier_cache_is_one_clear_error(tmp_path):
+    """A damaged classifier cache entry (truncated bytes) is a ValueError naming the file and saying to delete it."""
+    x = torch.zeros(10, 1, 28, 28, dtype=torch.uint8)
+    y = torch.arange(10)
+    path = cache_path(tmp_path, "k", x, y, epochs=1)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match=rf"cache file {re.escape(str(path))} cannot be read.*delete it"):
+        load_or_train("k", (x, y), (x, y), tmp_path, epochs=1)

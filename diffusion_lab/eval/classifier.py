@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io import atomic_write
+from ..io import atomic_write, load_cache
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -158,7 +158,7 @@ def load_or_train(
     scored on `test` and cached atomically. Returns (model in eval mode, info with "test_accuracy")."""
     path = cache_path(cache_dir, key, *train, epochs=epochs, seed=seed)
     if path.exists():
-        blob = torch.load(path, weights_only=True)
+        blob = load_cache(path, ("state_dict", "num_classes", "test_accuracy"))
         model = SmallCNN(blob["num_classes"])
         model.load_state_dict(blob["state_dict"])
         info = {k: v for k, v in blob.items() if k != "state_dict"}

@@ -22,7 +22,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from ..io import atomic_write
+from ..io import atomic_write, load_cache
 from .precision_recall import precision_recall
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class FIDEvaluator:
         path = self.cache_path(key, images_uint8)
         if path.exists():
             log.info("FID reference features: cache hit %s", path)
-            return torch.load(path, weights_only=True)["features"]
+            return load_cache(path, ("features",))["features"]
         t0 = time.perf_counter()
         feats = self.features(images_uint8)
         with atomic_write(path) as tmp:

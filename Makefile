@@ -54,6 +54,7 @@ bench: install-bench  ## quick benchmarks (~10 min): speed vs diffusers / torch-
 bench-full: install-bench  ## every benchmark at full size (hours on 2 cores; each section states its time) -> BENCHMARKS.md
 	$(PY) bench/train_throughput.py
 	$(PY) bench/train_throughput.py --levers
+	$(PY) bench/train_throughput.py --gap cifar10
 	$(PY) bench/sampling.py
 	$(PY) bench/loss_aware.py
 	$(PY) bench/fid.py

@@ -190,9 +190,11 @@ def sample_and_score(
 ) -> dict:
     """FID/KID and precision/recall of n samples (x_T from `seed`: every sampler starts from the same noise),
     the classifier score when a classifier is given, and the seconds sampling and scoring took."""
+    from diffusion_lab.allocator import keep_freed_memory
     from diffusion_lab.eval.classifier import score_images
     from diffusion_lab.generate import sample_uint8
 
+    keep_freed_memory()  # as evaluate.py samples (diffusion_lab.cli.run)
     t0 = time.perf_counter()
     fake = sample_uint8(module, sampler, n, batch, torch.Generator().manual_seed(seed))
     t1 = time.perf_counter()

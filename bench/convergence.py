@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from common import RESULTS, ROOT, RUNS, machine, machine_line, save_figure, scored_rows, summary, write_result  # noqa: E402
-from mnist import EPS_OBJECTIVE, MNIST_TEST, mnist_setup  # noqa: E402
+from mnist import EPS_OBJECTIVE, MNIST_TEST, check_same_recipe, mnist_setup  # noqa: E402
 
 from diffusion_lab.checkpoint import load_module  # noqa: E402
 from diffusion_lab.diffusion import Sampler  # noqa: E402
@@ -43,10 +43,13 @@ def train(name: str, overrides: list[str], minutes: int, k: int) -> list[tuple[f
     """(training minutes, checkpoint path) of one objective's k timed checkpoints."""
     run = RUNS / "convergence" / f"{name}_{minutes}min_{k}ckpts"
     every = minutes / k
-    if not (run / "DONE").exists():
+    overrides = [*overrides, "trainer.max_steps=-1", "trainer.max_epochs=-1"]
+    if (run / "DONE").exists():
+        check_same_recipe(run, overrides)  # a run of an older preset is not today's recipe: stop, do not mix
+    else:
         cmd = [
             sys.executable, "train.py", "experiment=mnist_cpu", *overrides, f"hydra.run.dir={run}", "logger=csv",
-            "trainer.enable_progress_bar=false", "trainer.max_steps=-1", "trainer.max_epochs=-1",
+            "trainer.enable_progress_bar=false",
             f"+trainer.max_time='00:{minutes // 60:02d}:{minutes % 60:02d}:00'",
             "callbacks.sample_grid.every_n_epochs=1000",
             "+callbacks.timed._target_=lightning.pytorch.callbacks.ModelCheckpoint",
@@ -78,7 +81,18 @@ def run(minutes: int, n: int, k: int) -> dict:
         curves[name] = points
         summary("convergence", f"{name}: " + ", ".join(f"{p['minutes']:g} min FID {p['fid']:.2f}" for p in points))
     return {"machine": machine(), "minutes": minutes, "n": n, "curves": curves,
-            "wall_seconds": time.perf_counter() - t0}
+            "wall_seconds": time.perf_counter() - t0, "trained_with": trained_with(ckpt.parents[1])}
+
+
+TRAINED_WITH = ["net.dropout", "optim.fused", "data.batch_size", "optim.lr", "callbacks.ema.decay"]
+
+
+def trained_with(run_dir) -> str:
+    """The recipe settings the objectives share, as the run's saved config has them (a later preset may differ)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    return ", ".join(f"{key}={OmegaConf.select(cfg, key)}" for key in TRAINED_WITH)
 
 
 def time_to(points: list[dict], fid: float) -> float | None:
@@ -122,10 +136,11 @@ def section(res: dict, cmd: str, link: str) -> str:
         pts = {p["minutes"]: p for p in res["curves"][name]}
         cells = [f"{pts[m]['fid']:.2f} ({pts[m]['step']})" if m in pts else "—" for m in mins]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    trained = f" (the preset as the runs saved it: {res['trained_with']})" if "trained_with" in res else ""
     return f"""### Time to FID (`{cmd}`)
 
 Machine: {machine_line(res['machine'])}. Each objective: `experiment=mnist_cpu` + its override, the same seed,
-{res['minutes']} minutes of training; FID of N={res['n']} DDIM-50 samples (EMA weights, same x_T) against
+{res['minutes']} minutes of training{trained}; FID of N={res['n']} DDIM-50 samples (EMA weights, same x_T) against
 {MNIST_TEST} at each timed checkpoint, the optimizer steps done by then in parentheses (the same wall clock
 buys different step counts on a noisy machine: the right panel of the plot is per step). Wall time of this
 benchmark: {res['wall_seconds'] / 60:.1f} min.

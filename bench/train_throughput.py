@@ -8,14 +8,17 @@ architecture; peak memory, FLOPs per image, the fraction of the fp32 matmul peak
     python bench/train_throughput.py --sides ours ours_bf16 diffusers   # any subset of sides (and ablations)
     python bench/train_throughput.py --levers      # compile and CPU bf16 against the default step, 3 rounds,
                                                    # its own section (train_levers), section 1 left alone
+    python bench/train_throughput.py --gap cifar10 # both steps under torch.profiler, op by op (train_gap)
 
 Ours: train.yaml composed by Hydra with the example's optimizer (AdamW lr 1e-4, betas 0.95/0.999, weight decay
 1e-6, eps 1e-8), gradient clipping 1.0, our EMA, the non-finite guard, the uniform timestep sampler, DDPM linear
 L_simple, run by Lightning's Trainer for warm-up + K steps; images/s over the K steps (on_train_batch_end to
 on_train_batch_end, data loading included). Levers, one at a time: `optim.fused=true` (one fused AdamW kernel
 instead of torch's default foreach), our packed CPU dropout mask against torch's nn.Dropout (side
-ours_nn_dropout: the lever undone), `compile=true` (torch.compile of the training forward; its compile
-seconds are the first step's extra time) and `trainer.precision=bf16-mixed` (CPU autocast).
+ours_nn_dropout: the lever undone), glibc malloc settings that keep freed memory in the process
+(diffusion_lab.allocator, which train.py applies; side ours_default_malloc: the lever undone), `compile=true`
+(torch.compile of the training forward; its compile seconds are the first step's extra time) and
+`trainer.precision=bf16-mixed` (CPU autocast).
 diffusers' example: UNet2DModel + DDPMScheduler.add_noise + MSE + the same AdamW + its cosine warm-up scheduler +
 diffusers.training_utils.EMAModel (decay 0.9999, warm-up) + clip_grad_norm_(1.0), without accelerate (one CPU
 process). The bare loop (UNet2DModel, add_noise, MSE, Adam; nothing else) is kept as a second peer row. Each side
@@ -49,12 +52,13 @@ SIDES = {
     "ours": "diffusion_lab (Lightning step, the example's AdamW, foreach; the default)",
     "ours_fused": "diffusion_lab + optim.fused=true",
     "ours_nn_dropout": "diffusion_lab with torch's nn.Dropout mask (the default before the packed CPU mask)",
+    "ours_default_malloc": "diffusion_lab with glibc's default malloc settings (before allocator.keep_freed_memory)",
     "diffusers": "diffusers train_unconditional.py step (AdamW, EMAModel, clipping, cosine warm-up)",
     "diffusers_bare": "diffusers UNet2DModel bare loop (Adam only)",
 }
 SIDE_OVERRIDES = {"ours": [], "ours_fused": ["optim.fused=true"], "ours_compile": ["compile=true"],
                   "ours_nchw": ["channels_last=false"], "ours_bf16": ["+trainer.precision=bf16-mixed"],
-                  "ours_nn_dropout": []}  # fmt: skip
+                  "ours_nn_dropout": [], "ours_default_malloc": []}  # fmt: skip
 ABLATIONS = {  # what the layout alone is worth (not in `make bench-full`)
     "ours_nchw": "diffusion_lab with channels_last=false",
     "diffusers_cl": "diffusers example step, channels-last weights",
@@ -71,8 +75,9 @@ def current_rss_mib() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
-def worker_ours(c: dict, warmup: int, steps: int, overrides: list[str]) -> dict:
-    """Our training step on random images for warm-up + `steps` steps, train.yaml composed with `overrides`."""
+def worker_ours(c: dict, warmup: int, steps: int, overrides: list[str], profile: bool = False) -> dict:
+    """Our training step on random images for warm-up + `steps` steps, train.yaml composed with `overrides`;
+    with `profile`, torch.profiler over the `steps` steps (ms per step of each op, see op_split)."""
     import lightning as L
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
@@ -103,9 +108,13 @@ def worker_ours(c: dict, warmup: int, steps: int, overrides: list[str]) -> dict:
     module = build_module(cfg)
     stamps = []
 
+    prof = step_profiler() if profile else None
+
     class Timer(L.Callback):
         def on_train_batch_end(self, *args):
             stamps.append(time.perf_counter())
+            if prof is not None and len(stamps) in (warmup, warmup + steps):
+                prof.start() if len(stamps) == warmup else prof.stop()
 
     callbacks = [instantiate(cfg.callbacks.nonfinite_guard), instantiate(cfg.callbacks.ema), Timer()]
     trainer = instantiate(
@@ -131,11 +140,26 @@ def worker_ours(c: dict, warmup: int, steps: int, overrides: list[str]) -> dict:
         "base_rss_mib": base,
         "params": n_params,
         "first_step_extra_s": stamps[0] - t0 - sec,
+        **({"ops": op_split(prof, steps)} if profile else {}),
     }
 
 
-def worker_diffusers(c: dict, warmup: int, steps: int, channels_last: bool, example: bool = True) -> dict:
-    """diffusers' training step: the example's (example=True) or the bare loop."""
+def step_profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU])
+
+
+def op_split(prof, steps: int) -> dict[str, float]:
+    """Self CPU milliseconds per training step of every op the profiler saw (the calling thread's time inside
+    the op; intra-op threads work inside it)."""
+    return {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages() if e.self_cpu_time_total > 0}
+
+
+def worker_diffusers(
+    c: dict, warmup: int, steps: int, channels_last: bool, example: bool = True, profile: bool = False
+) -> dict:
+    """diffusers' training step: the example's (example=True) or the bare loop; `profile` as in worker_ours."""
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler  # imported before the memory baseline, as ours are
@@ -158,8 +182,11 @@ def worker_diffusers(c: dict, warmup: int, steps: int, channels_last: bool, exam
         opt = torch.optim.Adam(unet.parameters(), lr=1e-3)
     unet.train()
     stamps = []
+    prof = step_profiler() if profile else None
     t0 = time.perf_counter()
     for x0 in data.split(c["batch"]):
+        if prof is not None and len(stamps) == warmup:
+            prof.start()
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (x0.shape[0],))
         loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t).sample.float(), noise.float())
@@ -173,6 +200,8 @@ def worker_diffusers(c: dict, warmup: int, steps: int, channels_last: bool, exam
         if example:
             ema.step(unet.parameters())
         stamps.append(time.perf_counter())
+    if prof is not None:
+        prof.stop()
     sec = (stamps[-1] - stamps[warmup - 1]) / steps
     n_params = sum(p.numel() for p in unet.parameters())
     return {
@@ -182,6 +211,7 @@ def worker_diffusers(c: dict, warmup: int, steps: int, channels_last: bool, exam
         "base_rss_mib": base,
         "params": n_params,
         "first_step_extra_s": stamps[0] - t0 - sec,
+        **({"ops": op_split(prof, steps)} if profile else {}),
     }
 
 
@@ -271,7 +301,7 @@ def section(res: dict, cmd: str, title: str = TITLE) -> tuple[str, str]:
                 f"{100 * m['fraction_of_peak']:.1f}% |"
             )
         o = r["sides"].get("ours")
-        for s in ("ours_fused", "ours_nn_dropout", "ours_compile", "ours_bf16", "ours_nchw"):
+        for s in ("ours_fused", "ours_nn_dropout", "ours_default_malloc", "ours_compile", "ours_bf16", "ours_nchw"):
             if o is None:
                 break
             if s in r["sides"]:
@@ -316,6 +346,58 @@ Targets (>= 1.1x the example's images/s, training memory no higher): {"; ".join(
     return text, "; ".join(verdicts)
 
 
+GAP_TITLE = "### 1c. Where the time differs: our step against the example's, op by op"
+
+
+def gap(name: str, rounds: int, steps: int) -> dict:
+    """Both full training steps (ours as train.py runs it, the diffusers example's) under torch.profiler, each
+    in its own process, `rounds` interleaved rounds; per op the median self-CPU ms per step."""
+    runs = {"ours": [], "diffusers": []}
+    for _ in range(rounds):
+        for side in runs:
+            runs[side].append(run_worker("train_throughput.py", side, name, str(steps), "profile"))
+    sides = {}
+    for side, rs in runs.items():
+        ops = {op for r in rs for op in r["ops"]}
+        sides[side] = {
+            "step_ms": statistics.median(1e3 * r["step_seconds"] for r in rs),
+            "ops": {op: statistics.median(r["ops"].get(op, 0.0) for r in rs) for op in ops},
+        }
+    return {"machine": machine(), "config": name, "batch": CONFIGS[name]["batch"], "rounds": rounds,
+            "steps": steps, "sides": sides}
+
+
+def gap_section(res: dict, cmd: str, top: int = 12) -> tuple[str, str]:
+    o, d = res["sides"]["ours"], res["sides"]["diffusers"]
+    ops = set(o["ops"]) | set(d["ops"])
+    diff = {op: o["ops"].get(op, 0.0) - d["ops"].get(op, 0.0) for op in ops}
+    rows = sorted(ops, key=lambda op: -abs(diff[op]))[:top]
+    lines = ["| op | ours ms/step | example ms/step | ours - example |", "|---|---|---|---|"]
+    lines += [f"| {op} | {o['ops'].get(op, 0.0):.1f} | {d['ops'].get(op, 0.0):.1f} | {diff[op]:+.1f} |" for op in rows]
+    in_ops = {k: sum(v["ops"].values()) for k, v in res["sides"].items()}
+    outside = {k: v["step_ms"] - in_ops[k] for k, v in res["sides"].items()}
+    lines.append(f"| (all ops) | {in_ops['ours']:.1f} | {in_ops['diffusers']:.1f} | "
+                 f"{in_ops['ours'] - in_ops['diffusers']:+.1f} |")
+    lines.append(f"| (outside ops: Python, framework, data) | {outside['ours']:.1f} | {outside['diffusers']:.1f} | "
+                 f"{outside['ours'] - outside['diffusers']:+.1f} |")
+    lines.append(f"| **step (wall, profiled)** | {o['step_ms']:.1f} | {d['step_ms']:.1f} | "
+                 f"{o['step_ms'] - d['step_ms']:+.1f} |")
+    line = (f"{res['config']}: ours {o['step_ms']:.0f} vs example {d['step_ms']:.0f} ms/step under the profiler; "
+            f"largest op differences: " + ", ".join(f"{op} {diff[op]:+.1f} ms" for op in rows[:4]))
+    text = f"""{GAP_TITLE}
+
+Command: `{cmd}` — machine: {machine_line(res["machine"])}. The {res["config"]} config (batch {res["batch"]}): both
+full training steps as section 1 times them, under torch.profiler (CPU) for {res["steps"]} steps after 2 warm-up
+steps, each side in its own process, {res["rounds"]} interleaved rounds, medians. Self CPU ms per step by op (the
+time the calling thread spent inside the op, its own intra-op threads included), the {top} ops whose time differs
+most; then all ops together and what remains of the wall step outside them. The profiler adds its own overhead to
+both sides alike.
+
+{chr(10).join(lines)}
+"""
+    return text, line
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -330,29 +412,45 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="--levers: interleaved rounds")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=["small", "cifar10"], help="--levers only")
     p.add_argument("--sides", nargs="+", choices=list(ALL_SIDES), help="sides to time (diffusers always)")
-    p.add_argument("--worker", nargs=3, metavar=("SIDE", "CONFIG", "STEPS"), help=argparse.SUPPRESS)
+    p.add_argument("--gap", choices=list(CONFIGS), help="profile ours and the example's step op by op (own section)")
+    p.add_argument("--worker", nargs="+", metavar="SIDE CONFIG STEPS [profile]", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.levers and (a.quick or a.sides or a.ablations):
         p.error("--levers times its own fixed sides (ours, ours_compile, ours_bf16, diffusers): drop --quick/--sides/"
                 "--ablations")
-    if not a.levers and (a.rounds != 3 or a.configs != ["small", "cifar10"]):
-        p.error("--rounds and --configs apply to --levers only (section 1 always times both configs, 5 rounds)")
+    if not a.levers and a.configs != ["small", "cifar10"] or not (a.levers or a.gap) and a.rounds != 3:
+        p.error("--rounds applies to --levers and --gap, --configs to --levers only (section 1 always times both "
+                "configs, 5 rounds)")
     if a.worker:
-        side, name, steps = a.worker
-        c, steps = CONFIGS[name], int(steps)
+        side, name, steps, *flag = a.worker
+        c, steps, prof = CONFIGS[name], int(steps), flag == ["profile"]
         if side == "ours_nn_dropout":  # the lever undone: torch's bernoulli_ mask in every ResBlock
             from torch import nn
 
             from diffusion_lab.nets import layers
 
             layers.Dropout.forward = nn.Dropout.forward
+        if side.startswith("ours") and side != "ours_default_malloc":  # train.py runs with these malloc settings
+            from diffusion_lab.allocator import keep_freed_memory
+
+            keep_freed_memory()
         if side.startswith("ours"):
-            res = worker_ours(c, warmup=2, steps=steps, overrides=SIDE_OVERRIDES[side])
+            res = worker_ours(c, warmup=2, steps=steps, overrides=SIDE_OVERRIDES[side], profile=prof)
         else:
-            res = worker_diffusers(
-                c, warmup=2, steps=steps, channels_last=side == "diffusers_cl", example=side != "diffusers_bare"
-            )
+            example = side != "diffusers_bare"
+            res = worker_diffusers(c, 2, steps, channels_last=side == "diffusers_cl", example=example, profile=prof)
         print(json.dumps(res))
+        return
+    if a.gap:
+        if a.render:
+            res = json.loads((results_dir(False) / "train_gap.json").read_text())
+        else:
+            res = gap(a.gap, a.rounds, 4)
+            res["command"] = f"python bench/train_throughput.py --gap {a.gap}" + (
+                f" --rounds {a.rounds}" if a.rounds != 3 else "")
+        text, line = gap_section(res, res["command"])
+        write_result("train_gap", res, text)
+        summary("train_gap", line)
         return
     out, title = "train_throughput", TITLE
     if a.levers:

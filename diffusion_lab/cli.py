@@ -1,4 +1,5 @@
-"""What train.py / evaluate.py / sample.py do with an error a person can act on: one line on stderr, exit 2.
+"""What train.py / evaluate.py / sample.py do with an error a person can act on: one line on stderr, exit 2
+(and, first, diffusion_lab.allocator.keep_freed_memory: the CPU malloc settings every entry point runs with).
 
     @hydra.main(...)
     def main(cfg): return run(train, cfg)
@@ -18,6 +19,7 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 
+from .allocator import keep_freed_memory
 from .io import DiskFullError
 from .lit.checkpointing import NonFiniteCheckpointError
 from .lit.reliability import NonFiniteLossError
@@ -39,6 +41,7 @@ def one_line(e: BaseException) -> str:
 
 
 def run(task: Callable[[Any], Any], cfg: Any) -> Any:
+    keep_freed_memory()
     try:
         return task(cfg)
     except Exception as e:  # noqa: BLE001 - sorted below: user-facing errors get one line, the rest re-raise

@@ -55,6 +55,7 @@ bench-full: install-bench  ## every benchmark at full size (hours on 2 cores; ea
 	$(PY) bench/train_throughput.py
 	$(PY) bench/train_throughput.py --levers
 	$(PY) bench/train_throughput.py --gap cifar10
+	$(PY) bench/allocator.py
 	$(PY) bench/sampling.py
 	$(PY) bench/loss_aware.py
 	$(PY) bench/fid.py

@@ -16,6 +16,7 @@ ORDER = [
     ("train_throughput", "python bench/train_throughput.py"),
     ("train_levers", "python bench/train_throughput.py --levers"),
     ("train_gap", "python bench/train_throughput.py --gap cifar10"),
+    ("allocator", "python bench/allocator.py"),
     ("sampling", "python bench/sampling.py"),
     ("fid", "python bench/fid.py"),
     ("ddim_table", "python bench/ddim_table.py"),

@@ -40,7 +40,6 @@ from common import (  # noqa: E402
 from diffusion_lab.checkpoint import load_module  # noqa: E402
 from diffusion_lab.diffusion import Sampler  # noqa: E402
 from diffusion_lab.diffusion.registry import METHODS as REGISTRY  # noqa: E402
-from diffusion_lab.eval.classifier import EPOCHS  # noqa: E402
 from diffusion_lab.eval.report import plot_fid_vs_nfe  # noqa: E402
 
 METHODS = ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "euler", "heun", "euler_ancestral"]
@@ -49,27 +48,21 @@ ALSO_METHODS = ["dpmpp_2m", "unipc"]  # --also-spacing: these on another grid to
 
 
 def model_and_reference(data: str):
-    """(module, evaluator, reference features, reference name, classifier or None, checkpoint) for a data set."""
-    ev = fid_evaluator()
+    """(module, evaluator, reference features, reference name, classifier or None, its epochs, checkpoint)."""
     if data == "digits":
-        ckpt = train_digits("ddpm_linear", [])
+        ev, ckpt = fid_evaluator(), train_digits("ddpm_linear", [])
         return load_module(ckpt), ev, ev.reference_features("digits-all", all_digits_uint8()), "all 1,797 digits", \
-            None, ckpt  # fmt: skip
-    from mnist import recipe_checkpoint
-
-    from diffusion_lab.data import MNISTDataModule
-    from diffusion_lab.eval.classifier import classifier_for
+            None, None, ckpt  # fmt: skip
+    from mnist import mnist_setup, recipe_checkpoint
 
     ckpt = recipe_checkpoint()
-    dm = MNISTDataModule(image_size=28)
-    ref = ev.reference_features("MNISTDataModule-test", dm.test_images()[0])
-    classifier, _ = classifier_for(dm, str(RUNS.parents[1] / ".cache"))
-    return load_module(ckpt), ev, ref, "the 10,000 MNIST test images", classifier, ckpt
+    ev, ref, classifier, info, _ = mnist_setup()
+    return load_module(ckpt), ev, ref, "the 10,000 MNIST test images", classifier, info["epochs"], ckpt
 
 
 def run(data: str, n: int, methods: list[str], nfes: list[int], with_ddpm: bool, also: list[str] = ()) -> dict:
     t0 = time.perf_counter()
-    module, ev, ref, ref_name, classifier, ckpt = model_and_reference(data)
+    module, ev, ref, ref_name, classifier, epochs, ckpt = model_and_reference(data)
     samplers = [Sampler(m, nfe=k) for m in methods for k in nfes]
     samplers += [Sampler(m, nfe=k, spacing=sp) for sp in also for m in ALSO_METHODS for k in nfes]
     samplers = list({s.name: s for s in samplers}.values())  # Heun: NFE 9 and 10 are the same 5 steps
@@ -82,7 +75,7 @@ def run(data: str, n: int, methods: list[str], nfes: list[int], with_ddpm: bool,
     rows = scored_rows(module, samplers, n, ev, ref, ref_name, cache, classifier=classifier, roles=roles)
     return {"machine": machine(), "data": data, "n": n, "ckpt": str(ckpt), "reference": ref_name, "rows": rows,
             "wall_seconds": time.perf_counter() - t0,
-            **({"classifier_epochs": EPOCHS} if classifier is not None else {})}  # classifier_for's default
+            **({"classifier_epochs": epochs} if classifier is not None else {})}
 
 
 def targets(rows: list[dict]) -> list[str]:

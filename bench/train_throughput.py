@@ -113,8 +113,10 @@ def worker_ours(c: dict, warmup: int, steps: int, overrides: list[str], profile:
     class Timer(L.Callback):
         def on_train_batch_end(self, *args):
             stamps.append(time.perf_counter())
-            if prof is not None and len(stamps) in (warmup, warmup + steps):
-                prof.start() if len(stamps) == warmup else prof.stop()
+            if prof is not None and len(stamps) == warmup:
+                prof.start()
+            elif prof is not None and len(stamps) == warmup + steps:
+                prof.stop()
 
     callbacks = [instantiate(cfg.callbacks.nonfinite_guard), instantiate(cfg.callbacks.ema), Timer()]
     trainer = instantiate(

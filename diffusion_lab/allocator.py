@@ -9,8 +9,8 @@ chunks) and the next step faults the same pages in again, zeroed by the kernel: 
 500 took ~220,000 minor page faults per second and a third of the CPU time in the kernel. Three mallopt settings
 stop the churn: chunks up to 32 MiB (glibc's largest allowed mmap threshold on 64-bit) come from the heap, and
 up to 1 GiB freed at its top is kept (M_TRIM_THRESHOLD) and grown in 1 GiB strides (M_TOP_PAD: address space;
-pages are only resident once touched). Measured in BENCHMARKS.md (section 1: side ours_default_malloc is the
-lever undone).
+pages are only resident once touched). Measured: BENCHMARKS.md section 1d (`bench/allocator.py`); section 1's
+side ours_default_malloc is the lever undone in the full training step.
 The price: the process keeps its peak heap until it exits.
 """
 

@@ -10,9 +10,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from diffusion_lab.allocator import keep_freed_memory
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+keep_freed_memory()  # in-process runs with the malloc settings train.py's own process has (diffusion_lab.cli.run)
 
 
 @pytest.fixture

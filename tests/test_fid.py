@@ -201,3 +201,13 @@ def test_damaged_reference_cache_is_one_clear_error(tmp_path, digits):
             path.write_bytes(content)
         with pytest.raises(ValueError, match=rf"cache file {re.escape(str(path))}.*delete it"):
             ev.reference_features("k", digits[:4])
+
+
+def test_nfe_tick_labels_leave_out_a_crowded_neighbour():
+    """Heun's odd budgets (9, 19) sit 0.02-0.05 decades from 10 and 20 on the log axis: unlabelled, the round ones
+    kept; ticks a decade apart keep every label."""
+    from diffusion_lab.eval.report import tick_labels
+
+    assert tick_labels([5, 9, 10, 19, 20, 50]) == ["5", "", "10", "", "20", "50"]
+    assert tick_labels([1, 10, 100]) == ["1", "10", "100"]
+    assert tick_labels([]) == []

@@ -7,6 +7,7 @@ default) are drawn as dashed horizontal lines, every other (method, options, spa
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import matplotlib
@@ -75,6 +76,17 @@ def write_markdown(rows: list[dict], path: Path, extra: str = "") -> None:
         Path(tmp).write_text(markdown_table(rows, extra))
 
 
+def tick_labels(nfes: list[int], min_decades: float = 0.08) -> list[str]:
+    """Labels for ascending NFE ticks on a log axis; a tick closer than `min_decades` to a larger labelled one stays
+    unlabelled (Heun's odd budgets, 9 and 19, beside 10 and 20, would print on top of each other)."""
+    labels, kept = [], None
+    for n in reversed(nfes):
+        crowded = kept is not None and math.log10(kept / n) < min_decades
+        labels.append("" if crowded else str(n))
+        kept = kept if crowded else n
+    return labels[::-1]
+
+
 def plot_fid_vs_nfe(rows: list[dict], path: Path, title: str = "", ax=None) -> None:
     """FID against network evaluations (log x): one line per label, reference rows as dashed horizontal lines."""
     own = ax is None
@@ -90,7 +102,7 @@ def plot_fid_vs_nfe(rows: list[dict], path: Path, title: str = "", ax=None) -> N
     nfes = sorted({r["nfe"] for r in curves})
     ax.set_xscale("log")
     if nfes:
-        ax.set_xticks(nfes, [str(n) for n in nfes])
+        ax.set_xticks(nfes, tick_labels(nfes))
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("network evaluations per sample (NFE)")
     ax.set_ylabel(f"FID (N={rows[0]['n']})" if rows else "FID")

@@ -17,6 +17,7 @@ the best solver beats DDIM-10. Rows are cached (outputs/bench/rows/), so a re-ru
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import matplotlib
@@ -30,6 +31,7 @@ from common import (  # noqa: E402
     fid_evaluator,
     machine,
     machine_line,
+    results_dir,
     save_figure,
     scored_rows,
     summary,
@@ -153,8 +155,12 @@ def main() -> None:
     p.add_argument("--also-spacing", nargs="*", default=[], help=f"{ALSO_METHODS} on these grids as well")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, help="a subset of the methods")
     p.add_argument("--nfe", nargs="+", type=int, default=NFES, help="a subset of the NFE budgets")
+    p.add_argument("--render", action="store_true", help="--data's section and plot again from its saved results")
     a = p.parse_args()
-    if a.quick:
+    if a.render:
+        res = json.loads((results_dir(a.quick) / f"solvers_{a.data}.json").read_text())
+        cmd = res["command"]
+    elif a.quick:
         res = run("digits", a.num_samples or 200, ["ddim", "dpmpp_2m", "unipc", "heun"], [5, 10], with_ddpm=False)
         cmd = "python bench/solvers.py --quick"
     else:
@@ -163,6 +169,7 @@ def main() -> None:
         cmd += f" --methods {' '.join(a.methods)}" if a.methods != METHODS else ""
         cmd += f" --nfe {' '.join(map(str, a.nfe))}" if a.nfe != NFES else ""
         cmd += f" --also-spacing {' '.join(a.also_spacing)}" if a.also_spacing else ""
+    res["command"] = cmd
     name = f"solvers_{res['data']}"
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     plot_fid_vs_nfe(res["rows"], None, title=f"FID vs NFE, {res['data']} (N={res['n']})", ax=ax)

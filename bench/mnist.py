@@ -356,7 +356,7 @@ def score_row(name: str, r: dict) -> str:
 
 
 ARCHIVED_RECIPES = ["recipe_d0_at2400", "recipe_v2400", "recipe_eps"]  # hand-archived stages, newest first
-ARCHIVED_TABLES = ["table_v2400", "table_eps"]
+ARCHIVED_TABLES = ["table_v3200_n300", "table_v2400", "table_eps"]  # newest first
 
 
 def previous_recipe_rows(st: dict) -> str:
@@ -451,8 +451,8 @@ FID within 2x the floor ({'met' if ok_fid else 'NOT met'}: {d['fid']:.2f} vs 2 x
         prev = ""
         for key in (k for k in ARCHIVED_TABLES if k in st):
             p = st[key]
-            prev += (f"\nAn earlier recipe ({p['objective']}; {machine_line(p['machine'])}), N={p['n']}, the same "
-                     f"x_T:\n\n{chr(10).join(table_lines(p['rows']))}\n\n"
+            intro = p.get("label") or f"An earlier recipe ({p['objective']}; {machine_line(p['machine'])})"
+            prev += (f"\n{intro}, N={p['n']}, the same x_T:\n\n{chr(10).join(table_lines(p['rows']))}\n\n"
                      f"Its targets: {'; '.join(table_targets(p['rows']))}.\n")
         parts.append(f"""### DDIM's Table 1 on MNIST (`python bench/mnist.py --stage table{n_flag(t['n'], N_TABLE)}`)
 

@@ -81,7 +81,9 @@ def run(minutes: int, n: int, k: int) -> dict:
         curves[name] = points
         summary("convergence", f"{name}: " + ", ".join(f"{p['minutes']:g} min FID {p['fid']:.2f}" for p in points))
     return {"machine": machine(), "minutes": minutes, "n": n, "curves": curves,
-            "wall_seconds": time.perf_counter() - t0, "trained_with": trained_with(ckpt.parents[1])}
+            "wall_seconds": time.perf_counter() - t0,
+            "trained_with": "; ".join(sorted({trained_with(RUNS / "convergence" / f"{name}_{minutes}min_{k}ckpts")
+                                              for name in OBJECTIVES}))}  # fmt: skip
 
 
 TRAINED_WITH = ["net.dropout", "optim.fused", "data.batch_size", "optim.lr", "callbacks.ema.decay"]

@@ -158,8 +158,11 @@ def main() -> None:
     p.add_argument("--render", action="store_true", help="--data's section and plot again from its saved results")
     a = p.parse_args()
     if a.render:
-        res = json.loads((results_dir(a.quick) / f"solvers_{a.data}.json").read_text())
-        cmd = res["command"]
+        saved = results_dir(a.quick) / f"solvers_{a.data}.json"
+        if not saved.exists():
+            p.error(f"--render: {saved} does not exist; run `python bench/solvers.py --data {a.data}` first")
+        res = json.loads(saved.read_text())
+        cmd = res.get("command", f"python bench/solvers.py --data {a.data}")
     elif a.quick:
         res = run("digits", a.num_samples or 200, ["ddim", "dpmpp_2m", "unipc", "heun"], [5, 10], with_ddpm=False)
         cmd = "python bench/solvers.py --quick"

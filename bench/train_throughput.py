@@ -392,8 +392,10 @@ Command: `{cmd}` — machine: {machine_line(res["machine"])}. The {res["config"]
 full training steps as section 1 times them, under torch.profiler (CPU) for {res["steps"]} steps after 2 warm-up
 steps, each side in its own process, {res["rounds"]} interleaved rounds, medians. Self CPU ms per step by op (the
 time the calling thread spent inside the op, its own intra-op threads included), the {top} ops whose time differs
-most; then all ops together and what remains of the wall step outside them. The profiler adds its own overhead to
-both sides alike.
+most; then all ops together and what remains of the wall step outside them (Python and framework code, roughly:
+`Optimizer.step` annotations count as ops). Ours runs with train.py's malloc settings (diffusion_lab.allocator),
+the example with glibc's defaults, so page faults inside the ops are part of the differences; the profiler's own
+cost grows with the number of ops each side launches.
 
 {chr(10).join(lines)}
 """
@@ -423,6 +425,9 @@ def main() -> None:
     if not a.levers and a.configs != ["small", "cifar10"] or not (a.levers or a.gap) and a.rounds != 3:
         p.error("--rounds applies to --levers and --gap, --configs to --levers only (section 1 always times both "
                 "configs, 5 rounds)")
+    if a.gap and (a.levers or a.quick or a.sides or a.ablations or a.recompute_peak):
+        p.error("--gap profiles its own two sides (ours, diffusers): drop --levers/--quick/--sides/--ablations/"
+                "--recompute-peak")
     if a.worker:
         side, name, steps, *flag = a.worker
         c, steps, prof = CONFIGS[name], int(steps), flag == ["profile"]

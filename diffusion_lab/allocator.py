@@ -13,13 +13,14 @@ pages are only resident once touched). Measured by hand on 2026-11-30 (2-core Xe
 DDIM-10 of the MNIST net at batch 500 50 -> 33 ms per image, its training step at batch 64 1.07-1.22x, the
 CIFAR-10 net's 1.03-1.06x; `python bench/allocator.py` is the benchmark (BENCHMARKS.md section 1d) and section 1's
 side ours_default_malloc the lever undone in the full training step.
-The price: the process keeps its peak heap until it exits. `DIFFUSION_LAB_MALLOC=default` leaves glibc alone.
+The price: the process keeps its peak heap until it exits, and each heap growth reserves 1 GiB more address space
+(under `ulimit -v` or strict overcommit, vm.overcommit_memory=2, that can fail an allocation early).
+`DIFFUSION_LAB_MALLOC=default` leaves glibc alone.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -37,10 +38,10 @@ def keep_freed_memory() -> bool:
         _applied = False
         if sys.platform.startswith("linux") and os.environ.get("DIFFUSION_LAB_MALLOC") != "default":
             try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                mallopt = libc.mallopt
-            except (OSError, AttributeError):  # no libc to load, or a libc without mallopt (musl)
+                mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
+            except (OSError, AttributeError):  # a libc without mallopt (musl)
                 return False
             mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-            _applied = all(mallopt(k, v) == 1 for k, v in SETTINGS.items())
+            results = [mallopt(k, v) for k, v in SETTINGS.items()]  # all three, then the verdict
+            _applied = all(r == 1 for r in results)
     return _applied

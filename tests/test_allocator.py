@@ -34,13 +34,15 @@ def faults(mode: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not keep_freed_memory(), reason="glibc's mallopt is not available on this platform")
+@pytest.mark.skipif(not keep_freed_memory(), reason="no glibc mallopt here, or DIFFUSION_LAB_MALLOC=default is set")
 def test_kept_memory_stops_page_faults_of_a_repeated_forward():
-    """A forward of the MNIST net at batch 64 frees tens of MiB each call: with glibc's defaults the next call
-    faults those pages in again (~40,000 per call); with the settings, the heap keeps them."""
+    """A forward of a 28x28 net (the MNIST recipe's widths, two ResBlocks per level) at batch 64 frees tens of MiB
+    each call: with glibc's defaults the next call faults those pages in again (~40,000 per call); with the
+    settings, the heap keeps them."""
     default, tuned = faults("default"), faults("tuned")
     assert tuned["applied"] is True and default["applied"] is False  # DIFFUSION_LAB_MALLOC=default opts out
-    assert default["faults"] > 10_000, default  # the churn the settings are for (~40,000 pages of 4 KiB measured)
+    if default["faults"] < 1000:  # 64 KiB pages or transparent huge pages "always": little churn to remove
+        pytest.skip(f"glibc's defaults fault only {default['faults']:.0f} pages per call on this kernel")
     assert tuned["faults"] < default["faults"] / 4, (tuned, default)  # measured 15-25x fewer
 
 

@@ -6,8 +6,9 @@ with glibc's defaults and with keep_freed_memory(), interleaved rounds, medians.
 
 Work (the MNIST recipe's net, conf/net/unet_mnist.yaml, freshly initialised: the speed does not depend on the
 weights): (1) sampling, DDIM-10 of 500 images in one batch (what evaluate.py and the benchmarks draw), ms per
-image; (2) training, 10 AdamW steps at batch 64 after 2 warm-up steps (the recipe's batch), images/s. Each
-also counts the minor page faults per step (getrusage), the churn the settings remove.
+image; (2) training, 10 AdamW steps at batch 64 after 2 warm-up steps (the recipe's batch), images/s; each task
+in its own fresh process. Each also counts the minor page faults per step (getrusage), the churn the settings
+remove.
 """
 
 from __future__ import annotations
@@ -39,11 +40,14 @@ def faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def worker(mode: str) -> dict:
+def worker(mode: str, task: str) -> dict:
+    """One task ("sample" or "train") in this fresh process, with or without the settings."""
     from diffusion_lab.allocator import keep_freed_memory
     from diffusion_lab.diffusion import GaussianDiffusion, Sampler, get_betas
 
     applied = keep_freed_memory() if mode == "kept" else False
+    if task == "train":
+        return {"applied": applied, **train_step_rate()}
     model, diffusion = net().eval(), GaussianDiffusion(get_betas("linear", 1000), mean_type="v")
     sampler, g = Sampler("ddim", 10), torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -51,6 +55,11 @@ def worker(mode: str) -> dict:
         f0, t0 = faults(), time.perf_counter()
         sampler(diffusion, model, torch.randn(500, 1, 28, 28, generator=g), generator=g)
         sample_s, sample_faults = time.perf_counter() - t0, faults() - f0
+    per_image, per_step = 1e3 * sample_s / 500, sample_faults / 10
+    return {"applied": applied, "sample_ms_per_image": per_image, "sample_faults_per_step": per_step}
+
+
+def train_step_rate() -> dict:
     model = net().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, t = torch.randn(64, 1, 28, 28), torch.randint(0, 1000, (64,))
@@ -66,16 +75,14 @@ def worker(mode: str) -> dict:
     for _ in range(10):
         step()
     train_s, train_faults = time.perf_counter() - t0, faults() - f0
-    return {"applied": applied, "sample_ms_per_image": 1e3 * sample_s / 500,
-            "sample_faults_per_step": sample_faults / 10, "train_images_per_s": 640 / train_s,
-            "train_faults_per_step": train_faults / 10}  # fmt: skip
+    return {"train_images_per_s": 640 / train_s, "train_faults_per_step": train_faults / 10}
 
 
 def run(rounds: int) -> dict:
     runs = {m: [] for m in MODES}
     for _ in range(rounds):  # interleaved: the machine's drift hits both alike
-        for m in MODES:
-            runs[m].append(run_worker("allocator.py", m))
+        for m in MODES:  # each task in its own process: a heap grown by sampling does not serve the training
+            runs[m].append(run_worker("allocator.py", m, "sample") | run_worker("allocator.py", m, "train"))
         if not runs["kept"][-1]["applied"]:
             raise SystemExit("error: glibc's mallopt is not available on this platform: nothing to compare")
     med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "applied"} for m, rs in runs.items()}
@@ -117,10 +124,10 @@ minor faults per network step (sampling) or training step, from getrusage.
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=2, metavar=("MODE", "TASK"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        print(json.dumps(worker(a.worker)))
+        print(json.dumps(worker(*a.worker)))
         return
     res = run(a.rounds)
     res["command"] = cmd = "python bench/allocator.py" + (f" --rounds {a.rounds}" if a.rounds != 5 else "")

@@ -9,10 +9,9 @@ chunks) and the next step faults the same pages in again, zeroed by the kernel: 
 500 took ~220,000 minor page faults per second and a third of the CPU time in the kernel. Three mallopt settings
 stop the churn: chunks up to 32 MiB (glibc's largest allowed mmap threshold on 64-bit) come from the heap, and
 up to 1 GiB freed at its top is kept (M_TRIM_THRESHOLD) and grown in 1 GiB strides (M_TOP_PAD: address space;
-pages are only resident once touched). Measured by hand on 2026-11-30 (2-core Xeon, fresh processes alternated):
-DDIM-10 of the MNIST net at batch 500 50 -> 33 ms per image, its training step at batch 64 1.07-1.22x, the
-CIFAR-10 net's 1.03-1.06x; `python bench/allocator.py` is the benchmark (BENCHMARKS.md section 1d) and section 1's
-side ours_default_malloc the lever undone in the full training step.
+pages are only resident once touched). Measured (BENCHMARKS.md section 1d, `python bench/allocator.py`): DDIM-10
+of the MNIST net at batch 500 1.65x faster, its training step at batch 64 1.03x (inside the noise); section 1's
+side ours_default_malloc is the lever undone in the full training step (not yet run).
 The price: the process keeps its peak heap until it exits, and each heap growth reserves 1 GiB more address space
 (under `ulimit -v` or strict overcommit, vm.overcommit_memory=2, that can fail an allocation early).
 `DIFFUSION_LAB_MALLOC=default` leaves glibc alone.

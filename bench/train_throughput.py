@@ -232,8 +232,6 @@ def flops_per_image(c: dict) -> float:
 def profile_ops(c: dict, steps: int = 3, top: int = 8) -> list[dict]:
     """Where our step's time goes: torch.profiler's top ops (self CPU time) over `steps` forward+backward+Adam
     steps of the channels-last network on one batch."""
-    from torch.profiler import ProfilerActivity, profile
-
     net = ours_unet(c).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters())
     x = torch.randn(c["batch"], c["channels"], c["image_size"], c["image_size"])
@@ -245,12 +243,12 @@ def profile_ops(c: dict, steps: int = 3, top: int = 8) -> list[dict]:
         opt.step()
 
     step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with step_profiler() as prof:
         for _ in range(steps):
             step()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events)
-    return [{"op": e.key, "share": e.self_cpu_time_total / total} for e in events[:top]]
+    ops = op_split(prof, steps)
+    total = sum(ops.values())
+    return [{"op": op, "share": ms / total} for op, ms in sorted(ops.items(), key=lambda kv: -kv[1])[:top]]
 
 
 def run(configs: list[str], repeats: int, steps: dict[str, int], sides: list[str]) -> dict:

@@ -29,11 +29,12 @@ MODES = {
 
 
 def net():
-    from diffusion_lab.nets import UNet
+    """The net `experiment=mnist_cpu` trains (composed from the preset, so it follows the recipe), fresh weights."""
+    from hydra.utils import instantiate
+    from mnist import compose
 
     torch.manual_seed(0)
-    return UNet(image_size=28, in_channels=1, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                attention_resolutions=(7,), dropout=0.0).to(memory_format=torch.channels_last)  # fmt: skip
+    return instantiate(compose(["experiment=mnist_cpu"]).net).to(memory_format=torch.channels_last)
 
 
 def faults() -> int:

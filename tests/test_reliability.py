@@ -12,7 +12,7 @@ import torch
 from conftest import FAST, ROOT, compose_train
 
 from diffusion_lab.config import ConfigError
-from diffusion_lab.lit.reliability import AtomicCheckpointIO, NonFiniteLossError
+from diffusion_lab.lit.reliability import AtomicCheckpointIO, NonFiniteLossError, all_finite
 from diffusion_lab.tasks import train
 
 SMALL = [
@@ -127,6 +127,18 @@ def test_auto_resume_and_missing_last(tmp_path):
     train(compose_train([*RESUME, "trainer.max_epochs=1"], tmp_path))
     train(compose_train([*RESUME, "trainer.max_epochs=2", "auto_resume=true"], tmp_path))
     assert _states(tmp_path / "checkpoints" / "last.ckpt")[3] == 8
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_all_finite_finds_one_bad_entry_anywhere_and_never_overflows(bad):
+    big = torch.full((64, 64), 3e38)  # finite; its 2-norm overflows float32, its max does not
+    tensors = [torch.ones(3, 3), big, torch.zeros(5), torch.zeros(0)]
+    assert all_finite(tensors) and all_finite([]) and all_finite(t for t in tensors)
+    for i, shape in enumerate([(3, 3), (64, 64), (5,)]):
+        hit = [t.clone() for t in tensors]
+        hit[i].view(-1)[-1] = bad  # the last entry of one tensor, the others clean
+        assert not all_finite(hit), (i, bad)
+    assert not all_finite([torch.tensor([bad], dtype=torch.bfloat16), torch.ones(2)])
 
 
 def test_nonfinite_weights_after_the_step_never_reach_a_checkpoint(tmp_path):

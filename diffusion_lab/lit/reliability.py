@@ -20,9 +20,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 def all_finite(tensors) -> bool:
-    """No NaN/inf in any tensor (one device sync; exact, unlike a norm that overflows for large finite values)."""
-    flags = [torch.isfinite(t.detach()).all() for t in tensors]
-    return bool(torch.stack(flags).all()) if flags else True
+    """No NaN/inf in any tensor: the largest |x| over all of them (the inf-norm, one read of each tensor through
+    torch's foreach kernels, one device sync) is finite. Exact: a max cannot overflow for large finite values the
+    way a 2-norm does, and NaN propagates through it. torch.isfinite per tensor costs four passes (eq, abs, ne,
+    all: 129 ms of a 1.7 s CIFAR-10 step on 2 CPU cores, BENCHMARKS.md section 1c)."""
+    tensors = [t.detach() for t in tensors if t.numel()]  # the inf-norm of an empty tensor is undefined
+    return not tensors or bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=float("inf"))))
 
 
 class NonFiniteGuard(L.Callback):

@@ -97,16 +97,17 @@ def trained_with(run_dir) -> str:
     return ", ".join(f"{key}={OmegaConf.select(cfg, key)}" for key in TRAINED_WITH)
 
 
-def time_to(points: list[dict], fid: float) -> float | None:
-    """First training time at which FID <= fid, linearly interpolated in log FID between checkpoints."""
+def time_to(points: list[dict], fid: float, x: str = "minutes") -> float | None:
+    """First training time (x="minutes") or optimizer step (x="step") at which FID <= fid, linearly interpolated
+    in log FID between checkpoints."""
     prev = None
     for p in points:
         if p["fid"] <= fid:
             if prev is None:
-                return p["minutes"]
+                return p[x]
             a, b = math.log(prev["fid"]), math.log(p["fid"])
             w = (a - math.log(fid)) / (a - b) if a != b else 1.0
-            return prev["minutes"] + w * (p["minutes"] - prev["minutes"])
+            return prev[x] + w * (p[x] - prev[x])
         prev = p
     return None
 
@@ -126,7 +127,12 @@ def targets(res: dict) -> list[str]:
     verdict = (f"best {best[0]} at {best[1] / budget:.2f}x the baseline's {budget:g} min "
                f"(target <= 0.7x: {'met' if best[1] / budget <= 0.7 else 'NOT met'})") if best else \
         "no objective reached the baseline's final FID within the budget (target NOT met)"  # fmt: skip
-    return [f"baseline final FID {final:.2f} at {budget:g} min", *out, verdict]
+    steps = base[-1]["step"]  # the same minutes buy different step counts when the machine's speed drifts
+    at = {name: time_to(pts, final, "step") for name, pts in res["curves"].items() if name != "baseline"}
+    per_step = [f"{name} " + (f"{n:.0f} ({n / steps:.2f}x)" if n is not None else "not reached")
+                for name, n in at.items()]  # fmt: skip
+    return [f"baseline final FID {final:.2f} at {budget:g} min", *out, verdict,
+            f"per optimizer step (the baseline's final FID at its step {steps}): " + ", ".join(per_step)]
 
 
 def section(res: dict, cmd: str, link: str) -> str:

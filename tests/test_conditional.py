@@ -45,7 +45,7 @@ def test_guidance_improves_class_accuracy(tmp_path):
         [
             "experiment=cfg_digits",
             *FAST,
-            "trainer.max_steps=300",
+            "trainer.max_steps=200",
             "trainer.max_epochs=100",
             "optim.lr=2e-3",
             "trainer.check_val_every_n_epoch=100",

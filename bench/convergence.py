@@ -39,9 +39,14 @@ OBJECTIVES = {
 }
 
 
+def run_dir(name: str, minutes: int, k: int):
+    """Where one objective's run of `minutes` with k timed checkpoints lives (reused when it trained today's recipe)."""
+    return RUNS / "convergence" / f"{name}_{minutes}min_{k}ckpts"
+
+
 def train(name: str, overrides: list[str], minutes: int, k: int) -> list[tuple[float, object]]:
     """(training minutes, checkpoint path) of one objective's k timed checkpoints."""
-    run = RUNS / "convergence" / f"{name}_{minutes}min_{k}ckpts"
+    run = run_dir(name, minutes, k)
     every = minutes / k
     overrides = [*overrides, "trainer.max_steps=-1", "trainer.max_epochs=-1"]
     if (run / "DONE").exists():
@@ -82,18 +87,17 @@ def run(minutes: int, n: int, k: int) -> dict:
         summary("convergence", f"{name}: " + ", ".join(f"{p['minutes']:g} min FID {p['fid']:.2f}" for p in points))
     return {"machine": machine(), "minutes": minutes, "n": n, "curves": curves,
             "wall_seconds": time.perf_counter() - t0,
-            "trained_with": "; ".join(sorted({trained_with(RUNS / "convergence" / f"{name}_{minutes}min_{k}ckpts")
-                                              for name in OBJECTIVES}))}  # fmt: skip
+            "trained_with": "; ".join(sorted({trained_with(run_dir(name, minutes, k)) for name in OBJECTIVES}))}
 
 
 TRAINED_WITH = ["net.dropout", "optim.fused", "data.batch_size", "optim.lr", "callbacks.ema.decay"]
 
 
-def trained_with(run_dir) -> str:
+def trained_with(run) -> str:
     """The recipe settings the objectives share, as the run's saved config has them (a later preset may differ)."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     return ", ".join(f"{key}={OmegaConf.select(cfg, key)}" for key in TRAINED_WITH)
 
 

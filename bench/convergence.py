@@ -26,10 +26,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from common import RESULTS, ROOT, RUNS, machine, machine_line, save_figure, scored_rows, summary, write_result  # noqa: E402
-from mnist import EPS_OBJECTIVE, MNIST_TEST, check_same_recipe, mnist_setup  # noqa: E402
+from mnist import DATASETS, EPS_OBJECTIVE, check_same_recipe, mnist_setup  # noqa: E402
 
 from diffusion_lab.checkpoint import load_module  # noqa: E402
 from diffusion_lab.diffusion import Sampler  # noqa: E402
+
+MNIST = DATASETS["mnist"]
 
 OBJECTIVES = {
     "baseline": EPS_OBJECTIVE,  # eps prediction, L_simple (the recipe before it moved to v-prediction)
@@ -50,11 +52,12 @@ def train(name: str, overrides: list[str], minutes: int, k: int) -> list[tuple[f
     every = minutes / k
     overrides = [*overrides, "trainer.max_steps=-1", "trainer.max_epochs=-1"]
     if (run / "DONE").exists():
-        check_same_recipe(run, overrides)  # a run of an older preset is not today's recipe: stop, do not mix
+        # a run of an older preset is not today's recipe: stop, do not mix
+        check_same_recipe(run, overrides, MNIST.experiment)
     else:
         cmd = [
-            sys.executable, "train.py", "experiment=mnist_cpu", *overrides, f"hydra.run.dir={run}", "logger=csv",
-            "trainer.enable_progress_bar=false",
+            sys.executable, "train.py", f"experiment={MNIST.experiment}", *overrides, f"hydra.run.dir={run}",
+            "logger=csv", "trainer.enable_progress_bar=false",
             f"+trainer.max_time='00:{minutes // 60:02d}:{minutes % 60:02d}:00'",
             "callbacks.sample_grid.every_n_epochs=1000",
             "+callbacks.timed._target_=lightning.pytorch.callbacks.ModelCheckpoint",
@@ -72,7 +75,7 @@ def train(name: str, overrides: list[str], minutes: int, k: int) -> list[tuple[f
 
 def run(minutes: int, n: int, k: int) -> dict:
     t0 = time.perf_counter()
-    ev, ref, classifier, _, _ = mnist_setup()
+    ev, ref, classifier, _, _ = mnist_setup(MNIST)
     curves = {}
     for name, overrides in OBJECTIVES.items():
         points = []
@@ -80,7 +83,7 @@ def run(minutes: int, n: int, k: int) -> dict:
             module = load_module(ckpt)
             step = torch.load(ckpt, weights_only=True)["global_step"]
             cache = RUNS / "rows" / f"convergence-{name}-{minutes}min-{k}ckpts-{ckpt.stem}-step{step}.json"
-            r = scored_rows(module, [Sampler("ddim", 50)], n, ev, ref, MNIST_TEST, cache, classifier=classifier)[0]
+            r = scored_rows(module, [Sampler("ddim", 50)], n, ev, ref, MNIST.test_set, cache, classifier=classifier)[0]
             points.append({"minutes": m, "step": step, **{k: r[k] for k in ("fid", "precision", "recall")},
                            "cls_score": r.get("cls_score"), "confident": r.get("confident")})
         curves[name] = points
@@ -153,7 +156,7 @@ def section(res: dict, cmd: str, link: str) -> str:
 
 Machine: {machine_line(res['machine'])}. Each objective: `experiment=mnist_cpu` + its override, the same seed,
 {res['minutes']} minutes of training{trained}; FID of N={res['n']} DDIM-50 samples (EMA weights, same x_T) against
-{MNIST_TEST} at each timed checkpoint, the optimizer steps done by then in parentheses (the same wall clock
+{MNIST.test_set} at each timed checkpoint, the optimizer steps done by then in parentheses (the same wall clock
 buys different step counts on a noisy machine: the right panel of the plot is per step). Wall time of this
 benchmark: {res['wall_seconds'] / 60:.1f} min.
 

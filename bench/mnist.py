@@ -7,6 +7,7 @@ DDIM's Table 1 re-checked on MNIST (issue 15).
     python bench/mnist.py --stage table        # DDIM eta {0,1} x S {10,20,50,100} and DDPM-1000, N=1,000
     python bench/mnist.py                      # all stages, then the BENCHMARKS.md section
     python bench/mnist.py --stage table --num-samples 300   # fewer samples per row (scored rows are cached)
+    python bench/mnist.py --data fashion_mnist              # recipe and table for experiment=fashion_mnist_cpu
 
 FID is torch-fidelity's Inception through diffusion_lab.eval.fid against the 10,000 MNIST test images; the
 floor is the FID of 2,000 real training images against the same reference. The classifier score is
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +43,41 @@ NETS = {
     "c64b2": ["net.base_channels=64", "net.num_res_blocks=2"],
 }
 RESULTS_JSON = ROOT / "bench" / "results" / "mnist_stages.json"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """What the recipe and table stages need to know of a dataset (`--data`)."""
+
+    key: str  # its --data value
+    title: str  # in headings: "MNIST"
+    experiment: str  # its CPU preset
+    run: str  # its recipe's run directory under outputs/bench/mnist (also names its rows cache)
+    datamodule: str  # class in diffusion_lab.data
+    stage: str  # prefix of its stage keys in mnist_stages.json ("" for MNIST, whose keys predate --data)
+
+    @property
+    def test_set(self) -> str:
+        return f"the 10,000 {self.title} test images"
+
+    @property
+    def flag(self) -> str:
+        """The --data flag that selects it on a command line (empty for MNIST, the default)."""
+        return "" if self.key == "mnist" else f" --data {self.key}"
+
+    @property
+    def samples_png(self) -> str:
+        return f"{self.stage or 'mnist_'}recipe_samples.png"
+
+
+DATASETS = {
+    d.key: d
+    for d in (
+        Dataset("mnist", "MNIST", "mnist_cpu", "recipe", "MNISTDataModule", ""),
+        Dataset("fashion_mnist", "Fashion-MNIST", "fashion_mnist_cpu", "fashion_recipe", "FashionMNISTDataModule",
+                "fashion_"),
+    )
+}
 
 
 def load_stages() -> dict:
@@ -154,15 +191,15 @@ CANDIDATES = {
 }  # fmt: skip
 
 
-def train_run(name: str, overrides: list[str]) -> tuple[Path, float]:
-    """`python train.py experiment=mnist_cpu <overrides>` into outputs/bench/mnist/<name> (reused when done);
+def train_run(name: str, overrides: list[str], experiment: str = "mnist_cpu") -> tuple[Path, float]:
+    """`python train.py experiment=<experiment> <overrides>` into outputs/bench/mnist/<name> (reused when done);
     (last checkpoint, wall seconds of the training process)."""
     run_dir = RUNS / "mnist" / name
     ckpt, done = run_dir / "checkpoints" / "last.ckpt", run_dir / "DONE"
     if done.exists() and ckpt.exists():
-        check_same_recipe(run_dir, overrides)
+        check_same_recipe(run_dir, overrides, experiment)
     else:
-        cmd = [sys.executable, "train.py", "experiment=mnist_cpu", *overrides, f"hydra.run.dir={run_dir}",
+        cmd = [sys.executable, "train.py", f"experiment={experiment}", *overrides, f"hydra.run.dir={run_dir}",
                "logger=csv", "trainer.enable_progress_bar=false"]
         t0 = time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, check=True)
@@ -170,8 +207,8 @@ def train_run(name: str, overrides: list[str]) -> tuple[Path, float]:
     return ckpt, float(done.read_text())
 
 
-def check_same_recipe(run_dir: Path, overrides: list[str]) -> None:
-    """A finished run is reused only if it trained what `experiment=mnist_cpu <overrides>` composes today (the
+def check_same_recipe(run_dir: Path, overrides: list[str], experiment: str) -> None:
+    """A finished run is reused only if it trained what `experiment=<experiment> <overrides>` composes today (the
     preset may have changed since): otherwise stop with one line, leaving the old run for its owner to move."""
     from omegaconf import OmegaConf
 
@@ -186,7 +223,7 @@ def check_same_recipe(run_dir: Path, overrides: list[str]) -> None:
         return out
 
     saved = leaves(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
-    now = leaves(compose(["experiment=mnist_cpu", *overrides]))
+    now = leaves(compose([f"experiment={experiment}", *overrides]))
     for key in sorted(saved.keys() | now.keys()):
         if saved.get(key) != now.get(key):
             sys.exit(f"error: {run_dir} was trained with {key}={saved.get(key)}, the preset now gives "
@@ -247,7 +284,6 @@ def stage_ablation(minutes: int) -> dict:
     return table
 
 
-MNIST_TEST = "the 10,000 MNIST test images"
 N_RECIPE, N_TABLE = 2000, 1000  # samples per scored row, as the issue asks (--num-samples overrides both)
 PAPER_CIFAR10 = {0.0: {10: 13.36, 20: 6.84, 50: 4.67, 100: 4.16}, 1.0: {10: 41.07, 20: 18.36, 50: 8.01, 100: 5.78},
                  "ddpm": 3.17}  # DDIM Table 1 (CIFAR-10) and DDPM's own FID: shared/REFERENCE.md
@@ -258,26 +294,26 @@ def objective(module, steps: int) -> str:
     return f"{module.diffusion.mean_type} prediction, {steps:,} steps"
 
 
-def recipe_checkpoint() -> Path:
-    """The experiment=mnist_cpu checkpoint (trained on first use; a run of an older preset is refused)."""
-    return train_run("recipe", [])[0]
+def recipe_checkpoint(ds: Dataset) -> Path:
+    """The dataset's recipe checkpoint (trained on first use; a run of an older preset is refused)."""
+    return train_run(ds.run, [], ds.experiment)[0]
 
 
-def mnist_setup():
-    """(evaluator, MNIST test features, classifier, its info, the DataModule)."""
+def mnist_setup(ds: Dataset):
+    """(evaluator, test-set features, classifier, its info, the DataModule) of an MNIST-like dataset."""
     from common import fid_evaluator
 
-    from diffusion_lab.data import MNISTDataModule
+    import diffusion_lab.data
     from diffusion_lab.eval.classifier import classifier_for
 
-    ev, dm = fid_evaluator(), MNISTDataModule(data_dir=str(ROOT / "data"), image_size=28)
-    ref = ev.reference_features("MNISTDataModule-test", dm.test_images()[0])
+    ev, dm = fid_evaluator(), getattr(diffusion_lab.data, ds.datamodule)(data_dir=str(ROOT / "data"), image_size=28)
+    ref = ev.reference_features(f"{ds.datamodule}-test", dm.test_images()[0])
     classifier, info = classifier_for(dm, str(CACHE))
     return ev, ref, classifier, info, dm
 
 
-def stage_recipe(n: int = N_RECIPE) -> dict:
-    """Train experiment=mnist_cpu; FID / precision / recall / classifier score of N DDIM-50 samples against the
+def stage_recipe(ds: Dataset, n: int = N_RECIPE) -> dict:
+    """Train the dataset's preset; FID / precision / recall / classifier score of N DDIM-50 samples against the
     test set, beside the floor: the same scores of N real training images."""
     import shutil
 
@@ -287,44 +323,44 @@ def stage_recipe(n: int = N_RECIPE) -> dict:
     from diffusion_lab.diffusion import Sampler
     from diffusion_lab.eval.classifier import score_images
 
-    ckpt, seconds = train_run("recipe", [])
+    ckpt, seconds = train_run(ds.run, [], ds.experiment)
     module = load_module(ckpt)
-    ev, ref, classifier, info, dm = mnist_setup()
-    rows = scored_rows(module, [Sampler("ddim", 50)], n, ev, ref, MNIST_TEST, RUNS / "rows" / "mnist-recipe.json",
+    ev, ref, classifier, info, dm = mnist_setup(ds)
+    rows = scored_rows(module, [Sampler("ddim", 50)], n, ev, ref, ds.test_set, RUNS / "rows" / f"mnist-{ds.run}.json",
                        classifier=classifier)
     real = dm.load_images()[0][:n]
     floor = {**ev.score(real, ref), **score_images(classifier, real)}
-    shutil.copyfile(ckpt.parents[1] / "samples" / "final.png", RESULTS / "mnist_recipe_samples.png")
+    shutil.copyfile(ckpt.parents[1] / "samples" / "final.png", RESULTS / ds.samples_png)
     c = torch.load(ckpt, weights_only=True)
     data = {"machine": machine(), "n": n, "train_seconds": seconds, "steps": c["global_step"],
             "objective": objective(module, c["global_step"]),
             "epochs": c["epoch"], "final_loss": final_loss(ckpt.parents[1]), "ddim50": rows[0], "floor": floor,
             "classifier_test_accuracy": info["test_accuracy"], "classifier_epochs": info["epochs"], "ckpt": str(ckpt)}
-    save_stage("recipe", data)
-    summary("mnist", f"recipe: {seconds / 60:.1f} min, FID {rows[0]['fid']:.2f} (floor {floor['fid']:.2f}), "
+    save_stage(f"{ds.stage}recipe", data)
+    summary("mnist", f"{ds.title} recipe: {seconds / 60:.1f} min, FID {rows[0]['fid']:.2f} (floor {floor['fid']:.2f}), "
                      f"classifier {rows[0]['cls_score']:.2f}, {rows[0]['confident']:.3f} confident")
     return data
 
 
-def stage_table(n: int = N_TABLE) -> dict:
+def stage_table(ds: Dataset, n: int = N_TABLE) -> dict:
     """DDIM's Table 1 on the recipe model: eta {0, 1} x S {10, 20, 50, 100} and DDPM-1000, same x_T, N each."""
     from common import scored_rows
 
     from diffusion_lab.checkpoint import load_module
     from diffusion_lab.diffusion import Sampler
 
-    ckpt = recipe_checkpoint()
+    ckpt = recipe_checkpoint(ds)
     module = load_module(ckpt)
-    ev, ref, classifier, info, _ = mnist_setup()
+    ev, ref, classifier, info, _ = mnist_setup(ds)
     samplers = [Sampler("ddim", s, eta=e) for e in (0.0, 1.0) for s in (10, 20, 50, 100)]
     samplers.append(Sampler("ddpm", module.diffusion.num_timesteps))
     cache = RUNS / "rows" / f"mnist-{ckpt.parent.parent.name}.json"  # shared with bench/solvers.py --data mnist
-    rows = scored_rows(module, samplers, n, ev, ref, MNIST_TEST, cache, classifier=classifier,
+    rows = scored_rows(module, samplers, n, ev, ref, ds.test_set, cache, classifier=classifier,
                        roles={samplers[-1].name: "reference"})
     step = torch.load(ckpt, weights_only=True)["global_step"]
     data = {"machine": machine(), "n": n, "rows": rows, "ckpt": str(ckpt), "objective": objective(module, step),
             "classifier_epochs": info["epochs"]}
-    save_stage("table", data)
+    save_stage(f"{ds.stage}table", data)
     return data
 
 
@@ -417,57 +453,78 @@ def write_section() -> str:
             rows.append(f"| {k} | {v['steps']} | {v['final_loss']:.4f} | {v['fid']:.2f} | {v['precision']:.3f} | "
                         f"{v['recall']:.3f} | {v['cls_score']:.2f} | {v['confident']:.3f} |")
         parts.append("\n".join(rows) + "\n")
-    if "recipe" in st:
-        r = st["recipe"]
-        d, f = r["ddim50"], r["floor"]
-        ok_time = r["train_seconds"] <= 40 * 60
-        ok_cls = d["cls_score"] >= 9.0 and d["confident"] >= 0.95
-        ok_fid = d["fid"] <= 2 * f["fid"]
-        cmd = f"python bench/mnist.py --stage recipe{n_flag(r['n'], N_RECIPE)}"
-        parts.append(f"""### The recipe: `python train.py experiment=mnist_cpu` (`{cmd}`)
+    for ds in DATASETS.values():
+        if f"{ds.stage}recipe" in st:
+            parts.append(recipe_section(ds, st))
+        if f"{ds.stage}table" in st:
+            parts.append(table_section(ds, st))
+    text = "\n".join(parts)
+    write_result("mnist", st, text)
+    return text
+
+
+def recipe_section(ds: Dataset, st: dict) -> str:
+    """The recipe's cost and quality beside the floor; MNIST's also against the issue's targets."""
+    r = st[f"{ds.stage}recipe"]
+    d, f = r["ddim50"], r["floor"]
+    ok_time = r["train_seconds"] <= 40 * 60
+    ok_cls = d["cls_score"] >= 9.0 and d["confident"] >= 0.95
+    ok_fid = d["fid"] <= 2 * f["fid"]
+    cmd = f"python bench/mnist.py{ds.flag} --stage recipe{n_flag(r['n'], N_RECIPE)}"
+    title = "The recipe" if ds.key == "mnist" else f"{ds.title}: the recipe"
+    previous = previous_recipe_rows(st) if ds.key == "mnist" else ""
+    if ds.key == "mnist":
+        targets = (
+            f"Targets: training <= 40 min ({'met' if ok_time else 'NOT met'}: {r['train_seconds'] / 60:.1f}); "
+            f"classifier score\n>= 9.0 and >= 95% confident ({'met' if ok_cls else 'NOT met'}: {d['cls_score']:.2f}, "
+            f"{100 * d['confident']:.1f}%);\nFID within 2x the floor ({'met' if ok_fid else 'NOT met'}: "
+            f"{d['fid']:.2f} vs 2 x {f['fid']:.2f})."
+        )
+    else:
+        targets = (f"The issue's targets are MNIST's; here, for reference: FID {d['fid'] / f['fid']:.2f}x the floor, "
+                   f"classifier score {d['cls_score']:.2f} against the real images' {f['cls_score']:.2f}.")
+    return f"""### {title}: `python train.py experiment={ds.experiment}` (`{cmd}`)
 
 Machine: {machine_line(r['machine'])}. Training process wall time {r['train_seconds'] / 60:.1f} min (start-up,
 validation and sample grids included), {r['steps']} steps ({r['epochs']} full epochs), final train loss
 {r['final_loss']:.4f} (mean of the last 100 logged steps; the MSE on what the net predicts, so losses of different
 objectives do not compare). N={r['n']:,} DDIM-50 samples of the EMA weights against
-the 10,000 test images; the floor is the same scores of {r['n']:,} real training images. Classifier: the small
-CNN of `diffusion_lab.eval.classifier` (test accuracy {r['classifier_test_accuracy']:.4f}).
+{ds.test_set}; the floor is the same scores of {r['n']:,} real training images. Classifier: the small
+CNN of `diffusion_lab.eval.classifier` trained on {ds.title} (test accuracy {r['classifier_test_accuracy']:.4f}).
 
 | | FID | precision | recall | classifier score | confident (>= 0.9) |
 |---|---|---|---|---|---|
 {score_row(f"DDIM-50 samples ({r.get('objective', 'eps prediction')})", d)}
-{score_row("real training images (floor)", f)}{previous_recipe_rows(st)}
+{score_row("real training images (floor)", f)}{previous}
 
-![samples](bench/results/mnist_recipe_samples.png)
+![samples](bench/results/{ds.samples_png})
 
-Targets: training <= 40 min ({'met' if ok_time else 'NOT met'}: {r['train_seconds'] / 60:.1f}); classifier score
->= 9.0 and >= 95% confident ({'met' if ok_cls else 'NOT met'}: {d['cls_score']:.2f}, {100 * d['confident']:.1f}%);
-FID within 2x the floor ({'met' if ok_fid else 'NOT met'}: {d['fid']:.2f} vs 2 x {f['fid']:.2f}).
-""")
-    if "table" in st:
-        t = st["table"]
-        rows = t["rows"]
-        lines = table_lines(rows)
-        prev = ""
-        for key in (k for k in ARCHIVED_TABLES if k in st):
-            p = st[key]
-            intro = p.get("label") or f"An earlier recipe ({p['objective']}; {machine_line(p['machine'])})"
-            prev += (f"\n{intro}, N={p['n']}, the same x_T:\n\n{chr(10).join(table_lines(p['rows']))}\n\n"
-                     f"Its targets: {'; '.join(table_targets(p['rows']))}.\n")
-        parts.append(f"""### DDIM's Table 1 on MNIST (`python bench/mnist.py --stage table{n_flag(t['n'], N_TABLE)}`)
+{targets}
+"""
+
+
+def table_section(ds: Dataset, st: dict) -> str:
+    """DDIM's Table 1 on the dataset's recipe model (and, for MNIST, the archived tables of earlier recipes)."""
+    t = st[f"{ds.stage}table"]
+    rows = t["rows"]
+    prev = ""
+    for key in (k for k in ARCHIVED_TABLES if k in st and ds.key == "mnist"):
+        p = st[key]
+        intro = p.get("label") or f"An earlier recipe ({p['objective']}; {machine_line(p['machine'])})"
+        prev += (f"\n{intro}, N={p['n']}, the same x_T:\n\n{chr(10).join(table_lines(p['rows']))}\n\n"
+                 f"Its targets: {'; '.join(table_targets(p['rows']))}.\n")
+    cmd = f"python bench/mnist.py{ds.flag} --stage table{n_flag(t['n'], N_TABLE)}"
+    return f"""### DDIM's Table 1 on {ds.title} (`{cmd}`)
 
 Machine: {machine_line(t['machine'])}. The recipe's model at the time ({t.get('objective', 'eps prediction')},
-`{t['ckpt'].split('outputs/')[-1]}`); N={t['n']} per cell, the same x_T, against the 10,000
-test images; DDIM's own stride ("ddim" spacing); DDPM-1000 with the trained fixed-small variance. In
+`{t['ckpt'].split('outputs/')[-1]}`); N={t['n']} per cell, the same x_T, against {ds.test_set};
+DDIM's own stride ("ddim" spacing); DDPM-1000 with the trained fixed-small variance. In
 parentheses: the paper's CIFAR-10 numbers (DDIM Table 1; DDPM's 3.17 for the last column).
 
-{chr(10).join(lines)}
+{chr(10).join(table_lines(rows))}
 
 Targets: {'; '.join(table_targets(rows))}.
-{prev}""")
-    text = "\n".join(parts)
-    write_result("mnist", st, text)
-    return text
+{prev}"""
 
 
 def main() -> None:
@@ -476,7 +533,12 @@ def main() -> None:
     ap.add_argument("--worker", nargs="*")
     ap.add_argument("--minutes", type=int, default=10, help="ablation: training minutes per candidate")
     ap.add_argument("--num-samples", type=int, help="recipe / table: samples per row (default 2,000 / 1,000)")
+    ap.add_argument("--data", choices=list(DATASETS), default="mnist",
+                    help="recipe / table: the dataset and its CPU preset (the net stages are MNIST's)")
     args = ap.parse_args()
+    ds = DATASETS[args.data]
+    if ds.key != "mnist" and args.stage in ("throughput", "ablation"):
+        ap.error(f"--stage {args.stage} is MNIST's net choice; --data {ds.key} has the recipe and table stages")
     torch.set_num_threads(2)
     if args.worker:
         kind, *rest = args.worker
@@ -484,16 +546,16 @@ def main() -> None:
             print(json.dumps(worker_throughput(rest[0], int(rest[1]), warmup=5, steps=20)))
         return
     print(machine_line(machine()))
-    if args.stage in ("throughput", "all"):
+    if args.stage == "throughput" or (args.stage == "all" and ds.key == "mnist"):
         for k, v in stage_throughput().items():
             print(f"{k}: {v['images_per_s']:.1f} images/s ({v['spread'][0]:.1f}-{v['spread'][1]:.1f}), "
                   f"{v['params'] / 1e6:.2f}M params, {v['peak_rss_mib']:.0f} MiB")
-    if args.stage in ("ablation", "all"):
+    if args.stage == "ablation" or (args.stage == "all" and ds.key == "mnist"):
         stage_ablation(args.minutes)
     if args.stage in ("recipe", "all"):
-        stage_recipe(args.num_samples or N_RECIPE)
+        stage_recipe(ds, args.num_samples or N_RECIPE)
     if args.stage in ("table", "all"):
-        data = stage_table(args.num_samples or N_TABLE)
+        data = stage_table(ds, args.num_samples or N_TABLE)
         summary("mnist", "; ".join(table_targets(data["rows"])))
     write_section()
 

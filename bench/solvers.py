@@ -55,11 +55,12 @@ def model_and_reference(data: str):
         ev, ckpt = fid_evaluator(), train_digits("ddpm_linear", [])
         return load_module(ckpt), ev, ev.reference_features("digits-all", all_digits_uint8()), "all 1,797 digits", \
             None, None, ckpt  # fmt: skip
-    from mnist import mnist_setup, recipe_checkpoint
+    from mnist import DATASETS, mnist_setup, recipe_checkpoint
 
-    ckpt = recipe_checkpoint()
-    ev, ref, classifier, info, _ = mnist_setup()
-    return load_module(ckpt), ev, ref, "the 10,000 MNIST test images", classifier, info["epochs"], ckpt
+    ds = DATASETS["mnist"]
+    ckpt = recipe_checkpoint(ds)
+    ev, ref, classifier, info, _ = mnist_setup(ds)
+    return load_module(ckpt), ev, ref, ds.test_set, classifier, info["epochs"], ckpt
 
 
 def run(data: str, n: int, methods: list[str], nfes: list[int], with_ddpm: bool, also: list[str] = ()) -> dict:

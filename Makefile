@@ -64,6 +64,8 @@ bench-full: install-bench  ## every benchmark at full size (hours on 2 cores; ea
 	$(PY) bench/solver_orders.py
 	$(PY) bench/solvers.py --data digits
 	$(PY) bench/mnist.py
+	if test -f $(FASHION_DEB); then $(PY) bench/mnist.py --data fashion_mnist; \
+	else echo "bench/mnist.py --data fashion_mnist skipped: Fashion-MNIST needs make data-fashion (apt)"; fi
 	$(PY) bench/solvers.py --data mnist
 	$(PY) bench/convergence.py
 	$(PY) bench/report.py

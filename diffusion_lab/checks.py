@@ -18,9 +18,10 @@ def check_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
         raise ValueError(f"{key}={value!r} is unknown; allowed: {', '.join(map(str, allowed))}")
 
 
-def check_number(key: str, value: Any, minimum: float = 0.0, finite: bool = False) -> float:
-    """ValueError unless value is a real number >= minimum (and finite when asked); returns it as a float."""
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and value >= minimum
+def check_number(key: str, value: Any, minimum: float = 0.0, finite: bool = False, maximum: float = math.inf) -> float:
+    """ValueError unless value is a real number in [minimum, maximum] (and finite when asked); returns a float."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and minimum <= value <= maximum
     if not ok or (finite and not math.isfinite(value)):
-        raise ValueError(f"{key}={value!r} must be a {'finite ' if finite else ''}number >= {minimum:g}")
+        bound = f">= {minimum:g}" if maximum == math.inf else f"in [{minimum:g}, {maximum:g}]"
+        raise ValueError(f"{key}={value!r} must be a {'finite ' if finite else ''}number {bound}")
     return float(value)

@@ -7,6 +7,8 @@ Every problem raises `ConfigError` naming the key, the value and what is allowed
 
 from __future__ import annotations
 
+import math
+
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -55,12 +57,18 @@ def validate_sampler(node, key: str, diffusion, conditional: bool):
     return sampler
 
 
-def _number(key: str, value, minimum: float = 0.0) -> float:
-    """A finite real number >= minimum (bools and strings refused), else ConfigError naming the key."""
+def _number(key: str, value, minimum: float = 0.0, maximum: float = math.inf) -> float:
+    """A finite real number in [minimum, maximum] (bools and strings refused), else ConfigError naming the key."""
     try:
-        return check_number(key, value, minimum, finite=True)
+        return check_number(key, value, minimum, finite=True, maximum=maximum)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+# Diffusion models train at 1e-5 to 1e-3: above 10 an lr is a typo. Far above it (~3e37 with beta1 = 0.9) Adam's
+# first step size lr / (1 - beta1) passes float32's maximum and torch stops with an overflow traceback instead of
+# the non-finite guard's one line, so the bound is checked here, before any work.
+LR_MAX = 10.0
 
 
 def validate_optim(optim: DictConfig) -> None:
@@ -68,7 +76,7 @@ def validate_optim(optim: DictConfig) -> None:
     bool or null (a typo such as 'ture' would otherwise be truthy)."""
     for name in ("lr", "weight_decay", "eps", "momentum"):
         if name in optim:
-            _number(f"optim.{name}", optim[name])
+            _number(f"optim.{name}", optim[name], maximum=LR_MAX if name == "lr" else math.inf)
     if "betas" in optim:
         betas = list(optim.betas)
         if len(betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas):

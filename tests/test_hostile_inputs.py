@@ -142,8 +142,9 @@ def test_weights_that_do_not_fit_the_config_get_one_line(tiny_ckpt, tmp_path):
 
 # ------------------------------------------------------------------ 5. config errors: one line, exit 2, before work
 BAD_RUNS = [
-    (["optim.lr=abc"], "optim.lr='abc' must be a finite number >= 0"),
-    (["optim.lr=inf"], "optim.lr=inf must be a finite number >= 0"),
+    (["optim.lr=abc"], "optim.lr='abc' must be a finite number in [0, 10]"),
+    (["optim.lr=inf"], "optim.lr=inf must be a finite number in [0, 10]"),
+    (["optim.lr=1e38"], "optim.lr=1e+38 must be a finite number in [0, 10]"),  # Adam's step would overflow float32
     (["net.base_channels=0"], "net.base_channels=0 must be an integer >= 1"),
     (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1 must be a finite number >= 0"),
     (["data.batch_size=5000"], "data.batch_size=5000 is larger than the training set (1617 images)"),

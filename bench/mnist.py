@@ -55,6 +55,7 @@ class Dataset:
     run: str  # its recipe's run directory under outputs/bench/mnist (also names its rows cache)
     datamodule: str  # class in diffusion_lab.data
     stage: str  # prefix of its stage keys in mnist_stages.json ("" for MNIST, whose keys predate --data)
+    history: bool = False  # its section carries the targets and the archived earlier recipes (MNIST)
 
     @property
     def test_set(self) -> str:
@@ -73,7 +74,7 @@ class Dataset:
 DATASETS = {
     d.key: d
     for d in (
-        Dataset("mnist", "MNIST", "mnist_cpu", "recipe", "MNISTDataModule", ""),
+        Dataset("mnist", "MNIST", "mnist_cpu", "recipe", "MNISTDataModule", "", history=True),
         Dataset("fashion_mnist", "Fashion-MNIST", "fashion_mnist_cpu", "fashion_recipe", "FashionMNISTDataModule",
                 "fashion_"),
     )
@@ -484,9 +485,9 @@ def recipe_section(ds: Dataset, st: dict) -> str:
     ok_cls = d["cls_score"] >= 9.0 and d["confident"] >= 0.95
     ok_fid = d["fid"] <= 2 * f["fid"]
     cmd = f"python bench/mnist.py{ds.flag} --stage recipe{n_flag(r['n'], N_RECIPE)}"
-    title = "The recipe" if ds.key == "mnist" else f"{ds.title}: the recipe"
-    previous = previous_recipe_rows(st) if ds.key == "mnist" else ""
-    if ds.key == "mnist":
+    title = "The recipe" if ds.history else f"{ds.title}: the recipe"
+    previous = previous_recipe_rows(st) if ds.history else ""
+    if ds.history:
         targets = (
             f"Targets: training <= 40 min ({'met' if ok_time else 'NOT met'}: {r['train_seconds'] / 60:.1f}); "
             f"classifier score\n>= 9.0 and >= 95% confident ({'met' if ok_cls else 'NOT met'}: {d['cls_score']:.2f}, "
@@ -521,7 +522,7 @@ def table_section(ds: Dataset, st: dict) -> str:
     t = st[f"{ds.stage}table"]
     rows = t["rows"]
     prev = ""
-    for key in (k for k in ARCHIVED_TABLES if k in st and ds.key == "mnist"):
+    for key in (k for k in ARCHIVED_TABLES if k in st and ds.history):
         p = st[key]
         intro = p.get("label") or f"An earlier recipe ({p['objective']}; {machine_line(p['machine'])})"
         prev += (f"\n{intro}, N={p['n']}, the same x_T:\n\n{chr(10).join(table_lines(p['rows']))}\n\n"

@@ -549,7 +549,7 @@ def trailing_lines(rows: list[dict]) -> str:
 The same cells with the S steps starting at t = T-1 ("trailing" spacing, Lin et al. 2024), the same x_T. DDIM's
 stride starts S=10 at t=900 and S=20 at t=950, where the recipe's cosine schedule still keeps sqrt(alpha_bar) =
 0.154 and 0.076 of the image (the paper's linear schedule: 0.016 and 0.010), so starting there from x_T ~ N(0, I)
-is itself an error that the stochastic sampler's fresh noise partly repairs:
+is itself an error, one the paper's setting did not have:
 
 {chr(10).join(table_lines(rows, "trailing"))}
 

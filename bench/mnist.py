@@ -291,8 +291,11 @@ PAPER_CIFAR10 = {0.0: {10: 13.36, 20: 6.84, 50: 4.67, 100: 4.16}, 1.0: {10: 41.0
 
 
 def objective(module, steps: int) -> str:
-    """What a recipe checkpoint was trained for, in words: 'v prediction, 2,400 steps'."""
-    return f"{module.diffusion.mean_type} prediction, {steps:,} steps"
+    """What a recipe checkpoint was trained for, in words: 'v prediction, 2,400 steps' (', cosine lr decay' when its
+    learning rate was annealed by lr_scheduler=warmup_cosine)."""
+    sched = (module.run_config.get("lr_scheduler") or {}).get("_target_", "")
+    decay = ", cosine lr decay" if sched.endswith(".OneCycleLR") else ""
+    return f"{module.diffusion.mean_type} prediction, {steps:,} steps{decay}"
 
 
 def recipe_checkpoint(ds: Dataset) -> Path:
@@ -527,6 +530,9 @@ def table_section(ds: Dataset, st: dict) -> str:
         intro = p.get("label") or f"An earlier recipe ({p['objective']}; {machine_line(p['machine'])})"
         prev += (f"\n{intro}, N={p['n']}, the same x_T:\n\n{chr(10).join(table_lines(p['rows']))}\n\n"
                  f"Its targets: {'; '.join(table_targets(p['rows']))}.\n")
+        if any(r.get("spacing") == "trailing" for r in p["rows"]):
+            prev += (f"\nIts S=10/20 cells on trailing steps:\n\n{chr(10).join(table_lines(p['rows'], 'trailing'))}"
+                     f"\n\nOn these steps: {'; '.join(table_targets(p['rows'], 'trailing'))}.\n")
     cmd = f"python bench/mnist.py{ds.flag} --stage table{n_flag(t['n'], N_TABLE)}"
     return f"""### DDIM's Table 1 on {ds.title} (`{cmd}`)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from .checks import check_choice, check_number
@@ -86,6 +86,40 @@ def validate_optim(optim: DictConfig) -> None:
         raise ConfigError(f"optim.fused={fused!r} must be true, false or null")
 
 
+def validate_lr_scheduler(cfg: DictConfig) -> None:
+    """The LR scheduler is built once on a throwaway optimizer, so its own checks run before any work; an argument
+    its class does not take (a preset's setting for another scheduler) and a step count that is not one (OneCycleLR's
+    total_steps follows trainer.max_steps, -1 in an epoch-based run) are named by key."""
+    node = cfg.get("lr_scheduler")
+    if not node:
+        return
+    import inspect
+
+    import torch
+
+    target = node.get("_target_")
+    try:
+        takes = inspect.signature(get_class(target)).parameters
+    except Exception as e:  # noqa: BLE001 - Hydra raises several types for a target it cannot import
+        raise ConfigError(f"lr_scheduler._target_={target!r} is not an importable class ({type(e).__name__})") from None
+    for key in node:
+        if not key.startswith("_") and key not in takes:
+            raise ConfigError(
+                f"lr_scheduler.{key} is not an argument of {target} (a setting for another scheduler?): "
+                f"remove it with ~lr_scheduler.{key}"
+            )
+    total = node.get("total_steps")
+    if "total_steps" in node and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
+        raise ConfigError(
+            f"lr_scheduler.total_steps={total} must be a positive step count; it follows trainer.max_steps, so set "
+            "trainer.max_steps (or, for a run bounded by epochs or time, use lr_scheduler=warmup)"
+        )
+    try:
+        build(node, "lr_scheduler")(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3))
+    except ValueError as e:
+        raise ConfigError(f"lr_scheduler ({target}): {e}") from None
+
+
 def validate_eval_config(cfg: DictConfig) -> None:
     """evaluate.py / sample.py: counts and splits, before the checkpoint is read or anything is sampled."""
     for key in ("num_samples", "batch_size", "num_images", "points"):
@@ -151,6 +185,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     if clip is not None:
         _number("trainer.gradient_clip_val", clip)
     validate_optim(cfg.optim)
+    validate_lr_scheduler(cfg)
     precision = str(cfg.trainer.get("precision"))
     if cfg.optim.get("fused") and precision.endswith("-mixed") and (clip or 0) > 0:
         # Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales inside its step

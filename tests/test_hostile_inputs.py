@@ -150,6 +150,12 @@ BAD_RUNS = [
     (["data.batch_size=5000"], "data.batch_size=5000 is larger than the training set (1617 images)"),
     (["callbacks=with_fid", "callbacks.fid.reference_split=tset"], "callbacks.fid.reference_split='tset' is unknown"),
     (["sampler.steps=5000"], "sampler.steps=5000 must be between 1 and diffusion.steps=1000"),
+    (["lr_scheduler=warmup_cosine", "trainer.max_steps=-1"], "lr_scheduler.total_steps=-1 must be a positive step "
+     "count; it follows trainer.max_steps"),  # OneCycleLR would fail after the data and model were built
+    (["lr_scheduler=warmup_cosine", "+lr_scheduler.total_iters=200"], "lr_scheduler.total_iters is not an argument "
+     "of torch.optim.lr_scheduler.OneCycleLR"),  # e.g. experiment=mnist_cpu's warmup setting under another schedule
+    (["lr_scheduler=warmup_cosine", "lr_scheduler.pct_start=2"], "lr_scheduler (torch.optim.lr_scheduler.OneCycleLR): "
+     "Expected float between 0 and 1 pct_start, but got 2"),
     (["optim.fused=ture"], "optim.fused='ture' must be true, false or null"),
     (["optim.fused=true", "+trainer.precision=bf16-mixed"], "optim.fused=true cannot be combined with "
      "trainer.precision=bf16-mixed and trainer.gradient_clip_val=1.0"),

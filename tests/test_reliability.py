@@ -111,6 +111,43 @@ def test_resume_applies_a_changed_lr_and_refuses_structural_changes(tmp_path):
         train(compose_train([*RESUME, "trainer.max_epochs=2", "ckpt_path=last"], tmp_path / "ddpm"))
 
 
+SCHEDULES = {
+    "warmup": lambda opt, lr: torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-3, total_iters=20),
+    "warmup_cosine": lambda opt, lr: torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=50, pct_start=0.2, cycle_momentum=False, div_factor=1e3, final_div_factor=1e3
+    ),
+}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_a_changed_lr_on_resume_continues_the_schedule_of_the_new_lr(schedule):
+    """Resumed at step 10 with lr 1e-3 -> 3e-4, the next 30 rates are those of a run started at 3e-4 (both
+    schedules are linear in the base rate); the scheduler's rates in the param groups must scale with it."""
+    from types import SimpleNamespace
+
+    from diffusion_lab.lit.checkpointing import ApplyChangedHyperparameters
+
+    def start(lr):
+        opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=lr)
+        return opt, SCHEDULES[schedule](opt, lr)
+
+    def rates(opt, sched, n):
+        out = []
+        for _ in range(n):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    opt, sched = start(1e-3)
+    rates(opt, sched, 10)
+    trainer = SimpleNamespace(optimizers=[opt], lr_scheduler_configs=[SimpleNamespace(scheduler=sched)])
+    ApplyChangedHyperparameters({"lr": (1e-3, 3e-4)}).on_train_start(trainer, None)
+    fresh_opt, fresh_sched = start(3e-4)
+    expected = rates(fresh_opt, fresh_sched, 40)[10:]
+    assert rates(opt, sched, 30) == pytest.approx(expected, rel=1e-9, abs=0)
+
+
 def test_auto_resume_falls_back_from_a_corrupt_last_ckpt(tmp_path, caplog):
     train(compose_train([*RESUME, "trainer.max_epochs=1"], tmp_path))
     ckpts = tmp_path / "checkpoints"

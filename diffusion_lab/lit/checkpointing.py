@@ -107,9 +107,10 @@ class ApplyChangedHyperparameters(Callback):
             for group in optimizer.param_groups:
                 for name, (old, new) in self.changes.items():
                     if name == "lr" and schedulers and old:
-                        group["lr"] *= new / old
-                        if "initial_lr" in group:
-                            group["initial_lr"] = new
+                        # the schedulers' own rates (LinearLR's initial_lr; OneCycleLR's initial/max/min) scale too
+                        for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                            if key in group:
+                                group[key] *= new / old
                     else:
                         group[name] = tuple(new) if isinstance(group[name], tuple) else new
         if "lr" in self.changes and self.changes["lr"][0]:

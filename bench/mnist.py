@@ -408,7 +408,8 @@ def score_row(name: str, r: dict) -> str:
             f"{r['confident']:.3f} |")
 
 
-ARCHIVED_RECIPES = ["recipe_d0_at2400", "recipe_v2400", "recipe_eps"]  # hand-archived stages, newest first
+# hand-archived stages, newest first
+ARCHIVED_RECIPES = ["recipe_ab_cosine_lr", "recipe_d0_at2400", "recipe_v2400", "recipe_eps"]
 ARCHIVED_TABLES = ["table_v3200_n300", "table_v2400", "table_eps"]  # newest first
 
 

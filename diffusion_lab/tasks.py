@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import (
@@ -42,8 +43,10 @@ log = logging.getLogger(__name__)
 __all__ = ["train", "evaluate", "sample", "build_module", "load_module", "sample_uint8"]  # the last three: compat
 
 
-def _callbacks(cfg: DictConfig) -> list[L.Callback]:
+def _callbacks(cfg: DictConfig, logging: bool) -> list[L.Callback]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not logging:  # Lightning refuses a LearningRateMonitor in a run without a logger (logger=none)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     # EMA after the others, so the non-finite guard runs before the EMA update of a step.
     return sorted(callbacks, key=lambda c: isinstance(c, EMA))
 
@@ -122,8 +125,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg)
     datamodule.check_batch_size()  # data problems (a batch larger than the set, class counts) before any work
     validate_data_against_net(datamodule, module.net)
-    callbacks = _callbacks(cfg) + ([ApplyChangedHyperparameters(optim_changes)] if optim_changes else [])
     loggers = build_loggers(cfg, resume_step=ckpt.get("global_step"), wandb_run_id=ckpt.get("wandb_run_id"))
+    callbacks = _callbacks(cfg, bool(loggers)) + ([ApplyChangedHyperparameters(optim_changes)] if optim_changes else [])
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )

@@ -2,6 +2,7 @@
 
 import csv
 
+import pytest
 import torch
 from conftest import FAST, compose_train
 
@@ -21,6 +22,17 @@ def test_train_writes_checkpoint_grid_and_finite_loss(tmp_path):
     assert module.net.base_channels == 16
     x = module.sample(2, generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 1, 8, 8) and x.abs().max() <= 1
+
+
+def test_warmup_cosine_peaks_at_optim_lr_and_ends_near_zero(tmp_path):
+    """lr_scheduler=warmup_cosine reads optim.lr and trainer.max_steps: the logged rate (LearningRateMonitor,
+    every step) rises from lr/1000 to lr over pct_start of the run, then falls monotonically to lr/1e6."""
+    train(compose_train([*FAST, "trainer.max_steps=8", "lr_scheduler=warmup_cosine", "lr_scheduler.pct_start=0.375",
+                         "optim.lr=2e-3"], tmp_path))
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    lrs = [float(r["lr-Adam"]) for r in rows if r.get("lr-Adam")]
+    assert len(lrs) == 8 and lrs[0] == pytest.approx(2e-6) and lrs[2] == pytest.approx(2e-3)
+    assert lrs[:3] == sorted(lrs[:3]) and lrs[2:] == sorted(lrs[2:], reverse=True) and lrs[-1] == pytest.approx(2e-9)
 
 
 # A small net on digits without sample grids: the settings the short training tests share.

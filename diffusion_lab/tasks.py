@@ -43,9 +43,9 @@ log = logging.getLogger(__name__)
 __all__ = ["train", "evaluate", "sample", "build_module", "load_module", "sample_uint8"]  # the last three: compat
 
 
-def _callbacks(cfg: DictConfig, logging: bool) -> list[L.Callback]:
+def _callbacks(cfg: DictConfig, has_logger: bool) -> list[L.Callback]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    if not logging:  # Lightning refuses a LearningRateMonitor in a run without a logger (logger=none)
+    if not has_logger:  # Lightning refuses a LearningRateMonitor in a run without a logger (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     # EMA after the others, so the non-finite guard runs before the EMA update of a step.
     return sorted(callbacks, key=lambda c: isinstance(c, EMA))

@@ -326,7 +326,7 @@ def test_resume_without_the_ema_callback_continues_from_the_raw_weights(tmp_path
     from diffusion_lab import tasks
 
     orig = tasks._callbacks
-    tasks._callbacks = lambda c, logging: [*orig(c, logging), Peek()]
+    tasks._callbacks = lambda c, has_logger: [*orig(c, has_logger), Peek()]
     try:
         train(cfg)
     finally:

@@ -36,9 +36,10 @@ $(BENCH_STAMP): $(STAMP)
 train: install  ## train the default DDPM on the embedded digits set (CPU, ~5 min)
 	$(PY) train.py
 
-# Two pytest-xdist workers, one test file each at a time (--dist loadfile): on 2 cores the suite ran 7:54 (8:19 from
-# a clean clone, cold caches) where one process took 9:17-12:38 the same day (much of a test is single-threaded
-# start-up); -n 2, not auto, so a many-core machine does not start a worker (~2 GB) per core.
+# Two pytest-xdist workers, one test file each at a time (--dist loadfile), each and the processes its tests start
+# on one thread (tests/conftest.py): on 2 cores 7:01, where one process took 9:17-12:38 the same day (much of a test
+# is single-threaded start-up; with 2 threads per subprocess the overlap cost 10:04); -n 2, not auto, so a
+# many-core machine does not start a worker (~2 GB) per core.
 test: install  ## the fast test suite (what CI runs)
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=10
 

@@ -14,8 +14,12 @@ from diffusion_lab.allocator import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
-# under pytest-xdist (make test: -n 2) the workers share the cores: one thread each on 2 cores
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+# under pytest-xdist (make test: -n 2) the workers share the cores: one thread each on 2 cores, and so do the
+# processes a test starts (train.py / evaluate.py subprocesses read OMP_NUM_THREADS)
+THREADS = max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+torch.set_num_threads(THREADS)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 keep_freed_memory()  # in-process runs with the malloc settings train.py's own process has (diffusion_lab.cli.run)
 
 

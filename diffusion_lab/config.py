@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from .checks import check_choice, check_number
@@ -93,21 +93,29 @@ def validate_lr_scheduler(cfg: DictConfig) -> None:
     node = cfg.get("lr_scheduler")
     if not node:
         return
+    import importlib
     import inspect
 
     import torch
 
-    target = node.get("_target_")
+    target = str(node.get("_target_"))
+    module, _, name = target.rpartition(".")
     try:
-        takes = inspect.signature(get_class(target)).parameters
-    except Exception as e:  # noqa: BLE001 - Hydra raises several types for a target it cannot import
-        raise ConfigError(f"lr_scheduler._target_={target!r} is not an importable class ({type(e).__name__})") from None
+        takes = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError) as e:
+        raise ConfigError(f"lr_scheduler._target_={target!r} cannot be imported ({type(e).__name__})") from None
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values())
     for key in node:
-        if not key.startswith("_") and key not in takes:
+        if key.startswith("_"):
+            continue
+        if key not in takes and not open_ended:
             raise ConfigError(
                 f"lr_scheduler.{key} is not an argument of {target} (a setting for another scheduler?): "
                 f"remove it with ~lr_scheduler.{key}"
             )
+        default = takes[key].default if key in takes else None
+        if isinstance(default, int | float) and not isinstance(default, bool) and isinstance(node[key], str):
+            raise ConfigError(f"lr_scheduler.{key}={node[key]!r} must be a number")
     total = node.get("total_steps")
     if "total_steps" in node and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
         raise ConfigError(
@@ -116,8 +124,10 @@ def validate_lr_scheduler(cfg: DictConfig) -> None:
         )
     try:
         build(node, "lr_scheduler")(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3))
-    except ValueError as e:
-        raise ConfigError(f"lr_scheduler ({target}): {e}") from None
+    except (ValueError, TypeError, ArithmeticError, InstantiationException) as e:  # e.g. div_factor=0
+        while isinstance(e, InstantiationException) and e.__cause__ is not None:
+            e = e.__cause__
+        raise ConfigError(f"lr_scheduler ({target}): {(str(e) or type(e).__name__).splitlines()[0]}") from None
 
 
 def validate_eval_config(cfg: DictConfig) -> None:

@@ -93,6 +93,9 @@ def _resume_plan(cfg: DictConfig, ckpt_path: Path) -> tuple[dict, dict]:
     ckpt = read_checkpoint(ckpt_path)
     applied, refused = resume_changes(OmegaConf.to_container(cfg, resolve=True), ckpt["run_config"])
     optim = {k.split(".", 1)[1]: v for k, v in applied.items() if k.startswith("optim.")}
+    if "lr" in optim and cfg.get("lr_scheduler"):  # e.g. OneCycleLR's max_lr: ${optim.lr}, rescaled with the lr
+        raw = OmegaConf.to_container(cfg.lr_scheduler, resolve=False)
+        refused = {k: v for k, v in refused.items() if raw.get(k.removeprefix("lr_scheduler.")) != "${optim.lr}"}
     if optim:  # only the optimizer's own arguments can be put into its restored param groups
         takes = build(cfg.optim, "optim")([torch.zeros(1, requires_grad=True)]).defaults
         refused |= {f"optim.{k}": v for k, v in optim.items() if k not in takes}

@@ -154,6 +154,7 @@ BAD_RUNS = [
      "count; it follows trainer.max_steps"),  # OneCycleLR would fail after the data and model were built
     (["lr_scheduler=warmup_cosine", "+lr_scheduler.total_iters=200"], "lr_scheduler.total_iters is not an argument "
      "of torch.optim.lr_scheduler.OneCycleLR"),  # e.g. experiment=mnist_cpu's warmup setting under another schedule
+    (["lr_scheduler=warmup_cosine", "lr_scheduler.pct_start=abc"], "lr_scheduler.pct_start='abc' must be a number"),
     (["lr_scheduler=warmup_cosine", "lr_scheduler.pct_start=2"], "lr_scheduler (torch.optim.lr_scheduler.OneCycleLR): "
      "Expected float between 0 and 1 pct_start, but got 2"),
     (["optim.fused=ture"], "optim.fused='ture' must be true, false or null"),

@@ -148,6 +148,21 @@ def test_a_changed_lr_on_resume_continues_the_schedule_of_the_new_lr(schedule):
     assert rates(opt, sched, 30) == pytest.approx(expected, rel=1e-9, abs=0)
 
 
+def test_resume_plan_applies_a_changed_lr_under_warmup_cosine(tmp_path):
+    """OneCycleLR's max_lr is ${optim.lr}: a resume with a new optim.lr is applied (the schedule rescaled by
+    ApplyChangedHyperparameters, tested above) instead of refusing the resolved lr_scheduler.max_lr; its
+    total_steps (trainer.max_steps) still cannot change within a run."""
+    from diffusion_lab.tasks import _resume_plan
+
+    steps = [*RESUME, "lr_scheduler=warmup_cosine", "trainer.max_steps=8", "trainer.max_epochs=1"]
+    train(compose_train(steps, tmp_path))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    optim, _ = _resume_plan(compose_train([*steps, "ckpt_path=last", "optim.lr=3e-4"], tmp_path), last)
+    assert set(optim) == {"lr"} and optim["lr"][1] == 3e-4
+    with pytest.raises(ConfigError, match=r"lr_scheduler.total_steps \(8 -> 9\)"):
+        _resume_plan(compose_train([*steps, "ckpt_path=last", "trainer.max_steps=9"], tmp_path), last)
+
+
 def test_auto_resume_falls_back_from_a_corrupt_last_ckpt(tmp_path, caplog):
     train(compose_train([*RESUME, "trainer.max_epochs=1"], tmp_path))
     ckpts = tmp_path / "checkpoints"

@@ -28,14 +28,19 @@ def _choice(key: str, value, allowed) -> None:
         raise ConfigError(str(e)) from None
 
 
+def _root_cause(e: BaseException) -> BaseException:
+    """The constructor's own exception inside Hydra's InstantiationException wrappers."""
+    while isinstance(e, InstantiationException) and e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
 def build(node, key: str):
     """instantiate(node); a constructor's ValueError becomes a ConfigError with its message (Hydra wraps it)."""
     try:
         return instantiate(node)
     except InstantiationException as e:
-        cause = e
-        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
-            cause = cause.__cause__
+        cause = _root_cause(e)
         if isinstance(cause, ValueError):
             raise ConfigError(str(cause)) from None
         raise
@@ -125,9 +130,8 @@ def validate_lr_scheduler(cfg: DictConfig) -> None:
     try:
         build(node, "lr_scheduler")(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3))
     except (ValueError, TypeError, ArithmeticError, InstantiationException) as e:  # e.g. div_factor=0
-        while isinstance(e, InstantiationException) and e.__cause__ is not None:
-            e = e.__cause__
-        raise ConfigError(f"lr_scheduler ({target}): {(str(e) or type(e).__name__).splitlines()[0]}") from None
+        cause = _root_cause(e)
+        raise ConfigError(f"lr_scheduler ({target}): {(str(cause) or type(cause).__name__).splitlines()[0]}") from None
 
 
 def validate_eval_config(cfg: DictConfig) -> None:

@@ -36,7 +36,7 @@ from .config import (
 )
 from .generate import sample_uint8
 from .lit import EMA
-from .lit.checkpointing import ApplyChangedHyperparameters, AtomicCheckpointIO
+from .lit.checkpointing import AlignLoggingStep, ApplyChangedHyperparameters, AtomicCheckpointIO
 from .loggers import build_loggers, finish_loggers
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,9 @@ def _callbacks(cfg: DictConfig, has_logger: bool) -> list[L.Callback]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not has_logger:  # Lightning refuses a LearningRateMonitor in a run without a logger (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    # EMA after the others, so the non-finite guard runs before the EMA update of a step.
-    return sorted(callbacks, key=lambda c: isinstance(c, EMA))
+    # EMA after the others, so the non-finite guard runs before the EMA update of a step; the logging step
+    # aligned before any of them logs.
+    return [AlignLoggingStep(), *sorted(callbacks, key=lambda c: isinstance(c, EMA))]
 
 
 def _remove_stale_temp_files(ckpt_dir: Path) -> None:

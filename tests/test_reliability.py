@@ -12,6 +12,7 @@ import torch
 from conftest import FAST, ROOT, compose_train
 
 from diffusion_lab.config import ConfigError
+from diffusion_lab.lit.checkpointing import resume_at_next_epoch
 from diffusion_lab.lit.reliability import AtomicCheckpointIO, NonFiniteLossError, all_finite
 from diffusion_lab.tasks import train
 
@@ -25,6 +26,9 @@ SMALL = [
     "diffusion.steps=20",
 ]
 RESUME = [*SMALL, "experiment=iddpm_cosine", "timesteps.history_per_term=2"]
+
+
+MAX_STEPS_NO_VAL = ["trainer.max_steps=100", "trainer.check_val_every_n_epoch=2"]
 
 
 def _states(ckpt):
@@ -57,8 +61,13 @@ def _csv(run):
         (["trainer.max_epochs=1"], ["trainer.max_epochs=3"], False),  # an epoch limit
         (["trainer.max_epochs=100", "trainer.max_steps=6"], ["trainer.max_epochs=100", "trainer.max_steps=12"], True),
         (["trainer.max_epochs=100", "trainer.max_steps=8"], ["trainer.max_epochs=3"], False),  # steps, at an epoch end
+        # a max_steps-bounded run stopped by its max_epochs, resumed with more epochs: from the epoch-end checkpoint
+        # (validation every epoch) Lightning replayed the epoch's end as one more epoch and trained 4 steps too few;
+        (["trainer.max_epochs=1", "trainer.max_steps=100"], ["trainer.max_epochs=3", "trainer.max_steps=100"], False),
+        # from the train-end checkpoint (no validation that epoch) it ran one batch past the epoch's end
+        (["trainer.max_epochs=1", *MAX_STEPS_NO_VAL], ["trainer.max_epochs=3", *MAX_STEPS_NO_VAL], False),
     ],
-    ids=["epochs", "steps_mid_epoch", "steps_at_epoch_end"],
+    ids=["epochs", "steps_mid_epoch", "steps_at_epoch_end", "max_steps_epoch_limit_raised", "max_steps_train_end"],
 )
 def test_stop_and_resume_equals_uninterrupted_run(tmp_path, first, then, mid_epoch):
     """Raw and EMA weights, optimizer state, the loss-aware history and the CSV log of a stopped-and-resumed run
@@ -78,6 +87,26 @@ def test_stop_and_resume_equals_uninterrupted_run(tmp_path, first, then, mid_epo
         full, part = per_step(full), per_step(part)
         assert len(full) == 15  # 12 step rows and 3 validation rows (after each of the 3 epochs)
     assert part == full
+
+
+def test_resume_at_next_epoch_touches_only_a_finished_epoch():
+    """The loop state of a checkpoint written inside an epoch (or in another layout) is left as Lightning wrote it."""
+    progress = lambda r, s, p, c: {"ready": r, "started": s, "processed": p, "completed": c}  # noqa: E731
+
+    def ckpt(epoch, batches):
+        loop = {"epoch_progress": {"current": epoch, "total": dict(epoch)}, "epoch_loop.batch_progress": batches}
+        return {"loops": {"fit_loop": loop}}
+
+    last_batch = {"current": progress(4, 4, 4, 4), "total": progress(8, 8, 8, 8), "is_last_batch": True}
+    at_end = ckpt(progress(2, 2, 2, 1), last_batch)  # saved in on_train_epoch_end of the second epoch
+    assert resume_at_next_epoch(at_end)
+    loop = at_end["loops"]["fit_loop"]
+    assert loop["epoch_progress"]["current"] == loop["epoch_progress"]["total"] == progress(2, 2, 2, 2)
+    assert loop["epoch_loop.batch_progress"]["current"] == progress(0, 0, 0, 0)
+    assert loop["epoch_loop.batch_progress"]["total"] == progress(8, 8, 8, 8)
+    assert not resume_at_next_epoch(ckpt(progress(2, 2, 1, 1), last_batch))  # validation end, inside the epoch
+    assert not resume_at_next_epoch({"state_dict": {}})
+    assert not resume_at_next_epoch({"loops": {"fit_loop": {"epoch_progress": [1, 2]}}})
 
 
 def test_max_steps_stop_mid_epoch_saves_the_last_step_with_raw_weights(tmp_path):

@@ -1,9 +1,11 @@
 """How training writes and reads checkpoints: atomically, finite weights only, as pure data.
 
 - AtomicCheckpointIO: temp file + rename (a kill mid-write leaves the previous file), refuses to write
-  non-finite weights, and reads with `torch.load(weights_only=True)` (a checkpoint cannot run code).
+  non-finite weights, and reads with `torch.load(weights_only=True)` (a checkpoint cannot run code); a
+  checkpoint written after an epoch's last batch resumes at the next epoch (resume_at_next_epoch).
 - RunCheckpoint: ModelCheckpoint that also writes last.ckpt when trainer.max_steps stops a run inside an
   epoch, and keeps exactly one last.ckpt (no last-v1.ckpt after a run directory is moved).
+- AlignLoggingStep: keeps the step of logged rows equal to the optimizer step after a resume.
 - ApplyChangedHyperparameters: on resume, puts the run config's changed optimizer values into the
   optimizer state that Lightning restored from the checkpoint.
 """
@@ -53,7 +55,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        resume_at_next_epoch(checkpoint)
+        return checkpoint
+
+
+def resume_at_next_epoch(checkpoint: dict) -> bool:
+    """Set the fit loop's progress of a checkpoint written after an epoch's last batch (at the epoch's end, or at
+    train end after a max_epochs stop) to the start of the next epoch, in place; True if it did.
+
+    Why: Lightning restarts every trainer.max_steps-bounded run as if inside an epoch (FitLoop.restarting, since
+    Lightning-AI/pytorch-lightning#12821). From such a checkpoint it then replays the finished epoch's end and
+    counts it as one more epoch (a resume with a raised max_epochs trained one epoch too few, or none), or
+    continues past the epoch's last batch (one extra batch, and every later batch shifted). The next epoch's
+    start is where the uninterrupted run is; epoch-bounded runs (max_steps=-1) resume the same either way.
+    Touches nothing else (steps, optimizer, schedulers); a checkpoint without Lightning's loop state is left alone.
+    """
+    loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+    try:
+        cur = epochs["current"]
+        finished = cur["ready"] == cur["started"] == cur["processed"] and cur["completed"] in (
+            cur["processed"] - 1,
+            cur["processed"],
+        )
+        if not finished or not batches["current"].get("ready"):
+            return False
+        for part in ("current", "total"):
+            epochs[part]["completed"] = epochs[part]["processed"]
+        batches["current"] = dict.fromkeys(batches["current"], 0)
+        batches["is_last_batch"] = False
+    except (KeyError, TypeError):  # another Lightning version's layout: leave it to Lightning
+        return False
+    return True
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -90,6 +124,16 @@ class RunCheckpoint(ModelCheckpoint):
     def state_key(self) -> str:
         """ModelCheckpoint's key, so the top-k state of checkpoints written with it is restored."""
         return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+
+class AlignLoggingStep(Callback):
+    """Logged rows' step is the optimizer step. Lightning's restart bookkeeping adds one to its logging counter
+    when a max_steps run resumes from an end-of-epoch checkpoint; this resets it through the loop's (public)
+    checkpoint-loading hook, whose state key names the counter, before each batch. Put it first among the
+    callbacks: LearningRateMonitor logs in the same hook."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        trainer.fit_loop.epoch_loop.on_load_checkpoint({"_batches_that_stepped": trainer.global_step})
 
 
 class ApplyChangedHyperparameters(Callback):

@@ -103,10 +103,6 @@ class DiffusionModule(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         torch.manual_seed(batch_seed(self.seed, self.current_epoch, batch_idx, self.global_rank))
-        # Logged metrics' step is the optimizer step. Lightning's restart bookkeeping adds one to its logging
-        # counter when a max_steps run resumes from an end-of-epoch checkpoint; reset it through the loop's
-        # (public) checkpoint-loading hook, whose state key names the counter (workaround for a Lightning bug).
-        self.trainer.fit_loop.epoch_loop.on_load_checkpoint({"_batches_that_stepped": self.global_step})
 
     def training_step(self, batch, batch_idx):
         x0, y = batch

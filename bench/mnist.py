@@ -5,6 +5,7 @@ DDIM's Table 1 re-checked on MNIST (issue 15).
     python bench/mnist.py --stage ablation     # each candidate trained for the same wall-clock budget, scored
     python bench/mnist.py --stage recipe       # experiment=mnist_cpu end to end: minutes, loss, FID, classifier
     python bench/mnist.py --stage table        # DDIM eta {0,1} x S {10,20,50,100} and DDPM-1000, N=1,000
+    python bench/mnist.py --stage ema          # the recipe's EMA horizon: other averages of the same run, N=1,000
     python bench/mnist.py                      # all stages, then the BENCHMARKS.md section
     python bench/mnist.py --stage table --num-samples 300   # fewer samples per row (scored rows are cached)
     python bench/mnist.py --data fashion_mnist              # recipe and table for experiment=fashion_mnist_cpu
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
 from common import CACHE, ROOT, RUNS, classifier_note, machine, machine_line, peak_rss_mib, run_worker, summary
 
@@ -192,7 +194,9 @@ CANDIDATES = {
 }  # fmt: skip
 
 
-def train_run(name: str, overrides: list[str], experiment: str = "mnist_cpu") -> tuple[Path, float]:
+def train_run(
+    name: str, overrides: list[str], experiment: str = "mnist_cpu", env: dict | None = None
+) -> tuple[Path, float]:
     """`python train.py experiment=<experiment> <overrides>` into outputs/bench/mnist/<name> (reused when done);
     (last checkpoint, wall seconds of the training process)."""
     run_dir = RUNS / "mnist" / name
@@ -203,7 +207,7 @@ def train_run(name: str, overrides: list[str], experiment: str = "mnist_cpu") ->
         cmd = [sys.executable, "train.py", f"experiment={experiment}", *overrides, f"hydra.run.dir={run_dir}",
                "logger=csv", "trainer.enable_progress_bar=false"]
         t0 = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, check=True)
+        subprocess.run(cmd, cwd=ROOT, check=True, env=env)
         done.write_text(f"{time.perf_counter() - t0:.1f}\n")
     return ckpt, float(done.read_text())
 
@@ -346,6 +350,99 @@ def stage_recipe(ds: Dataset, n: int = N_RECIPE) -> dict:
     return data
 
 
+# The EMA stage: averages of one recipe run's raw weights, tracked beside the preset's EMA in the same run. Each is
+# d_n = min(decay, (1 + n) / (k + n)) after optimizer step n (k=None: decay alone); the preset's callbacks.ema
+# (decay 0.999, warmup) is k=10, whose (1 + n) / (10 + n) is still below 0.999 at step 3,200 (0.9972).
+EMA_VARIANTS = {
+    "warmup k=3 (shorter)": (3, 1.0),
+    "warmup k=40 (longer)": (40, 1.0),
+    "constant 0.999, no warmup": (None, 0.999),
+}
+
+
+class ShadowEMAs(L.Callback):
+    """Lightning callback (bench only) that keeps the EMA_VARIANTS averages of the raw weights, updated after every
+    optimizer step like diffusion_lab.lit.EMA but never swapped in or checkpointed; at train end it writes
+    {variant: state_dict} to <dirpath>/shadow_emas.pt. Hydra instantiates it as mnist.ShadowEMAs (train.py run with
+    bench/ on PYTHONPATH)."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+        self.avg: dict[str, dict[str, torch.Tensor]] = {}
+
+    def on_fit_start(self, trainer, pl_module):
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items() if v.is_floating_point()}
+        self.avg = {name: {k: v.clone() for k, v in state.items()} for name in EMA_VARIANTS}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        n, raw = trainer.global_step, pl_module.state_dict()
+        for name, (k, decay) in EMA_VARIANTS.items():
+            d = min(decay, (1 + n) / (k + n)) if k else decay
+            for key, a in self.avg[name].items():
+                a.lerp_(raw[key], 1.0 - d)
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            torch.save(self.avg, self.dirpath / "shadow_emas.pt")
+
+
+def stage_ema(ds: Dataset, n: int = N_TABLE) -> dict:
+    """The recipe trained once more with ShadowEMAs beside its own EMA (the same seed, so the same raw weights as
+    the recipe run when the run is deterministic); DDIM-50 scores of each average and of the raw weights."""
+    import os
+
+    from common import scored_rows
+
+    from diffusion_lab.checkpoint import load_module
+    from diffusion_lab.diffusion import Sampler
+
+    overrides = ["+callbacks.shadow_emas._target_=mnist.ShadowEMAs",
+                 "+callbacks.shadow_emas.dirpath=${paths.output_dir}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])}
+    ckpt, seconds = train_run("recipe_ema", overrides, ds.experiment, env=env)
+    ev, ref, classifier, info, _ = mnist_setup(ds)
+    c = torch.load(ckpt, weights_only=True)
+    recipe = torch.load(recipe_checkpoint(ds), weights_only=True)
+    same = all(torch.equal(v, recipe["state_dict"][k]) for k, v in c["state_dict"].items())
+    shadows = torch.load(ckpt.parents[1] / "shadow_emas.pt", weights_only=True)
+    variants = {"preset: warmup k=10, decay 0.999": load_module(ckpt),
+                "raw weights (no average)": load_module(ckpt, ema=False)}
+    for name, state in shadows.items():
+        module = load_module(ckpt)
+        module.load_state_dict(state, strict=False)  # floating-point entries: every weight of the net
+        variants[name] = module
+    rows = {}
+    for i, (name, module) in enumerate(variants.items()):
+        cache = RUNS / "rows" / f"mnist-recipe_ema-{i}.json"
+        rows[name] = scored_rows(module, [Sampler("ddim", 50)], n, ev, ref, ds.test_set, cache,
+                                 classifier=classifier)[0]
+    data = {"machine": machine(), "n": n, "train_seconds": seconds, "steps": c["global_step"], "rows": rows,
+            "same_weights_as_recipe": same, "classifier_epochs": info["epochs"], "ckpt": str(ckpt)}
+    save_stage("ema", data)
+    best = min(rows, key=lambda k: rows[k]["fid"])
+    summary("mnist", f"EMA stage: best FID {rows[best]['fid']:.2f} ({best})")
+    return data
+
+
+def ema_section(st: dict) -> str:
+    e = st["ema"]
+    lines = "\n".join(score_row(name, r) for name, r in e["rows"].items())
+    same = ("bit for bit the recipe run's" if e["same_weights_as_recipe"]
+            else "NOT the recipe run's (the run is not deterministic here)")
+    return f"""### The EMA horizon (`python bench/mnist.py --stage ema{n_flag(e['n'], N_TABLE)}`)
+
+Machine: {machine_line(e['machine'])}. The recipe trained once more ({e['train_seconds'] / 60:.1f} min,
+{e['steps']} steps) with extra averages of the same raw weights kept beside the preset's EMA (bench/mnist.py's
+ShadowEMAs; the preset's EMA weights of this run are {same}); d_n = min(decay, (1 + n) / (k + n)) after step n.
+N={e['n']:,} DDIM-50 samples each, the same x_T, against the 10,000 MNIST test images.
+
+| average of the raw weights | FID | precision | recall | classifier score | confident (>= 0.9) |
+|---|---|---|---|---|---|
+{lines}
+"""
+
+
 # DDIM's stride starts S=10 at t=900 and S=20 at t=950, where the recipe's cosine schedule keeps sqrt(alpha_bar) =
 # 0.154 / 0.076 of the image (the paper's linear schedule: 0.016 / 0.010), so x_T ~ N(0, I) is off the marginal
 # there; the same S on steps that start at T-1 ("trailing", Lin et al. 2024) separates that from the model's error.
@@ -474,6 +571,8 @@ def write_section() -> str:
     for ds in DATASETS.values():
         if f"{ds.stage}recipe" in st:
             parts.append(recipe_section(ds, st))
+        if ds.history and "ema" in st:
+            parts.append(ema_section(st))
         if f"{ds.stage}table" in st:
             parts.append(table_section(ds, st))
     text = "\n".join(parts)
@@ -566,7 +665,8 @@ On these steps: {'; '.join(table_targets(rows, "trailing"))}.
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["throughput", "ablation", "recipe", "table", "report", "all"], default="all")
+    ap.add_argument("--stage", choices=["throughput", "ablation", "recipe", "table", "ema", "report", "all"],
+                    default="all")
     ap.add_argument("--worker", nargs="*")
     ap.add_argument("--minutes", type=int, default=10, help="ablation: training minutes per candidate")
     ap.add_argument("--num-samples", type=int, help="recipe / table: samples per row (default 2,000 / 1,000)")
@@ -594,6 +694,10 @@ def main() -> None:
     if args.stage in ("table", "all"):
         data = stage_table(ds, args.num_samples or N_TABLE)
         summary("mnist", "; ".join(table_targets(data["rows"])))
+    if args.stage == "ema":  # not in "all": a second recipe run, for the EMA choice
+        if ds.key != "mnist":
+            ap.error("--stage ema runs on MNIST's recipe")
+        stage_ema(ds, args.num_samples or N_TABLE)
     write_section()
 
 

@@ -113,15 +113,17 @@ def compose(overrides: list[str]):
     return cfg
 
 
-def worker_throughput(net: str, batch: int, warmup: int, steps: int) -> dict:
-    """Our full training step (train.yaml's callbacks: EMA, non-finite guard) on MNIST-shaped images."""
+def worker_throughput(net: str, batch: int, warmup: int, steps: int, precision: str | None = None) -> dict:
+    """Our full training step (train.yaml's callbacks: EMA, non-finite guard) on MNIST-shaped images; `precision`
+    e.g. "bf16-mixed" (CPU autocast) as trainer.precision."""
     import lightning as L
     from hydra.utils import instantiate
 
     from diffusion_lab.checkpoint import build_module
     from diffusion_lab.data import ImageDataModule
 
-    cfg = compose(["experiment=mnist_cpu", "logger=none", f"data.batch_size={batch}", *NETS[net], *EPS_OBJECTIVE])
+    cfg = compose(["experiment=mnist_cpu", "logger=none", f"data.batch_size={batch}", *NETS[net], *EPS_OBJECTIVE]
+                  + ([f"+trainer.precision={precision}"] if precision else []))
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch * (warmup + steps), 1, 28, 28), generator=g, dtype=torch.uint8)
 
@@ -351,12 +353,13 @@ def stage_recipe(ds: Dataset, n: int = N_RECIPE) -> dict:
 
 
 # The EMA stage: averages of one recipe run's raw weights, tracked beside the preset's EMA in the same run. Each is
-# d_n = min(decay, (1 + n) / (k + n)) after optimizer step n (k=None: decay alone); the preset's callbacks.ema
-# (decay 0.999, warmup) is k=10, whose (1 + n) / (10 + n) is still below 0.999 at step 3,200 (0.9972).
-EMA_VARIANTS = {
-    "warmup k=3 (shorter)": (3, 1.0),
-    "warmup k=40 (longer)": (40, 1.0),
-    "constant 0.999, no warmup": (None, 0.999),
+# d_n = min(decay, (1 + n) / (k + n)) after optimizer step n (k=None: decay alone): with decay 1 the average weights
+# step i by about i^(k-2) (k=2: the plain mean of every step), so its horizon at step n is ~(k + n) / (k - 1) steps.
+# The preset's callbacks.ema (decay 0.999, warmup) is k=10: 0.9972 at step 3,200 (~360 steps), below the cap.
+EMA_VARIANTS = {  # id: (k, decay, label)
+    "k3": (3, 1.0, "warmup k=3 (longer: weights ~ step i, ~1,600 steps at 3,200)"),
+    "k40": (40, 1.0, "warmup k=40 (shorter: ~80 steps at 3,200)"),
+    "c0999": (None, 0.999, "constant 0.999, no warmup (~1,000 steps; 4% of the initial weights left at 3,200)"),
 }
 
 
@@ -377,7 +380,7 @@ class ShadowEMAs(L.Callback):
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         n, raw = trainer.global_step, pl_module.state_dict()
-        for name, (k, decay) in EMA_VARIANTS.items():
+        for name, (k, decay, _) in EMA_VARIANTS.items():
             d = min(decay, (1 + n) / (k + n)) if k else decay
             for key, a in self.avg[name].items():
                 a.lerp_(raw[key], 1.0 - d)
@@ -406,12 +409,12 @@ def stage_ema(ds: Dataset, n: int = N_TABLE) -> dict:
     recipe = torch.load(recipe_checkpoint(ds), weights_only=True)
     same = all(torch.equal(v, recipe["state_dict"][k]) for k, v in c["state_dict"].items())
     shadows = torch.load(ckpt.parents[1] / "shadow_emas.pt", weights_only=True)
-    variants = {"preset: warmup k=10, decay 0.999": load_module(ckpt),
+    variants = {"preset: warmup k=10, decay 0.999 (~360 steps at 3,200)": load_module(ckpt),
                 "raw weights (no average)": load_module(ckpt, ema=False)}
-    for name, state in shadows.items():
+    for key, (_, _, label) in EMA_VARIANTS.items():
         module = load_module(ckpt)
-        module.load_state_dict(state, strict=False)  # floating-point entries: every weight of the net
-        variants[name] = module
+        module.load_state_dict(shadows[key], strict=False)  # floating-point entries: every weight of the net
+        variants[label] = module
     rows = {}
     for i, (name, module) in enumerate(variants.items()):
         cache = RUNS / "rows" / f"mnist-recipe_ema-{i}.json"
@@ -434,7 +437,8 @@ def ema_section(st: dict) -> str:
 
 Machine: {machine_line(e['machine'])}. The recipe trained once more ({e['train_seconds'] / 60:.1f} min,
 {e['steps']} steps) with extra averages of the same raw weights kept beside the preset's EMA (bench/mnist.py's
-ShadowEMAs; the preset's EMA weights of this run are {same}); d_n = min(decay, (1 + n) / (k + n)) after step n.
+ShadowEMAs; the preset's EMA weights of this run are {same}); d_n = min(decay, (1 + n) / (k + n)) after step n,
+a horizon of ~(k + n) / (k - 1) steps at step n.
 N={e['n']:,} DDIM-50 samples each, the same x_T, against the 10,000 MNIST test images.
 
 | average of the raw weights | FID | precision | recall | classifier score | confident (>= 0.9) |
@@ -506,7 +510,7 @@ def score_row(name: str, r: dict) -> str:
 
 
 # hand-archived stages, newest first
-ARCHIVED_RECIPES = ["recipe_ab_cosine_lr", "recipe_d0_at2400", "recipe_v2400", "recipe_eps"]
+ARCHIVED_RECIPES = ["recipe_ab_lr2e3", "recipe_ab_cosine_lr", "recipe_d0_at2400", "recipe_v2400", "recipe_eps"]
 ARCHIVED_TABLES = ["table_v3200_n300", "table_v2400", "table_eps"]  # newest first
 
 
@@ -680,7 +684,9 @@ def main() -> None:
     if args.worker:
         kind, *rest = args.worker
         if kind == "throughput":
-            print(json.dumps(worker_throughput(rest[0], int(rest[1]), warmup=5, steps=20)))
+            # --worker throughput <net> <batch> [<trainer.precision>]
+            precision = rest[2] if len(rest) > 2 else None
+            print(json.dumps(worker_throughput(rest[0], int(rest[1]), warmup=5, steps=20, precision=precision)))
         return
     print(machine_line(machine()))
     if args.stage == "throughput" or (args.stage == "all" and ds.key == "mnist"):

@@ -105,6 +105,8 @@ def test_resume_at_next_epoch_touches_only_a_finished_epoch():
     assert loop["epoch_loop.batch_progress"]["current"] == progress(0, 0, 0, 0)
     assert loop["epoch_loop.batch_progress"]["total"] == progress(8, 8, 8, 8)
     assert not resume_at_next_epoch(ckpt(progress(2, 2, 1, 1), last_batch))  # validation end, inside the epoch
+    stopped_inside = {"current": progress(2, 2, 2, 2), "total": progress(6, 6, 6, 6), "is_last_batch": False}
+    assert not resume_at_next_epoch(ckpt(progress(2, 2, 2, 1), stopped_inside))  # e.g. max_time, batch 2 of 4
     assert not resume_at_next_epoch({"state_dict": {}})
     assert not resume_at_next_epoch({"loops": {"fit_loop": {"epoch_progress": [1, 2]}}})
 

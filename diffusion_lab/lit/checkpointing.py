@@ -79,7 +79,7 @@ def resume_at_next_epoch(checkpoint: dict) -> bool:
             cur["processed"] - 1,
             cur["processed"],
         )
-        if not finished or not batches["current"].get("ready"):
+        if not finished or not batches["is_last_batch"]:  # e.g. a max_time stop inside an epoch: as Lightning does
             return False
         for part in ("current", "total"):
             epochs[part]["completed"] = epochs[part]["processed"]

@@ -90,23 +90,26 @@ def test_stop_and_resume_equals_uninterrupted_run(tmp_path, first, then, mid_epo
 
 
 def test_resume_at_next_epoch_touches_only_a_finished_epoch():
-    """The loop state of a checkpoint written inside an epoch (or in another layout) is left as Lightning wrote it."""
+    """A checkpoint written after an epoch ended (at its end, at train end, or after a stop inside it) resumes at
+    the next epoch's first batch; one written inside an epoch (or in another layout) is left as Lightning wrote it."""
     progress = lambda r, s, p, c: {"ready": r, "started": s, "processed": p, "completed": c}  # noqa: E731
 
-    def ckpt(epoch, batches):
+    def ckpt(epoch, done_batches=4, last=True):
+        batches = {"current": progress(*[done_batches] * 4), "total": progress(8, 8, 8, 8), "is_last_batch": last}
         loop = {"epoch_progress": {"current": epoch, "total": dict(epoch)}, "epoch_loop.batch_progress": batches}
         return {"loops": {"fit_loop": loop}}
 
-    last_batch = {"current": progress(4, 4, 4, 4), "total": progress(8, 8, 8, 8), "is_last_batch": True}
-    at_end = ckpt(progress(2, 2, 2, 1), last_batch)  # saved in on_train_epoch_end of the second epoch
-    assert resume_at_next_epoch(at_end)
-    loop = at_end["loops"]["fit_loop"]
-    assert loop["epoch_progress"]["current"] == loop["epoch_progress"]["total"] == progress(2, 2, 2, 2)
-    assert loop["epoch_loop.batch_progress"]["current"] == progress(0, 0, 0, 0)
-    assert loop["epoch_loop.batch_progress"]["total"] == progress(8, 8, 8, 8)
-    assert not resume_at_next_epoch(ckpt(progress(2, 2, 1, 1), last_batch))  # validation end, inside the epoch
-    stopped_inside = {"current": progress(2, 2, 2, 2), "total": progress(6, 6, 6, 6), "is_last_batch": False}
-    assert not resume_at_next_epoch(ckpt(progress(2, 2, 2, 1), stopped_inside))  # e.g. max_time, batch 2 of 4
+    for epoch_end in (ckpt(progress(2, 2, 2, 1)), ckpt(progress(2, 2, 2, 2)), ckpt(progress(2, 2, 2, 1), 2, False)):
+        assert resume_at_next_epoch(epoch_end)  # on_train_epoch_end; on_train_end; a max_time stop at batch 2 of 4
+        loop = epoch_end["loops"]["fit_loop"]
+        assert loop["epoch_progress"]["current"] == loop["epoch_progress"]["total"] == progress(2, 2, 2, 2)
+        assert loop["epoch_loop.batch_progress"]["current"] == progress(0, 0, 0, 0)
+        assert loop["epoch_loop.batch_progress"]["is_last_batch"] is False
+        assert loop["epoch_loop.batch_progress"]["total"] == progress(8, 8, 8, 8)
+    inside = ckpt(progress(2, 2, 1, 1))  # saved at the validation end of the second epoch's last batch
+    assert not resume_at_next_epoch(inside)
+    assert inside == ckpt(progress(2, 2, 1, 1))
+    assert not resume_at_next_epoch(ckpt(progress(2, 2, 2, 2), 0, False))  # already at an epoch start
     assert not resume_at_next_epoch({"state_dict": {}})
     assert not resume_at_next_epoch({"loops": {"fit_loop": {"epoch_progress": [1, 2]}}})
 

@@ -61,14 +61,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def resume_at_next_epoch(checkpoint: dict) -> bool:
-    """Set the fit loop's progress of a checkpoint written after an epoch's last batch (at the epoch's end, or at
-    train end after a max_epochs stop) to the start of the next epoch, in place; True if it did.
+    """Set the fit loop's progress of a checkpoint written after an epoch ended (at its end, or at train end after
+    a max_epochs stop) to the start of the next epoch, in place; True if it did. An epoch ended early (a max_time
+    stop) also resumes at the next epoch's first batch, as Lightning resumes epoch-bounded runs.
 
     Why: Lightning restarts every trainer.max_steps-bounded run as if inside an epoch (FitLoop.restarting, since
     Lightning-AI/pytorch-lightning#12821). From such a checkpoint it then replays the finished epoch's end and
     counts it as one more epoch (a resume with a raised max_epochs trained one epoch too few, or none), or
     continues past the epoch's last batch (one extra batch, and every later batch shifted). The next epoch's
-    start is where the uninterrupted run is; epoch-bounded runs (max_steps=-1) resume the same either way.
+    start is where the uninterrupted run is, and where Lightning resumes epoch-bounded runs (max_steps=-1) anyway.
     Touches nothing else (steps, optimizer, schedulers); a checkpoint without Lightning's loop state is left alone.
     """
     loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
@@ -79,7 +80,7 @@ def resume_at_next_epoch(checkpoint: dict) -> bool:
             cur["processed"] - 1,
             cur["processed"],
         )
-        if not finished or not batches["is_last_batch"]:  # e.g. a max_time stop inside an epoch: as Lightning does
+        if not finished or not batches["current"]["ready"]:
             return False
         for part in ("current", "total"):
             epochs[part]["completed"] = epochs[part]["processed"]

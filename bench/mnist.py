@@ -116,7 +116,6 @@ def compose(overrides: list[str]):
 def worker_throughput(net: str, batch: int, warmup: int, steps: int, precision: str | None = None) -> dict:
     """Our full training step (train.yaml's callbacks: EMA, non-finite guard) on MNIST-shaped images; `precision`
     e.g. "bf16-mixed" (CPU autocast) as trainer.precision."""
-    import lightning as L
     from hydra.utils import instantiate
 
     from diffusion_lab.checkpoint import build_module

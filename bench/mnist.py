@@ -6,6 +6,7 @@ DDIM's Table 1 re-checked on MNIST (issue 15).
     python bench/mnist.py --stage recipe       # experiment=mnist_cpu end to end: minutes, loss, FID, classifier
     python bench/mnist.py --stage table        # DDIM eta {0,1} x S {10,20,50,100} and DDPM-1000, N=1,000
     python bench/mnist.py --stage ema          # the recipe's EMA horizon: other averages of the same run, N=1,000
+    python bench/mnist.py --stage guidance     # experiment=mnist_cpu_cfg: DDIM-50 at guidance scales 1, 1.5, 2, 3
     python bench/mnist.py                      # all stages, then the BENCHMARKS.md section
     python bench/mnist.py --stage table --num-samples 300   # fewer samples per row (scored rows are cached)
     python bench/mnist.py --data fashion_mnist              # recipe and table for experiment=fashion_mnist_cpu
@@ -236,8 +237,8 @@ def check_same_recipe(run_dir: Path, overrides: list[str], experiment: str) -> N
                      f"{now.get(key)}: move that run directory aside (or delete it) to retrain")
 
 
-RECIPE_KEYS = ["diffusion", "net", "optim", "lr_scheduler", "data.batch_size", "data.image_size", "trainer.max_steps",
-               "callbacks.ema.decay", "seed"]
+RECIPE_KEYS = ["diffusion", "net", "optim", "lr_scheduler", "label_dropout", "data.batch_size", "data.image_size",
+               "trainer.max_steps", "callbacks.ema.decay", "seed"]
 
 
 def evaluate_run(ckpt: Path, name: str, extra: list[str]) -> list[dict]:
@@ -446,6 +447,85 @@ N={e['n']:,} DDIM-50 samples each, the same x_T, against the 10,000 MNIST test i
 """
 
 
+
+# The guidance stage: experiment=mnist_cpu_cfg, the recipe with class labels (net.num_classes) and 10% of them
+# replaced by the null label while training (classifier-free guidance, Ho & Salimans 2022), sampled with uniform
+# random labels at scales s (s = 1: the conditional model alone, one forward per step; s > 1: guided, a batch of
+# 2B per step).
+GUIDANCE_EXPERIMENT = "mnist_cpu_cfg"
+GUIDANCE_SCALES = (1.0, 1.5, 2.0, 3.0)
+GUIDANCE_GRID_SCALES = (1.0, 1.5, 2.0)  # the per-class grids in BENCHMARKS.md
+
+
+def stage_guidance(ds: Dataset, n: int = N_RECIPE) -> dict:
+    """The class-conditional recipe (GUIDANCE_EXPERIMENT); DDIM-50 scores at each of GUIDANCE_SCALES and a grid
+    (a row per class, the same x_T) at each of GUIDANCE_GRID_SCALES."""
+    from common import RESULTS, scored_rows
+
+    from diffusion_lab.checkpoint import load_module
+    from diffusion_lab.diffusion import Sampler
+    from diffusion_lab.images import save_grid
+
+    ckpt, seconds = train_run(f"{ds.run}_cond", [], GUIDANCE_EXPERIMENT)
+    module = load_module(ckpt)
+    ev, ref, classifier, info, _ = mnist_setup(ds)
+    samplers = [Sampler("ddim", 50, guidance_scale=None if s == 1.0 else s) for s in GUIDANCE_SCALES]
+    rows = scored_rows(module, samplers, n, ev, ref, ds.test_set, RUNS / "rows" / f"mnist-{ds.run}_cond.json",
+                       classifier=classifier)
+    y = torch.arange(10).repeat_interleave(8)
+    for s in GUIDANCE_GRID_SCALES:
+        images = module.sample(len(y), Sampler("ddim", 50, guidance_scale=s), y=y,
+                               generator=torch.Generator().manual_seed(0))
+        save_grid(images, RESULTS / f"mnist_guidance_s{s:g}.png", nrow=8)
+    c = torch.load(ckpt, weights_only=True)
+    data = {"machine": machine(), "n": n, "train_seconds": seconds, "steps": c["global_step"],
+            "final_loss": final_loss(ckpt.parents[1]), "rows": dict(zip(map(str, GUIDANCE_SCALES), rows)),
+            "classifier_epochs": info["epochs"], "ckpt": str(ckpt)}
+    save_stage("guidance", data)
+    summary("mnist", "guidance: " + "; ".join(
+        f"s={s}: FID {r['fid']:.2f}, classifier {r['cls_score']:.2f}, {r['confident']:.3f} confident"
+        for s, r in data["rows"].items()))
+    return data
+
+
+def guidance_section(st: dict) -> str:
+    g, r = st["guidance"], st["recipe"]
+    floor = r["floor"]
+    lines = [score_row(f"unconditional recipe (above), N={r['n']:,}", r["ddim50"])]
+    for s, row in g["rows"].items():
+        what = "conditional, no guidance" if float(s) == 1.0 else "guided: the net on a batch of 2B"
+        lines.append(score_row(f"s = {float(s):g} ({what}), N={g['n']:,}", row))
+    targets = []
+    for s, row in g["rows"].items():
+        ok_cls = row["cls_score"] >= 9.0 and row["confident"] >= 0.95
+        ok_fid = row["fid"] <= 2 * floor["fid"]
+        targets.append(f"s = {float(s):g}: classifier {'met' if ok_cls else 'NOT met'} ({row['cls_score']:.2f}, "
+                       f"{100 * row['confident']:.1f}%), FID {'met' if ok_fid else 'NOT met'} ({row['fid']:.2f} vs "
+                       f"2 x {floor['fid']:.2f})")
+    cmd = f"python bench/mnist.py --stage guidance{n_flag(g['n'], N_RECIPE)}"
+    grids = " ".join(f"![s = {s:g}](bench/results/mnist_guidance_s{s:g}.png)" for s in GUIDANCE_GRID_SCALES)
+    return f"""### Class-conditional, with classifier-free guidance (`{cmd}`)
+
+Machine: {machine_line(g['machine'])}. `python train.py experiment={GUIDANCE_EXPERIMENT}`: the recipe
+value for value, with class labels (`net.num_classes=10`) of which 10% are replaced by the null label in training
+(`label_dropout=0.1`; Ho & Salimans 2022); {g['train_seconds'] / 60:.1f} min, {g['steps']} steps, final train loss
+{g['final_loss']:.4f}. N={g['n']:,} DDIM-50 samples of the EMA weights with uniform random labels (the test set's
+classes hold 8.9-11.4% each) against the 10,000 MNIST test images; guided, the net's prediction is
+u + s (c - u) of its unconditional (u) and conditional (c) outputs (v here; eq. 6 of the paper, which writes eps).
+The unconditional recipe's row is the recipe section's (its own x_T and run, possibly another machine).
+
+| | FID | precision | recall | classifier score | confident (>= 0.9) |
+|---|---|---|---|---|---|
+{chr(10).join(lines)}
+{score_row("real training images (floor)", floor)}
+
+A row per class, the same x_T, s = {', '.join(f'{s:g}' for s in GUIDANCE_GRID_SCALES)}:
+
+{grids}
+
+The issue's targets per scale: {'; '.join(targets)}.
+"""
+
 # DDIM's stride starts S=10 at t=900 and S=20 at t=950, where the recipe's cosine schedule keeps sqrt(alpha_bar) =
 # 0.154 / 0.076 of the image (the paper's linear schedule: 0.016 / 0.010), so x_T ~ N(0, I) is off the marginal
 # there; the same S on steps that start at T-1 ("trailing", Lin et al. 2024) separates that from the model's error.
@@ -576,6 +656,8 @@ def write_section() -> str:
             parts.append(recipe_section(ds, st))
         if ds.history and "ema" in st:
             parts.append(ema_section(st))
+        if ds.history and "guidance" in st:
+            parts.append(guidance_section(st))
         if f"{ds.stage}table" in st:
             parts.append(table_section(ds, st))
     text = "\n".join(parts)
@@ -600,6 +682,8 @@ def recipe_section(ds: Dataset, st: dict) -> str:
             f"{100 * d['confident']:.1f}%);\nFID within 2x the floor ({'met' if ok_fid else 'NOT met'}: "
             f"{d['fid']:.2f} vs 2 x {f['fid']:.2f})."
         )
+        if "guidance" in st:
+            targets += " The same recipe with class labels and guidance: the class-conditional section below."
     else:
         targets = (f"The issue's targets are MNIST's; here, for reference: FID {d['fid'] / f['fid']:.2f}x the floor, "
                    f"classifier score {d['cls_score']:.2f} against the real images' {f['cls_score']:.2f}.")
@@ -668,8 +752,8 @@ On these steps: {'; '.join(table_targets(rows, "trailing"))}.
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["throughput", "ablation", "recipe", "table", "ema", "report", "all"],
-                    default="all")
+    ap.add_argument("--stage", default="all",
+                    choices=["throughput", "ablation", "recipe", "table", "ema", "guidance", "report", "all"])
     ap.add_argument("--worker", nargs="*")
     ap.add_argument("--minutes", type=int, default=10, help="ablation: training minutes per candidate")
     ap.add_argument("--num-samples", type=int, help="recipe / table: samples per row (default 2,000 / 1,000)")
@@ -703,6 +787,10 @@ def main() -> None:
         if ds.key != "mnist":
             ap.error("--stage ema runs on MNIST's recipe")
         stage_ema(ds, args.num_samples or N_TABLE)
+    if args.stage == "guidance":  # not in "all": a second recipe run, class-conditional
+        if ds.key != "mnist":
+            ap.error("--stage guidance runs on MNIST (experiment=mnist_cpu_cfg)")
+        stage_guidance(ds, args.num_samples or N_RECIPE)
     write_section()
 
 

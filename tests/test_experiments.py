@@ -15,7 +15,7 @@ from diffusion_lab.checkpoint import load_module
 from diffusion_lab.tasks import train
 
 # The MNIST-family CPU presets run in test_mnist.py (with the skip for absent Fashion-MNIST files).
-OWN_TESTS = {"mnist_cpu", "fashion_mnist_cpu"}
+OWN_TESTS = {"mnist_cpu", "mnist_cpu_cfg", "fashion_mnist_cpu"}
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml") if p.stem not in OWN_TESTS)
 SHRINK = {  # GPU presets on CPU-sized data and nets
     "ddpm_cifar10": ["data=digits", "net=unet_digits", "trainer=cpu"],

@@ -122,24 +122,48 @@ def test_data_fashion_mnist_runs_as_typed(tmp_path, fashion_dir):
 
 @pytest.mark.parametrize(
     "name",
-    ["mnist_cpu", pytest.param("fashion_mnist_cpu", marks=needs_fashion)],
+    ["mnist_cpu", "mnist_cpu_cfg", pytest.param("fashion_mnist_cpu", marks=needs_fashion)],
 )
 def test_cpu_presets_compose_and_run(tmp_path, request, name):
     extra = [f"data.data_dir={request.getfixturevalue('fashion_dir')}"] if "fashion" in name else []
-    raw = OmegaConf.load(ROOT / "conf" / "experiment" / f"{name}.yaml")
     cfg = _run(tmp_path, [f"experiment={name}", *extra])
+    recipe = OmegaConf.load(ROOT / "conf" / "experiment" / "mnist_cpu.yaml")
     assert cfg.data._target_.endswith("FashionMNISTDataModule" if "fashion" in name else ".MNISTDataModule")
     assert cfg.data.image_size == 28 and list(cfg.net.channel_mult) == [1, 2, 2]
     assert cfg.diffusion.mean_type == "v" and cfg.diffusion.schedule in ("linear", "cosine")
-    assert cfg.callbacks.ema.decay == raw.callbacks.ema.decay and cfg.optim.lr == raw.optim.lr
+    assert cfg.callbacks.ema.decay == recipe.callbacks.ema.decay and cfg.optim.lr == recipe.optim.lr
     assert cfg.trainer.max_steps == 3  # FAST shrank the preset's budget
-    assert raw.trainer.max_steps > 1000  # the preset itself is a real training budget
-    # Fashion-MNIST mirrors the MNIST recipe value for value (its header says so); only the data differ.
-    mnist = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "experiment" / "mnist_cpu.yaml"))
-    this = OmegaConf.to_container(raw)
-    for c in (mnist, this):
-        c.pop("tags"), c.pop("defaults")
-    assert this == mnist
+    assert recipe.trainer.max_steps > 1000  # the preset itself is a real training budget
+    if name == "mnist_cpu_cfg":  # one grid per guidance scale, a row per class
+        assert cfg.net.num_classes == 10 and cfg.label_dropout > 0
+        for s in cfg.callbacks.sample_grid.guidance_scales:
+            assert (tmp_path / "samples" / f"final_cfg{s:g}.png").exists()
+
+
+# The variants of the MNIST recipe change only their own keys (their headers say "value for value").
+RECIPE_VARIANTS = {
+    "fashion_mnist_cpu": {"data", "tags"},
+    "mnist_cpu_cfg": {"net.num_classes", "label_dropout", "callbacks.sample_grid.guidance_scales", "tags"},
+}
+
+
+def _leaves(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_VARIANTS))
+def test_recipe_variants_change_only_their_own_keys(tmp_path, name):
+    def composed(experiment):
+        return _leaves(OmegaConf.to_container(compose_train([f"experiment={experiment}"], tmp_path)))
+
+    recipe, this = composed("mnist_cpu"), composed(name)
+    changed = {k for k in recipe.keys() | this.keys() if recipe.get(k) != this.get(k)}
+    own = RECIPE_VARIANTS[name]
+    assert {k for k in changed if not any(k == o or k.startswith(o + ".") for o in own)} == set()
+    assert all(any(k == o or k.startswith(o + ".") for k in changed) for o in own)  # each of its keys does change
 
 
 # --- Fashion-MNIST files and the missing-data error -------------------------------------------------------------

@@ -7,6 +7,7 @@ DDIM's Table 1 re-checked on MNIST (issue 15).
     python bench/mnist.py --stage table        # DDIM eta {0,1} x S {10,20,50,100} and DDPM-1000, N=1,000
     python bench/mnist.py --stage ema          # the recipe's EMA horizon: other averages of the same run, N=1,000
     python bench/mnist.py --stage guidance     # experiment=mnist_cpu_cfg: DDIM-50 at guidance scales 1, 1.5, 2, 3
+    python bench/mnist.py --stage table --cond --num-samples 300   # Table 1 on that class-conditional model
     python bench/mnist.py                      # all stages, then the BENCHMARKS.md section
     python bench/mnist.py --stage table --num-samples 300   # fewer samples per row (scored rows are cached)
     python bench/mnist.py --data fashion_mnist              # recipe and table for experiment=fashion_mnist_cpu
@@ -532,26 +533,35 @@ The issue's targets per scale: {'; '.join(targets)}.
 TRAILING_STEPS = (10, 20)
 
 
-def stage_table(ds: Dataset, n: int = N_TABLE) -> dict:
-    """DDIM's Table 1 on the recipe model: eta {0, 1} x S {10, 20, 50, 100} and DDPM-1000, same x_T, N each."""
+COND_TABLE_LABEL = ("The class-conditional model of experiment=mnist_cpu_cfg (v prediction, 3,200 steps), without "
+                    "guidance (s = 1, uniform random labels)")
+
+
+def stage_table(ds: Dataset, n: int = N_TABLE, cond: bool = False) -> dict:
+    """DDIM's Table 1 on the recipe model: eta {0, 1} x S {10, 20, 50, 100} and DDPM-1000, same x_T, N each.
+    cond: on the class-conditional model of GUIDANCE_EXPERIMENT instead (s = 1), kept as the "table_cond" stage."""
     from common import scored_rows
 
     from diffusion_lab.checkpoint import load_module
     from diffusion_lab.diffusion import Sampler
 
-    ckpt = recipe_checkpoint(ds)
+    ckpt = train_run(f"{ds.run}_cond", [], GUIDANCE_EXPERIMENT)[0] if cond else recipe_checkpoint(ds)
     module = load_module(ckpt)
     ev, ref, classifier, info, _ = mnist_setup(ds)
+    ddpm = Sampler("ddpm", module.diffusion.num_timesteps)
     samplers = [Sampler("ddim", s, eta=e) for e in (0.0, 1.0) for s in (10, 20, 50, 100)]
-    samplers.append(Sampler("ddpm", module.diffusion.num_timesteps))
+    samplers.append(ddpm)
     samplers += [Sampler("ddim", s, eta=e, spacing="trailing") for e in (0.0, 1.0) for s in TRAILING_STEPS]
     cache = RUNS / "rows" / f"mnist-{ckpt.parent.parent.name}.json"  # shared with bench/solvers.py --data mnist
     rows = scored_rows(module, samplers, n, ev, ref, ds.test_set, cache, classifier=classifier,
-                       roles={samplers[-1].name: "reference"})
+                       roles={ddpm.name: "reference"})
     step = torch.load(ckpt, weights_only=True)["global_step"]
     data = {"machine": machine(), "n": n, "rows": rows, "ckpt": str(ckpt), "objective": objective(module, step),
             "classifier_epochs": info["epochs"]}
-    save_stage(f"{ds.stage}table", data)
+    if cond:
+        data["label"] = (f"{COND_TABLE_LABEL}; {machine_line(data['machine'])}; "
+                         f"`python bench/mnist.py --stage table --cond{n_flag(n, N_TABLE)}`")
+    save_stage("table_cond" if cond else f"{ds.stage}table", data)
     return data
 
 
@@ -590,7 +600,7 @@ def score_row(name: str, r: dict) -> str:
 
 # hand-archived stages, newest first
 ARCHIVED_RECIPES = ["recipe_ab_lr2e3", "recipe_ab_cosine_lr", "recipe_d0_at2400", "recipe_v2400", "recipe_eps"]
-ARCHIVED_TABLES = ["table_v3200_n300", "table_v2400", "table_eps"]  # newest first
+ARCHIVED_TABLES = ["table_cond", "table_v3200_n300", "table_v2400", "table_eps"]  # newest first
 
 
 def previous_recipe_rows(st: dict) -> str:
@@ -759,6 +769,8 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, help="recipe / table: samples per row (default 2,000 / 1,000)")
     ap.add_argument("--data", choices=list(DATASETS), default="mnist",
                     help="recipe / table: the dataset and its CPU preset (the net stages are MNIST's)")
+    ap.add_argument("--cond", action="store_true",
+                    help="table: on the class-conditional model of --stage guidance (experiment=mnist_cpu_cfg)")
     args = ap.parse_args()
     ds = DATASETS[args.data]
     if ds.key != "mnist" and args.stage in ("throughput", "ablation"):
@@ -781,7 +793,9 @@ def main() -> None:
     if args.stage in ("recipe", "all"):
         stage_recipe(ds, args.num_samples or N_RECIPE)
     if args.stage in ("table", "all"):
-        data = stage_table(ds, args.num_samples or N_TABLE)
+        if args.cond and ds.key != "mnist":
+            ap.error("--cond: the class-conditional model is MNIST's (experiment=mnist_cpu_cfg)")
+        data = stage_table(ds, args.num_samples or N_TABLE, cond=args.cond)
         summary("mnist", "; ".join(table_targets(data["rows"])))
     if args.stage == "ema":  # not in "all": a second recipe run, for the EMA choice
         if ds.key != "mnist":

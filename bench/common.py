@@ -259,5 +259,6 @@ def scored_rows(module, samplers, n: int, evaluator, ref_features, ref_name: str
                 tmp.write_text(json.dumps(done, indent=1, default=float))
             summary("rows", f"{s.name}: NFE {s.nfe}, FID {r['fid']:.2f}, precision {r['precision']:.3f}, "
                             f"recall {r['recall']:.3f}, {r['sample_seconds'] / n * 1e3:.2f} ms/sample")
-        rows.append(done[key])
+        # the role is the caller's view of a row (another benchmark may have cached it under another)
+        rows.append({**done[key], "role": (roles or {}).get(s.name, "curve")})
     return rows

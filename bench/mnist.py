@@ -310,6 +310,11 @@ def recipe_checkpoint(ds: Dataset) -> Path:
     return train_run(ds.run, [], ds.experiment)[0]
 
 
+def cond_run(ds: Dataset) -> tuple[Path, float]:
+    """The class-conditional recipe's run (GUIDANCE_EXPERIMENT, trained on first use): (checkpoint, seconds)."""
+    return train_run(f"{ds.run}_cond", [], GUIDANCE_EXPERIMENT)
+
+
 def mnist_setup(ds: Dataset):
     """(evaluator, test-set features, classifier, its info, the DataModule) of an MNIST-like dataset."""
     from common import fid_evaluator
@@ -448,7 +453,6 @@ N={e['n']:,} DDIM-50 samples each, the same x_T, against the 10,000 MNIST test i
 """
 
 
-
 # The guidance stage: experiment=mnist_cpu_cfg, the recipe with class labels (net.num_classes) and 10% of them
 # replaced by the null label while training (classifier-free guidance, Ho & Salimans 2022), sampled with uniform
 # random labels at scales s (s = 1: the conditional model alone, one forward per step; s > 1: guided, a batch of
@@ -467,13 +471,13 @@ def stage_guidance(ds: Dataset, n: int = N_RECIPE) -> dict:
     from diffusion_lab.diffusion import Sampler
     from diffusion_lab.images import save_grid
 
-    ckpt, seconds = train_run(f"{ds.run}_cond", [], GUIDANCE_EXPERIMENT)
+    ckpt, seconds = cond_run(ds)
     module = load_module(ckpt)
     ev, ref, classifier, info, _ = mnist_setup(ds)
     samplers = [Sampler("ddim", 50, guidance_scale=None if s == 1.0 else s) for s in GUIDANCE_SCALES]
     rows = scored_rows(module, samplers, n, ev, ref, ds.test_set, RUNS / "rows" / f"mnist-{ds.run}_cond.json",
                        classifier=classifier)
-    y = torch.arange(10).repeat_interleave(8)
+    y = torch.arange(module.net.num_classes).repeat_interleave(8)
     for s in GUIDANCE_GRID_SCALES:
         images = module.sample(len(y), Sampler("ddim", 50, guidance_scale=s), y=y,
                                generator=torch.Generator().manual_seed(0))
@@ -492,14 +496,11 @@ def stage_guidance(ds: Dataset, n: int = N_RECIPE) -> dict:
 def guidance_section(st: dict) -> str:
     g, r = st["guidance"], st["recipe"]
     floor = r["floor"]
-    lines = [score_row(f"unconditional recipe (above), N={r['n']:,}", r["ddim50"])]
+    lines, targets = [score_row(f"unconditional recipe (above), N={r['n']:,}", r["ddim50"])], []
     for s, row in g["rows"].items():
         what = "conditional, no guidance" if float(s) == 1.0 else "guided: the net on a batch of 2B"
         lines.append(score_row(f"s = {float(s):g} ({what}), N={g['n']:,}", row))
-    targets = []
-    for s, row in g["rows"].items():
-        ok_cls = row["cls_score"] >= 9.0 and row["confident"] >= 0.95
-        ok_fid = row["fid"] <= 2 * floor["fid"]
+        ok_cls, ok_fid = targets_met(row, floor)
         targets.append(f"s = {float(s):g}: classifier {'met' if ok_cls else 'NOT met'} ({row['cls_score']:.2f}, "
                        f"{100 * row['confident']:.1f}%), FID {'met' if ok_fid else 'NOT met'} ({row['fid']:.2f} vs "
                        f"2 x {floor['fid']:.2f})")
@@ -533,10 +534,6 @@ The issue's targets per scale: {'; '.join(targets)}.
 TRAILING_STEPS = (10, 20)
 
 
-COND_TABLE_LABEL = ("The class-conditional model of experiment=mnist_cpu_cfg (v prediction, 3,200 steps), without "
-                    "guidance (s = 1, uniform random labels)")
-
-
 def stage_table(ds: Dataset, n: int = N_TABLE, cond: bool = False) -> dict:
     """DDIM's Table 1 on the recipe model: eta {0, 1} x S {10, 20, 50, 100} and DDPM-1000, same x_T, N each.
     cond: on the class-conditional model of GUIDANCE_EXPERIMENT instead (s = 1), kept as the "table_cond" stage."""
@@ -545,7 +542,7 @@ def stage_table(ds: Dataset, n: int = N_TABLE, cond: bool = False) -> dict:
     from diffusion_lab.checkpoint import load_module
     from diffusion_lab.diffusion import Sampler
 
-    ckpt = train_run(f"{ds.run}_cond", [], GUIDANCE_EXPERIMENT)[0] if cond else recipe_checkpoint(ds)
+    ckpt = cond_run(ds)[0] if cond else recipe_checkpoint(ds)
     module = load_module(ckpt)
     ev, ref, classifier, info, _ = mnist_setup(ds)
     ddpm = Sampler("ddpm", module.diffusion.num_timesteps)
@@ -559,7 +556,8 @@ def stage_table(ds: Dataset, n: int = N_TABLE, cond: bool = False) -> dict:
     data = {"machine": machine(), "n": n, "rows": rows, "ckpt": str(ckpt), "objective": objective(module, step),
             "classifier_epochs": info["epochs"]}
     if cond:
-        data["label"] = (f"{COND_TABLE_LABEL}; {machine_line(data['machine'])}; "
+        data["label"] = (f"The class-conditional model of experiment={GUIDANCE_EXPERIMENT} ({data['objective']}), "
+                         f"without guidance (s = 1, uniform random labels); {machine_line(data['machine'])}; "
                          f"`python bench/mnist.py --stage table --cond{n_flag(n, N_TABLE)}`")
     save_stage("table_cond" if cond else f"{ds.stage}table", data)
     return data
@@ -591,6 +589,12 @@ def table_targets(rows: list[dict], spacing: str = "ddim") -> list[str]:
         out.append(f"DDIM-50 / DDPM-1000 = {d50:.2f} / {ddpm:.2f} = {d50 / ddpm:.3f} (target <= 1.15: "
                    f"{'met' if d50 / ddpm <= 1.15 else 'NOT met'})")
     return out
+
+
+def targets_met(row: dict, floor: dict) -> tuple[bool, bool]:
+    """Issue 15's quality targets for a scored row: (classifier score >= 9.0 with >= 95% confident, FID within 2x
+    the floor's)."""
+    return row["cls_score"] >= 9.0 and row["confident"] >= 0.95, row["fid"] <= 2 * floor["fid"]
 
 
 def score_row(name: str, r: dict) -> str:
@@ -680,8 +684,7 @@ def recipe_section(ds: Dataset, st: dict) -> str:
     r = st[f"{ds.stage}recipe"]
     d, f = r["ddim50"], r["floor"]
     ok_time = r["train_seconds"] <= 40 * 60
-    ok_cls = d["cls_score"] >= 9.0 and d["confident"] >= 0.95
-    ok_fid = d["fid"] <= 2 * f["fid"]
+    ok_cls, ok_fid = targets_met(d, f)
     cmd = f"python bench/mnist.py{ds.flag} --stage recipe{n_flag(r['n'], N_RECIPE)}"
     title = "The recipe" if ds.history else f"{ds.title}: the recipe"
     previous = previous_recipe_rows(st) if ds.history else ""

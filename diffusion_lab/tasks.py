@@ -160,19 +160,22 @@ def _load_for_eval(cfg: DictConfig):
 
 
 def _samplers(cfg: DictConfig, module) -> list[tuple]:
-    """(sampler, role) pairs: the grid's methods x NFE ("curve") and its DDPM steps ("reference"), or the single
-    `sampler` when grid is null. Each is checked against the checkpoint's process before any sampling."""
+    """(sampler, role) pairs: the grid's methods x NFE ("curve") and its DDPM steps ("reference"), all guided by
+    `sampler.guidance_scale`, or the single `sampler` when grid is null. Each is checked against the checkpoint's
+    process before any sampling."""
     from .diffusion import Sampler, get_method
 
     if not cfg.get("grid"):
         return [(validate_sampler(cfg.sampler, "sampler", module.diffusion, module.conditional), "curve")]
     g = cfg.grid
     nfes = list(g.get("ddim_steps") or g.nfe)  # ddim_steps: the grid's older name for the NFE list
+    guidance = cfg.sampler.get("guidance_scale")  # guides every sampler of the grid, the reference too
     pairs = []
     for name in g.methods:
         etas = g.etas if g.get("etas") and "eta" in get_method(name).options else [None]
-        pairs += [(Sampler(name, nfe=n, spacing=g.get("spacing"), eta=e), "curve") for e in etas for n in nfes]
-    pairs += [(Sampler("ddpm", s), "reference") for s in g.get("ddpm_steps") or []]
+        pairs += [(Sampler(name, nfe=n, spacing=g.get("spacing"), eta=e, guidance_scale=guidance), "curve")
+                  for e in etas for n in nfes]
+    pairs += [(Sampler("ddpm", s, guidance_scale=guidance), "reference") for s in g.get("ddpm_steps") or []]
     unique = {(s.name, role): (s, role) for s, role in pairs}  # e.g. Heun at NFE 9 and 10 is one sampler
     for i, (s, _) in enumerate(unique.values()):
         validate_sampler(s, f"grid[{i}] ({s.name})", module.diffusion, module.conditional)

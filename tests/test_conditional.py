@@ -73,3 +73,25 @@ def test_guidance_improves_class_accuracy(tmp_path):
         acc[scale] = float(np.mean(clf.predict(feats) == y.numpy()))
     assert acc[3.0] > acc[0.0] + 0.2, acc
     assert acc[3.0] > 0.5, acc
+
+
+def test_evaluate_grid_takes_the_guidance_scale(tmp_path):
+    """evaluate.py's grid guides every row, the DDPM reference too, when sampler.guidance_scale is set (it used to
+    drop it silently unless grid=null); on an unconditional net the scale is refused before any sampling."""
+    from types import SimpleNamespace
+
+    from diffusion_lab.config import ConfigError
+    from diffusion_lab.tasks import _samplers
+
+    cfg = compose_train(["ckpt_path=x.ckpt", "grid.nfe=[5,10]", "grid.ddpm_steps=[100]",
+                         "sampler.guidance_scale=1.5"], tmp_path, "evaluate")
+    diffusion = GaussianDiffusion(get_betas("linear", 100))
+    pairs = _samplers(cfg, SimpleNamespace(diffusion=diffusion, conditional=True))
+    assert [(s.name, role) for s, role in pairs] == [
+        ("ddim5_eta0_cfg1.5", "curve"), ("ddim10_eta0_cfg1.5", "curve"), ("ddpm100_cfg1.5", "reference")]
+    cfg.sampler.guidance_scale = None
+    assert all(s.guidance_scale is None for s, _ in _samplers(cfg, SimpleNamespace(diffusion=diffusion,
+                                                                                      conditional=True)))
+    cfg.sampler.guidance_scale = 1.5
+    with pytest.raises(ConfigError, match=r"guidance_scale=1.5 needs a class-conditional net"):
+        _samplers(cfg, SimpleNamespace(diffusion=diffusion, conditional=False))

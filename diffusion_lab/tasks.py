@@ -170,6 +170,9 @@ def _samplers(cfg: DictConfig, module) -> list[tuple]:
     g = cfg.grid
     nfes = list(g.get("ddim_steps") or g.nfe)  # ddim_steps: the grid's older name for the NFE list
     guidance = cfg.sampler.get("guidance_scale")  # guides every sampler of the grid, the reference too
+    if guidance is not None and not module.conditional:
+        raise ConfigError(f"sampler.guidance_scale={guidance} guides every grid row, but {cfg.ckpt_path} is not "
+                          "class-conditional: drop sampler.guidance_scale")
     pairs = []
     for name in g.methods:
         etas = g.etas if g.get("etas") and "eta" in get_method(name).options else [None]

@@ -93,5 +93,5 @@ def test_evaluate_grid_takes_the_guidance_scale(tmp_path):
     assert all(s.guidance_scale is None for s, _ in _samplers(cfg, SimpleNamespace(diffusion=diffusion,
                                                                                       conditional=True)))
     cfg.sampler.guidance_scale = 1.5
-    with pytest.raises(ConfigError, match=r"guidance_scale=1.5 needs a class-conditional net"):
+    with pytest.raises(ConfigError, match=r"sampler.guidance_scale=1.5 guides every grid row, but x.ckpt is not"):
         _samplers(cfg, SimpleNamespace(diffusion=diffusion, conditional=False))

@@ -305,6 +305,15 @@ def objective(module, steps: int) -> str:
     return f"{module.diffusion.mean_type} prediction, {steps:,} steps{decay}"
 
 
+def grid_sampler(module) -> str:
+    """The sampler that drew a run's sample grids (its config's `sampler`), in words: 'DDIM eta=1, 50 steps'."""
+    from diffusion_lab.diffusion import Sampler
+
+    node = {k: v for k, v in module.run_config["sampler"].items() if k != "_target_"}
+    s = Sampler(**node)
+    return f"{s.label}, {s.steps} steps"
+
+
 def recipe_checkpoint(ds: Dataset) -> Path:
     """The dataset's recipe checkpoint (trained on first use; a run of an older preset is refused)."""
     return train_run(ds.run, [], ds.experiment)[0]
@@ -349,7 +358,7 @@ def stage_recipe(ds: Dataset, n: int = N_RECIPE) -> dict:
     shutil.copyfile(ckpt.parents[1] / "samples" / "final.png", RESULTS / ds.samples_png)
     c = torch.load(ckpt, weights_only=True)
     data = {"machine": machine(), "n": n, "train_seconds": seconds, "steps": c["global_step"],
-            "objective": objective(module, c["global_step"]),
+            "objective": objective(module, c["global_step"]), "grid_sampler": grid_sampler(module),
             "epochs": c["epoch"], "final_loss": final_loss(ckpt.parents[1]), "ddim50": rows[0], "ddim50_eta1": rows[1],
             "floor": floor,
             "classifier_test_accuracy": info["test_accuracy"], "classifier_epochs": info["epochs"], "ckpt": str(ckpt)}
@@ -518,7 +527,7 @@ def guidance_section(st: dict) -> str:
         lines.append(score_row(f"eta {eta:g}, s = {float(s):g} ({what}), N={g['n']:,}", row))
         ok_cls, ok_fid = targets_met(row, floor)
         targets.append(f"eta {eta:g}, s = {float(s):g}: classifier {'met' if ok_cls else 'NOT met'} "
-                       f"({row['cls_score']:.2f}, {100 * row['confident']:.1f}%), FID {'met' if ok_fid else 'NOT met'} "
+                       f"({row['cls_score']:.2f}, {pct(row['confident'])}), FID {'met' if ok_fid else 'NOT met'} "
                        f"({row['fid']:.2f} vs 2 x {floor['fid']:.2f})")
     cmd = f"python bench/mnist.py --stage guidance{n_flag(g['n'], N_RECIPE)}"
     grids = " ".join(f"![eta {eta:g}, s = {s:g}](bench/results/{guidance_png(s, eta)})" for s, eta in GUIDANCE_GRIDS)
@@ -614,6 +623,11 @@ def targets_met(row: dict, floor: dict) -> tuple[bool, bool]:
     return row["cls_score"] >= 9.0 and row["confident"] >= 0.95, row["fid"] <= 2 * floor["fid"]
 
 
+def pct(share: float) -> str:
+    """A share as the percentage of score_row's 3-decimal column (0.8065 -> "80.6%", as the table shows 0.806)."""
+    return f"{100 * round(share, 3):.1f}%"
+
+
 def score_row(name: str, r: dict) -> str:
     return (f"| {name} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cls_score']:.2f} | "
             f"{r['confident']:.3f} |")
@@ -635,7 +649,9 @@ def previous_recipe_rows(st: dict) -> str:
         name = p.get("label") or (
             f"previous recipe: {p['objective']}, {p['train_seconds'] / 60:.1f} min ({cpu}), N={p['n']:,}"
         )
-        out += "\n" + score_row(name + classifier_note(p), p["ddim50"])
+        samples = recipe_samples(p)
+        for eta, d in samples:
+            out += "\n" + score_row(name + (f", eta {eta}" if len(samples) > 1 else "") + classifier_note(p), d)
     return out
 
 
@@ -717,7 +733,7 @@ def recipe_section(ds: Dataset, st: dict) -> str:
         for eta, d in samples:
             ok_cls, ok_fid = targets_met(d, f)
             per.append(f"eta {eta}: classifier score >= 9.0 and >= 95% confident {'met' if ok_cls else 'NOT met'} "
-                       f"({d['cls_score']:.2f}, {100 * d['confident']:.1f}%), FID within 2x the floor "
+                       f"({d['cls_score']:.2f}, {pct(d['confident'])}), FID within 2x the floor "
                        f"{'met' if ok_fid else 'NOT met'} ({d['fid']:.2f} vs 2 x {f['fid']:.2f})")
         targets = (f"Targets: training <= 40 min ({'met' if ok_time else 'NOT met'}: {r['train_seconds'] / 60:.1f}); "
                    + "; ".join(per) + ".")
@@ -742,6 +758,8 @@ CNN of `diffusion_lab.eval.classifier` trained on {ds.title} (test accuracy {r['
 |---|---|---|---|---|---|
 {rows}
 {score_row("real training images (floor)", f)}{previous}
+
+The run's final grid, drawn by its preset's sampler ({r.get('grid_sampler', 'DDIM eta=0, 50 steps')}):
 
 ![samples](bench/results/{ds.samples_png})
 

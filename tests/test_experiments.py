@@ -81,3 +81,19 @@ def test_multirun_2x2_makes_four_runs(tmp_path):
         seen.add((cfg["diffusion"]["schedule"], cfg["sampler"]["steps"]))
         assert (run / "checkpoints" / "last.ckpt").exists() and (run / "csv" / "metrics.csv").exists()
     assert seen == {("linear", 5), ("linear", 10), ("cosine", 5), ("cosine", 10)}
+
+
+ALL_EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+SAMPLERS = sorted(p.stem for p in (ROOT / "conf" / "sampler").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", ALL_EXPERIMENTS)
+def test_every_sampler_choice_composes_with_every_preset(tmp_path, name):
+    """A preset that wants another sampler picks it as a group choice (override /sampler: ...), never by setting
+    one method's option (sampler.eta): that option would be merged into whatever sampler=... a user picks and
+    refused by methods without it (`experiment=mnist_cpu sampler=dpmpp_2m` once failed so)."""
+    from hydra.utils import instantiate
+
+    for sampler in SAMPLERS:
+        cfg = compose_train([f"experiment={name}", f"sampler={sampler}"], tmp_path)
+        assert instantiate(cfg.sampler).method.name == cfg.sampler.method, (name, sampler)

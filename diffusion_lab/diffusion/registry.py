@@ -6,9 +6,9 @@
 
 Every `fn` has one signature (samplers.ddim_sample's; see solvers.py for the conventions): ascending `timesteps`,
 x_T at the last of them, the result x_0. Adding a sampler is one function + one `register(Method(...))` below +
-one conf/sampler/<name>.yaml. Nothing outside this module compares method names: labels, NFE, which options a
-method takes and their valid values, whether it is deterministic, and whether `paint` / inversion support it
-are all read from here.
+one conf/sampler/<name>.yaml (a preset of options is a file that includes it, e.g. ddim_eta1.yaml). Nothing
+outside this module compares method names: labels, NFE, which options a method takes and their valid values,
+whether it is deterministic, and whether `paint` / inversion support it are all read from here.
 """
 
 from __future__ import annotations

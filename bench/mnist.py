@@ -307,10 +307,9 @@ def objective(module, steps: int) -> str:
 
 def grid_sampler(module) -> str:
     """The sampler that drew a run's sample grids (its config's `sampler`), in words: 'DDIM eta=1, 50 steps'."""
-    from diffusion_lab.diffusion import Sampler
+    from diffusion_lab.config import build
 
-    node = {k: v for k, v in module.run_config["sampler"].items() if k != "_target_"}
-    s = Sampler(**node)
+    s = build(module.run_config["sampler"], "sampler")
     return f"{s.label}, {s.steps} steps"
 
 
@@ -365,7 +364,7 @@ def stage_recipe(ds: Dataset, n: int = N_RECIPE) -> dict:
     save_stage(f"{ds.stage}recipe", data)
     summary("mnist", f"{ds.title} recipe: {seconds / 60:.1f} min, floor FID {floor['fid']:.2f}; " + "; ".join(
         f"eta {e}: FID {r['fid']:.2f}, classifier {r['cls_score']:.2f}, {r['confident']:.3f} confident"
-        for e, r in zip((0, 1), rows)))
+        for e, r in recipe_samples(data)))
     return data
 
 
@@ -489,8 +488,8 @@ def stage_guidance(ds: Dataset, n: int = N_RECIPE) -> dict:
     ckpt, seconds = cond_run(ds)
     module = load_module(ckpt)
     ev, ref, classifier, info, _ = mnist_setup(ds)
-    samplers = [Sampler("ddim", 50, guidance_scale=None if s == 1.0 else s) for s in GUIDANCE_SCALES]
-    samplers += [Sampler("ddim", 50, eta=1.0, guidance_scale=None if s == 1.0 else s) for s in GUIDANCE_ETA1_SCALES]
+    samplers = [Sampler("ddim", 50, eta=eta, guidance_scale=None if s == 1.0 else s)
+                for eta, scales in ((0.0, GUIDANCE_SCALES), (1.0, GUIDANCE_ETA1_SCALES)) for s in scales]
     rows = scored_rows(module, samplers, n, ev, ref, ds.test_set, RUNS / "rows" / f"mnist-{ds.run}_cond.json",
                        classifier=classifier)
     y = torch.arange(module.net.num_classes).repeat_interleave(8)
@@ -500,7 +499,8 @@ def stage_guidance(ds: Dataset, n: int = N_RECIPE) -> dict:
         save_grid(images, RESULTS / guidance_png(s, eta), nrow=8)
     c = torch.load(ckpt, weights_only=True)
     data = {"machine": machine(), "n": n, "train_seconds": seconds, "steps": c["global_step"],
-            "final_loss": final_loss(ckpt.parents[1]), "rows": dict(zip(map(str, GUIDANCE_SCALES), rows)),
+            "final_loss": final_loss(ckpt.parents[1]),
+            "rows": dict(zip(map(str, GUIDANCE_SCALES), rows[:len(GUIDANCE_SCALES)])),
             "rows_eta1": dict(zip(map(str, GUIDANCE_ETA1_SCALES), rows[len(GUIDANCE_SCALES):])),
             "classifier_epochs": info["epochs"], "ckpt": str(ckpt)}
     save_stage("guidance", data)
@@ -525,10 +525,7 @@ def guidance_section(st: dict) -> str:
     for s, eta, row in scored:
         what = "conditional, no guidance" if float(s) == 1.0 else "guided: the net on a batch of 2B"
         lines.append(score_row(f"eta {eta:g}, s = {float(s):g} ({what}), N={g['n']:,}", row))
-        ok_cls, ok_fid = targets_met(row, floor)
-        targets.append(f"eta {eta:g}, s = {float(s):g}: classifier {'met' if ok_cls else 'NOT met'} "
-                       f"({row['cls_score']:.2f}, {pct(row['confident'])}), FID {'met' if ok_fid else 'NOT met'} "
-                       f"({row['fid']:.2f} vs 2 x {floor['fid']:.2f})")
+        targets.append(f"eta {eta:g}, s = {float(s):g}: {targets_text(row, floor)}")
     cmd = f"python bench/mnist.py --stage guidance{n_flag(g['n'], N_RECIPE)}"
     grids = " ".join(f"![eta {eta:g}, s = {s:g}](bench/results/{guidance_png(s, eta)})" for s, eta in GUIDANCE_GRIDS)
     return f"""### Class-conditional, with classifier-free guidance (`{cmd}`)
@@ -621,6 +618,15 @@ def targets_met(row: dict, floor: dict) -> tuple[bool, bool]:
     """Issue 15's quality targets for a scored row: (classifier score >= 9.0 with >= 95% confident, FID within 2x
     the floor's)."""
     return row["cls_score"] >= 9.0 and row["confident"] >= 0.95, row["fid"] <= 2 * floor["fid"]
+
+
+def targets_text(row: dict, floor: dict) -> str:
+    """targets_met in words, with the numbers: 'classifier score >= 9.0 and >= 95% confident met (9.57, 95.8%), FID
+    within 2x the floor met (7.70 vs 2 x 4.93)'."""
+    ok_cls, ok_fid = targets_met(row, floor)
+    return (f"classifier score >= 9.0 and >= 95% confident {'met' if ok_cls else 'NOT met'} ({row['cls_score']:.2f}, "
+            f"{pct(row['confident'])}), FID within 2x the floor {'met' if ok_fid else 'NOT met'} ({row['fid']:.2f} vs "
+            f"2 x {floor['fid']:.2f})")
 
 
 def pct(share: float) -> str:
@@ -729,14 +735,8 @@ def recipe_section(ds: Dataset, st: dict) -> str:
     title = "The recipe" if ds.history else f"{ds.title}: the recipe"
     previous = previous_recipe_rows(st) if ds.history else ""
     if ds.history:
-        per = []
-        for eta, d in samples:
-            ok_cls, ok_fid = targets_met(d, f)
-            per.append(f"eta {eta}: classifier score >= 9.0 and >= 95% confident {'met' if ok_cls else 'NOT met'} "
-                       f"({d['cls_score']:.2f}, {pct(d['confident'])}), FID within 2x the floor "
-                       f"{'met' if ok_fid else 'NOT met'} ({d['fid']:.2f} vs 2 x {f['fid']:.2f})")
         targets = (f"Targets: training <= 40 min ({'met' if ok_time else 'NOT met'}: {r['train_seconds'] / 60:.1f}); "
-                   + "; ".join(per) + ".")
+                   + "; ".join(f"eta {eta}: {targets_text(d, f)}" for eta, d in samples) + ".")
         if "guidance" in st:
             targets += " The same recipe with class labels and guidance: the class-conditional section below."
     else:

@@ -16,7 +16,8 @@ from diffusion_lab.tasks import train
 
 # The MNIST-family CPU presets run in test_mnist.py (with the skip for absent Fashion-MNIST files).
 OWN_TESTS = {"mnist_cpu", "mnist_cpu_cfg", "fashion_mnist_cpu"}
-EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml") if p.stem not in OWN_TESTS)
+ALL_EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in OWN_TESTS]
 SHRINK = {  # GPU presets on CPU-sized data and nets
     "ddpm_cifar10": ["data=digits", "net=unet_digits", "trainer=cpu"],
     "iddpm_cifar10": [
@@ -83,7 +84,6 @@ def test_multirun_2x2_makes_four_runs(tmp_path):
     assert seen == {("linear", 5), ("linear", 10), ("cosine", 5), ("cosine", 10)}
 
 
-ALL_EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 SAMPLERS = sorted(p.stem for p in (ROOT / "conf" / "sampler").glob("*.yaml"))
 
 

@@ -57,7 +57,8 @@ def validate_sampler(node, key: str, diffusion, conditional: bool):
         raise ConfigError(str(e) if key == "sampler" else f"{key}: {e}") from None
     if sampler.guidance_scale is not None and not conditional:
         raise ConfigError(
-            f"{key}.guidance_scale={sampler.guidance_scale:g} needs a class-conditional net (set net.num_classes)"
+            f"{key}.guidance_scale={sampler.guidance_scale:g} needs a class-conditional net: train one with "
+            f"net.num_classes set, or drop {key}.guidance_scale"
         )
     return sampler
 

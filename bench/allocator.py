@@ -20,7 +20,7 @@ import statistics
 import time
 
 import torch
-from common import machine, machine_line, run_worker, summary, write_result
+from harness.common import machine, machine_line, run_worker, summary, write_result
 
 MODES = {
     "default": "glibc's default malloc settings",
@@ -30,8 +30,8 @@ MODES = {
 
 def net():
     """The net `experiment=mnist_cpu` trains (composed from the preset, so it follows the recipe), fresh weights."""
+    from harness.mnist import compose
     from hydra.utils import instantiate
-    from mnist import compose
 
     torch.manual_seed(0)
     return instantiate(compose(["experiment=mnist_cpu"]).net).to(memory_format=torch.channels_last)

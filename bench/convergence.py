@@ -25,8 +25,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS, ROOT, RUNS, machine, machine_line, save_figure, scored_rows, summary, write_result  # noqa: E402
-from mnist import DATASETS, EPS_OBJECTIVE, check_same_recipe, mnist_setup  # noqa: E402
+from harness.common import RESULTS, ROOT, RUNS, machine, machine_line, save_figure, scored_rows, summary, write_result  # noqa: E402
+from harness.mnist import DATASETS, EPS_OBJECTIVE, check_same_recipe, mnist_setup  # noqa: E402
 
 from diffusion_lab.checkpoint import load_module  # noqa: E402
 from diffusion_lab.diffusion import Sampler  # noqa: E402

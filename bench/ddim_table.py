@@ -17,7 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import (  # noqa: E402
+from harness.common import (  # noqa: E402
     all_digits_uint8,
     fid_evaluator,
     finish_fid_plot,

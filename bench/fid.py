@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import (
+from harness.common import (
     CACHE,
     ROOT,
     RUNS,

@@ -16,8 +16,8 @@ import json
 import statistics
 
 import torch
-from common import machine, machine_line, run_worker, summary, timed, write_result
-from peers import CONFIGS
+from harness.common import machine, machine_line, run_worker, summary, timed, write_result
+from harness.unet_peers import CONFIGS
 
 from diffusion_lab.diffusion.timesteps import LossAwareTimestepSampler, UniformTimestepSampler
 

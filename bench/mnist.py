@@ -27,92 +27,25 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
-from common import CACHE, ROOT, RUNS, classifier_note, machine, machine_line, peak_rss_mib, run_worker, summary
-
-# The net ablation (throughput and ablation stages) and the eps runs of bench/convergence.py predate the recipe's
-# move to v-prediction: pinned, so that a re-run reproduces the recorded tables.
-EPS_OBJECTIVE = ["diffusion.mean_type=eps"]
-
-# Candidate nets at 28x28 (28 -> 14 -> 7, attention at 7x7 and in the middle), as net.* overrides.
-NETS = {
-    "c32b1": ["net.base_channels=32", "net.num_res_blocks=1"],
-    "c32b2": ["net.base_channels=32", "net.num_res_blocks=2"],
-    "c48b1": ["net.base_channels=48", "net.num_res_blocks=1"],
-    "c64b1": ["net.base_channels=64", "net.num_res_blocks=1"],
-    "c64b2": ["net.base_channels=64", "net.num_res_blocks=2"],
-}
-RESULTS_JSON = ROOT / "bench" / "results" / "mnist_stages.json"
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """What the recipe and table stages need to know of a dataset (`--data`)."""
-
-    key: str  # its --data value
-    title: str  # in headings: "MNIST"
-    experiment: str  # its CPU preset
-    run: str  # its recipe's run directory under outputs/bench/mnist (also names its rows cache)
-    datamodule: str  # class in diffusion_lab.data
-    stage: str  # prefix of its stage keys in mnist_stages.json ("" for MNIST, whose keys predate --data)
-    history: bool = False  # its section carries the issue's targets and the archived earlier recipes (MNIST)
-
-    @property
-    def test_set(self) -> str:
-        return f"the 10,000 {self.title} test images"
-
-    @property
-    def flag(self) -> str:
-        """The --data flag that selects it on a command line (empty for MNIST, the default)."""
-        return "" if self.key == "mnist" else f" --data {self.key}"
-
-    @property
-    def samples_png(self) -> str:
-        return f"{self.stage or 'mnist_'}recipe_samples.png"
-
-
-DATASETS = {
-    d.key: d
-    for d in (
-        Dataset("mnist", "MNIST", "mnist_cpu", "recipe", "MNISTDataModule", "", history=True),
-        Dataset("fashion_mnist", "Fashion-MNIST", "fashion_mnist_cpu", "fashion_recipe", "FashionMNISTDataModule",
-                "fashion_"),
-    )
-}
-
-
-def load_stages() -> dict:
-    return json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
-
-
-def save_stage(name: str, data: dict) -> None:
-    from diffusion_lab.io import atomic_write
-
-    stages = load_stages()
-    stages[name] = data
-    with atomic_write(RESULTS_JSON) as tmp:
-        tmp.write_text(json.dumps(stages, indent=1, default=float))
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import open_dict
-
-    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
-        cfg = hydra_compose("train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths = {
-            "output_dir": str(RUNS / "mnist_throughput"),
-            "cache_dir": str(CACHE),
-            "data_dir": str(ROOT / "data"),
-            "root_dir": str(ROOT),
-        }
-    return cfg
+from harness.common import ROOT, RUNS, classifier_note, machine, machine_line, peak_rss_mib, run_worker, summary
+from harness.mnist import (
+    DATASETS,
+    EPS_OBJECTIVE,
+    GUIDANCE_EXPERIMENT,
+    NETS,
+    Dataset,
+    compose,
+    cond_run,
+    load_stages,
+    mnist_setup,
+    recipe_checkpoint,
+    save_stage,
+    train_run,
+)
 
 
 def worker_throughput(net: str, batch: int, warmup: int, steps: int, precision: str | None = None) -> dict:
@@ -197,51 +130,6 @@ CANDIDATES = {
 }  # fmt: skip
 
 
-def train_run(
-    name: str, overrides: list[str], experiment: str = "mnist_cpu", env: dict | None = None
-) -> tuple[Path, float]:
-    """`python train.py experiment=<experiment> <overrides>` into outputs/bench/mnist/<name> (reused when done);
-    (last checkpoint, wall seconds of the training process)."""
-    run_dir = RUNS / "mnist" / name
-    ckpt, done = run_dir / "checkpoints" / "last.ckpt", run_dir / "DONE"
-    if done.exists() and ckpt.exists():
-        check_same_recipe(run_dir, overrides, experiment)
-    else:
-        cmd = [sys.executable, "train.py", f"experiment={experiment}", *overrides, f"hydra.run.dir={run_dir}",
-               "logger=csv", "trainer.enable_progress_bar=false"]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, check=True, env=env)
-        done.write_text(f"{time.perf_counter() - t0:.1f}\n")
-    return ckpt, float(done.read_text())
-
-
-def check_same_recipe(run_dir: Path, overrides: list[str], experiment: str) -> None:
-    """A finished run is reused only if it trained what `experiment=<experiment> <overrides>` composes today (the
-    preset may have changed since): otherwise stop with one line, leaving the old run for its owner to move."""
-    from omegaconf import OmegaConf
-
-    def leaves(cfg) -> dict:
-        out = {}
-        for key in RECIPE_KEYS:
-            v = OmegaConf.select(cfg, key)
-            if OmegaConf.is_dict(v):
-                out |= {f"{key}.{k}": x for k, x in OmegaConf.to_container(v).items()}
-            else:
-                out[key] = OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
-        return out
-
-    saved = leaves(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
-    now = leaves(compose([f"experiment={experiment}", *overrides]))
-    for key in sorted(saved.keys() | now.keys()):
-        if saved.get(key) != now.get(key):
-            sys.exit(f"error: {run_dir} was trained with {key}={saved.get(key)}, the preset now gives "
-                     f"{now.get(key)}: move that run directory aside (or delete it) to retrain")
-
-
-RECIPE_KEYS = ["diffusion", "net", "optim", "lr_scheduler", "label_dropout", "data.batch_size", "data.image_size",
-               "trainer.max_steps", "callbacks.ema.decay", "seed"]
-
-
 def evaluate_run(ckpt: Path, name: str, extra: list[str]) -> list[dict]:
     """`python evaluate.py ckpt_path=<ckpt> fid.reference_split=test <extra>`; its results.csv rows."""
     import csv
@@ -313,35 +201,12 @@ def grid_sampler(module) -> str:
     return f"{s.label}, {s.steps} steps"
 
 
-def recipe_checkpoint(ds: Dataset) -> Path:
-    """The dataset's recipe checkpoint (trained on first use; a run of an older preset is refused)."""
-    return train_run(ds.run, [], ds.experiment)[0]
-
-
-def cond_run(ds: Dataset) -> tuple[Path, float]:
-    """The class-conditional recipe's run (GUIDANCE_EXPERIMENT, trained on first use): (checkpoint, seconds)."""
-    return train_run(f"{ds.run}_cond", [], GUIDANCE_EXPERIMENT)
-
-
-def mnist_setup(ds: Dataset):
-    """(evaluator, test-set features, classifier, its info, the DataModule) of an MNIST-like dataset."""
-    from common import fid_evaluator
-
-    import diffusion_lab.data
-    from diffusion_lab.eval.classifier import classifier_for
-
-    ev, dm = fid_evaluator(), getattr(diffusion_lab.data, ds.datamodule)(data_dir=str(ROOT / "data"), image_size=28)
-    ref = ev.reference_features(f"{ds.datamodule}-test", dm.test_images()[0])
-    classifier, info = classifier_for(dm, str(CACHE))
-    return ev, ref, classifier, info, dm
-
-
 def stage_recipe(ds: Dataset, n: int = N_RECIPE) -> dict:
     """Train the dataset's preset; FID / precision / recall / classifier score of N DDIM-50 samples against the
     test set, beside the floor: the same scores of N real training images."""
     import shutil
 
-    from common import RESULTS, scored_rows
+    from harness.common import RESULTS, scored_rows
 
     from diffusion_lab.checkpoint import load_module
     from diffusion_lab.diffusion import Sampler
@@ -411,7 +276,7 @@ def stage_ema(ds: Dataset, n: int = N_TABLE) -> dict:
     the recipe run when the run is deterministic); DDIM-50 scores of each average and of the raw weights."""
     import os
 
-    from common import scored_rows
+    from harness.common import scored_rows
 
     from diffusion_lab.checkpoint import load_module
     from diffusion_lab.diffusion import Sampler
@@ -467,7 +332,6 @@ N={e['n']:,} DDIM-50 samples each, the same x_T, against the 10,000 MNIST test i
 # replaced by the null label while training (classifier-free guidance, Ho & Salimans 2022), sampled with uniform
 # random labels at scales s (s = 1: the conditional model alone, one forward per step; s > 1: guided, a batch of
 # 2B per step).
-GUIDANCE_EXPERIMENT = "mnist_cpu_cfg"
 GUIDANCE_SCALES = (1.0, 1.5, 2.0, 3.0)
 # (s, eta) of the per-class grids in BENCHMARKS.md
 GUIDANCE_GRIDS = ((1.0, 0.0), (1.5, 0.0), (2.0, 0.0), (1.0, 1.0), (1.5, 1.0))
@@ -479,7 +343,7 @@ GUIDANCE_ETA1_SCALES = (1.5, 1.0, 2.0)
 def stage_guidance(ds: Dataset, n: int = N_RECIPE) -> dict:
     """The class-conditional recipe (GUIDANCE_EXPERIMENT); DDIM-50 scores at each of GUIDANCE_SCALES and a grid
     (a row per class, the same x_T) at each (scale, eta) of GUIDANCE_GRIDS."""
-    from common import RESULTS, scored_rows
+    from harness.common import RESULTS, scored_rows
 
     from diffusion_lab.checkpoint import load_module
     from diffusion_lab.diffusion import Sampler
@@ -494,8 +358,7 @@ def stage_guidance(ds: Dataset, n: int = N_RECIPE) -> dict:
                        classifier=classifier)
     y = torch.arange(module.net.num_classes).repeat_interleave(8)
     for s, eta in GUIDANCE_GRIDS:
-        images = module.sample(len(y), Sampler("ddim", 50, eta=eta, guidance_scale=s), y=y,
-                               generator=torch.Generator().manual_seed(0))
+        images = module.sample(len(y), Sampler("ddim", 50, eta=eta, guidance_scale=s), y=y, seed=0)
         save_grid(images, RESULTS / guidance_png(s, eta), nrow=8)
     c = torch.load(ckpt, weights_only=True)
     data = {"machine": machine(), "n": n, "train_seconds": seconds, "steps": c["global_step"],
@@ -560,7 +423,7 @@ TRAILING_STEPS = (10, 20)
 def stage_table(ds: Dataset, n: int = N_TABLE, cond: bool = False) -> dict:
     """DDIM's Table 1 on the recipe model: eta {0, 1} x S {10, 20, 50, 100} and DDPM-1000, same x_T, N each.
     cond: on the class-conditional model of GUIDANCE_EXPERIMENT instead (s = 1), kept as the "table_cond" stage."""
-    from common import scored_rows
+    from harness.common import scored_rows
 
     from diffusion_lab.checkpoint import load_module
     from diffusion_lab.diffusion import Sampler
@@ -677,7 +540,7 @@ def table_lines(rows: list[dict], spacing: str = "ddim") -> list[str]:
 
 def write_section() -> str:
     """The BENCHMARKS.md section from the stages recorded so far (bench/results/mnist_stages.json)."""
-    from common import write_result
+    from harness.common import write_result
 
     st = load_stages()
     parts = ["## MNIST on 2 CPU cores (`bench/mnist.py`)\n"]

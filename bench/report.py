@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import ROOT, atomic_write, results_dir
+from harness.common import ROOT, atomic_write, results_dir
 
 ORDER = [
     ("train_throughput", "python bench/train_throughput.py"),

@@ -16,8 +16,8 @@ import argparse
 import time
 
 import torch
-from common import machine, machine_line, summary, timed, write_result
-from peers import DiffusersEps, diffusers_unet, ours_unet
+from harness.common import machine, machine_line, summary, timed, write_result
+from harness.unet_peers import DiffusersEps, diffusers_unet, ours_unet
 
 from diffusion_lab.diffusion import GaussianDiffusion, Sampler
 from diffusion_lab.lit import DiffusionModule
@@ -79,17 +79,16 @@ def run(nets: list[str], repeats: int, quick: bool = False, ablations: bool = Fa
              "forward_diffusers": bare_forward(DiffusersEps(theirs), c, B, 10), "methods": {}}
         for method, steps in c["samplers"][:1] if quick else c["samplers"]:  # quick: DDIM-50 only
             s = Sampler(method, steps, spacing="even" if method == "ddpm" else "ddim")
-            g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
             long = steps >= 1000  # one timed call, no warm-up call: the per-step cost is steady by then
             if not long:
-                module.sample(B, s, generator=g())
+                module.sample(B, s, seed=0)
             reps = 1 if long else repeats
-            ours = timed(lambda: module.sample(B, s, generator=g()), reps)
+            ours = timed(lambda: module.sample(B, s, seed=0), reps)
             pipe = diffusers_pipeline(theirs, method, steps, B, reps, warmup=not long)
             r["methods"][f"{method}{steps}"] = {"ours": ours, "diffusers_pipeline": pipe}
             if ablations:
                 r["methods"][f"{method}{steps}"]["ours_on_diffusers_net"] = timed(
-                    lambda: module_theirs.sample(B, s, generator=g()), reps)
+                    lambda: module_theirs.sample(B, s, seed=0), reps)
         r["forward_ours"] = min(r["forward_ours"], bare_forward(module.net, c, B, 20))
         r["forward_diffusers"] = min(r["forward_diffusers"], bare_forward(DiffusersEps(theirs), c, B, 20))
         for m, v in r["methods"].items():
@@ -103,8 +102,8 @@ def run(nets: list[str], repeats: int, quick: bool = False, ablations: bool = Fa
             cond = DiffusionModule(randomise(ours_unet(c, num_classes=10)), diffusion).eval()
             y = torch.arange(B) % 10
             s = Sampler("ddim", 50, guidance_scale=3.0)
-            cond.sample(B, s, y=y, generator=torch.Generator().manual_seed(0))
-            t_cfg = timed(lambda: cond.sample(B, s, y=y, generator=torch.Generator().manual_seed(0)), repeats)
+            cond.sample(B, s, y=y, seed=0)
+            t_cfg = timed(lambda: cond.sample(B, s, y=y, seed=0), repeats)
             x = torch.randn(2 * B, 1, c["image_size"], c["image_size"])
             with torch.no_grad():
                 f2 = timed(lambda: cond.net(x, torch.full((2 * B,), 500), y=torch.arange(2 * B) % 11), 10)

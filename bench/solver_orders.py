@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
-from common import machine, machine_line, summary, write_result
+from harness.common import machine, machine_line, summary, write_result
 
 from diffusion_lab.diffusion import GaussianData, GaussianDiffusion, Sampler
 

@@ -24,7 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import (  # noqa: E402
+from harness.common import (  # noqa: E402
     RUNS,
     all_digits_uint8,
     classifier_note,
@@ -55,7 +55,7 @@ def model_and_reference(data: str):
         ev, ckpt = fid_evaluator(), train_digits("ddpm_linear", [])
         return load_module(ckpt), ev, ev.reference_features("digits-all", all_digits_uint8()), "all 1,797 digits", \
             None, None, ckpt  # fmt: skip
-    from mnist import DATASETS, mnist_setup, recipe_checkpoint
+    from harness.mnist import DATASETS, mnist_setup, recipe_checkpoint
 
     ds = DATASETS["mnist"]
     ckpt = recipe_checkpoint(ds)

@@ -33,7 +33,7 @@ import statistics
 import time
 
 import torch
-from common import (
+from harness.common import (
     CACHE,
     ROOT,
     machine,
@@ -45,7 +45,7 @@ from common import (
     summary,
     write_result,
 )
-from peers import CONFIGS, diffusers_unet, ours_unet, random_images
+from harness.unet_peers import CONFIGS, diffusers_unet, ours_unet, random_images
 
 ADAMW = ["optim=adamw", "optim.lr=1e-4", "+optim.betas=[0.95,0.999]", "optim.weight_decay=1e-6", "+optim.eps=1e-8"]
 SIDES = {

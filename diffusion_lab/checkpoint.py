@@ -140,14 +140,15 @@ def check_targets(cfg: DictConfig, source: str) -> None:
 def build_module(cfg: DictConfig, with_sampler: bool = True) -> DiffusionModule:
     """The DiffusionModule a run config describes (train.py's, or one saved in a checkpoint). with_sampler=False
     leaves out the run's grid sampler (sample.py / evaluate.py bring their own)."""
+    diffusion = build(cfg.diffusion, "diffusion")
     return DiffusionModule(
         net=build(cfg.net, "net"),
-        diffusion=build(cfg.diffusion, "diffusion"),
+        diffusion=diffusion,
         timestep_sampler=build(cfg.timesteps, "timesteps"),
         optimizer=build(cfg.optim, "optim"),
         lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.get("lr_scheduler") else None,
         label_dropout=cfg.get("label_dropout", 0.0),
-        sampler=build(cfg.sampler, "sampler") if with_sampler else None,
+        sampler=build(cfg.sampler, "sampler").bind(diffusion) if with_sampler else None,
         run_config=OmegaConf.to_container(cfg, resolve=True),
         channels_last=cfg.get("channels_last", True),
         seed=cfg.get("seed", 0),

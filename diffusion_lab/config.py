@@ -47,12 +47,13 @@ def build(node, key: str):
 
 
 def validate_sampler(node, key: str, diffusion, conditional: bool):
-    """The Sampler a config node (or object) describes, checked against the process it will run on."""
+    """The Sampler a config node (or object) describes, checked against the process it will run on and bound to
+    it (DDPM's default steps become its T)."""
     from .diffusion import Sampler
 
     try:
         sampler = node if isinstance(node, Sampler) else build(node, key)
-        sampler.timesteps(diffusion)
+        sampler = sampler.bind(diffusion)
     except ValueError as e:
         raise ConfigError(str(e) if key == "sampler" else f"{key}: {e}") from None
     if sampler.guidance_scale is not None and not conditional:

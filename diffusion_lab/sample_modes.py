@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .checks import check_choice
-from .diffusion import Sampler, paint, slerp
+from .diffusion import ImageGenerators, Sampler, draw, paint, slerp
 
 MODES = ("grid", "inpaint", "interpolate", "progression")
 MASKS = ("left_half", "right_half", "top_half", "bottom_half", "center")
@@ -40,31 +40,31 @@ def labels_for(module, n: int, class_label: int | None) -> torch.Tensor | None:
     return torch.arange(k).repeat_interleave(max(1, n // k))
 
 
-def grid(module, sampler: Sampler, n: int, g: torch.Generator, class_label=None):
+def grid(module, sampler: Sampler, n: int, seed: int, class_label=None):
+    """Images 0 .. n-1 of the run seeded `seed` (a conditional net: one row per class, or all `class_label`)."""
     y = labels_for(module, n, class_label)
     n = y.shape[0] if y is not None else n
     nrow = n // module.net.num_classes if (module.conditional and class_label is None) else None
-    return module.sample(n, sampler, y=y, generator=g, progress=True), nrow
+    return module.sample(n, sampler, y=y, seed=seed, progress=True), nrow
 
 
-def inpaint(module, sampler: Sampler, originals: torch.Tensor, mask_kind: str, g: torch.Generator):
-    """Rows: original | masked (unknown region grey) | result, one column per image. The sampler's method must
-    have a single-step update (paint); its options and clipping apply; guidance needs labels, which this mode
-    does not take."""
+def inpaint(module, sampler: Sampler, originals: torch.Tensor, mask_kind: str, seed: int):
+    """Rows: original | masked (unknown region grey) | result, one column per image. Any sampler (inpaint.paint
+    replaces the known region after every step of every method); its grid, options and clipping apply, and image
+    i's noise comes from its own generator (seed, i). Guidance needs labels, which this mode does not take."""
     if sampler.guidance_scale is not None:
         raise ValueError("mode=inpaint does not take sampler.guidance_scale (it inpaints without class labels)")
     mask = make_mask(mask_kind, originals.shape[-1]).to(module.device)
     x0 = originals.to(module.device)
-    dev_g = torch.Generator(device=module.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
     out = paint(
         module.diffusion,
-        module.net,
+        module.net.eval(),
         x0,
         mask,
         sampler.timesteps(module.diffusion),
         method=sampler.method.name,
         clip_denoised=sampler.clip_denoised,
-        generator=dev_g,
+        generator=ImageGenerators.for_images(seed, range(x0.shape[0])),
         **sampler.options,
         progress=True,
     )
@@ -83,13 +83,16 @@ def interpolation(module, sampler: Sampler, a: torch.Tensor, b: torch.Tensor, po
         able = ", ".join(m.name for m in METHODS.values() if m.invert is not None)
         raise ValueError(f"mode=interpolate needs a deterministic sampler with an inversion ({able}); got {sampler}")
     ts = sampler.timesteps(module.diffusion)
-    za, zb = (method.invert(module.diffusion, module.net, img[None].to(module.device), ts) for img in (a, b))
+    net = module.net.eval()
+    za, zb = (method.invert(module.diffusion, net, img[None].to(module.device), ts, **sampler.options)
+              for img in (a, b))
     zs = torch.cat([slerp(za, zb, w) for w in torch.linspace(0, 1, points).tolist()])
-    return sampler(module.diffusion, module.net, zs, progress=True), points
+    return sampler(module.diffusion, net, zs, progress=True), points
 
 
-def progression(module, sampler: Sampler, n: int, g: torch.Generator, frames: int = 10):
-    """Rows = samples, columns = x0_hat at `frames` evenly spaced steps (last = the final sample)."""
+def progression(module, sampler: Sampler, n: int, seed: int, frames: int = 10):
+    """Rows = samples (images 0 .. n-1 of the run seeded `seed`), columns = x0_hat at `frames` evenly spaced steps
+    (last = the final sample)."""
     ts = sampler.timesteps(module.diffusion)
     keep = {round(i * (len(ts) - 1) / max(frames - 1, 1)) for i in range(frames)}
     seen = []
@@ -100,9 +103,8 @@ def progression(module, sampler: Sampler, n: int, g: torch.Generator, frames: in
 
     y = labels_for(module, n, None)
     n = y.shape[0] if y is not None else n
-    shape = (n, module.net.in_channels, module.net.image_size, module.net.image_size)
-    x_T = torch.randn(shape, generator=g).to(module.device)
-    kwargs = {"y": y.to(module.device)} if y is not None else None
-    sampler(module.diffusion, module.net, x_T, model_kwargs=kwargs, callback=callback, null_label=module.null_label)
+    net = module.net.eval()
+    draw(module.diffusion, net, sampler, (net.in_channels, net.image_size, net.image_size), seed=seed,
+         indices=range(n), labels=y, null_label=module.null_label, device=module.device, callback=callback)
     imgs = torch.stack(seen, dim=1)  # [n, frames, C, H, W]; the callback runs noisy -> clean
     return imgs.reshape(-1, *imgs.shape[2:]), imgs.shape[1]

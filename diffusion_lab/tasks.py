@@ -1,14 +1,14 @@
 """The bodies of train.py, evaluate.py and sample.py: validate, build from the composed Hydra config, run.
 
 Each reads top to bottom; the library pieces they use live in checkpoint.py (building and loading models),
-generate.py (batched sampling), config.py (cross-field validation), loggers.py and lit/ (Lightning glue).
+eval/scoring.py (the one sample-and-score path), config.py (cross-field validation), loggers.py and lit/
+(Lightning glue).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 
 import lightning as L
@@ -28,19 +28,19 @@ from .checkpoint import (
 )
 from .config import (
     ConfigError,
+    _choice,
     build,
     validate_data_against_net,
     validate_eval_config,
     validate_sampler,
     validate_train_config,
 )
-from .generate import sample_uint8
 from .lit import EMA
 from .lit.checkpointing import AlignLoggingStep, ApplyChangedHyperparameters, AtomicCheckpointIO
 from .loggers import build_loggers, finish_loggers
 
 log = logging.getLogger(__name__)
-__all__ = ["train", "evaluate", "sample", "build_module", "load_module", "sample_uint8"]  # the last three: compat
+__all__ = ["train", "evaluate", "sample", "build_module", "load_module"]  # the last two: compat
 
 
 def _callbacks(cfg: DictConfig, has_logger: bool) -> list[L.Callback]:
@@ -160,29 +160,54 @@ def _load_for_eval(cfg: DictConfig):
 
 
 def _samplers(cfg: DictConfig, module) -> list[tuple]:
-    """(sampler, role) pairs: the grid's methods x NFE ("curve") and its DDPM steps ("reference"), all guided by
-    `sampler.guidance_scale`, or the single `sampler` when grid is null. Each is checked against the checkpoint's
-    process before any sampling."""
-    from .diffusion import Sampler, get_method
+    """(sampler, role) pairs, each built by Sampler.from_config from the configured `sampler` and checked against
+    the checkpoint's process before any sampling: with grid=null that sampler alone ("curve"); else the grid, which
+    varies only its method (grid.methods, default: the sampler's own), NFE (grid.nfe) and, for methods with one, eta
+    (grid.etas), and keeps every other key (spacing, options, clipping, guidance), plus DDPM at grid.ddpm_steps
+    (the "reference")."""
+    from .diffusion import METHODS, get_method
+    from .diffusion.sampler_spec import BASE_KEYS
 
     if not cfg.get("grid"):
         return [(validate_sampler(cfg.sampler, "sampler", module.diffusion, module.conditional), "curve")]
-    g = cfg.grid
+    g, base = cfg.grid, OmegaConf.to_container(cfg.sampler, resolve=True)
+    methods = list(g.get("methods") or [base.get("method", "ddim")])
     nfes = list(g.get("ddim_steps") or g.nfe)  # ddim_steps: the grid's older name for the NFE list
-    guidance = cfg.sampler.get("guidance_scale")  # guides every sampler of the grid, the reference too
-    if guidance is not None and not module.conditional:
-        raise ConfigError(f"sampler.guidance_scale={guidance} guides every grid row, but {cfg.ckpt_path} is not "
-                          "class-conditional: drop sampler.guidance_scale")
+    for name in methods:
+        _choice("grid.methods", name, METHODS)
+    for n in nfes:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"grid.nfe has {n!r}: each entry must be a positive integer")
+    for key in ("steps", "nfe"):
+        if base.get(key) is not None:
+            raise ConfigError(f"sampler.{key}={base[key]} is set, but the grid sets the NFE of each row (grid.nfe="
+                              f"{nfes}): drop sampler.{key}, or score that one sampler with grid=null")
+    options = {k for k, v in base.items() if v is not None and not k.startswith("_")} - set(BASE_KEYS)
+    for k in sorted(options):
+        if not any(k in get_method(m).options for m in methods):
+            raise ConfigError(f"sampler.{k}={base[k]} is not an option of any grid method (grid.methods={methods}):"
+                              f" drop it, or add a method that takes it")
+    if base.get("guidance_scale") is not None and not module.conditional:
+        raise ConfigError(f"sampler.guidance_scale={base['guidance_scale']} guides every grid row, but "
+                          f"{cfg.ckpt_path} is not class-conditional: drop sampler.guidance_scale")
     pairs = []
-    for name in g.methods:
-        etas = g.etas if g.get("etas") and "eta" in get_method(name).options else [None]
-        pairs += [(Sampler(name, nfe=n, spacing=g.get("spacing"), eta=e, guidance_scale=guidance), "curve")
-                  for e in etas for n in nfes]
-    pairs += [(Sampler("ddpm", s, guidance_scale=guidance), "reference") for s in g.get("ddpm_steps") or []]
+    for name in methods:
+        etas = g.etas if g.get("etas") and "eta" in get_method(name).options else [None]  # None: the sampler's
+        pairs += [(_grid_row(base, dict(method=name, nfe=n, eta=e)), "curve") for e in etas for n in nfes]
+    pairs += [(_grid_row(base, dict(method="ddpm", steps=s)), "reference") for s in g.get("ddpm_steps") or []]
     unique = {(s.name, role): (s, role) for s, role in pairs}  # e.g. Heun at NFE 9 and 10 is one sampler
-    for i, (s, _) in enumerate(unique.values()):
-        validate_sampler(s, f"grid[{i}] ({s.name})", module.diffusion, module.conditional)
-    return list(unique.values())
+    return [(validate_sampler(s, f"grid row {s.name}", module.diffusion, module.conditional), role)
+            for s, role in unique.values()]
+
+
+def _grid_row(base: dict, changes: dict):
+    from .diffusion import Sampler
+
+    changes = {k: v for k, v in changes.items() if v is not None or k != "eta"}
+    try:
+        return Sampler.from_config(base, **changes)
+    except ValueError as e:
+        raise ConfigError(f"grid row {changes}: {e}") from None
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -192,6 +217,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from .eval.fid import FIDEvaluator
     from .eval.inception import inception_weights
     from .eval.report import plot_fid_vs_nfe, row, write_csv, write_markdown
+    from .eval.scoring import sample_and_score
 
     validate_eval_config(cfg)
     module, dm = _load_for_eval(cfg)
@@ -205,19 +231,13 @@ def evaluate(cfg: DictConfig) -> dict:
     classifier = _classifier(cfg, dm)
     rows = []
     for s, role in samplers:
-        t0 = time.perf_counter()
-        fake = sample_uint8(module, s, cfg.num_samples, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
-        seconds = time.perf_counter() - t0
-        scores = ev.score(fake, ref)
-        if classifier is not None:
-            from .eval.classifier import score_images
-
-            scores |= score_images(classifier, fake)
-        rows.append(row(s, scores, ref_name, seconds, role))
+        scores, _ = sample_and_score(module, s, num_samples=cfg.num_samples, seed=cfg.seed,
+                                     batch_size=cfg.batch_size, evaluator=ev, reference=ref, classifier=classifier)
+        rows.append(row(s, scores, ref_name, scores["sample_seconds"], role))
         log.info(
             "%s (%d NFE): FID %.3f KID %.5f precision %.3f recall %.3f (N=%d vs %s N=%d) in %.1fs",
             s.name, s.nfe, scores["fid"], scores["kid"], scores["precision"], scores["recall"], scores["n"],
-            ref_name, scores["n_ref"], seconds,
+            ref_name, scores["n_ref"], scores["sample_seconds"],
         )  # fmt: skip
     extra, result = "", {"rows": rows}
     if cfg.get("bpd_num_images"):
@@ -273,22 +293,21 @@ def sample(cfg: DictConfig) -> Path:
     validate_eval_config(cfg)
     module, dm = _load_for_eval(cfg)
     sampler = validate_sampler(cfg.sampler, "sampler", module.diffusion, module.conditional)
-    g = torch.Generator().manual_seed(cfg.seed)
     out_dir = Path(cfg.paths.output_dir)
     if cfg.mode == "grid":
-        images, nrow = sample_modes.grid(module, sampler, cfg.num_samples, g, cfg.get("class_label"))
+        images, nrow = sample_modes.grid(module, sampler, cfg.num_samples, cfg.seed, cfg.get("class_label"))
         with atomic_write(out_dir / "samples.npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, images=to_uint8(images).permute(0, 2, 3, 1).cpu().numpy())
     else:
         val = dm.real_images("val")
-        pick = torch.randperm(val.shape[0], generator=g)[: max(2, cfg.num_images)]
+        pick = torch.randperm(val.shape[0], generator=torch.Generator().manual_seed(cfg.seed))[: max(2, cfg.num_images)]
         originals = val[pick].float() / 127.5 - 1
         if cfg.mode == "inpaint":
-            images, nrow = sample_modes.inpaint(module, sampler, originals, cfg.mask, g)
+            images, nrow = sample_modes.inpaint(module, sampler, originals, cfg.mask, cfg.seed)
         elif cfg.mode == "interpolate":
             images, nrow = sample_modes.interpolation(module, sampler, originals[0], originals[1], cfg.points)
         else:
-            images, nrow = sample_modes.progression(module, sampler, cfg.num_images, g, cfg.points)
+            images, nrow = sample_modes.progression(module, sampler, cfg.num_images, cfg.seed, cfg.points)
     path = out_dir / f"{cfg.mode}.png"
     save_grid(images, path, nrow)
     log.info("wrote %s", path)

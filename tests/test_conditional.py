@@ -67,7 +67,7 @@ def test_guidance_improves_class_accuracy(tmp_path):
     acc = {}
     for scale in (0.0, 3.0):
         x = module.sample(
-            len(y), Sampler("ddim", 20, guidance_scale=scale), y=y, generator=torch.Generator().manual_seed(0)
+            len(y), Sampler("ddim", 20, guidance_scale=scale), y=y, seed=0
         )
         feats = to_uint8(x).float().reshape(len(y), 64).numpy() / 255.0
         acc[scale] = float(np.mean(clf.predict(feats) == y.numpy()))

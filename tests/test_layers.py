@@ -13,7 +13,7 @@ LAYER = {
     "diffusion": 1, "nets": 1, "data": 1, "images": 1,  # the building blocks, independent of each other
     "eval": 2,  # metrics on images and features
     "lit": 3,  # Lightning glue
-    "config": 4, "checkpoint": 4, "generate": 4, "sample_modes": 4, "loggers": 4, "offline": 4, "cli": 4,
+    "config": 4, "checkpoint": 4, "sample_modes": 4, "loggers": 4, "offline": 4, "cli": 4,
     "tasks": 5,  # the bodies of train.py / evaluate.py / sample.py
 }  # fmt: skip
 

@@ -91,7 +91,7 @@ def _slope(nfe, errs):
 #   dpmpp_2m            2.07    2.09
 #   ipndm fixed weights 2.07    2.14    (variable_step=False) fixed AB weights on a non-uniform grid: second order
 #   dpmpp_3m            3.08    3.20
-#   dpmpp_3m official   1.70    0.70    (match_official: the published D2 weight; second order, erratic here)
+#   dpmpp_3m published  1.70    0.70    (d2_weight="published", the default: second order, erratic here)
 #   unipc order=2       3.05    3.07    UniP-2 + UniC: one order above the predictor
 #   unipc order=3       4.05    4.24
 #   ipndm               3.75    3.36    (variable-step AB, the default) approaching 4 (AB4) from below
@@ -103,7 +103,7 @@ ORDERS = [  # (method, options, slope bounds)
     ("heun", {}, 1.85, 2.3),
     ("dpmpp_2m", {}, 1.85, 2.3),
     ("ipndm", {"variable_step": False}, 1.85, 2.3),
-    ("dpmpp_3m", {}, 2.8, 3.5),
+    ("dpmpp_3m", {"d2_weight": "taylor"}, 2.8, 3.5),
     ("unipc", {"order": 2, "lower_order_final": False}, 2.8, 3.4),  # the method's order: UniPC's `sample`
     ("unipc", {"order": 3, "lower_order_final": False}, 3.6, 4.6),  # lowers the final steps at every N
     ("ipndm", {}, 3.0, 4.3),
@@ -117,7 +117,7 @@ def test_convergence_orders_on_gaussian_data(schedule):
         nfe, errs = _errors(diff, DETERMINISTIC[name], [40, 80, 160, 320], "karras", heun=name == "heun", **options)
         assert lo < _slope(nfe, errs) < hi, (name, options, errs)
     # the published third-order update is only second order (O(h^3) local error from the halved D2 weight)
-    nfe, errs = _errors(diff, S.dpmpp_3m, [80, 160, 320], "karras", match_official=True)
+    nfe, errs = _errors(diff, S.dpmpp_3m, [80, 160, 320], "karras", d2_weight="published")
     assert _slope(nfe, errs) < 2.3
 
 
@@ -337,10 +337,10 @@ def test_ode_invert_order_one_is_ddim_invert_and_higher_orders_reconstruct():
     x0 = DATA.sample(64, (1, 4, 4), _gen(0))
     torch.testing.assert_close(S.ode_invert(diff, model, x0, ts, order=1), ddim_invert(diff, model, x0, ts))
     exact = DATA.ode_flow(x0, 1.0, diff.alpha_bar_at(ts[-1]))
-    samplers = {1: _ddim(0.0), 2: S.dpmpp_2m, 3: S.dpmpp_3m}
+    samplers = {1: _ddim(0.0), 2: S.dpmpp_2m, 3: lambda *a, **k: S.dpmpp_3m(*a, d2_weight="taylor", **k)}
     latent, round_trip = {}, {}
-    for order, sample in samplers.items():
-        z = S.ode_invert(diff, model, x0, ts, order=order)
+    for order, sample in samplers.items():  # third order needs the Taylor D2 weight (the default is published)
+        z = S.ode_invert(diff, model, x0, ts, order=order, d2_weight="taylor")
         latent[order] = (z - exact).pow(2).mean().sqrt().item()
         round_trip[order] = (sample(diff, model, z, ts, clip_denoised=False) - x0).pow(2).mean().sqrt().item()
     assert latent[2] < 0.2 * latent[1] and latent[3] < 0.3 * latent[2], latent
@@ -504,20 +504,22 @@ def test_unet_is_continuous_in_t():
     assert ratios[0] < 0.25 and ratios[1] < 0.4 * ratios[0]  # measured 0.171 and 0.034
 
 
-def test_final_steps_lower_their_order_as_each_official_sampler_does():
-    """UniPC's official sample() lowers the order of its last steps at every N; DPM-Solver's only below 10 ODE steps.
-    At 20 time-uniform steps of the cosine schedule the last log-SNR gap is ~3x the one before it (2.0 vs 0.6):
-    a third-order UniPC step across it ruined the MNIST recipe's samples (FID 78.7 vs 42.8, BENCHMARKS.md)."""
+def test_final_steps_lower_their_order_as_diffusers_does():
+    """lower_order_final counts the final jump to the x0 prediction as a step, as diffusers' schedulers do: UniPC
+    lowers at every N (its last ODE step at most second order), DPM-Solver++ below 15 steps (3M's last ODE step
+    second order, 2M never lowered); "early" lowers one step earlier (the rule before 2026-12); False never."""
     diff = GaussianDiffusion.from_schedule("cosine", 1000)
     g = S._grid(diff, sampling_times(diff, "ddim", 20))
-    gaps = [b - a for a, b in zip(g.lam[:-2], g.lam[1:-1])]
-    assert gaps[-1] > 2.5 * gaps[-2]
-    n = g.n
-    assert [S._order(j, g, 3, True, final_below=None) for j in (n - 4, n - 3, n - 2)] == [3, 2, 1]  # UniPC
-    assert [S._order(j, g, 3, True) for j in (n - 4, n - 3, n - 2)] == [3, 3, 3]  # DPM-Solver++, 19 ODE steps
-    assert [S._order(j, g, 3, False, final_below=None) for j in (n - 3, n - 2)] == [3, 3]
-    # and unipc() uses UniPC's rule: its default differs from lower_order_final=False at 20 steps
+    n, last = g.n, (g.n - 4, g.n - 3, g.n - 2)  # the last ODE steps; j = n - 1 is the jump
+    assert [S._order(j, g, 3, True, None) for j in last] == [3, 3, 2]  # UniPC
+    assert [S._order(j, g, 3, "early", None) for j in last] == [3, 2, 1]
+    assert [S._order(j, g, 3, False, None) for j in last] == [3, 3, 3]
+    assert [S._order(j, g, 3, True, S.DPMPP_FINAL_BELOW) for j in last] == [3, 3, 3]  # 20 steps: no lowering
+    g10 = S._grid(diff, sampling_times(diff, "ddim", 10))
+    assert [S._order(j, g10, 3, True, S.DPMPP_FINAL_BELOW) for j in (6, 7, 8)] == [3, 3, 2]
+    assert [S._order(j, g10, 2, True, S.DPMPP_FINAL_BELOW) for j in (7, 8)] == [2, 2]
+    assert [S._order(j, g10, 2, "early", S.DPMPP_FINAL_BELOW) for j in (7, 8)] == [2, 1]
     model, x = DATA.model(diff), _noise((8, 1, 2, 2))
     ts = sampling_times(diff, "ddim", 20)
-    official, own = S.unipc(diff, model, x, ts), S.unipc(diff, model, x, ts, lower_order_final=False)
-    assert not torch.allclose(official, own)
+    for rule in ("early", False):  # each rule reaches the sampler
+        assert not torch.allclose(S.unipc(diff, model, x, ts), S.unipc(diff, model, x, ts, lower_order_final=rule))

@@ -2,21 +2,14 @@
 
 from .analytic import GaussianData, PointMixture
 from .gaussian import LOSS_TYPES, LOSS_WEIGHTINGS, MEAN_TYPES, VAR_TYPES, GaussianDiffusion, snr_loss_weight
+from .inpaint import paint
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .registry import METHODS, Method, get_method
 from .respace import sampling_times, space_timesteps
 from .sampler_spec import Sampler
-from .samplers import (
-    ClassifierFreeGuidance,
-    ddim_invert,
-    ddim_sample,
-    ddpm_sample,
-    interpolate,
-    paint,
-    sample_loop,
-    slerp,
-)
+from .samplers import ClassifierFreeGuidance, ddim_invert, ddim_sample, ddpm_sample, sample_loop, slerp
 from .schedules import SCHEDULES, get_betas, rescale_zero_terminal_snr
+from .seeding import ImageGenerators, draw, image_seed, noise_like
 from .solvers import dpmpp_2m, dpmpp_3m, euler, euler_ancestral, heun, ipndm, ode_invert, unipc
 from .timesteps import LossAwareTimestepSampler, LossSecondMomentSampler, UniformSampler, UniformTimestepSampler
 
@@ -43,9 +36,12 @@ __all__ = [
     "ddim_sample",
     "ddim_invert",
     "paint",
-    "interpolate",
     "slerp",
     "sample_loop",
+    "ImageGenerators",
+    "image_seed",
+    "noise_like",
+    "draw",
     "ClassifierFreeGuidance",
     "Sampler",
     "UniformTimestepSampler",

@@ -6,9 +6,11 @@
 
 Every `fn` has one signature (samplers.ddim_sample's; see solvers.py for the conventions): ascending `timesteps`,
 x_T at the last of them, the result x_0. Adding a sampler is one function + one `register(Method(...))` below +
-one conf/sampler/<name>.yaml (a preset of options is a file that includes it, e.g. ddim_eta1.yaml). Nothing
+one conf/sampler/<name>.yaml naming the method (a preset of options is a file that includes it, e.g. ddim_eta1.yaml).
+This is the one home of every sampler default (steps, grid, options): the config files leave them null. Nothing
 outside this module compares method names: labels, NFE, which options a method takes and their valid values,
-whether it is deterministic, and whether `paint` / inversion support it are all read from here.
+whether it is deterministic, and whether inversion supports it are all read from here. Every method inpaints
+(inpaint.paint, through the shared `post_step`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from ..checks import check_choice, check_number
 from . import solvers
-from .samplers import ddim_invert, ddim_sample, ddim_step, ddpm_sample, ddpm_step
+from .samplers import ddim_invert, ddim_sample, ddpm_sample
 
 
 def _nonneg(name: str) -> Callable[[Any], None]:
@@ -48,11 +50,12 @@ class Method:
     name: the config value (`sampler.method=<name>`); fn: the sampler function.
     title: display name; `label(options)` adds the options that differ from their defaults.
     options: the options it accepts -> default, each validated by `checks` (`CHECKS` unless given).
-    spacing: its default timestep discretization (respace.sampling_times).
+    spacing: its default timestep discretization (respace.sampling_times); steps: its default number of visited
+        times (None: all of the process's T, DDPM's ancestral sampling).
     evals_per_step: network evaluations per visited time, `extra_last` fewer in all (Heun: 2 and 1 -> 2N - 1).
     stochastic: options -> whether it draws noise (DDIM: eta > 0).
-    step: the single-step update `paint` runs (DDPM / DDIM), None when the method cannot inpaint that way.
-    invert: (diffusion, model, x0, timesteps, **options) -> x at timesteps[-1], for deterministic inversion.
+    invert: (diffusion, model, x0, timesteps, **options) -> x at timesteps[-1], for deterministic inversion (it
+        takes the sampler's options and uses those it needs).
     in_name: options always written in the log name (DDIM's eta, for names like ddim50_eta0).
     """
 
@@ -62,10 +65,10 @@ class Method:
     options: Mapping[str, Any] = field(default_factory=dict)
     checks: Mapping[str, Callable[[Any], None]] = field(default_factory=dict)
     spacing: str = "logsnr"
+    steps: int | None = 10
     evals_per_step: int = 1
     extra_last: int = 0
     stochastic: Callable[[Mapping[str, Any]], bool] = lambda o: False
-    step: Callable | None = None
     invert: Callable | None = None
     in_name: tuple[str, ...] = ()
 
@@ -124,8 +127,8 @@ def get_method(name: str) -> Method:
 
 
 def _ode_inverter(order: int) -> Callable:
-    def invert(diffusion, model, x0, timesteps, **kwargs):
-        return solvers.ode_invert(diffusion, model, x0, timesteps, order=order, **kwargs)
+    def invert(diffusion, model, x0, timesteps, d2_weight="published", **_options):
+        return solvers.ode_invert(diffusion, model, x0, timesteps, order=order, d2_weight=d2_weight)
 
     return invert
 
@@ -139,8 +142,8 @@ register(
         "DDPM",
         {"temperature": 1.0},
         spacing="even",
+        steps=None,
         stochastic=lambda o: o["temperature"] > 0,
-        step=ddpm_step,
     )
 )
 register(
@@ -150,11 +153,11 @@ register(
         "DDIM",
         {"eta": 0.0, "temperature": 1.0},
         spacing="ddim",
+        steps=50,
         stochastic=lambda o: o["eta"] > 0 and o["temperature"] > 0,
-        step=ddim_step,
         # one fixed-point iteration per step: close to the exact inverse of the eta = 0 decoder (samplers.py)
-        invert=lambda diffusion, model, x0, timesteps, **kw: ddim_invert(
-            diffusion, model, x0, timesteps, **{"fixed_point_iters": 1, **kw}
+        invert=lambda diffusion, model, x0, timesteps, **_options: ddim_invert(
+            diffusion, model, x0, timesteps, fixed_point_iters=1
         ),
         in_name=("eta",),
     )
@@ -165,7 +168,7 @@ register(
         solvers.dpmpp_2m,
         "DPM-Solver++(2M)",
         {"lower_order_final": True},
-        {"lower_order_final": _one_of("lower_order_final", (True, False))},
+        {"lower_order_final": _one_of("lower_order_final", solvers.LOWER_ORDER_FINAL)},
         invert=_ode_inverter(2),
     )
 )
@@ -174,10 +177,10 @@ register(
         "dpmpp_3m",
         solvers.dpmpp_3m,
         "DPM-Solver++(3M)",
-        {"lower_order_final": True, "match_official": False},
+        {"lower_order_final": True, "d2_weight": "published"},
         {
-            "lower_order_final": _one_of("lower_order_final", (True, False)),
-            "match_official": _one_of("match_official", (True, False)),
+            "lower_order_final": _one_of("lower_order_final", solvers.LOWER_ORDER_FINAL),
+            "d2_weight": _one_of("d2_weight", solvers.D2_WEIGHTS),
         },
         invert=_ode_inverter(3),
     )
@@ -190,7 +193,7 @@ register(
         {"order": 3, "lower_order_final": True},
         {
             "order": _one_of("order", solvers.UNIPC_ORDERS),
-            "lower_order_final": _one_of("lower_order_final", (True, False)),
+            "lower_order_final": _one_of("lower_order_final", solvers.LOWER_ORDER_FINAL),
         },
     )
 )

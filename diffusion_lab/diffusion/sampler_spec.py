@@ -2,16 +2,19 @@
 
     sampler = Sampler("ddim", steps=50)                    # == ddim_sample(..., sampling_times(d, "ddim", 50), eta=0)
     sampler = Sampler("dpmpp_2m", nfe=10)                  # steps from the NFE budget; spacing = the method's default
+    grid_row = Sampler.from_config(cfg.sampler, method="unipc", nfe=20)   # another method and NFE, other keys kept
     sampler = Sampler("unipc", steps=10, order=2, spacing="karras")
     x0 = sampler(diffusion, model, x_T, generator=g)
     sampler.name, sampler.label, sampler.nfe              # 'unipc10_order2_karras', 'UniPC-2', 10
 
-The method (its function, options, NFE rule, label) comes from the registry (registry.py). Every invariant is
+The method (its function, options, NFE rule, label, defaults) comes from the registry (registry.py); a key left
+None takes the registry's default, so conf/sampler/*.yaml name the method and leave the rest null. Every invariant is
 checked once: the method and its options at construction, the steps against a process's T in `timesteps`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ..checks import check_choice, check_number
@@ -20,15 +23,16 @@ from .respace import CONTINUOUS_SPACINGS, SPACINGS, sampling_times
 from .samplers import ClassifierFreeGuidance
 
 ALL_SPACINGS = SPACINGS + CONTINUOUS_SPACINGS
+BASE_KEYS = ("method", "steps", "nfe", "spacing", "clip_denoised", "guidance_scale")  # the keys every method takes
 
 
 class Sampler:
-    """Args:
+    """Args (None everywhere means the registry's default for the method: registry.py is their one home):
     method: a registered method name (ddpm, ddim, dpmpp_2m, dpmpp_3m, unipc, ipndm, euler, heun, euler_ancestral).
-    steps: visited times (the process is respaced to them); or
-    nfe: a network-evaluation budget instead (wins over steps): the most steps whose NFE fits (Heun: 2 steps - 1).
-    spacing: how the times are chosen (respace.sampling_times); None: the method's default.
-    clip_denoised: clamp each x0 prediction to [-1, 1] (DPM-Solver++'s thresholding, static).
+    steps: visited times (the process is respaced to them); the method's default (DDPM: all of the process's T).
+    nfe: a network-evaluation budget instead: the most steps whose NFE fits (Heun: 2 steps - 1). Not with steps.
+    spacing: how the times are chosen (respace.sampling_times).
+    clip_denoised: clamp each x0 prediction to [-1, 1] (DPM-Solver++'s thresholding, static); default true.
     guidance_scale: classifier-free guidance scale s (None: no guidance).
     **options: the method's own options (eta, temperature, order, s_churn, ...), validated by the registry.
     """
@@ -39,30 +43,58 @@ class Sampler:
         steps: int | None = None,
         nfe: int | None = None,
         spacing: str | None = None,
-        clip_denoised: bool = True,
+        clip_denoised: bool | None = None,
         guidance_scale: float | None = None,
         **options: Any,
     ):
         self.method: Method = get_method(method)
+        given = dict(steps=steps, nfe=nfe, spacing=spacing, clip_denoised=clip_denoised, guidance_scale=guidance_scale)
+        self.arguments = {"method": method, **{k: v for k, v in {**given, **options}.items() if v is not None}}
         self.options = self.method.resolve({k: v for k, v in options.items() if v is not None})
-        if nfe is not None:  # a budget in network evaluations decides the steps (a config's default steps is ignored)
-            if isinstance(nfe, bool) or int(nfe) != nfe or nfe < self.method.nfe(1):
+        if steps is not None and nfe is not None:
+            raise ValueError(
+                f"sampler.steps={steps} and sampler.nfe={nfe} are both set: give one of them (the other null)"
+            )
+        if nfe is not None:
+            if isinstance(nfe, bool) or not isinstance(nfe, int | float) or int(nfe) != nfe or nfe < self.method.nfe(1):
                 raise ValueError(f"sampler.nfe={nfe!r} must be an integer >= {self.method.nfe(1)} for {method}")
             steps = self.method.steps_for_nfe(int(nfe))
-        steps = 50 if steps is None else steps
-        if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        steps = self.method.steps if steps is None else steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int | float) or int(steps) != steps
+                                  or steps < 1):  # fmt: skip
             raise ValueError(f"sampler.steps={steps!r} must be a positive integer")
-        self.steps = int(steps)
+        self.steps = None if steps is None else int(steps)  # None: all of the process's steps (bind / timesteps)
         self.spacing = spacing or self.method.spacing
         check_choice("sampler.spacing", self.spacing, ALL_SPACINGS)
-        self.clip_denoised = bool(clip_denoised)
+        if clip_denoised is not None and not isinstance(clip_denoised, bool):
+            raise ValueError(f"sampler.clip_denoised={clip_denoised!r} must be true or false")
+        self.clip_denoised = True if clip_denoised is None else clip_denoised
         self.guidance_scale = None if guidance_scale is None else check_number("sampler.guidance_scale", guidance_scale)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **changes: Any) -> Sampler:
+        """The one way to build a Sampler from config keys (a Hydra node, a plain dict, a checkpoint's run config;
+        `_target_` ignored), with `changes` applied: changing `method` keeps only the options the new method takes,
+        changing `steps` or `nfe` replaces both."""
+        keys = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+        if "method" in changes:
+            takes = get_method(changes["method"]).options
+            keys = {k: v for k, v in keys.items() if k in BASE_KEYS or k in takes}
+        if "steps" in changes or "nfe" in changes:
+            keys.pop("steps", None), keys.pop("nfe", None)
+        return cls(**{**keys, **changes})
+
+    def bind(self, diffusion) -> Sampler:
+        """This sampler with its steps made explicit for `diffusion` (DDPM's default: all T); ValueError naming
+        sampler.steps when the process cannot give them."""
+        self.timesteps(diffusion)
+        return self if self.steps is not None else self.replace(steps=diffusion.num_timesteps)
 
     # ------------------------------------------------------------------ what tables and plots show
     @property
-    def nfe(self) -> int:
-        """Network evaluations per sample (x2 batch size under guidance, not counted twice)."""
-        return self.method.nfe(self.steps)
+    def nfe(self) -> int | None:
+        """Network evaluations per sample (x2 batch size under guidance, not counted twice); None until bound."""
+        return None if self.steps is None else self.method.nfe(self.steps)
 
     @property
     def deterministic(self) -> bool:
@@ -71,7 +103,7 @@ class Sampler:
     @property
     def name(self) -> str:
         """Log name: 'ddim50_eta0', 'ddpm1000', 'heun10' (+ '_<spacing>' when not the default, '_cfg3')."""
-        base = self.method.log_name(self.steps, self.options)
+        base = self.method.log_name("T" if self.steps is None else self.steps, self.options)
         base += f"_{self.spacing}" if self.spacing != self.method.spacing else ""
         return base + (f"_cfg{self.guidance_scale:g}" if self.guidance_scale is not None else "")
 
@@ -82,7 +114,7 @@ class Sampler:
         return self.method.label(self.options) + spacing
 
     def config(self) -> dict[str, Any]:
-        """The constructor arguments (a plain dict, e.g. for a results row or a Hydra node)."""
+        """The constructor arguments, defaults resolved (a plain dict, e.g. for a results row or a Hydra node)."""
         return {
             "method": self.method.name,
             "steps": self.steps,
@@ -93,8 +125,9 @@ class Sampler:
         }
 
     def replace(self, **changes: Any) -> Sampler:
-        """A copy with some arguments changed (like dataclasses.replace)."""
-        return Sampler(**{**self.config(), **changes})
+        """A copy with some arguments changed (like dataclasses.replace; Sampler.from_config's rules): what was
+        given stays given, what was left to the registry stays the registry's (a new method's own defaults)."""
+        return Sampler.from_config(self.arguments, **changes)
 
     def __repr__(self) -> str:
         return f"Sampler({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
@@ -105,7 +138,7 @@ class Sampler:
     # ------------------------------------------------------------------ running it
     def timesteps(self, diffusion) -> list:
         """The ascending times it visits on `diffusion`; ValueError naming sampler.steps when its T cannot give them."""
-        return sampling_times(diffusion, self.spacing, self.steps)
+        return sampling_times(diffusion, self.spacing, diffusion.num_timesteps if self.steps is None else self.steps)
 
     def __call__(
         self,
@@ -117,6 +150,7 @@ class Sampler:
         generator=None,
         progress=False,
         callback=None,
+        post_step=None,
         null_label: int | None = None,
     ):
         """x_0 [B, C, H, W] from x_T [B, C, H, W] (the state at the first visited time)."""
@@ -136,5 +170,6 @@ class Sampler:
             callback=callback,
             clip_denoised=self.clip_denoised,
             progress=progress,
+            post_step=post_step,
             **self.options,
         )

@@ -3,12 +3,14 @@
 Every sampler has the shape `(diffusion, model, x_T, timesteps, *, ..., generator=None, progress=False) -> x_0`:
 x_T: [B, C, H, W] at the noise level of the first visited step; the result is in [-1, 1] when
 clip_denoised. `timesteps` is a list of kept steps, a spec for `space_timesteps` ("ddim50"), or None
-(all T). Intermediate results reach `callback(step_index, x_t, pred_x0)` after every step.
+(all T). Intermediate results reach `callback(step_index, x_t, pred_x0)` after every step, and
+`post_step(step_index, x_t) -> x_t` may edit the new state first (inpainting, diffusion/inpaint.py); step_index i is
+the index of the time just evaluated, the new state is at index i - 1 (the clean image after i = 0).
+`generator` is a torch.Generator or per-image ImageGenerators (seeding.py).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 from ..checks import check_number
 from .gaussian import GaussianDiffusion, extract
 from .respace import space_timesteps
+from .seeding import noise_like
 
 StepFn = Callable[..., torch.Tensor]
 
@@ -32,14 +35,10 @@ def as_process(diffusion: GaussianDiffusion, timesteps: Sequence[int] | str | in
     return diffusion.respace(timesteps)
 
 
-def _noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-
-
 def ddpm_step(process, out, x_t, t, generator=None, temperature=1.0, **_):
     """Ancestral step x_{t-1} = mean + sigma_t z (DDPM Alg. 2), no noise at t = 0."""
     nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
-    return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * temperature * _noise(x_t, generator)
+    return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * temperature * noise_like(x_t, generator)
 
 
 def ddim_step(process, out, x_t, t, generator=None, temperature=1.0, eta=0.0, **_):
@@ -51,7 +50,7 @@ def ddim_step(process, out, x_t, t, generator=None, temperature=1.0, eta=0.0, **
     mean = torch.sqrt(a_prev) * out["pred_x0"] + torch.sqrt((1 - a_prev - sigma**2).clamp(min=0)) * out["eps"]
     if eta == 0:
         return mean
-    return mean + sigma * temperature * _noise(x_t, generator)
+    return mean + sigma * temperature * noise_like(x_t, generator)
 
 
 def sample_loop(
@@ -107,6 +106,7 @@ def ddpm_sample(
     progress=False,
     callback=None,
     start_index=None,
+    post_step=None,
 ):
     """Ancestral sampling (DDPM Alg. 2) on the full or a respaced process, any variance type."""
     return sample_loop(
@@ -122,6 +122,7 @@ def ddpm_sample(
         temperature=temperature,
         progress=progress,
         callback=callback,
+        post_step=post_step,
     )
 
 
@@ -139,6 +140,7 @@ def ddim_sample(
     progress=False,
     callback=None,
     start_index=None,
+    post_step=None,
 ):
     """DDIM sampling (Song et al. 2021, eq. 12); eta=0 is deterministic, eta=1 on all T steps is DDPM."""
     check_number("sampler.eta", eta)
@@ -156,6 +158,7 @@ def ddim_sample(
         temperature=temperature,
         progress=progress,
         callback=callback,
+        post_step=post_step,
     )
 
 
@@ -196,78 +199,6 @@ def ddim_invert(
     return x
 
 
-def paint(
-    diffusion,
-    model,
-    x0,
-    mask,
-    timesteps=None,
-    *,
-    method: str = "ddpm",
-    eta: float = 0.0,
-    start_index=None,
-    clip_denoised=True,
-    model_kwargs=None,
-    generator=None,
-    temperature=1.0,
-    progress=False,
-    callback=None,
-    sampler: str | None = None,
-):
-    """Inpainting: sample the unknown region while the known one follows the original's noising.
-
-    method: a registered method with a single-step update (ddpm, ddim; registry.Method.step), eta its option.
-    (`sampler=` is the deprecated name of `method`.)
-
-    x0: [B, C, H, W] in [-1, 1]; mask: broadcastable to x0, 1 where x0 is known. Starts from x0 noised
-    to the first visited level (pure noise in effect when starting at T). After the step that produces
-    x at the level of index i-1, the known region is set to q_sample(x0, i-1) (to x0 itself after the
-    last step): the noise level of the new state, not of the old one (RePaint's replacement, no resampling).
-    """
-    process = as_process(diffusion, timesteps)
-    start = process.num_timesteps - 1 if start_index is None else int(start_index)
-    mask = mask.to(x0.dtype)
-    t_start = torch.full((x0.shape[0],), start, device=x0.device, dtype=torch.long)
-    x_T = process.q_sample(x0, t_start, _noise(x0, generator))
-
-    def keep_known(i: int, x: torch.Tensor) -> torch.Tensor:
-        if i == 0:
-            known = x0
-        else:
-            t_prev = torch.full((x0.shape[0],), i - 1, device=x0.device, dtype=torch.long)
-            known = process.q_sample(x0, t_prev, _noise(x0, generator))
-        return mask * known + (1 - mask) * x
-
-    from .registry import METHODS, get_method  # the registry imports this module
-
-    if sampler is not None:
-        warnings.warn("paint(sampler=...) is now paint(method=...)", DeprecationWarning, stacklevel=2)
-        method = sampler
-    step = get_method(method).step
-    if step is None:
-        able = ", ".join(m.name for m in METHODS.values() if m.step is not None)
-        raise ValueError(
-            f"sampler.method={method} cannot inpaint (paint replaces the known region after each single step; "
-            f"methods that can: {able})"
-        )
-    return sample_loop(
-        process,
-        model,
-        x_T,
-        None,
-        step=step,
-        eta=eta,
-        start_index=start,
-        clip_denoised=clip_denoised,
-        model_kwargs=model_kwargs,
-        generator=generator,
-        temperature=temperature,
-        progress=progress,
-        callback=callback,
-        post_step=keep_known,
-    )
-
-
 def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
     """Spherical interpolation per example (DDIM Sec. 5.3): sin((1-a) th)/sin(th) z0 + sin(a th)/sin(th) z1."""
     flat0, flat1 = z0.flatten(1), z1.flatten(1)
@@ -275,23 +206,6 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
     theta = torch.arccos(cos.clamp(-1, 1)).reshape(-1, *([1] * (z0.ndim - 1)))
     s = torch.sin(theta).clamp(min=1e-8)
     return torch.sin((1 - alpha) * theta) / s * z0 + torch.sin(alpha * theta) / s * z1
-
-
-def interpolate(
-    diffusion, model, z0, z1, num: int, timesteps="ddim50", *, clip_denoised=True, model_kwargs=None, progress=False
-):
-    """Decode `num` slerp points between latents z0 and z1 ([1, C, H, W] each) with DDIM eta=0: [num, C, H, W]."""
-    zs = torch.cat([slerp(z0, z1, a) for a in torch.linspace(0, 1, num).tolist()])
-    return ddim_sample(
-        diffusion,
-        model,
-        zs,
-        timesteps,
-        eta=0.0,
-        clip_denoised=clip_denoised,
-        model_kwargs=model_kwargs,
-        progress=progress,
-    )
 
 
 class ClassifierFreeGuidance:

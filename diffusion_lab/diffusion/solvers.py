@@ -11,14 +11,17 @@ Every method has the signature of `samplers.ddim_sample` and its conventions, so
   (NFE) for the single-evaluation methods, 2N - 1 for Heun (registry.Method.nfe).
 - x_T: the VP state at t_{N-1} (N(0, I) for pure noise). callback(i, x, x0_hat) after each step with i = N-1 .. 0
   the index of the time just evaluated, x the new state and x0_hat the prediction at t_i (as sample_loop).
-- Randomness only from `generator`. Per-step scalars are float64 Python numbers from the time grid (no device
-  sync); tensors stay in x_T's dtype. The model is only called through `diffusion.denoise`, so eps / x0 / v and
-  learned-variance models, clipping and classifier-free guidance (a wrapped model) all work.
-- The last step to sigma = 0 is first order (DDIM); multistep methods warm up with lower orders and lower the
-  order on the final steps (lower_order_final): DPM-Solver++ for fewer than 10 ODE steps only (N - 1 < 10, the
-  official DPM-Solver rule), UniPC at every N (the official UniPC `sample`; without it UniPC-3 at 20 steps of the
-  time-uniform grid takes a third-order step across the large final log-SNR gap: FID 78.7 instead of 42.8 on the
-  MNIST recipe, BENCHMARKS.md). lower_order_final=False gives the method's own order (tests/test_solvers.py).
+- Randomness only from `generator` (a torch.Generator or per-image ImageGenerators, seeding.py). Per-step scalars
+  are float64 Python numbers from the time grid (no device sync); tensors stay in x_T's dtype. The model is only
+  called through `diffusion.denoise`, so eps / x0 / v and learned-variance models, clipping and classifier-free
+  guidance (a wrapped model) all work.
+- The last step to sigma = 0 is first order (DDIM): the x0 prediction at t_0, as diffusers' schedulers end
+  (final_sigmas_type="zero"). Multistep methods warm up with lower orders and, with lower_order_final, lower the
+  order of their last steps counting that final jump as a step, as diffusers does: DPM-Solver++ below 15 steps
+  (3M's last ODE step is second order, 2M is not lowered), UniPC at every N (its last ODE step at most second
+  order). `_order` says which step gets which order; the choices were measured against diffusers on exact models
+  and by FID on the MNIST recipe (bench/solver_peers.py, BENCHMARKS.md).
+- `post_step(i, x) -> x` may edit each new state (inpainting: diffusion/inpaint.py), with i as in the callback.
 
 Notation at time t_j: a = alpha_bar, alpha = sqrt(a), sigma = sqrt(1 - a) (VP), s = sigma / alpha (VE noise
 level of x / alpha, Karras et al.'s sigma) and lambda = log(alpha / sigma) = -log s (half log-SNR). Data-prediction
@@ -37,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_choice, check_number
+from .seeding import noise_like
 
 UNIPC_ORDERS = (1, 2, 3)  # unipc's `order`
 IPNDM_ORDERS = (1, 2, 3, 4)  # ipndm's `max_order`
@@ -75,14 +79,23 @@ def _steps(n: int, progress: bool, desc: str):
     return tqdm(range(n), desc=desc, leave=False) if progress else range(n)
 
 
-def _order(j: int, g: _Grid, order: int, lower_order_final: bool, final_below: int | None = 10) -> int:
-    """Order of the step from j to j+1: limited by the evaluations so far with finite lambda (warm-up) and,
-    with lower_order_final, by the steps left: for fewer than `final_below` ODE steps (DPM-Solver's `sample`:
-    10), or always (final_below=None: UniPC's `sample`)."""
+LOWER_ORDER_FINAL = (True, False, "early")  # the multistep methods' `lower_order_final`
+DPMPP_FINAL_BELOW = 15  # DPM-Solver++ lowers its last steps only below this many steps (diffusers' rule)
+
+
+def _order(j: int, g: _Grid, order: int, lower_order_final: bool | str, final_below: int | None) -> int:
+    """Order of the step from j to j+1: limited by the evaluations so far with finite lambda (warm-up) and by
+    `lower_order_final`, when the run has fewer than `final_below` steps (None: any number):
+    - True: at most the number of steps left, counting the final jump to the x0 prediction as one (diffusers'
+      DPMSolverMultistepScheduler below 15 steps and UniPCMultistepScheduler at every N: 3M's last ODE step is
+      second order, 2M is never lowered);
+    - "early": one step earlier, not counting the jump (this package's rule before 2026-12: the last ODE step is
+      first order);
+    - False: never."""
     history = j + 1 - (1 if g.lam[0] == -math.inf else 0)
     p = min(order, history)
-    if lower_order_final and (final_below is None or g.n - 1 < final_below):
-        p = min(p, g.n - 1 - j)
+    if lower_order_final and (final_below is None or g.n < final_below):
+        p = min(p, g.n - j - (1 if lower_order_final == "early" else 0))
     return max(p, 1)
 
 
@@ -94,11 +107,66 @@ def _need_finite_s(g: _Grid, name: str) -> None:
         )
 
 
-def _noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-
-
 # --------------------------------------------------------------------------- DPM-Solver++ (data prediction)
+D2_WEIGHTS = ("published", "taylor", "auto")  # dpmpp_3m's `d2_weight`
+
+
+def _dpmpp_update(x, hist, lam, alpha, sigma, j: int, p: int, d2_weight: str = "published"):
+    """One multistep DPM-Solver++ step of order p in {1, 2, 3} from lam[j] to lam[j+1] (Lu et al. 2022, Alg. 2 and
+    the official third-order update), x the state at j, hist the x0 predictions at lam[j], lam[j-1], lam[j-2]
+    (newest first). h = lam[j+1] - lam[j] (negative when inverting), r0 = (lam[j] - lam[j-1]) / h,
+    r1 = (lam[j-1] - lam[j-2]) / h:
+        p = 1: D = m0 (DDIM);  p = 2: D = m0 + (m0 - m1) / (2 r0);
+        p = 3: D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1, D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1) ~ h x0',
+               D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 x0'' / 2, phi_1 = expm1(-h), phi_2 = phi_1 / h + 1,
+               phi_3 = phi_2 / h - 1/2, D = m0 - (phi_2 / phi_1) D1 + (w / phi_1) D2;
+        x_{j+1} = (sigma_{j+1} / sigma_j) x - alpha_{j+1} phi_1 D.
+    The exact integral of the quadratic Taylor term, alpha_{j+1} int_0^h e^{u-h} u^2/2 du x0'' = -alpha_{j+1} phi_3 h^2
+    x0'', needs w = 2 phi_3 ("taylor": third order, measured slope >= 3 on the Gaussian test bed). The official code,
+    diffusers and k-diffusion use w = phi_3 ("published": an O(h^3) local error, second order overall), which is
+    nonetheless the more accurate at few steps and on grids whose steps grow towards the end (bench/solver_peers.py).
+    "auto": taylor on a step shorter than 1 in lambda whose two previous steps are at least half as long, else
+    published."""
+    m0 = hist[0]
+    h = lam[j + 1] - lam[j]
+    phi_1 = math.expm1(-h)
+    d = m0
+    if p == 2:
+        r0 = (lam[j] - lam[j - 1]) / h
+        d = m0 + (0.5 / r0) * (m0 - hist[1])
+    elif p == 3:
+        r0, r1 = (lam[j] - lam[j - 1]) / h, (lam[j - 1] - lam[j - 2]) / h
+        phi_2 = phi_1 / h + 1
+        phi_3 = phi_2 / h - 0.5
+        d1_0, d1_1 = (m0 - hist[1]) / r0, (hist[1] - hist[2]) / r1
+        d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        taylor = d2_weight == "taylor" or (d2_weight == "auto" and abs(h) < 1 and min(r0, r1) >= 0.5)
+        w = 2 * phi_3 if taylor else phi_3
+        d = m0 - (phi_2 / phi_1) * d1 + (w / phi_1) * d2
+    return (sigma[j + 1] / sigma[j]) * x - (alpha[j + 1] * phi_1) * d
+
+
+def _dpmpp(name, order, diffusion, model, x_T, timesteps, model_kwargs, callback, clip, progress, post_step,
+           lower_order_final, d2_weight="published"):  # fmt: skip
+    check_choice("sampler.lower_order_final", lower_order_final, LOWER_ORDER_FINAL)
+    g = _grid(diffusion, timesteps)
+    x, hist = x_T, []
+    for j in _steps(g.n, progress, name):
+        x0, _ = diffusion.denoise(model, x, g.t[j], model_kwargs, clip)
+        hist = [x0, *hist[: order - 1]]
+        if j == g.n - 1:
+            x = x0
+        else:
+            p = _order(j, g, order, lower_order_final, DPMPP_FINAL_BELOW)
+            x = _dpmpp_update(x, hist, g.lam, g.alpha, g.sigma, j, p, d2_weight)
+        if post_step is not None:
+            x = post_step(g.n - 1 - j, x)
+        if callback is not None:
+            callback(g.n - 1 - j, x, x0)
+    return x
+
+
 @torch.no_grad()
 def dpmpp_2m(
     diffusion,
@@ -111,30 +179,14 @@ def dpmpp_2m(
     callback=None,
     clip_denoised=True,
     progress=False,
+    post_step=None,
     lower_order_final=True,
 ):
-    """DPM-Solver++(2M), Lu et al. 2022 ("DPM-Solver++"), Algorithm 2: multistep, second order in lambda.
-
-    x_{j+1} = (sigma_{j+1} / sigma_j) x_j - alpha_{j+1} expm1(-h) D,  h = lambda_{j+1} - lambda_j,
-    D = (1 + 1/(2r)) x0_j - 1/(2r) x0_{j-1},  r = (lambda_j - lambda_{j-1}) / h   (D = x0_j on first-order steps).
-    """
-    g = _grid(diffusion, timesteps)
-    x, old = x_T, None
-    for j in _steps(g.n, progress, "dpmpp_2m"):
-        x0, _ = diffusion.denoise(model, x, g.t[j], model_kwargs, clip_denoised)
-        if j == g.n - 1:
-            x = x0
-        else:
-            h = g.lam[j + 1] - g.lam[j]
-            d = x0
-            if _order(j, g, 2, lower_order_final) == 2:
-                r = (g.lam[j] - g.lam[j - 1]) / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old
-            x = (g.sigma[j + 1] / g.sigma[j]) * x - (g.alpha[j + 1] * math.expm1(-h)) * d
-        old = x0
-        if callback is not None:
-            callback(g.n - 1 - j, x, x0)
-    return x
+    """DPM-Solver++(2M), Lu et al. 2022 ("DPM-Solver++"), Algorithm 2: multistep, second order in lambda
+    (`_dpmpp_update` with p = 2 after the first step). With lower_order_final=True it is never lowered before the
+    final jump (as diffusers and k-diffusion); "early" makes the last ODE step first order below 15 steps."""
+    return _dpmpp("dpmpp_2m", 2, diffusion, model, x_T, timesteps, model_kwargs, callback, clip_denoised, progress,
+                  post_step, lower_order_final)  # fmt: skip
 
 
 @torch.no_grad()
@@ -149,51 +201,18 @@ def dpmpp_3m(
     callback=None,
     clip_denoised=True,
     progress=False,
+    post_step=None,
     lower_order_final=True,
-    match_official=False,
+    d2_weight="published",
 ):
-    """Third-order multistep DPM-Solver++ (dpm_solver_pytorch `multistep_dpm_solver_third_update`, dpmsolver++).
-
-    With m0, m1, m2 the x0 predictions at lambda_j, lambda_{j-1}, lambda_{j-2}, h = lambda_{j+1} - lambda_j,
-    r0 = (lambda_j - lambda_{j-1}) / h, r1 = (lambda_{j-1} - lambda_{j-2}) / h:
-        D1_0 = (m0 - m1) / r0,  D1_1 = (m1 - m2) / r1,
-        D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1) ~ h x0',  D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 x0'' / 2,
-        phi_1 = expm1(-h),  phi_2 = phi_1 / h + 1,  phi_3 = phi_2 / h - 1/2,
-        x_{j+1} = (sigma_{j+1} / sigma_j) x_j - alpha_{j+1} (phi_1 m0 - phi_2 D1 + 2 phi_3 D2).
-    The exact integral of the quadratic Taylor term, alpha_{j+1} int_0^h e^{u-h} u^2/2 du x0'' = -alpha_{j+1}
-    phi_3 h^2 x0'', needs the weight 2 phi_3 on D2. The official code (and diffusers, k-diffusion's 3M SDE) use
-    phi_3, which leaves an O(h^3) local error: second order overall (measured slope 2.0 on the Gaussian test bed,
-    against >= 3 with 2 phi_3). match_official=True reproduces that published update.
-    Order-2 steps are DPM-Solver++(2M) (the warm-up and, for few steps, the end); order 1 is DDIM.
+    """Third-order multistep DPM-Solver++ (dpm_solver_pytorch `multistep_dpm_solver_third_update`, dpmsolver++;
+    diffusers' DPMSolverMultistepScheduler with solver_order=3): `_dpmpp_update` with p = 3 once three x0
+    predictions exist, 2M on the warm-up step and, below 15 steps with lower_order_final, on the last ODE step.
+    d2_weight: "published" (phi_3, as the official code), "taylor" (2 phi_3, third order) or "auto" (`_dpmpp_update`).
     """
-    g = _grid(diffusion, timesteps)
-    x, hist = x_T, []
-    for j in _steps(g.n, progress, "dpmpp_3m"):
-        x0, _ = diffusion.denoise(model, x, g.t[j], model_kwargs, clip_denoised)
-        hist = [x0, *hist[:2]]
-        if j == g.n - 1:
-            x = x0
-        else:
-            h = g.lam[j + 1] - g.lam[j]
-            phi_1 = math.expm1(-h)
-            p = _order(j, g, 3, lower_order_final)
-            d = x0
-            if p == 2:
-                r0 = (g.lam[j] - g.lam[j - 1]) / h
-                d = x0 + (0.5 / r0) * (x0 - hist[1])
-            elif p == 3:
-                r0, r1 = (g.lam[j] - g.lam[j - 1]) / h, (g.lam[j - 1] - g.lam[j - 2]) / h
-                phi_2 = phi_1 / h + 1
-                phi_3 = phi_2 / h - 0.5
-                d1_0, d1_1 = (x0 - hist[1]) / r0, (hist[1] - hist[2]) / r1
-                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                w2 = phi_3 if match_official else 2 * phi_3
-                d = x0 - (phi_2 / phi_1) * d1 + (w2 / phi_1) * d2
-            x = (g.sigma[j + 1] / g.sigma[j]) * x - (g.alpha[j + 1] * phi_1) * d
-        if callback is not None:
-            callback(g.n - 1 - j, x, x0)
-    return x
+    check_choice("sampler.d2_weight", d2_weight, D2_WEIGHTS)
+    return _dpmpp("dpmpp_3m", 3, diffusion, model, x_T, timesteps, model_kwargs, callback, clip_denoised, progress,
+                  post_step, lower_order_final, d2_weight)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- UniPC
@@ -231,6 +250,7 @@ def unipc(
     callback=None,
     clip_denoised=True,
     progress=False,
+    post_step=None,
     order=3,
     lower_order_final=True,
 ):
@@ -243,10 +263,11 @@ def unipc(
     The model is then evaluated at (x_p, t_{j+1}) -- the next step needs it anyway, so NFE stays N -- and the
     UniC-p corrector raises the order by one (UniPC-p is of order p + 1):
         x_{j+1} = x_ - alpha_{j+1} B(h) (sum_k rho^c_k D1_k + rho^c_p (m_{j+1} - m_j)).
-    No corrector on the step to t_0 (its evaluation is the returned x0_hat).
-    order in {1, 2, 3} (default 3).
+    No corrector on the step to t_0: its evaluation is the returned x0_hat (diffusers applies one there, which the
+    final jump discards). order in {1, 2, 3}; lower_order_final (`_order`, at every N as UniPC's `sample`).
     """
     check_choice("sampler.order", order, UNIPC_ORDERS)
+    check_choice("sampler.lower_order_final", lower_order_final, LOWER_ORDER_FINAL)
     g = _grid(diffusion, timesteps)
     x = x_T
     x0, _ = diffusion.denoise(model, x, g.t[0], model_kwargs, clip_denoised)
@@ -272,6 +293,8 @@ def unipc(
                 for rho, d1 in zip(rhos_c[:-1], d1s):
                     x = x - (c * rho) * d1
             hist, hist_lam = [m_new, *hist[: order - 1]], [g.lam[j + 1], *hist_lam[: order - 1]]
+        if post_step is not None:
+            x = post_step(g.n - 1 - j, x)
         if callback is not None:
             callback(g.n - 1 - j, x, m0)
     return x
@@ -314,6 +337,7 @@ def ipndm(
     callback=None,
     clip_denoised=True,
     progress=False,
+    post_step=None,
     max_order=4,
     variable_step=True,
 ):
@@ -354,6 +378,8 @@ def ipndm(
             for c, ek in zip(coeffs[1:], eps_hist[1:]):
                 e = e + c * ek
             x = (g.alpha[j + 1] / g.alpha[j]) * x + (g.alpha[j + 1] * (g.s[j + 1] - g.s[j])) * e
+        if post_step is not None:
+            x = post_step(g.n - 1 - j, x)
         if callback is not None:
             callback(g.n - 1 - j, x, x0)
     return x
@@ -369,7 +395,7 @@ def _churn(g: _Grid, diffusion, j: int, x_bar, s_churn, s_tmin, s_tmax, s_noise,
         return x_bar, g.s[j], g.t[j], g.alpha[j]
     t_hat = float(diffusion.t_at_sigma(g.s[j] * (1 + gamma)))
     s_hat = float(diffusion.sigma_at(t_hat))
-    x_bar = x_bar + math.sqrt(max(s_hat**2 - g.s[j] ** 2, 0.0)) * s_noise * _noise(x_bar, generator)
+    x_bar = x_bar + math.sqrt(max(s_hat**2 - g.s[j] ** 2, 0.0)) * s_noise * noise_like(x_bar, generator)
     return x_bar, s_hat, t_hat, 1.0 / math.sqrt(1.0 + s_hat**2)
 
 
@@ -385,6 +411,7 @@ def _karras(
     callback,
     clip,
     progress,
+    post_step,
     s_churn,
     s_tmin,
     s_tmax,
@@ -406,6 +433,8 @@ def _karras(
                 _, d2 = diffusion.denoise(model, g.alpha[j + 1] * x_next, g.t[j + 1], model_kwargs, clip)
                 x_next = x_bar + (0.5 * dt) * (d + d2)
             x_bar = x_next
+        if post_step is not None:  # on the VP state alpha x_bar (alpha = 1 after the last step)
+            x_bar = post_step(g.n - 1 - j, g.alpha[j + 1] * x_bar) / g.alpha[j + 1]
         if callback is not None:
             callback(g.n - 1 - j, g.alpha[j + 1] * x_bar, x0)
     return x_bar
@@ -423,6 +452,7 @@ def euler(
     callback=None,
     clip_denoised=True,
     progress=False,
+    post_step=None,
     s_churn=0.0,
     s_tmin=0.0,
     s_tmax=math.inf,
@@ -443,6 +473,7 @@ def euler(
         callback,
         clip_denoised,
         progress,
+        post_step,
         s_churn,
         s_tmin,
         s_tmax,
@@ -462,6 +493,7 @@ def heun(
     callback=None,
     clip_denoised=True,
     progress=False,
+    post_step=None,
     s_churn=0.0,
     s_tmin=0.0,
     s_tmax=math.inf,
@@ -484,6 +516,7 @@ def heun(
         callback,
         clip_denoised,
         progress,
+        post_step,
         s_churn,
         s_tmin,
         s_tmax,
@@ -512,6 +545,7 @@ def euler_ancestral(
     callback=None,
     clip_denoised=True,
     progress=False,
+    post_step=None,
     eta=1.0,
     s_noise=1.0,
 ):
@@ -529,7 +563,9 @@ def euler_ancestral(
             s_down, s_up = ancestral_step(g.s[j], g.s[j + 1], eta)
             x_bar = x_bar + (s_down - g.s[j]) * d
             if s_up > 0:
-                x_bar = x_bar + (s_noise * s_up) * _noise(x_bar, generator)
+                x_bar = x_bar + (s_noise * s_up) * noise_like(x_bar, generator)
+        if post_step is not None:
+            x_bar = post_step(g.n - 1 - j, g.alpha[j + 1] * x_bar) / g.alpha[j + 1]
         if callback is not None:
             callback(g.n - 1 - j, g.alpha[j + 1] * x_bar, x0)
     return x_bar
@@ -544,6 +580,7 @@ def ode_invert(
     timesteps,
     *,
     order=2,
+    d2_weight="published",
     model_kwargs=None,
     clip_denoised=False,
     progress=False,
@@ -555,9 +592,10 @@ def ode_invert(
     from the model at (x0, t_0) (first order in sigma_0, which is ~0.01 for the usual schedules):
     x_{t_0} = alpha_0 x0 + sigma_0 eps. Then the update of dpmpp_2m / dpmpp_3m with h = lambda_{j+1} - lambda_j < 0
     and the x0 predictions at t_j, t_{j-1}, t_{j-2}. order=1 reproduces ddim_invert (fixed_point_iters=0).
-    Pair with the sampler of the same order for reconstructions.
+    Pair with the sampler of the same order (and d2_weight) for reconstructions.
     """
     check_choice("ode_invert order", order, (1, 2, 3))
+    check_choice("sampler.d2_weight", d2_weight, D2_WEIGHTS)
     g = _grid(diffusion, timesteps)
     t, alpha, sigma, lam = g.t[::-1], g.alpha[-2::-1], g.sigma[-2::-1], g.lam[-2::-1]  # ascending t_0 .. t_{N-1}
     if not math.isfinite(lam[-1]):
@@ -567,21 +605,6 @@ def ode_invert(
     for j in _steps(g.n - 1, progress, "inverting"):
         m0, _ = diffusion.denoise(model, x, t[j], model_kwargs, clip_denoised)
         hist = [m0, *hist[: order - 1]]
-        h = lam[j + 1] - lam[j]
-        phi_1 = math.expm1(-h)
-        d = m0
-        if len(hist) == 2 or (len(hist) == 3 and order == 2):
-            r0 = (lam[j] - lam[j - 1]) / h
-            d = m0 + (0.5 / r0) * (m0 - hist[1])
-        elif len(hist) == 3:
-            r0, r1 = (lam[j] - lam[j - 1]) / h, (lam[j - 1] - lam[j - 2]) / h
-            phi_2 = phi_1 / h + 1
-            phi_3 = phi_2 / h - 0.5
-            d1_0, d1_1 = (m0 - hist[1]) / r0, (hist[1] - hist[2]) / r1
-            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-            d = m0 - (phi_2 / phi_1) * d1 + (2 * phi_3 / phi_1) * ((d1_0 - d1_1) / (r0 + r1))
-        x = (sigma[j + 1] / sigma[j]) * x - (alpha[j + 1] * phi_1) * d
+        x = _dpmpp_update(x, hist, lam, alpha, sigma, j, len(hist), d2_weight)
     return x
 
-
-# --------------------------------------------------------------------------- table for the registry

@@ -38,7 +38,7 @@ def row(sampler, scores: dict, reference: str, seconds: float, role: str = "curv
         **scores,
         "reference": reference,
         "sample_seconds": seconds,
-        "seconds_per_sample": seconds / max(1, scores.get("n", 1)),
+        "seconds_per_sample": scores.get("seconds_per_sample", seconds / max(1, scores.get("n", 1))),
     }
 
 

@@ -182,34 +182,26 @@ class DiffusionModule(L.LightningModule):
         n: int,
         sampler: Sampler | None = None,
         y: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        seed: int = 0,
+        start: int = 0,
+        batch_size: int | None = None,
         progress: bool = False,
-        x_T: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """n samples [n, C, H, W] in [-1, 1] with this module's current weights.
+        """Images start .. start + n - 1 of the run seeded `seed`, [n, C, H, W] in [-1, 1] on the CPU, with this
+        module's current weights (eval mode). Each image's label (when y [n] is not given and the net is
+        class-conditional), x_T and per-step noise come from its own generator (diffusion.seeding.draw)."""
+        from ..diffusion.seeding import draw
 
-        x_T (default: drawn from `generator`) is the starting noise; the sampler's per-step noise comes
-        from a generator on the module's device seeded from `generator`.
-        """
-        sampler = sampler or self.sampler
-        if x_T is None:
-            shape = (n, self.net.in_channels, self.net.image_size, self.net.image_size)
-            x_T = torch.randn(shape, generator=generator)
-        kwargs = {"y": y.to(self.device)} if y is not None else None
-        g = None
-        if generator is not None:
-            g = torch.Generator(device=self.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        was_training = self.net.training
-        self.net.eval()
+        net = self.net
+        was_training = net.training
+        net.eval()
         try:
-            return sampler(
-                self.diffusion,
-                self.net,
-                x_T.to(self.device),
-                model_kwargs=kwargs,
-                generator=g,
-                progress=progress,
-                null_label=self.null_label,
-            )
+            images, _ = draw(
+                self.diffusion, net, sampler or self.sampler, (net.in_channels, net.image_size, net.image_size),
+                seed=seed, indices=range(start, start + n), batch_size=batch_size, labels=y,
+                num_classes=net.num_classes if self.conditional else None, null_label=self.null_label,
+                device=self.device, progress=progress,
+            )  # fmt: skip
         finally:
-            self.net.train(was_training)
+            net.train(was_training)
+        return images

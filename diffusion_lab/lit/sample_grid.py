@@ -45,7 +45,7 @@ class SampleGridCallback(L.Callback):
         n = y.shape[0] if y is not None else self.num_samples
         paths = []
         for file_name, s in variants:
-            images = module.sample(n, s, y=y, generator=torch.Generator().manual_seed(self.seed))
+            images = module.sample(n, s, y=y, seed=self.seed)
             path = self.dirpath / f"{file_name}.png"
             grid = save_grid(images, path, nrow)
             log_image(

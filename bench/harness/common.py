@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from diffusion_lab.io import atomic_write
+
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 RUNS = ROOT / "outputs" / "bench"
 CACHE = ROOT / ".cache"
-sys.path.insert(0, str(ROOT))
-
-from diffusion_lab.io import atomic_write  # noqa: E402
 
 
 def machine() -> dict:
@@ -188,20 +187,16 @@ def with_variance(module, var_type: str):
 def sample_and_score(
     module, sampler, n: int, evaluator, ref_features, seed: int = 0, batch: int = 500, classifier=None
 ) -> dict:
-    """FID/KID and precision/recall of n samples (x_T from `seed`: every sampler starts from the same noise),
-    the classifier score when a classifier is given, and the seconds sampling and scoring took."""
+    """diffusion_lab.eval.scoring.sample_and_score (the path evaluate.py and the FID callback take) with the
+    benchmarks' defaults: n images seeded per (seed, index), so every sampler starts image i from the same x_T,
+    and glibc's malloc set as evaluate.py's process has it (diffusion_lab.cli.run). Returns the scores."""
     from diffusion_lab.allocator import keep_freed_memory
-    from diffusion_lab.eval.classifier import score_images
-    from diffusion_lab.generate import sample_uint8
+    from diffusion_lab.eval.scoring import sample_and_score as score
 
-    keep_freed_memory()  # as evaluate.py samples (diffusion_lab.cli.run)
-    t0 = time.perf_counter()
-    fake = sample_uint8(module, sampler, n, batch, torch.Generator().manual_seed(seed))
-    t1 = time.perf_counter()
-    scores = evaluator.score(fake, ref_features)
-    if classifier is not None:
-        scores |= score_images(classifier, fake)
-    return {**scores, "sample_seconds": t1 - t0, "fid_seconds": time.perf_counter() - t1}
+    keep_freed_memory()
+    scores, _ = score(module, sampler, num_samples=n, seed=seed, batch_size=batch, evaluator=evaluator,
+                      reference=ref_features, classifier=classifier)  # fmt: skip
+    return scores
 
 
 def weights_fingerprint(module) -> str:
@@ -250,7 +245,7 @@ def scored_rows(module, samplers, n: int, evaluator, ref_features, ref_name: str
         done = {"_weights": weights}
     rows = []
     for s in samplers:
-        key = f"{s.name}@{n}@seed{seed}"
+        key = f"{s.name}@{n}@seed{seed}@per-image"  # images seeded per (seed, index) since 2026-12-03
         if key not in done or done[key].get("classifier") != cls_id:
             r = sample_and_score(module, s, n, evaluator, ref_features, seed=seed, classifier=classifier)
             done[key] = row(s, r, ref_name, r["sample_seconds"], (roles or {}).get(s.name, "curve"))

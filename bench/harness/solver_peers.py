@@ -1,0 +1,122 @@
+"""Our solvers beside diffusers' schedulers on exact models: each run's own error against the exact
+probability-flow answer (diffusion_lab.diffusion.analytic), so that defaults can be compared with the peer's.
+
+    case = Case("gaussian", "linear")                          # exact model, process, x_T (64 x 16 pixels)
+    ours_error(case, "dpmpp_2m", steps=10, spacing="trailing")  # our method with our defaults (or options)
+    peer_error(case, "dpmpp_2m", steps=10, timestep_spacing="trailing")   # diffusers' with its defaults
+
+A run's error is the RMS difference between what it returns and the exact answer for the noise it started from:
+`solution(x, t_first, 0)`, the exact probability flow from the state the model first saw, at the time it saw it,
+down to t = 0, then the exact denoiser there (the best any sampler can return). Every run has the same target,
+so a grid that stops early (diffusers' default `linspace` ends at t = 100 for 10 steps, `trailing` at t = 99, and
+jumps to the x0 prediction from there) pays for the blur of that last jump, as it does on a real network. Used
+by bench/solver_peers.py and tests/test_solver_peers.py (diffusers is in the `dev` extra).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from diffusion_lab.diffusion import GaussianData, GaussianDiffusion, PointMixture, Sampler
+
+F64 = torch.float64
+
+# Our method -> (diffusers scheduler, the config that makes it that method; everything else is diffusers' default).
+# diffusers has no iPNDM for a variance-preserving process: its peer is the published fixed Adams-Bashforth weights
+# (k-diffusion's / ComfyUI's sample_ipndm formula), which is our ipndm with variable_step=False.
+PEERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_3m": ("DPMSolverMultistepScheduler", {"solver_order": 3}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+}
+OWN_PEERS = {"ipndm": {"variable_step": False}}
+# diffusers' options that put its grid on one of ours (for the same-grid columns); None: it has no such option.
+PEER_GRIDS = {
+    "trailing": {"timestep_spacing": "trailing"},
+    "karras": {"use_karras_sigmas": True},
+    "logsnr": {"use_lu_lambdas": True},  # DPMSolverMultistepScheduler only
+}
+
+
+def mixture() -> PointMixture:
+    """Eight points in 16 dimensions (4x4 images in [-0.8, 0.8]) blurred by s = 0.05: a multimodal target."""
+    g = torch.Generator().manual_seed(7)
+    return PointMixture((torch.rand(8, 1, 4, 4, generator=g, dtype=F64) * 1.6 - 0.8), s=0.05)
+
+
+DATA = {"gaussian": lambda: GaussianData(mu=0.1, s=0.5), "mixture": mixture}
+
+
+@dataclass
+class Case:
+    """An exact model (`data`: gaussian | mixture) of a process (`schedule`, T = 1000), and x_T [64, 1, 4, 4]."""
+
+    data_name: str
+    schedule: str = "linear"
+    batch: int = 64
+    data: object = field(init=False)
+    diffusion: GaussianDiffusion = field(init=False)
+    x_T: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.data = DATA[self.data_name]()
+        self.diffusion = GaussianDiffusion.from_schedule(self.schedule, 1000)
+        self.x_T = torch.randn((self.batch, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=F64)
+
+    def recording_model(self):
+        """(model, calls): the exact eps model, recording each call's (x, t) in `calls`."""
+        exact, calls = self.data.model(self.diffusion), []
+
+        def model(x, t, **kw):
+            t = torch.as_tensor(t, dtype=F64).reshape(-1).expand(x.shape[0])
+            calls.append((x, float(t[0])))
+            return exact(x, t, **kw)
+
+        return model, calls
+
+    def error(self, out: torch.Tensor, calls: list) -> float:
+        """RMS of out - the exact answer for the state and time of the first model call, ending at t = 0."""
+        x_first, t_first = calls[0]
+        return (out - self.data.solution(self.diffusion, x_first, t_first, 0.0)).pow(2).mean().sqrt().item()
+
+
+def ours_error(case: Case, method: str, steps: int, spacing: str | None = None, **options) -> float:
+    """Error of `Sampler(method, steps, spacing, **options)` (clipping off) on the case's exact model."""
+    model, calls = case.recording_model()
+    sampler = Sampler(method, steps=steps, spacing=spacing, clip_denoised=False, **options)
+    return case.error(sampler(case.diffusion, model, case.x_T), calls)
+
+
+def peer_error(case: Case, method: str, steps: int, **config) -> float:
+    """Error of diffusers' scheduler for `method` (PEERS) with its defaults updated by `config`, run as diffusers'
+    pipelines run it: x_T scaled by init_noise_sigma, scale_model_input before each call, step() after. The
+    scheduler gets our process's betas (float64 -> its float32)."""
+    if method in OWN_PEERS:
+        return ours_error(case, method, steps, config.pop("spacing", None), **OWN_PEERS[method], **config)
+    import diffusers
+
+    name, base = PEERS[method]
+    sch = getattr(diffusers, name)(num_train_timesteps=case.diffusion.num_timesteps,
+                                   trained_betas=case.diffusion.betas.numpy(), **{**base, **config})
+    sch.set_timesteps(steps)
+    model, calls = case.recording_model()
+    x = case.x_T * sch.init_noise_sigma
+    for t in sch.timesteps:
+        eps = model(sch.scale_model_input(x, t).to(F64), t)
+        x = sch.step(eps, t, x).prev_sample.to(F64)
+    return case.error(x, calls)
+
+
+def peer_nfe(method: str, steps: int) -> int:
+    """Network evaluations of the peer's run at `steps` (diffusers' Heun: 2 steps - 1, as ours)."""
+    return 2 * steps - 1 if method == "heun" else steps
+
+
+def ratio(ours: float, peer: float) -> float:
+    return ours / peer if peer > 0 else math.inf

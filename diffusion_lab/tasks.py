@@ -194,7 +194,9 @@ def _samplers(cfg: DictConfig, module) -> list[tuple]:
     for name in methods:
         etas = g.etas if g.get("etas") and "eta" in get_method(name).options else [None]  # None: the sampler's
         pairs += [(_grid_row(base, dict(method=name, nfe=n, eta=e)), "curve") for e in etas for n in nfes]
-    pairs += [(_grid_row(base, dict(method="ddpm", steps=s)), "reference") for s in g.get("ddpm_steps") or []]
+    # the reference is DDPM on its own grid (sampler.spacing shapes the curves), with the sampler's guidance
+    pairs += [(_grid_row(base, dict(method="ddpm", steps=s, spacing=None)), "reference")
+              for s in g.get("ddpm_steps") or []]
     unique = {(s.name, role): (s, role) for s, role in pairs}  # e.g. Heun at NFE 9 and 10 is one sampler
     return [(validate_sampler(s, f"grid row {s.name}", module.diffusion, module.conditional), role)
             for s, role in unique.values()]
@@ -203,7 +205,7 @@ def _samplers(cfg: DictConfig, module) -> list[tuple]:
 def _grid_row(base: dict, changes: dict):
     from .diffusion import Sampler
 
-    changes = {k: v for k, v in changes.items() if v is not None or k != "eta"}
+    changes = {k: v for k, v in changes.items() if v is not None or k != "eta"}  # eta None: the sampler's own
     try:
         return Sampler.from_config(base, **changes)
     except ValueError as e:

@@ -46,5 +46,31 @@ def test_kept_memory_stops_page_faults_of_a_repeated_forward():
     assert tuned["faults"] < default["faults"] / 4, (tuned, default)  # measured 15-25x fewer
 
 
-def test_keep_freed_memory_is_idempotent():
-    assert keep_freed_memory() == keep_freed_memory()
+def test_keep_freed_memory_sets_glibc_once_and_reports_a_refusal(monkeypatch):
+    """The settings go to mallopt once per process (later calls return the verdict without calling it again); a
+    setting glibc refuses makes the verdict False. A stand-in libc records the calls."""
+    import ctypes
+
+    from diffusion_lab import allocator
+
+    calls, answer = [], {"value": 1}
+
+    def mallopt(key, value):
+        calls.append((key, value))
+        return answer["value"]
+
+    class Libc:
+        pass
+
+    libc = Libc()
+    libc.mallopt = mallopt
+    monkeypatch.setattr(ctypes, "CDLL", lambda _: libc)
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    monkeypatch.delenv("DIFFUSION_LAB_MALLOC", raising=False)
+    monkeypatch.setattr(allocator, "_applied", None)
+    assert allocator.keep_freed_memory() is True and allocator.keep_freed_memory() is True
+    assert calls == list(allocator.SETTINGS.items())  # each setting once, not again on the second call
+    monkeypatch.setattr(allocator, "_applied", None)
+    calls.clear()
+    answer["value"] = 0  # glibc refuses
+    assert allocator.keep_freed_memory() is False and len(calls) == len(allocator.SETTINGS)

@@ -66,26 +66,32 @@ def _fid_metrics(run_dir):
 
 
 def test_fid_callback_same_on_two_processes_as_on_one(tmp_path):
-    """lr=0 keeps the weights equal in both runs; the samples depend only on their global index, so the
-    2-rank FID (each rank half the samples and half the reference, states reduced by torchmetrics) must
-    equal the 1-process FID."""
+    """lr=0 keeps the weights equal in both runs; image i depends only on (seed, i) -- its label, x_T and every
+    step's noise -- so the 2-rank scores (each rank half the samples and half the reference, FID states reduced by
+    torchmetrics, features and classifier inputs gathered) equal the 1-process ones, for a class-conditional net with
+    stochastic samplers and guidance too (callbacks.fid.batch_size differs between the runs as well)."""
+    samplers = ("[{method: ddim, steps: 5, eta: 1.0, guidance_scale: 2.0}, {method: euler_ancestral, steps: 5},"
+                " {method: ddpm, steps: 10}, {method: dpmpp_2m, steps: 5}]")
     common = [
         *FAST,
         "callbacks=with_fid",
+        "net.num_classes=10",
+        "label_dropout=0.1",
         "optim.lr=0",
         "trainer.max_steps=2",
         "diffusion.steps=50",
         "callbacks.fid.num_samples=12",
-        "callbacks.fid.batch_size=4",
         "callbacks.fid.reference_split=val",
-        "callbacks.fid.samplers=[{_target_: diffusion_lab.diffusion.Sampler, method: ddim, steps: 5}]",
+        f"callbacks.fid.samplers={samplers}",
         f"paths.cache_dir={tmp_path / 'cache'}",
     ]
-    run_train([*common, *DDP], tmp_path / "ddp")
-    run_train(common, tmp_path / "single")
+    run_train([*common, *DDP, "callbacks.fid.batch_size=4"], tmp_path / "ddp")
+    run_train([*common, "callbacks.fid.batch_size=12"], tmp_path / "single")
     ddp, single = _fid_metrics(tmp_path / "ddp"), _fid_metrics(tmp_path / "single")
-    assert list(ddp) == ["val/fid/ddim5_eta0"] and ddp["val/fid/ddim5_eta0"] > 0
-    assert ddp["val/fid/ddim5_eta0"] == pytest.approx(single["val/fid/ddim5_eta0"], rel=1e-4)
+    names = ["ddim5_eta1_cfg2", "euler_ancestral5", "ddpm10", "dpmpp_2m5"]
+    assert sorted(ddp) == sorted(f"val/fid/{n}" for n in names) and all(v > 0 for v in ddp.values())
+    for key, value in ddp.items():
+        assert value == pytest.approx(single[key], rel=1e-4), key
 
 
 def test_ddp_stop_and_resume_equals_uninterrupted_run(tmp_path):

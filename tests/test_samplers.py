@@ -277,3 +277,48 @@ def test_solver_sweep_names_only_registered_methods():
     methods = str(params["sampler"]).split(",")
     assert methods and all(m in METHODS and (ROOT / "conf" / "sampler" / f"{m}.yaml").exists() for m in methods)
     assert [int(k) for k in str(params["sampler.nfe"]).split(",")] == [5, 10, 20, 50]
+
+
+def _grid(overrides, tmp_path, conditional=False):
+    """evaluate.py's (sampler, role) rows for `overrides` on a 100-step process (no checkpoint needed)."""
+    from types import SimpleNamespace
+
+    from diffusion_lab.tasks import _samplers
+
+    cfg = compose_train(["ckpt_path=x.ckpt", "grid.ddpm_steps=[100]", *overrides], tmp_path, "evaluate")
+    return _samplers(cfg, SimpleNamespace(diffusion=GaussianDiffusion(get_betas("linear", 100)),
+                                          conditional=conditional))  # fmt: skip
+
+
+def test_the_grid_keeps_every_key_of_the_configured_sampler(tmp_path):
+    """The grid varies only the method and the NFE: sampler=ddim_eta1 gives eta 1 rows (it used to score eta 0),
+    sampler.spacing reaches every curve, options go to the methods that take them, the reference is DDPM on its
+    own grid; grid.methods defaults to the configured sampler's method."""
+    rows = _grid(["sampler=ddim_eta1", "grid.nfe=[5,10]"], tmp_path)
+    assert [(s.name, role) for s, role in rows] == [
+        ("ddim5_eta1", "curve"), ("ddim10_eta1", "curve"), ("ddpm100", "reference")]
+    rows = _grid(["sampler=ddim_eta1", "grid.methods=[ddim,dpmpp_2m,unipc]", "grid.nfe=[10]",
+                  "sampler.spacing=logsnr", "sampler.clip_denoised=false"], tmp_path)  # fmt: skip
+    curves = [s for s, role in rows if role == "curve"]
+    assert [s.method.name for s in curves] == ["ddim", "dpmpp_2m", "unipc"]
+    assert all(s.spacing == "logsnr" and not s.clip_denoised for s in curves)
+    assert curves[0].options["eta"] == 1.0 and "eta" not in curves[1].options
+    ref = next(s for s, role in rows if role == "reference")
+    assert ref.spacing == "even" and not ref.clip_denoised
+    rows = _grid(["sampler=unipc", "sampler.order=3", "grid.nfe=[10,20]", "grid.ddpm_steps=[]"], tmp_path)
+    assert [(s.name, s.label) for s, _ in rows] == [("unipc10_order3", "UniPC-3"), ("unipc20_order3", "UniPC-3")]
+
+
+def test_grid_and_sampler_errors_name_the_keys_the_user_typed(tmp_path):
+    from diffusion_lab.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"grid.methods='dpm_fast' is unknown; allowed: ddpm, ddim"):
+        _grid(["grid.methods=[ddim,dpm_fast]"], tmp_path)
+    with pytest.raises(ConfigError, match=r"grid.nfe has 0: each entry must be a positive integer"):
+        _grid(["grid.nfe=[0,10]"], tmp_path)
+    with pytest.raises(ConfigError, match=r"sampler.steps=20 is set, but the grid sets the NFE of each row"):
+        _grid(["sampler.steps=20"], tmp_path)
+    with pytest.raises(ConfigError, match=r"sampler.order=3 is not an option of any grid method \(grid.methods="):
+        _grid(["sampler=unipc", "sampler.order=3", "grid.methods=[ddim]"], tmp_path)
+    with pytest.raises(ConfigError, match=r"^sampler.steps=10 and sampler.nfe=20 are both set: give one of them"):
+        _grid(["grid=null", "sampler.steps=10", "sampler.nfe=20"], tmp_path)

@@ -86,19 +86,19 @@ class Case:
         return (out - self.data.solution(self.diffusion, x_first, t_first, 0.0)).pow(2).mean().sqrt().item()
 
 
-def ours_error(case: Case, method: str, steps: int, spacing: str | None = None, **options) -> float:
-    """Error of `Sampler(method, steps, spacing, **options)` (clipping off) on the case's exact model."""
+def ours_run(case: Case, method: str, steps: int, spacing: str | None = None, **options) -> tuple[torch.Tensor, list]:
+    """(output, model calls) of `Sampler(method, steps, spacing, **options)` (clipping off) on the exact model."""
     model, calls = case.recording_model()
     sampler = Sampler(method, steps=steps, spacing=spacing, clip_denoised=False, **options)
-    return case.error(sampler(case.diffusion, model, case.x_T), calls)
+    return sampler(case.diffusion, model, case.x_T), calls
 
 
-def peer_error(case: Case, method: str, steps: int, **config) -> float:
-    """Error of diffusers' scheduler for `method` (PEERS) with its defaults updated by `config`, run as diffusers'
-    pipelines run it: x_T scaled by init_noise_sigma, scale_model_input before each call, step() after. The
-    scheduler gets our process's betas (float64 -> its float32)."""
+def peer_run(case: Case, method: str, steps: int, **config) -> tuple[torch.Tensor, list]:
+    """(output, model calls) of diffusers' scheduler for `method` (PEERS) with its defaults updated by `config`, run
+    as diffusers' pipelines run it: x_T scaled by init_noise_sigma, scale_model_input before each call, step()
+    after. The scheduler gets our process's betas (float64 -> its float32)."""
     if method in OWN_PEERS:
-        return ours_error(case, method, steps, config.pop("spacing", None), **OWN_PEERS[method], **config)
+        return ours_run(case, method, steps, config.pop("spacing", None), **OWN_PEERS[method], **config)
     import diffusers
 
     name, base = PEERS[method]
@@ -110,7 +110,54 @@ def peer_error(case: Case, method: str, steps: int, **config) -> float:
     for t in sch.timesteps:
         eps = model(sch.scale_model_input(x, t).to(F64), t)
         x = sch.step(eps, t, x).prev_sample.to(F64)
-    return case.error(x, calls)
+    return x, calls
+
+
+def ours_error(case: Case, method: str, steps: int, spacing: str | None = None, **options) -> float:
+    return case.error(*ours_run(case, method, steps, spacing, **options))
+
+
+def peer_error(case: Case, method: str, steps: int, **config) -> float:
+    return case.error(*peer_run(case, method, steps, **config))
+
+
+def mnist_wins(path) -> dict:
+    """{method: {nfe: {"logsnr": {seed: FID}, "trailing": {seed: FID}}}} from bench/solver_defaults.py's saved cells
+    (its `grid`, `crossover` and `order` groups, at each method's default options)."""
+    import json
+
+    from diffusion_lab.diffusion import get_method
+
+    out: dict = {}
+    if not path.exists():
+        return out
+    for c in json.loads(path.read_text())["cells"].values():
+        if c["spacing"] not in ("logsnr", "trailing") or c["group"] not in ("grid", "crossover", "order"):
+            continue
+        if any(get_method(c["method"]).options.get(k) != v for k, v in c["options"].items()):
+            continue  # another option than the default (UniPC order 3)
+        cell = out.setdefault(c["method"], {}).setdefault(c["nfe"], {"logsnr": {}, "trailing": {}})
+        cell[c["spacing"]][c["seed"]] = c["fid"]
+    return out
+
+
+def explained(method: str, nfe: int, wins: dict, logsnr_from: int) -> str | None:
+    """The MNIST evidence for a default-grid cell where our grid is logsnr (nfe >= logsnr_from): at the measured NFE
+    nearest to `nfe` (from logsnr_from on), logsnr beat trailing, diffusers' kind of grid, for this method by more
+    than the spread between the two seeds of either grid. None when there is no such record."""
+    measured = {k: v for k, v in wins.get(method, {}).items()
+                if k >= logsnr_from and len(v["logsnr"]) == len(v["trailing"]) == 2}  # fmt: skip
+    if nfe < logsnr_from or not measured:
+        return None
+    k = min(measured, key=lambda m: (abs(m - nfe), m))
+    lo, tr = measured[k]["logsnr"], measured[k]["trailing"]
+    seeds = sorted(lo)
+    gain = min(tr[s] - lo[s] for s in seeds)
+    spread = max(abs(lo[seeds[0]] - lo[seeds[1]]), abs(tr[seeds[0]] - tr[seeds[1]]))
+    if gain <= spread:
+        return None
+    return (f"MNIST NFE {k}: logsnr {lo[seeds[0]]:.1f} / {lo[seeds[1]]:.1f} vs trailing {tr[seeds[0]]:.1f} / "
+            f"{tr[seeds[1]]:.1f} (gain {gain:.1f} > seed spread {spread:.1f})")
 
 
 def peer_nfe(method: str, steps: int) -> int:

@@ -64,7 +64,7 @@ class Method:
     title: str
     options: Mapping[str, Any] = field(default_factory=dict)
     checks: Mapping[str, Callable[[Any], None]] = field(default_factory=dict)
-    spacing: str = "logsnr"
+    spacing: str = "auto"
     steps: int | None = 10
     evals_per_step: int = 1
     extra_last: int = 0
@@ -190,7 +190,7 @@ register(
         "unipc",
         solvers.unipc,
         "UniPC-{order}",
-        {"order": 3, "lower_order_final": True},
+        {"order": 2, "lower_order_final": True},
         {
             "order": _one_of("order", solvers.UNIPC_ORDERS),
             "lower_order_final": _one_of("lower_order_final", solvers.LOWER_ORDER_FINAL),

@@ -19,10 +19,10 @@ from typing import Any
 
 from ..checks import check_choice, check_number
 from .registry import Method, get_method
-from .respace import CONTINUOUS_SPACINGS, SPACINGS, sampling_times
+from .respace import AUTO_SPACING, CONTINUOUS_SPACINGS, SPACINGS, sampling_times
 from .samplers import ClassifierFreeGuidance
 
-ALL_SPACINGS = SPACINGS + CONTINUOUS_SPACINGS
+ALL_SPACINGS = (*SPACINGS, *CONTINUOUS_SPACINGS, AUTO_SPACING)
 BASE_KEYS = ("method", "steps", "nfe", "spacing", "clip_denoised", "guidance_scale")  # the keys every method takes
 
 

@@ -1,0 +1,64 @@
+"""Our multistep solvers beside diffusers' schedulers on the exact Gaussian model (bench/harness/solver_peers.py):
+the same update where the algorithm is the same, and our defaults never less accurate than diffusers' defaults,
+except where bench/solver_defaults.py recorded an MNIST FID win for our choice (issue 33)."""
+
+import pytest
+import torch
+
+from bench.harness.common import results_dir
+from bench.harness.solver_peers import Case, explained, mnist_wins, ours_error, ours_run, peer_error, peer_run
+from diffusion_lab.diffusion.respace import AUTO_LOGSNR_FROM
+
+LIMIT = 1.1
+MULTISTEP = ["dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def case():
+    return Case("gaussian", "linear")  # the issue's setting: linear betas, T = 1000, clipping off
+
+
+@pytest.mark.parametrize("steps", [5, 10, 20])
+def test_same_update_as_diffusers_on_the_same_grid(case, steps):
+    """On diffusers' trailing grid, at diffusers' settings, our 2M, 3M (published weight) and UniPC-2/-3 return
+    diffusers' outputs up to its float32 arithmetic, visiting the same times."""
+    pairs = [("dpmpp_2m", {}, {}), ("dpmpp_3m", {}, {}), ("unipc", {}, {}),
+             ("unipc", {"order": 3}, {"solver_order": 3})]  # fmt: skip
+    for method, ours_opts, peer_opts in pairs:
+        a, calls_a = ours_run(case, method, steps, "trailing", **ours_opts)
+        b, calls_b = peer_run(case, method, steps, timestep_spacing="trailing", **peer_opts)
+        assert [t for _, t in calls_a] == [t for _, t in calls_b], method
+        assert (a - b).abs().max().item() < 1e-5, (method, ours_opts, (a - b).abs().max().item())
+
+
+@pytest.mark.parametrize("method", MULTISTEP)
+def test_default_is_at_least_as_accurate_as_the_peer_or_won_on_mnist(case, method):
+    """At 10, 20 and 40 trailing steps and on our default grid at NFE 5-80 (against diffusers' defaults, its
+    linspace grid) the error is at most 1.1x the peer's, or the cell is on the logsnr part of our `auto` grid where
+    bench/results/solver_defaults.json records logsnr beating trailing on MNIST by more than two seeds' spread."""
+    peer = (lambda n, **kw: peer_error(case, method, n, **kw))
+    for n in (10, 20, 40):
+        trailing = {"spacing": "trailing"} if method == "ipndm" else {"timestep_spacing": "trailing"}
+        ours, theirs = ours_error(case, method, n, "trailing"), peer(n, **trailing)
+        assert ours <= LIMIT * theirs, (method, "trailing", n, ours, theirs)
+    wins = mnist_wins(results_dir() / "solver_defaults.json")
+    for n in (5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80):
+        ours, theirs = ours_error(case, method, n), peer(n)
+        assert ours <= LIMIT * theirs or explained(method, n, wins, AUTO_LOGSNR_FROM), (method, n, ours, theirs)
+
+
+def test_the_exception_needs_a_recorded_win():
+    """explained() refuses a cell below the logsnr part, a method without records, and a gain inside the spread."""
+    wins = {"dpmpp_2m": {20: {"logsnr": {0: 30.0, 1: 31.0}, "trailing": {0: 34.0, 1: 35.0}},
+                         50: {"logsnr": {0: 30.0, 1: 33.0}, "trailing": {0: 31.0, 1: 34.0}}}}  # fmt: skip
+    assert explained("dpmpp_2m", 25, wins, 15).startswith("MNIST NFE 20: logsnr 30.0 / 31.0 vs trailing 34.0")
+    assert explained("dpmpp_2m", 10, wins, 15) is None and explained("unipc", 20, wins, 15) is None
+    assert explained("dpmpp_2m", 60, wins, 15) is None  # nearest is NFE 50: gain 1.0 inside the spread 3.0

@@ -89,8 +89,9 @@ weights (variable_step=false). "trailing": both on diffusers' trailing grid at 1
                         (misses if not why else []).append(f"{m} {grid} {n} on {data}/{schedule}: {c['ratio']:.2f}")
                     row.append(f"{c['ratio']:.2f}{mark}")
             out.append(f"| {m} | " + " | ".join(row) + " |")
-    notes = sorted({f"- {m}: {explained(m, n, wins, AUTO_LOGSNR_FROM)}" for c in cells for m, n in [(c["method"], c["nfe"])]
-                    if c["grid"] == "default" and c["ratio"] > LIMIT and explained(m, n, wins, AUTO_LOGSNR_FROM)})
+    why = {(c["method"], c["nfe"]): explained(c["method"], c["nfe"], wins, AUTO_LOGSNR_FROM)
+           for c in cells if c["grid"] == "default" and c["ratio"] > LIMIT}  # fmt: skip
+    notes = sorted({f"- {m}: {w}" for (m, _), w in why.items() if w})
     out.append("\nCells are ratios ours / peer; the absolute errors are in `bench/results/solver_peers.json`. "
                "† = explained by the MNIST FID win of the logsnr part of our grid:\n")
     out += notes or ["- (none needed)"]

@@ -11,7 +11,7 @@ import math
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .checks import check_choice, check_number
 from .data.base import SPLITS
@@ -52,8 +52,10 @@ def validate_sampler(node, key: str, diffusion, conditional: bool):
     from .diffusion import Sampler
 
     try:
-        sampler = node if isinstance(node, Sampler) else build(node, key)
-        sampler = sampler.bind(diffusion)
+        if not isinstance(node, Sampler):  # a Hydra node or a plain mapping, with or without _target_
+            node = Sampler.from_config(OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node)
+                                       else node)  # fmt: skip
+        sampler = node.bind(diffusion)
     except ValueError as e:
         raise ConfigError(str(e) if key == "sampler" else f"{key}: {e}") from None
     if sampler.guidance_scale is not None and not conditional:

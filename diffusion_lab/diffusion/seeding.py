@@ -132,7 +132,8 @@ def draw(
         x_T = gens.randn(shape, dtype, device)
         kwargs = {"y": y.to(device)} if y is not None else None
         out = sampler(
-            diffusion, PaddedModel(model), x_T, model_kwargs=kwargs, generator=gens, null_label=null_label, progress=progress,
+            diffusion, PaddedModel(model), x_T, model_kwargs=kwargs, generator=gens, null_label=null_label,
+            progress=progress,
             callback=callback,
         )  # fmt: skip
         images.append(out.cpu())

@@ -262,7 +262,8 @@ def unipc(
     UniC-p corrector raises the order by one (UniPC-p is of order p + 1):
         x_{j+1} = x_ - alpha_{j+1} B(h) (sum_k rho^c_k D1_k + rho^c_p (m_{j+1} - m_j)).
     No corrector on the step to t_0: its evaluation is the returned x0_hat (diffusers applies one there, which the
-    final jump discards). order in {1, 2, 3} (2, as diffusers: bench/solver_defaults.py); lower_order_final (`_order`, at every N as UniPC's `sample`).
+    final jump discards). order in {1, 2, 3} (2, as diffusers: bench/solver_defaults.py); lower_order_final
+    (`_order`, at every N as UniPC's `sample`).
     """
     check_choice("sampler.order", order, UNIPC_ORDERS)
     check_choice("sampler.lower_order_final", lower_order_final, LOWER_ORDER_FINAL)

@@ -27,7 +27,7 @@ data-fashion:  ## Fashion-MNIST from Debian's dataset-fashion-mnist (apt, as roo
 	test -f $(FASHION_DEB) || (apt-get update && apt-get install -y dataset-fashion-mnist)
 
 BENCH_STAMP := $(VENV)/.bench-installed
-install-bench: $(BENCH_STAMP)  ## add the `bench` extra (diffusers, denoising-diffusion-pytorch) to .venv
+install-bench: $(BENCH_STAMP)  ## add the `bench` extra (denoising-diffusion-pytorch; diffusers is in `dev`) to .venv
 
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench]'
@@ -66,10 +66,12 @@ bench-full: install-bench  ## every benchmark at full size (hours on 2 cores; ea
 	$(PY) bench/ddim_table.py
 	$(PY) bench/iddpm_steps.py
 	$(PY) bench/solver_orders.py
+	$(PY) bench/solver_peers.py
 	$(PY) bench/solvers.py --data digits
 	$(PY) bench/mnist.py
 	if test -f $(FASHION_DEB); then $(PY) bench/mnist.py --data fashion_mnist; \
 	else echo "bench/mnist.py --data fashion_mnist skipped: Fashion-MNIST needs make data-fashion (apt)"; fi
+	$(PY) bench/solver_defaults.py
 	$(PY) bench/solvers.py --data mnist
 	$(PY) bench/convergence.py
 	$(PY) bench/report.py

@@ -23,8 +23,10 @@ ORDER = [
     ("iddpm_steps", "python bench/iddpm_steps.py"),
     ("loss_aware", "python bench/loss_aware.py"),
     ("solver_orders", "python bench/solver_orders.py"),
+    ("solver_peers", "python bench/solver_peers.py"),
     ("solvers_digits", "python bench/solvers.py --data digits"),
     ("mnist", "python bench/mnist.py"),
+    ("solver_defaults", "python bench/solver_defaults.py"),
     ("solvers_mnist", "python bench/solvers.py --data mnist"),
     ("convergence", "python bench/convergence.py"),
 ]
@@ -36,8 +38,8 @@ Written by `bench/report.py` from the sections each benchmark writes (`bench/res
 `<name>.json`). Re-run: `make bench-full` (every section at full size: several hours on 2 cores, each
 section states its own wall time) or `make bench` (the quick subset: throughput, sampling, FID at N=300,
 loss-aware cost, a solver smoke run; it writes `bench/results/quick/BENCHMARKS.md` and leaves this file
-alone). Peer packages come from the `bench` extra
-(`pip install -e '.[bench]'`, which `make bench` does). Each section names its machine, date and command;
+alone). Peer packages come from the `dev` and `bench` extras
+(`pip install -e '.[dev,bench]'`, which `make bench` does). Each section names its machine, date and command;
 ratios compare runs on the same machine, in the same session, with the same threads. None of this is a
 timed test.
 """

@@ -20,22 +20,23 @@ import time
 
 from harness.common import RUNS, machine, machine_line, summary, write_result
 from harness.mnist import DATASETS, mnist_setup, recipe_checkpoint
+from harness.solver_peers import cell_key
 
 N = 300
 # (group, method, options, spacing, NFE list): the cells, in the order they are run.
 CELLS = [
     ("grid", "dpmpp_2m", {}, "logsnr", [5, 10, 20, 50]),
     ("grid", "dpmpp_2m", {}, "trailing", [5, 10, 20, 50]),
-    ("grid", "unipc", {}, "logsnr", [5, 10, 20, 50]),
-    ("grid", "unipc", {}, "trailing", [5, 10, 20, 50]),
+    ("grid", "unipc", {"order": 3}, "logsnr", [5, 10, 20, 50]),
+    ("grid", "unipc", {"order": 3}, "trailing", [5, 10, 20, 50]),
     ("grid", "dpmpp_3m", {}, "logsnr", [5, 10, 20, 50]),
     ("grid", "dpmpp_3m", {}, "trailing", [5, 10, 20, 50]),
     ("order", "unipc", {"order": 2}, "logsnr", [5, 10, 20, 50]),
     ("order", "unipc", {"order": 2}, "trailing", [5, 10, 20, 50]),
-    ("lowering", "unipc", {"lower_order_final": "early"}, "logsnr", [10, 20]),
-    ("lowering", "unipc", {"lower_order_final": False}, "logsnr", [10, 20]),
-    ("lowering", "unipc", {"lower_order_final": "early"}, "trailing", [10, 20]),
-    ("lowering", "unipc", {"lower_order_final": False}, "trailing", [10, 20]),
+    ("lowering", "unipc", {"order": 3, "lower_order_final": "early"}, "logsnr", [10, 20]),
+    ("lowering", "unipc", {"order": 3, "lower_order_final": False}, "logsnr", [10, 20]),
+    ("lowering", "unipc", {"order": 3, "lower_order_final": "early"}, "trailing", [10, 20]),
+    ("lowering", "unipc", {"order": 3, "lower_order_final": False}, "trailing", [10, 20]),
     ("lowering", "dpmpp_2m", {"lower_order_final": "early"}, "logsnr", [10]),
     ("lowering", "dpmpp_2m", {"lower_order_final": "early"}, "trailing", [10]),
     ("d2_weight", "dpmpp_3m", {"d2_weight": "taylor"}, "logsnr", [10, 20, 50]),
@@ -43,15 +44,16 @@ CELLS = [
     ("ddim", "ddim", {}, "ddim", [10, 20, 50]),
     ("ddim", "ddim", {}, "trailing", [10, 20, 50]),
     ("ddim", "ddim", {}, "logsnr", [10, 20, 50]),
-    ("ipndm", "ipndm", {}, "karras", [10, 20]),
-    ("ipndm", "ipndm", {}, "trailing", [10, 20]),
+    ("ipndm", "ipndm", {"variable_step": True}, "karras", [10, 20]),
+    ("ipndm", "ipndm", {"variable_step": True}, "trailing", [10, 20]),
     ("ipndm", "ipndm", {"variable_step": False}, "karras", [10, 20]),
     ("ipndm", "ipndm", {"variable_step": False}, "trailing", [10, 20]),
     ("karras_methods", "euler", {}, "karras", [10, 20]),
     ("karras_methods", "euler", {}, "trailing", [10, 20]),
     ("karras_methods", "heun", {}, "karras", [9, 19]),
     ("karras_methods", "heun", {}, "trailing", [9, 19]),
-    ("karras_methods", "heun", {}, "logsnr", [19]),
+    ("karras_methods", "heun", {}, "logsnr", [9, 19, 39]),
+    ("karras_methods", "heun", {}, "karras", [39]),
     ("karras_methods", "euler", {}, "logsnr", [10, 20]),
     ("karras_methods", "euler_ancestral", {}, "karras", [10, 20]),
     ("karras_methods", "euler_ancestral", {}, "trailing", [10, 20]),
@@ -62,7 +64,7 @@ CELLS = [
     ("crossover", "unipc", {"order": 2}, "trailing", [15]),
     ("crossover", "dpmpp_3m", {}, "logsnr", [15]),
     ("crossover", "dpmpp_3m", {}, "trailing", [15]),
-    ("ipndm", "ipndm", {}, "logsnr", [20, 50]),
+    ("ipndm", "ipndm", {"variable_step": True}, "logsnr", [20, 50]),
     ("ipndm", "ipndm", {"variable_step": False}, "logsnr", [20, 50]),
     ("ddim", "ddim", {"eta": 1.0}, "ddim", [10, 20, 50]),
     ("ddim", "ddim", {"eta": 1.0}, "trailing", [10, 20, 50]),
@@ -70,9 +72,7 @@ CELLS = [
 ]
 
 
-def key(method: str, options: dict, spacing: str, nfe: int, seed: int) -> str:
-    opts = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
-    return f"{method}[{opts}]@{spacing}/nfe{nfe}/seed{seed}"
+key = cell_key
 
 
 def run(seeds: list[int]) -> dict:
@@ -97,7 +97,8 @@ def run(seeds: list[int]) -> dict:
                 t0 = time.perf_counter()
                 scores, _ = sample_and_score(module, s, num_samples=N, seed=seed, batch_size=N, evaluator=ev,
                                           reference=ref, classifier=classifier)
-                done[k] = {"group": group, "method": method, "options": options, "spacing": spacing, "nfe": s.nfe,
+                done[k] = {"group": group, "method": method, "options": options, "resolved": s.options,
+                           "spacing": spacing, "nfe": s.nfe,
                            "seed": seed, "label": s.label, **{m: scores[m] for m in
                            ("fid", "kid", "precision", "recall", "cls_score", "confident")},
                            "seconds": time.perf_counter() - t0}
@@ -116,7 +117,8 @@ def fid(cells: dict, method, options, spacing, nfe, seed):
 def section(res: dict) -> str:
     cells = res["cells"]
     seeds = sorted({r["seed"] for r in cells.values()})
-    lines = ["| choice | grid | " + " | ".join(f"NFE {n}" for n in (5, 9, 10, 19, 20, 50)) + " |", "|---" * 8 + "|"]
+    cols = sorted({n for *_, ns in CELLS for n in ns})
+    lines = ["| choice | grid | " + " | ".join(f"NFE {n}" for n in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     spreads = []
     rows = [("default", m, {}, sp, n) for _, m, o, sp, n in CELLS if not o] + [
         (g, m, o, sp, n) for g, m, o, sp, n in CELLS if o]
@@ -127,7 +129,7 @@ def section(res: dict) -> str:
             continue
         seen.add((name, spacing))
         out = []
-        for n in (5, 9, 10, 19, 20, 50):
+        for n in cols:
             vals = [fid(cells, method, options, spacing, n, s) for s in seeds]
             vals = [v for v in vals if v is not None]
             if not vals:

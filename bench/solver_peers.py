@@ -5,7 +5,7 @@ against the exact probability-flow answer beside diffusers' same-named scheduler
     python bench/solver_peers.py --render  # the BENCHMARKS.md section again from bench/results/solver_peers.json
 
 Two comparisons per solver: on diffusers' `trailing` grid at the same steps (both sides on one grid: the solver
-alone), and each on its own default grid (ours: `auto`, trailing below 15 steps and logsnr from 15; diffusers:
+alone), and each on its own default grid (ours: `auto`, trailing below 20 steps and logsnr from 20; diffusers:
 `linspace`). The error (bench/harness/solver_peers.py) is the RMS distance to the exact flow of the starting noise
 down to t = 0, denoised: one target for every grid. iPNDM's peer is the published fixed Adams-Bashforth weights
 (k-diffusion's/ComfyUI's formula; diffusers has no iPNDM for this process) on the same grid. A ratio above 1.1 must
@@ -20,9 +20,7 @@ import time
 
 import torch
 from harness.common import machine, machine_line, results_dir, summary, write_result
-from harness.solver_peers import Case, explained, mnist_wins, ours_error, peer_error, ratio
-
-from diffusion_lab.diffusion.respace import AUTO_LOGSNR_FROM
+from harness.solver_peers import Case, explained, load_cells, ours_error, peer_error, ratio
 
 METHODS = ["dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"]
 NFES = [5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80]
@@ -60,15 +58,16 @@ def _trailing(method: str) -> dict:
 
 
 def section(res: dict) -> str:
-    cells, wins = res["cells"], mnist_wins(results_dir() / "solver_defaults.json")
+    cells, wins = res["cells"], load_cells(results_dir() / "solver_defaults.json")
     out = [f"""## Solver defaults against diffusers on exact models (`python bench/solver_peers.py`)
 
 Machine: {machine_line(res['machine'])}; {res['wall_seconds'] / 60:.1f} min. Error: RMS distance of the output to the
 exact probability-flow answer for the same starting noise, denoised at t = 0 (64 x 16 pixels, float64; Gaussian data
 N(0.1, 0.5^2) or eight points blurred by 0.05; T = 1000). Peer: diffusers {_diffusers_version()} with its defaults
 (DPMSolverMultistepScheduler order 2 / 3, UniPCMultistepScheduler, linspace grid); iPNDM's peer is the published fixed
-weights (variable_step=false). "trailing": both on diffusers' trailing grid at 10 / 20 / 40 steps; "default": ours on
-`auto` (trailing below 15 steps, logsnr from 15), diffusers on linspace. Cells: ours / peer (ratio); a ratio above
+weights (variable_step=false) on k-diffusion's Karras grid. "trailing": both on diffusers' trailing grid at 10 / 20 /
+40 steps; "default": each on its default grid (ours: `auto`, trailing below 20 steps and logsnr from 20, for
+DPM-Solver++ and UniPC, trailing for iPNDM; diffusers: linspace). Cells: ours / peer (ratio); a ratio above
 {LIMIT} is either explained by a measured MNIST FID win (below) or listed as a miss.
 """]
     misses = []
@@ -84,16 +83,17 @@ weights (variable_step=false). "trailing": both on diffusers' trailing grid at 1
                     c = next(c for c in mine if c["method"] == m and c["grid"] == grid and c["nfe"] == n)
                     mark = ""
                     if c["ratio"] > LIMIT:
-                        why = explained(m, n, wins, AUTO_LOGSNR_FROM) if grid == "default" else None
+                        why = explained(m, n, wins) if grid == "default" else None
                         mark = " †" if why else " **miss**"
                         (misses if not why else []).append(f"{m} {grid} {n} on {data}/{schedule}: {c['ratio']:.2f}")
                     row.append(f"{c['ratio']:.2f}{mark}")
             out.append(f"| {m} | " + " | ".join(row) + " |")
-    why = {(c["method"], c["nfe"]): explained(c["method"], c["nfe"], wins, AUTO_LOGSNR_FROM)
+    why = {(c["method"], c["nfe"]): explained(c["method"], c["nfe"], wins)
            for c in cells if c["grid"] == "default" and c["ratio"] > LIMIT}  # fmt: skip
     notes = sorted({f"- {m}: {w}" for (m, _), w in why.items() if w})
     out.append("\nCells are ratios ours / peer; the absolute errors are in `bench/results/solver_peers.json`. "
-               "† = explained by the MNIST FID win of the logsnr part of our grid:\n")
+               "† = explained by an MNIST FID win of our choice over the peer's kind (EVIDENCE in "
+               "bench/harness/solver_peers.py):\n")
     out += notes or ["- (none needed)"]
     out.append("\nMisses (ratio above the limit, not explained): " + ("; ".join(misses) if misses else "none") + ".")
     return "\n".join(out) + "\n"

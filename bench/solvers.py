@@ -7,11 +7,11 @@
     python bench/solvers.py --data mnist --methods ddim dpmpp_2m unipc --nfe 5 10 20   # a subset
 
 Every method at NFE in {5, 10, 20, 50} plus DDPM-1000 (the reference), N=1,000 samples of the EMA weights, all
-from the same x_T (seed 0); FID/KID and improved precision/recall on the same Inception features (and the
-classifier score on MNIST), seconds per sample. Each method runs on its default grid (conf/sampler/<method>.yaml):
-logsnr for DPM-Solver++ and UniPC, karras (rho 7) for iPNDM / Euler / Heun / Euler ancestral, DDIM's own stride
-for DDIM. Targets: at NFE 10 the best solver's FID excess over DDPM-1000 is at most 1/3 of DDIM-10's; at NFE 5
-the best solver beats DDIM-10. Rows are cached (outputs/bench/rows/), so a re-run only computes what is missing.
+with image i seeded by (seed 0, i) for every sampler (the same x_T); FID/KID and improved precision/recall on the
+same Inception features (and the classifier score on MNIST), seconds per sample; DDIM with eta 0 and 1. Each
+method runs with its registry defaults (diffusion_lab/diffusion/registry.py), its default grid included.
+Targets: at NFE 10 the best solver's FID excess over DDPM-1000 is at most 1/3 of DDIM-10's; at NFE 5 the best
+solver beats DDIM-10. Rows are cached (outputs/bench/rows/), so a re-run only computes what is missing.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def run(data: str, n: int, methods: list[str], nfes: list[int], with_ddpm: bool,
     t0 = time.perf_counter()
     module, ev, ref, ref_name, classifier, epochs, ckpt = model_and_reference(data)
     samplers = [Sampler(m, nfe=k) for m in methods for k in nfes]
+    samplers += [Sampler("ddim", nfe=k, eta=1.0) for k in nfes if "ddim" in methods]  # DDIM's stochastic end
     samplers += [Sampler(m, nfe=k, spacing=sp) for sp in also for m in ALSO_METHODS for k in nfes]
     samplers = list({s.name: s for s in samplers}.values())  # Heun: NFE 9 and 10 are the same 5 steps
     roles = {}
@@ -83,9 +84,8 @@ def run(data: str, n: int, methods: list[str], nfes: list[int], with_ddpm: bool,
 
 def targets(rows: list[dict]) -> list[str]:
     ref = next((r for r in rows if r["role"] == "reference"), None)
-    at = {(r["method"], r["nfe"]): r for r in rows if r["role"] != "reference"}
     out = []
-    ddim10 = at.get(("ddim", 10))
+    ddim10 = next((r for r in rows if r["sampler"] == "ddim10_eta0"), None)  # DDIM's deterministic row
     if ref and ddim10:
         best10 = min((r for r in rows if r["role"] != "reference" and r["nfe"] == 10), key=lambda r: r["fid"])
         ex_best, ex_ddim = best10["fid"] - ref["fid"], ddim10["fid"] - ref["fid"]

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from bench.harness.common import results_dir
-from bench.harness.solver_peers import Case, explained, mnist_wins, ours_error, ours_run, peer_error, peer_run
-from diffusion_lab.diffusion.respace import AUTO_LOGSNR_FROM
+from bench.harness.solver_peers import Case, cell_key, explained, load_cells, ours_error, ours_run, peer_error, peer_run
 
 LIMIT = 1.1
 MULTISTEP = ["dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"]
@@ -49,16 +48,19 @@ def test_default_is_at_least_as_accurate_as_the_peer_or_won_on_mnist(case, metho
         trailing = {"spacing": "trailing"} if method == "ipndm" else {"timestep_spacing": "trailing"}
         ours, theirs = ours_error(case, method, n, "trailing"), peer(n, **trailing)
         assert ours <= LIMIT * theirs, (method, "trailing", n, ours, theirs)
-    wins = mnist_wins(results_dir() / "solver_defaults.json")
+    cells = load_cells(results_dir() / "solver_defaults.json")
     for n in (5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80):
         ours, theirs = ours_error(case, method, n), peer(n)
-        assert ours <= LIMIT * theirs or explained(method, n, wins, AUTO_LOGSNR_FROM), (method, n, ours, theirs)
+        assert ours <= LIMIT * theirs or explained(method, n, cells), (method, n, ours, theirs)
 
 
 def test_the_exception_needs_a_recorded_win():
-    """explained() refuses a cell below the logsnr part, a method without records, and a gain inside the spread."""
-    wins = {"dpmpp_2m": {20: {"logsnr": {0: 30.0, 1: 31.0}, "trailing": {0: 34.0, 1: 35.0}},
-                         50: {"logsnr": {0: 30.0, 1: 33.0}, "trailing": {0: 31.0, 1: 34.0}}}}  # fmt: skip
-    assert explained("dpmpp_2m", 25, wins, 15).startswith("MNIST NFE 20: logsnr 30.0 / 31.0 vs trailing 34.0")
-    assert explained("dpmpp_2m", 10, wins, 15) is None and explained("unipc", 20, wins, 15) is None
-    assert explained("dpmpp_2m", 60, wins, 15) is None  # nearest is NFE 50: gain 1.0 inside the spread 3.0
+    """explained() refuses a cell before the NFE where our choice differs, a method without records, and a gain
+    inside the spread between the seeds."""
+    fids = {("logsnr", 20): (30.0, 31.0), ("trailing", 20): (34.0, 35.0), ("logsnr", 50): (30.0, 33.0),
+            ("trailing", 50): (31.0, 34.0)}  # fmt: skip
+    cells = {cell_key("dpmpp_2m", {}, grid, n, seed): {"method": "dpmpp_2m", "nfe": n, "fid": f[seed]}
+             for (grid, n), f in fids.items() for seed in (0, 1)}  # fmt: skip
+    assert explained("dpmpp_2m", 25, cells).startswith("MNIST NFE 20: logsnr 30.0 / 31.0 vs trailing 34.0")
+    assert explained("dpmpp_2m", 10, cells) is None and explained("unipc", 20, cells) is None
+    assert explained("dpmpp_2m", 60, cells) is None  # nearest is NFE 50: gain 1.0 inside the spread 3.0

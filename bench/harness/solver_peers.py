@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 import torch
 
 from diffusion_lab.diffusion import GaussianData, GaussianDiffusion, PointMixture, Sampler
+from diffusion_lab.diffusion.respace import AUTO_LOGSNR_FROM
 
 F64 = torch.float64
 
 # Our method -> (diffusers scheduler, the config that makes it that method; everything else is diffusers' default).
 # diffusers has no iPNDM for a variance-preserving process: its peer is the published fixed Adams-Bashforth weights
-# (k-diffusion's / ComfyUI's sample_ipndm formula), which is our ipndm with variable_step=False.
+# (k-diffusion's / ComfyUI's sample_ipndm formula: our ipndm with variable_step=False) on k-diffusion's usual
+# Karras grid.
 PEERS = {
     "ddim": ("DDIMScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
@@ -35,7 +37,7 @@ PEERS = {
     "euler": ("EulerDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
 }
-OWN_PEERS = {"ipndm": {"variable_step": False}}
+OWN_PEERS = {"ipndm": ({"variable_step": False}, "karras")}
 # diffusers' options that put its grid on one of ours (for the same-grid columns); None: it has no such option.
 PEER_GRIDS = {
     "trailing": {"timestep_spacing": "trailing"},
@@ -98,7 +100,8 @@ def peer_run(case: Case, method: str, steps: int, **config) -> tuple[torch.Tenso
     as diffusers' pipelines run it: x_T scaled by init_noise_sigma, scale_model_input before each call, step()
     after. The scheduler gets our process's betas (float64 -> its float32)."""
     if method in OWN_PEERS:
-        return ours_run(case, method, steps, config.pop("spacing", None), **OWN_PEERS[method], **config)
+        options, grid = OWN_PEERS[method]
+        return ours_run(case, method, steps, config.pop("spacing", grid), **options, **config)
     import diffusers
 
     name, base = PEERS[method]
@@ -121,43 +124,52 @@ def peer_error(case: Case, method: str, steps: int, **config) -> float:
     return case.error(*peer_run(case, method, steps, **config))
 
 
-def mnist_wins(path) -> dict:
-    """{method: {nfe: {"logsnr": {seed: FID}, "trailing": {seed: FID}}}} from bench/solver_defaults.py's saved cells
-    (its `grid`, `crossover` and `order` groups, at each method's default options)."""
+# Where our default differs from the peer's, the MNIST cells (bench/solver_defaults.py) that compare the two
+# choices, with everything else equal: method -> (NFE from which it applies, our cell, the peer-like cell), a cell
+# being (options, grid). 2M / 3M / UniPC: the logsnr half of our auto grid against diffusers' kind of grid
+# (trailing); iPNDM: our trailing grid against k-diffusion's Karras grid, both with the published weights.
+EVIDENCE = {
+    "dpmpp_2m": (AUTO_LOGSNR_FROM, ({}, "logsnr"), ({}, "trailing")),
+    "dpmpp_3m": (AUTO_LOGSNR_FROM, ({}, "logsnr"), ({}, "trailing")),
+    "unipc": (AUTO_LOGSNR_FROM, ({"order": 2}, "logsnr"), ({"order": 2}, "trailing")),
+    "ipndm": (0, ({"variable_step": False}, "trailing"), ({"variable_step": False}, "karras")),
+}
+
+
+def cell_key(method: str, options: dict, spacing: str, nfe: int, seed: int) -> str:
+    """bench/solver_defaults.py's cache key of one MNIST cell."""
+    opts = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+    return f"{method}[{opts}]@{spacing}/nfe{nfe}/seed{seed}"
+
+
+def load_cells(path) -> dict:
     import json
 
-    from diffusion_lab.diffusion import get_method
-
-    out: dict = {}
-    if not path.exists():
-        return out
-    for c in json.loads(path.read_text())["cells"].values():
-        if c["spacing"] not in ("logsnr", "trailing") or c["group"] not in ("grid", "crossover", "order"):
-            continue
-        if any(get_method(c["method"]).options.get(k) != v for k, v in c["options"].items()):
-            continue  # another option than the default (UniPC order 3)
-        cell = out.setdefault(c["method"], {}).setdefault(c["nfe"], {"logsnr": {}, "trailing": {}})
-        cell[c["spacing"]][c["seed"]] = c["fid"]
-    return out
+    return json.loads(path.read_text())["cells"] if path.exists() else {}
 
 
-def explained(method: str, nfe: int, wins: dict, logsnr_from: int) -> str | None:
-    """The MNIST evidence for a default-grid cell where our grid is logsnr (nfe >= logsnr_from): at the measured NFE
-    nearest to `nfe` (from logsnr_from on), logsnr beat trailing, diffusers' kind of grid, for this method by more
-    than the spread between the two seeds of either grid. None when there is no such record."""
-    measured = {k: v for k, v in wins.get(method, {}).items()
-                if k >= logsnr_from and len(v["logsnr"]) == len(v["trailing"]) == 2}  # fmt: skip
-    if nfe < logsnr_from or not measured:
+def explained(method: str, nfe: int, cells: dict, seeds=(0, 1)) -> str | None:
+    """The MNIST evidence for a cell where our default is less accurate than the peer's on the exact model: at the
+    measured NFE nearest to `nfe` (from EVIDENCE's first NFE on), our choice beat the peer-like one by more than
+    the spread between the two seeds of either. None when there is no such record."""
+    if method not in EVIDENCE:
+        return None
+    start, (ours_opts, ours_grid), (peer_opts, peer_grid) = EVIDENCE[method]
+
+    def fids(opts, grid, n):
+        return [cells.get(cell_key(method, opts, grid, n, s), {}).get("fid") for s in seeds]
+
+    nfes = sorted({c["nfe"] for c in cells.values() if c["method"] == method and c["nfe"] >= start})
+    measured = [n for n in nfes if None not in fids(ours_opts, ours_grid, n) + fids(peer_opts, peer_grid, n)]
+    if nfe < start or not measured:
         return None
     k = min(measured, key=lambda m: (abs(m - nfe), m))
-    lo, tr = measured[k]["logsnr"], measured[k]["trailing"]
-    seeds = sorted(lo)
-    gain = min(tr[s] - lo[s] for s in seeds)
-    spread = max(abs(lo[seeds[0]] - lo[seeds[1]]), abs(tr[seeds[0]] - tr[seeds[1]]))
+    a, b = fids(ours_opts, ours_grid, k), fids(peer_opts, peer_grid, k)
+    gain, spread = min(y - x for x, y in zip(a, b)), max(abs(a[0] - a[1]), abs(b[0] - b[1]))
     if gain <= spread:
         return None
-    return (f"MNIST NFE {k}: logsnr {lo[seeds[0]]:.1f} / {lo[seeds[1]]:.1f} vs trailing {tr[seeds[0]]:.1f} / "
-            f"{tr[seeds[1]]:.1f} (gain {gain:.1f} > seed spread {spread:.1f})")
+    return (f"MNIST NFE {k}: {ours_grid} {a[0]:.1f} / {a[1]:.1f} vs {peer_grid} {b[0]:.1f} / {b[1]:.1f} "
+            f"(gain {gain:.1f} > seed spread {spread:.1f})")
 
 
 def peer_nfe(method: str, steps: int) -> int:

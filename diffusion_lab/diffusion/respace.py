@@ -13,10 +13,11 @@ The respaced process itself is `GaussianDiffusion.respace(timesteps)`.
 continuous-time grids for the fast solvers (float times through `GaussianDiffusion.t_at_sigma`):
     "logsnr"     uniform in lambda = -log sigma from lambda(T-1) to lambda(0) (DPM-Solver, Lu et al. 2022, Sec. 3.3)
     "karras"     Karras et al. 2022 eq. 5, rho = 7, from sigma(T-1) down to sigma(0)
-and "auto": "trailing" below AUTO_LOGSNR_FROM = 15 steps, "logsnr" from there on, the default of the fast solvers.
-On the MNIST recipe (cosine schedule) trailing scores far better at 5 and 10 NFE (DPM-Solver++(2M): FID 47 vs 192
-and 37 vs 39; UniPC-3 at 10: 35 vs 87) and logsnr better from 20 (2M: 30.6 vs 34.2 at 20, 30.0 vs 31.8 at 50);
-the point-mixture exact model agrees (bench/solver_defaults.py, bench/solver_peers.py, BENCHMARKS.md).
+and "auto": "trailing" below AUTO_LOGSNR_FROM = 20 steps, "logsnr" from there on, the default of the multistep
+solvers. On the MNIST recipe (cosine schedule) trailing scores far better at 5 and 10 NFE (DPM-Solver++(2M): FID
+47 vs 192 and 37 vs 39; UniPC-3 at 10: 35 vs 87), ties or wins at 15 for 3M and UniPC (2M already prefers logsnr
+there), and logsnr is better from 20 for all three (2M: 30.6 vs 34.2 at 20, 30.0 vs 31.8 at 50); the
+point-mixture exact model agrees (bench/solver_defaults.py, bench/solver_peers.py, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..checks import check_choice
 
 SPACINGS = ("ddim", "uniform", "quad", "trailing", "even")
 CONTINUOUS_SPACINGS = ("logsnr", "karras")
-AUTO_SPACING, AUTO_LOGSNR_FROM = "auto", 15  # "auto": trailing below 15 steps, logsnr from 15
+AUTO_SPACING, AUTO_LOGSNR_FROM = "auto", 20  # "auto": trailing below 20 steps, logsnr from 20
 
 
 def _sections(T: int, counts: list[int]) -> list[int]:

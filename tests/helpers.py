@@ -52,3 +52,9 @@ class NaNAdam(torch.optim.Adam):
         if self.steps >= self.nan_at_step:
             self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
         return loss
+
+
+def v_target(diff, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Salimans & Ho 2022's v = sqrt(a_t) eps - sqrt(1 - a_t) x0, written out here as the tests' closed form."""
+    a = diff.alphas_cumprod[t].reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return a.sqrt() * noise - (1 - a).sqrt() * x0

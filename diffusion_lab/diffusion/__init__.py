@@ -4,6 +4,7 @@ from .analytic import GaussianData, PointMixture
 from .gaussian import LOSS_TYPES, LOSS_WEIGHTINGS, MEAN_TYPES, VAR_TYPES, GaussianDiffusion, snr_loss_weight
 from .inpaint import paint
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .parameterization import PARAMETERIZATIONS, Parameterization, parameterization
 from .registry import METHODS, Method, get_method
 from .respace import sampling_times, space_timesteps
 from .sampler_spec import Sampler
@@ -53,6 +54,9 @@ __all__ = [
     "mean_flat",
     "SCHEDULES",
     "MEAN_TYPES",
+    "PARAMETERIZATIONS",
+    "Parameterization",
+    "parameterization",
     "VAR_TYPES",
     "LOSS_TYPES",
     "LOSS_WEIGHTINGS",

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from .parameterization import parameterization
+
 
 def _per_example(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """alpha_bar as a number or [B] -> broadcastable [B, 1, ..] in like's dtype/device."""
@@ -38,23 +40,15 @@ class _Exact:
 
         learn_sigma appends C zero channels (the variance half of a learned-variance network's 2C output).
         """
-        if mean_type not in ("eps", "x0", "v"):
-            raise ValueError(f"diffusion.mean_type={mean_type!r} is unknown; allowed: eps, x0, v")
+        param = parameterization(mean_type)
 
         def model(x_t, t, **_):
             a = diffusion.alpha_bar_at(t.to(torch.float64))
-            x0, eps = self.denoise(x_t, a), self.eps(x_t, a)
-            if mean_type == "eps":
-                out = eps
-            elif mean_type == "x0":
-                out = x0
-            else:
-                ab = _per_example(a, x_t)
-                out = ab.sqrt() * eps - (1 - ab).sqrt() * x0
+            ab = _per_example(a, x_t)
+            out = param.target(self.denoise(x_t, a), self.eps(x_t, a), ab.sqrt(), (1 - ab).sqrt())
             return torch.cat([out, torch.zeros_like(out)], 1) if learn_sigma else out
 
         return model
-
 
     def ode_flow(self, x: torch.Tensor, alpha_from, alpha_to, steps: int = 2000) -> torch.Tensor:
         """The probability-flow ODE's solution from level alpha_from to alpha_to (alpha_bar numbers in (0, 1)),

@@ -15,9 +15,10 @@ import torch
 
 from ..checks import check_choice
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .parameterization import PARAMETERIZATIONS, eps_from_x0, parameterization
 from .schedules import get_betas
 
-MEAN_TYPES = ("eps", "x0", "v")
+MEAN_TYPES = tuple(PARAMETERIZATIONS)  # diffusion/parameterization.py
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
 LOSS_WEIGHTINGS = ("none", "min_snr", "p2")
@@ -49,13 +50,9 @@ def snr_loss_weight(
         return torch.ones_like(snr)
     if loss_weighting == "min_snr":
         eps_weight = torch.clamp(snr_gamma / snr, max=1.0)  # min(SNR, gamma) / SNR; gamma / 0 = inf -> 1
-        x0_weight = torch.clamp(snr, max=snr_gamma)  # eps_weight * SNR, without inf * 0 at SNR = 0
     else:
         eps_weight = (p2_k + snr) ** -p2_gamma
-        x0_weight = eps_weight * snr
-    if mean_type == "eps":
-        return eps_weight
-    return x0_weight if mean_type == "x0" else x0_weight / (snr + 1.0)
+    return parameterization(mean_type).weight_from_eps(eps_weight, snr)
 
 
 def extract(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -113,7 +110,7 @@ class GaussianDiffusion:
         p2_k: float = 1.0,
         p2_gamma: float = 1.0,
     ):
-        check_choice("diffusion.mean_type", mean_type, MEAN_TYPES)
+        self.param = parameterization(mean_type)
         check_choice("diffusion.var_type", var_type, VAR_TYPES)
         check_choice("diffusion.loss_type", loss_type, LOSS_TYPES)
         check_choice("diffusion.loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
@@ -134,7 +131,7 @@ class GaussianDiffusion:
         if (betas[:-1] == 1).any():
             raise ValueError("betas: only the last may be 1 (zero terminal SNR); an earlier 1 ends the process early")
         self.zero_terminal_snr = bool(betas[-1] == 1)
-        if self.zero_terminal_snr and mean_type == "eps":
+        if self.zero_terminal_snr and not self.param.defined_at_zero_snr:
             raise ValueError(
                 "diffusion.zero_terminal_snr=true needs diffusion.mean_type v or x0 "
                 "(eps cannot be predicted from pure noise)"
@@ -244,13 +241,6 @@ class GaussianDiffusion:
         return mean, extract(self.posterior_variance, t, x_t), extract(self.posterior_log_variance_clipped, t, x_t)
 
     # ----------------------------------------------------------------- conversions between parameterizations
-    def predict_x0_from_eps(self, x_t, t, eps):
-        """x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)."""
-        return (
-            extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-            - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
-        )
-
     def predict_eps_from_x0(self, x_t, t, x0):
         """eps = (x_t - sqrt(a) x0) / sqrt(1 - a); at a = 0 (zero terminal SNR) x_t is the noise: eps = x_t."""
         if self.zero_terminal_snr:  # this form is finite at a = 0; the other divides inf by inf there
@@ -259,16 +249,6 @@ class GaussianDiffusion:
             )
         return (extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / extract(
             self.sqrt_recipm1_alphas_cumprod, t, x_t
-        )
-
-    def predict_x0_from_v(self, x_t, t, v):
-        """x0 = sqrt(a) x_t - sqrt(1 - a) v (Salimans & Ho 2022)."""
-        return extract(self.sqrt_alphas_cumprod, t, x_t) * x_t - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
-
-    def v_target(self, x0, t, noise):
-        """v = sqrt(a) eps - sqrt(1 - a) x0."""
-        return (
-            extract(self.sqrt_alphas_cumprod, t, x0) * noise - extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
         )
 
     # ----------------------------------------------------------------- reverse process
@@ -319,15 +299,10 @@ class GaussianDiffusion:
             model_output = model(x_t, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))
         mean_out, var_out = self.split_model_output(model_output, x_t)
         log_variance = self.model_log_variance(var_out, t, x_t)
-        if self.mean_type == "eps":
-            pred_x0 = self.predict_x0_from_eps(x_t, t, mean_out)
-        elif self.mean_type == "x0":
-            pred_x0 = mean_out
-        else:
-            pred_x0 = self.predict_x0_from_v(x_t, t, mean_out)
+        pred_x0, eps = self.param.to_x0_eps(mean_out, x_t, *self._alpha_sigma(t, x_t))
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1, 1)
-        eps = mean_out if (self.mean_type == "eps" and not clip_denoised) else self.predict_eps_from_x0(x_t, t, pred_x0)
+            eps = self.predict_eps_from_x0(x_t, t, pred_x0)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
         return {
             "mean": mean,
@@ -433,15 +408,10 @@ class GaussianDiffusion:
             shape = (B, *([1] * (x_t.ndim - 1)))
             sa, s1a = (v.to(device=x_t.device, dtype=x_t.dtype).reshape(shape) for v in (a.sqrt(), (1.0 - a).sqrt()))
         out, _ = self.split_model_output(model(x_t, model_t, **(model_kwargs or {})), x_t)
-        if self.mean_type == "eps":
-            eps, x0 = out, (x_t - s1a * out) / sa
-        elif self.mean_type == "x0":
-            x0, eps = out, (x_t - sa * out) / s1a
-        else:
-            x0, eps = sa * x_t - s1a * out, sa * out + s1a * x_t
+        x0, eps = self.param.to_x0_eps(out, x_t, sa, s1a)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
-            eps = (x_t - sa * x0) / s1a
+            eps = eps_from_x0(x_t, x0, sa, s1a)
         return x0, eps
 
     # ----------------------------------------------------------------- variational bound
@@ -519,8 +489,8 @@ class GaussianDiffusion:
         return {"loss": weighted + scale * vb, "mse": mse, "vb": vb}
 
     def _mse_target(self, x0, t, noise):
-        if self.mean_type == "eps":
-            return noise
-        if self.mean_type == "x0":
-            return x0
-        return self.v_target(x0, t, noise)
+        return self.param.target(x0, noise, *self._alpha_sigma(t, x0))
+
+    def _alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) at int64 t [B], as [B, 1, 1, 1]."""
+        return extract(self.sqrt_alphas_cumprod, t, like), extract(self.sqrt_one_minus_alphas_cumprod, t, like)

@@ -1,0 +1,63 @@
+"""The parameterizations (diffusion/parameterization.py): closed forms and the invariants between them."""
+
+import pytest
+import torch
+
+from diffusion_lab.diffusion.parameterization import PARAMETERIZATIONS, parameterization
+
+# (alpha, sigma): variance-preserving points and two that are not (a VE-like and a flow-like path point).
+PATHS = [(0.999**0.5, 0.001**0.5), (0.5**0.5, 0.5**0.5), (0.01, (1 - 1e-4) ** 0.5), (1.0, 3.0), (0.3, 0.7)]
+
+
+def _x0_eps():
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+
+
+@pytest.mark.parametrize("name", list(PARAMETERIZATIONS))
+@pytest.mark.parametrize("alpha,sigma", PATHS)
+def test_the_target_converts_back_to_x0_and_eps(name, alpha, sigma):
+    """to_x0_eps(target(x0, eps), alpha x0 + sigma eps) = (x0, eps) on any Gaussian path point."""
+    p, (x0, eps) = parameterization(name), _x0_eps()
+    x_t = alpha * x0 + sigma * eps
+    x0_hat, eps_hat = p.to_x0_eps(p.target(x0, eps, alpha, sigma), x_t, alpha, sigma)
+    torch.testing.assert_close(x0_hat, x0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(eps_hat, eps, rtol=0, atol=1e-12)
+
+
+def test_the_targets_are_the_papers():
+    x0, eps = _x0_eps()
+    a, s = 0.6, 0.8
+    torch.testing.assert_close(PARAMETERIZATIONS["eps"].target(x0, eps, a, s), eps)
+    torch.testing.assert_close(PARAMETERIZATIONS["x0"].target(x0, eps, a, s), x0)
+    torch.testing.assert_close(PARAMETERIZATIONS["v"].target(x0, eps, a, s), a * eps - s * x0)  # Salimans & Ho eq. 9
+
+
+@pytest.mark.parametrize("name", list(PARAMETERIZATIONS))
+@pytest.mark.parametrize("a_bar", [0.999, 0.5, 0.01])
+def test_weight_from_eps_is_the_squared_error_ratio(name, a_bar):
+    """On the VP path an output error e moves eps_hat by c e; weight_from_eps(1, SNR) must be c^2, so that
+    w_eps |eps error|^2 = weight_from_eps(w_eps) |target error|^2 for every target."""
+    p, (x0, eps) = parameterization(name), _x0_eps()
+    alpha, sigma = a_bar**0.5, (1 - a_bar) ** 0.5
+    x_t, e = alpha * x0 + sigma * eps, torch.full_like(x0, 1e-3)
+    out = p.target(x0, eps, alpha, sigma)
+    eps_moved = p.to_x0_eps(out + e, x_t, alpha, sigma)[1] - eps
+    ratio = (eps_moved.pow(2).sum() / e.pow(2).sum()).item()
+    snr = torch.tensor(a_bar / (1 - a_bar), dtype=torch.float64)
+    assert ratio == pytest.approx(p.weight_from_eps(torch.ones_like(snr), snr).item(), rel=1e-9)
+
+
+def test_x0_and_v_are_defined_at_zero_snr_and_eps_is_not():
+    x0, eps = _x0_eps()
+    for name in ("x0", "v"):
+        p = PARAMETERIZATIONS[name]
+        x0_hat, eps_hat = p.to_x0_eps(p.target(x0, eps, 0.0, 1.0), eps, 0.0, 1.0)  # alpha = 0: x_t is the noise
+        torch.testing.assert_close((x0_hat, eps_hat), (x0, eps), rtol=0, atol=1e-15)
+        assert p.defined_at_zero_snr
+    assert not PARAMETERIZATIONS["eps"].defined_at_zero_snr
+
+
+def test_an_unknown_name_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"diffusion.mean_type='score' is unknown; allowed: eps, x0, v"):
+        parameterization("score")

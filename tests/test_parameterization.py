@@ -61,3 +61,21 @@ def test_x0_and_v_are_defined_at_zero_snr_and_eps_is_not():
 def test_an_unknown_name_is_refused_naming_the_key():
     with pytest.raises(ValueError, match=r"diffusion.mean_type='score' is unknown; allowed: eps, x0, v"):
         parameterization("score")
+
+
+def test_gaussian_diffusion_is_a_process_whose_coefficients_are_its_tables():
+    """The Process interface on the discrete VP process: alpha^2 = alpha_bar and sigma^2 = 1 - alpha_bar at whole
+    times, log-SNR = 2 log(alpha / sigma), sigma_at = sigma / alpha at fractional times too."""
+    from diffusion_lab.diffusion import GaussianDiffusion, Process
+
+    diff = GaussianDiffusion.from_schedule("cosine", 100)
+    assert isinstance(diff, Process)
+    t = torch.tensor([0.0, 17.0, 50.0, 99.0], dtype=torch.float64)
+    alpha, sigma = diff.alpha_sigma_at(t)
+    torch.testing.assert_close(alpha**2, diff.alphas_cumprod[t.long()], rtol=1e-14, atol=0)
+    torch.testing.assert_close(sigma**2, 1 - diff.alphas_cumprod[t.long()], rtol=1e-14, atol=0)
+    tf = torch.tensor([0.25, 17.5, 98.9], dtype=torch.float64)
+    alpha, sigma = diff.alpha_sigma_at(tf)
+    torch.testing.assert_close(diff.log_snr_at(tf), 2 * (alpha / sigma).log(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(diff.sigma_at(tf), sigma / alpha, rtol=1e-12, atol=0)
+    torch.testing.assert_close(alpha**2 + sigma**2, torch.ones_like(alpha), rtol=1e-15, atol=0)

@@ -5,6 +5,7 @@ from .gaussian import LOSS_TYPES, LOSS_WEIGHTINGS, MEAN_TYPES, VAR_TYPES, Gaussi
 from .inpaint import paint
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .parameterization import PARAMETERIZATIONS, Parameterization, parameterization
+from .process import Process
 from .registry import METHODS, Method, get_method
 from .respace import sampling_times, space_timesteps
 from .sampler_spec import Sampler
@@ -55,6 +56,7 @@ __all__ = [
     "SCHEDULES",
     "MEAN_TYPES",
     "PARAMETERIZATIONS",
+    "Process",
     "Parameterization",
     "parameterization",
     "VAR_TYPES",

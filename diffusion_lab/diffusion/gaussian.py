@@ -354,6 +354,17 @@ class GaussianDiffusion:
         exact = self.alphas_cumprod.to(t.device)[whole.long()]
         return torch.where(t == whole, exact, 1.0 / (1.0 + self.sigma_at(t) ** 2))
 
+    def alpha_sigma_at(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """The path's coefficients at float times t (x_t = alpha x0 + sigma eps): (sqrt(a), sqrt(1 - a)), float64,
+        a = alpha_bar_at(t). The Process interface (process.py) the solvers read instead of alpha_bar."""
+        a = self.alpha_bar_at(t)
+        return a.sqrt(), (1.0 - a).sqrt()
+
+    def log_snr_at(self, t) -> torch.Tensor:
+        """log(alpha^2 / sigma^2) = log a - log(1 - a) at float times t, float64 (-inf at a zero terminal SNR)."""
+        a = self.alpha_bar_at(t)
+        return a.log() - torch.log1p(-a)
+
     def t_at_sigma(self, sigma) -> torch.Tensor:
         """The inverse of sigma_at: float64 times in [0, T-1] (clamped outside [sigma_0, sigma_{T-1}])."""
         sigma = _as_time(sigma)

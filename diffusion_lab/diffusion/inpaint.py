@@ -11,8 +11,6 @@ is x0 itself, so the known region of the result equals the original exactly.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .registry import get_method
@@ -53,8 +51,8 @@ def paint(
     mask = mask.to(device=x0.device, dtype=x0.dtype)
 
     def noised(t: float) -> torch.Tensor:
-        a = float(diffusion.alpha_bar_at(float(t)))
-        return math.sqrt(a) * x0 + math.sqrt(1.0 - a) * noise_like(x0, generator)
+        alpha, sigma = (float(v) for v in diffusion.alpha_sigma_at(float(t)))
+        return alpha * x0 + sigma * noise_like(x0, generator)
 
     def keep_known(i: int, x: torch.Tensor) -> torch.Tensor:
         known = x0 if i == 0 else noised(ts[i - 1])

@@ -23,10 +23,11 @@ Every method has the signature of `samplers.ddim_sample` and its conventions, so
   and by FID on the MNIST recipe (bench/solver_peers.py, BENCHMARKS.md).
 - `post_step(i, x) -> x` may edit each new state (inpainting: diffusion/inpaint.py), with i as in the callback.
 
-Notation at time t_j: a = alpha_bar, alpha = sqrt(a), sigma = sqrt(1 - a) (VP), s = sigma / alpha (VE noise
-level of x / alpha, Karras et al.'s sigma) and lambda = log(alpha / sigma) = -log s (half log-SNR). Data-prediction
-methods (DPM-Solver++, UniPC) are finite at zero terminal SNR (a = 0 at the first time); the VE methods (Euler,
-Heun, iPNDM) need a finite s there.
+Notation at time t_j: x_t = alpha x0 + sigma eps with (alpha, sigma) = diffusion.alpha_sigma_at(t) (the Process
+interface, process.py: sqrt(alpha_bar), sqrt(1 - alpha_bar) on the VP process), s = sigma / alpha (VE noise level
+of x / alpha, Karras et al.'s sigma) and lambda = log(alpha / sigma) = -log s (half the log-SNR: log_snr_at / 2).
+Data-prediction methods (DPM-Solver++, UniPC) are finite at zero terminal SNR (a = 0 at the first time); the VE
+methods (Euler, Heun, iPNDM) need a finite s there.
 """
 
 from __future__ import annotations
@@ -67,11 +68,11 @@ def _grid(diffusion, timesteps: Sequence[float]) -> _Grid:
     if not times or any(b <= a for a, b in zip(times, times[1:])) or times[0] < 0 or times[-1] > T - 1:
         raise ValueError(f"sampler timesteps must be strictly ascending times in [0, {T - 1}], got {times[:6]}...")
     t = times[::-1]
-    a = diffusion.alpha_bar_at(torch.tensor(t, dtype=torch.float64)).tolist()
-    alpha = [math.sqrt(v) for v in a] + [1.0]
-    sigma = [math.sqrt(1.0 - v) for v in a] + [0.0]
+    tt = torch.tensor(t, dtype=torch.float64)
+    alpha_t, sigma_t = diffusion.alpha_sigma_at(tt)
+    alpha, sigma = alpha_t.tolist() + [1.0], sigma_t.tolist() + [0.0]
     s = [sg / al if al > 0 else math.inf for al, sg in zip(alpha[:-1], sigma[:-1])] + [0.0]
-    lam = [0.5 * (math.log(v) - math.log1p(-v)) if v > 0 else -math.inf for v in a] + [math.inf]
+    lam = (0.5 * diffusion.log_snr_at(tt)).tolist() + [math.inf]
     return _Grid(t, alpha, sigma, s, lam)
 
 
@@ -396,9 +397,9 @@ def _churn(g: _Grid, diffusion, j: int, x_bar, s_churn, s_tmin, s_tmax, s_noise,
     if gamma <= 0:
         return x_bar, g.s[j], g.t[j], g.alpha[j]
     t_hat = float(diffusion.t_at_sigma(g.s[j] * (1 + gamma)))
-    s_hat = float(diffusion.sigma_at(t_hat))
+    s_hat, alpha_hat = float(diffusion.sigma_at(t_hat)), float(diffusion.alpha_sigma_at(t_hat)[0])
     x_bar = x_bar + math.sqrt(max(s_hat**2 - g.s[j] ** 2, 0.0)) * s_noise * noise_like(x_bar, generator)
-    return x_bar, s_hat, t_hat, 1.0 / math.sqrt(1.0 + s_hat**2)
+    return x_bar, s_hat, t_hat, alpha_hat
 
 
 def _karras(

@@ -34,32 +34,40 @@ def test_the_targets_are_the_papers():
 
 
 @pytest.mark.parametrize("name", list(PARAMETERIZATIONS))
-@pytest.mark.parametrize("a_bar", [0.999, 0.5, 0.01])
-def test_weight_from_eps_is_the_squared_error_ratio(name, a_bar):
-    """On the VP path an output error e moves eps_hat by c e; weight_from_eps(1, SNR) must be c^2, so that
-    w_eps |eps error|^2 = weight_from_eps(w_eps) |target error|^2 for every target."""
+@pytest.mark.parametrize("alpha,sigma", PATHS)
+def test_error_gain_is_the_squared_error_ratio(name, alpha, sigma):
+    """An output error e moves eps_hat by c e; error_gain must be c^2, so that w_eps |eps error|^2 =
+    weight_from_eps(w_eps) |target error|^2 for every target on every path point."""
     p, (x0, eps) = parameterization(name), _x0_eps()
-    alpha, sigma = a_bar**0.5, (1 - a_bar) ** 0.5
     x_t, e = alpha * x0 + sigma * eps, torch.full_like(x0, 1e-3)
     out = p.target(x0, eps, alpha, sigma)
     eps_moved = p.to_x0_eps(out + e, x_t, alpha, sigma)[1] - eps
     ratio = (eps_moved.pow(2).sum() / e.pow(2).sum()).item()
-    snr = torch.tensor(a_bar / (1 - a_bar), dtype=torch.float64)
-    assert ratio == pytest.approx(p.weight_from_eps(torch.ones_like(snr), snr).item(), rel=1e-9)
+    assert ratio == pytest.approx(p.weight_from_eps(1.0, alpha, sigma), rel=1e-9)
+
+
+@pytest.mark.parametrize("a_bar", [0.999, 0.5, 0.01])
+def test_vp_weight_conversions_are_the_papers(a_bar):
+    """Hang et al. 2023, Sec. 3.4: |eps err|^2 = SNR |x0 err|^2 = SNR / (SNR + 1) |v err|^2 on the VP path."""
+    alpha, sigma, snr = a_bar**0.5, (1 - a_bar) ** 0.5, a_bar / (1 - a_bar)
+    assert PARAMETERIZATIONS["eps"].error_gain(alpha, sigma) == 1.0
+    assert PARAMETERIZATIONS["x0"].error_gain(alpha, sigma) == pytest.approx(snr, rel=1e-12)
+    assert PARAMETERIZATIONS["v"].error_gain(alpha, sigma) == pytest.approx(snr / (snr + 1), rel=1e-12)
 
 
 def test_x0_and_v_are_defined_at_zero_snr_and_eps_is_not():
     x0, eps = _x0_eps()
-    for name in ("x0", "v"):
+    for name in ("x0", "v", "velocity", "edm"):
         p = PARAMETERIZATIONS[name]
         x0_hat, eps_hat = p.to_x0_eps(p.target(x0, eps, 0.0, 1.0), eps, 0.0, 1.0)  # alpha = 0: x_t is the noise
+        torch.testing.assert_close(p.network_input(eps, 0.0, 1.0), eps)  # EDM's c_in is 1 / sigma there
         torch.testing.assert_close((x0_hat, eps_hat), (x0, eps), rtol=0, atol=1e-15)
         assert p.defined_at_zero_snr
     assert not PARAMETERIZATIONS["eps"].defined_at_zero_snr
 
 
 def test_an_unknown_name_is_refused_naming_the_key():
-    with pytest.raises(ValueError, match=r"diffusion.mean_type='score' is unknown; allowed: eps, x0, v"):
+    with pytest.raises(ValueError, match=r"diffusion.mean_type='score' is unknown; allowed: eps, x0, v, velocity, edm"):
         parameterization("score")
 
 

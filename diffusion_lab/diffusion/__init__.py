@@ -1,6 +1,7 @@
 """The diffusion math: plain PyTorch, no network, no Lightning (see ARCHITECTURE.md, rule 1)."""
 
 from .analytic import GaussianData, PointMixture
+from .continuous import EDM, Flow
 from .gaussian import LOSS_TYPES, LOSS_WEIGHTINGS, MEAN_TYPES, VAR_TYPES, GaussianDiffusion, snr_loss_weight
 from .inpaint import paint
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
@@ -17,6 +18,8 @@ from .timesteps import LossAwareTimestepSampler, LossSecondMomentSampler, Unifor
 
 __all__ = [
     "GaussianDiffusion",
+    "EDM",
+    "Flow",
     "get_betas",
     "rescale_zero_terminal_snr",
     "snr_loss_weight",

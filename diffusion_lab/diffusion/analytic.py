@@ -6,8 +6,9 @@
 
 With x_t = sqrt(a) x0 + sqrt(1 - a) eps (a = alpha_bar_t), the marginal of x_t is known, so the optimal eps, x0
 and v predictions follow from E[x0 | x_t]: eps = (x_t - sqrt(a) E[x0|x_t]) / sqrt(1 - a) = E[eps | x_t] and
-v = sqrt(a) eps - sqrt(1 - a) x0. The `model` callables take the (possibly fractional) model time t [B] and read
-a from `diffusion.alpha_bar_at(t)`, so pass the process the model was trained on (not a respaced one).
+v = sqrt(a) eps - sqrt(1 - a) x0. The `model` callables take the network time [B] and map it back with
+`diffusion.t_at_model_time`, so pass the process the model was trained on (not a respaced one). Any process (EDM,
+flow: diffusion/continuous.py) works, through the VP process with the same SNR.
 """
 
 from __future__ import annotations
@@ -35,17 +36,24 @@ class _Exact:
         a = _per_example(alpha_bar, x_t)
         return (x_t - a.sqrt() * self.denoise(x_t, alpha_bar)) / (1 - a).sqrt()
 
-    def model(self, diffusion, mean_type: str = "eps", learn_sigma: bool = False):
-        """A callable model(x_t, t, **kw) -> the exact eps / x0 / v prediction at model time t ([B], int or float).
+    def model(self, diffusion, mean_type: str | None = None, learn_sigma: bool = False):
+        """A callable model(x_in, t, **kw) -> the exact network output for `diffusion`, any Process (process.py).
 
-        learn_sigma appends C zero channels (the variance half of a learned-variance network's 2C output).
+        It undoes what the process does around the network: t is the network time (`diffusion.model_time`, the
+        timestep itself on an unrespaced GaussianDiffusion), x_in the network input (`param.network_input`, x_t
+        unless preconditioned). The exact E[x0 | x_t] on a path point (alpha, sigma) is the VP one at
+        a = alpha^2 / (alpha^2 + sigma^2) for the state x_t / sqrt(alpha^2 + sigma^2). mean_type: the target
+        (default the process's own). learn_sigma appends C zero channels (a learned-variance net's 2C output).
         """
-        param = parameterization(mean_type)
+        param = diffusion.param if mean_type is None else parameterization(mean_type)
 
-        def model(x_t, t, **_):
-            a = diffusion.alpha_bar_at(t.to(torch.float64))
-            ab = _per_example(a, x_t)
-            out = param.target(self.denoise(x_t, a), self.eps(x_t, a), ab.sqrt(), (1 - ab).sqrt())
+        def model(x_in, t, **_):
+            tt = diffusion.t_at_model_time(t.to(torch.float64))
+            alpha, sigma = (_per_example(v, x_in) for v in diffusion.alpha_sigma_at(tt))
+            x_t = x_in / param.input_scale(alpha, sigma)
+            norm = (alpha**2 + sigma**2).sqrt()
+            a, x_vp = alpha**2 / norm**2, x_t / norm
+            out = param.target(self.denoise(x_vp, a), self.eps(x_vp, a), alpha, sigma)
             return torch.cat([out, torch.zeros_like(out)], 1) if learn_sigma else out
 
         return model
@@ -75,10 +83,18 @@ class _Exact:
 
     def solution(self, diffusion, x: torch.Tensor, t_from: float, t_to: float) -> torch.Tensor:
         """What an exact ODE sampler returns when it starts from x at time t_from and, like every sampler here,
-        ends with the denoiser at its last time t_to: E[x0 | flow(x) at t_to]. The instrument that measures a
-        solver's own error (the model being exact): `(sampler_output - solution).pow(2).mean().sqrt()`."""
-        a_from, a_to = (float(diffusion.alpha_bar_at(float(t))) for t in (t_from, t_to))
-        return self.denoise(self.ode_flow(x, a_from, a_to), a_to)
+        ends with the denoiser at its last time t_to: E[x0 | flow(x) at t_to], on any Process (the flow in the VE
+        variables x / alpha is the same for every path with the same sigma / alpha). The instrument that measures
+        a solver's own error (the model being exact): `(sampler_output - solution).pow(2).mean().sqrt()`."""
+        (a_from, x_vp), a_to = self._vp(diffusion, t_from, x), self._vp(diffusion, t_to)[0]
+        return self.denoise(self.ode_flow(x_vp, a_from, a_to), a_to)
+
+    @staticmethod
+    def _vp(diffusion, t: float, x: torch.Tensor | None = None):
+        """(the VP alpha_bar with the same SNR as the process at t, x rescaled to that VP state)."""
+        alpha, sigma = (float(v) for v in diffusion.alpha_sigma_at(float(t)))
+        norm2 = alpha**2 + sigma**2
+        return alpha**2 / norm2, None if x is None else x / math.sqrt(norm2)
 
 
 class GaussianData(_Exact):

@@ -52,7 +52,8 @@ def snr_loss_weight(
         eps_weight = torch.clamp(snr_gamma / snr, max=1.0)  # min(SNR, gamma) / SNR; gamma / 0 = inf -> 1
     else:
         eps_weight = (p2_k + snr) ** -p2_gamma
-    return parameterization(mean_type).weight_from_eps(eps_weight, snr)
+    alpha, sigma = (snr / (snr + 1.0)).sqrt(), (1.0 / (snr + 1.0)).sqrt()  # the VP path at this SNR
+    return parameterization(mean_type).weight_from_eps(eps_weight, alpha, sigma)
 
 
 def extract(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -295,11 +296,13 @@ class GaussianDiffusion:
         Returns mean, variance, log_variance, pred_x0 (clipped to [-1, 1] when clip_denoised), eps
         (re-derived from the clipped pred_x0, as DDIM needs), and the raw model output.
         """
+        alpha, sigma = self._alpha_sigma(t, x_t)
         if model_output is None:
-            model_output = model(x_t, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))
+            x_in = self.param.network_input(x_t, alpha, sigma)
+            model_output = model(x_in, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))
         mean_out, var_out = self.split_model_output(model_output, x_t)
         log_variance = self.model_log_variance(var_out, t, x_t)
-        pred_x0, eps = self.param.to_x0_eps(mean_out, x_t, *self._alpha_sigma(t, x_t))
+        pred_x0, eps = self.param.to_x0_eps(mean_out, x_t, alpha, sigma)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1, 1)
             eps = self.predict_eps_from_x0(x_t, t, pred_x0)
@@ -379,6 +382,11 @@ class GaussianDiffusion:
         t = torch.where(log_s >= table[-1], torch.full_like(t, T - 1), t)
         return torch.where(log_s <= table[0], torch.zeros_like(t), t)
 
+    def t_at_model_time(self, model_t) -> torch.Tensor:
+        """The process time of a network time: the identity (float64), exact for a process that was not respaced
+        (the exact models of analytic.py use it; a respaced process maps many-to-one through timestep_map)."""
+        return _as_time(model_t)
+
     def model_time(self, t) -> torch.Tensor:
         """The time the network is called with at process time t: timestep_map interpolated linearly (float64)."""
         t = _as_time(t)
@@ -418,7 +426,8 @@ class GaussianDiffusion:
             model_t = (mt.round().long() if whole else mt.to(time_dtype)).to(x_t.device)
             shape = (B, *([1] * (x_t.ndim - 1)))
             sa, s1a = (v.to(device=x_t.device, dtype=x_t.dtype).reshape(shape) for v in (a.sqrt(), (1.0 - a).sqrt()))
-        out, _ = self.split_model_output(model(x_t, model_t, **(model_kwargs or {})), x_t)
+        x_in = self.param.network_input(x_t, sa, s1a)
+        out, _ = self.split_model_output(model(x_in, model_t, **(model_kwargs or {})), x_t)
         x0, eps = self.param.to_x0_eps(out, x_t, sa, s1a)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
@@ -479,7 +488,8 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
-        out = model(x_t, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))
+        x_in = self.param.network_input(x_t, *self._alpha_sigma(t, x_t))
+        out = model(x_in, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))
         if self.loss_type in ("kl", "rescaled_kl"):
             vb, _ = self.vb_terms_bpd(model, x0, x_t, t, model_output=out)
             scale = self.num_timesteps if self.loss_type == "rescaled_kl" else 1.0

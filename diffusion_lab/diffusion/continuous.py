@@ -1,0 +1,264 @@
+"""Continuous-time processes beside DDPM's discrete one: EDM (Karras et al. 2022) and rectified flow / flow matching
+(Liu et al. 2023; Lipman et al. 2023; Esser et al. 2024).
+
+    process = EDM()                                   # sigma in [0.002, 80], F precond., ln sigma ~ N(-1.2, 1.2^2)
+    process = Flow(t_sampling="logit_normal")         # x_t = (1 - t) x0 + t eps, velocity target eps - x0
+    losses = process.training_losses(model, x0)       # {"loss": [B], "mse": [B]}
+    x0 = heun(process, model, x_T, sampling_times(process, "karras", 18))   # the fast solvers, unchanged
+
+Both implement the Process interface (process.py) on solver times t in [0, T-1] (T = num_timesteps, a resolution,
+1000 by default), each mapped to the process's own variable u (`u_at`):
+- EDM: u = sigma, log-linear from sigma_min at t = 0 to sigma_max at t = T-1 (alpha = 1), so `spacing=karras`
+  is EDM's rho = 7 grid (eq. 5) and `spacing=logsnr` the log-uniform one.
+- Flow: u = t_f = (t + 1) / T, then the SD3 shift (Esser et al. 2024, eq. 23) when `shift` != 1, so the trailing
+  N-step grid is t_f = 1, (N-1)/N, .., 1/N. t_f = 1 is pure noise (alpha = 0), visited first, as on a
+  zero-terminal-SNR VP process: the data-prediction solvers start there, the VE ones (Euler, Heun) need t < T-1.
+The network is called as model(network_input(x_t), network_time(u)): EDM's c_in x and c_noise = ln(sigma) / 4
+(Table 1), flow's x_t and 1000 t_f (the U-Net's time scale). Training draws u from the process's own distribution
+(`sample_u`), not from the solver grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..checks import check_choice, check_number
+from .losses import mean_flat
+from .parameterization import EDMPrecond, Parameterization, eps_from_x0, parameterization
+
+
+def _f64(t) -> torch.Tensor:
+    return t.to(torch.float64) if isinstance(t, torch.Tensor) else torch.tensor(float(t), dtype=torch.float64)
+
+
+def _per_example(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """float64 [B] -> [B, 1, .., 1] in like's dtype/device."""
+    return v.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class ContinuousProcess:
+    """The shared part: the Process interface built on a subclass's path(u), u_at(t), t_at_u(u), network_time(u),
+    sample_u(n) and loss_weight(u) (all float64 tensors)."""
+
+    def __init__(self, param: Parameterization, num_timesteps: int = 1000):
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 2:
+            raise ValueError(f"diffusion.steps={num_timesteps!r} must be an integer >= 2 (the solver time resolution)")
+        self.param, self.num_timesteps = param, num_timesteps
+
+    # ------------------------------------------------------------------ the Process interface
+    def alpha_sigma_at(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.path(self.u_at(_f64(t)))
+
+    def log_snr_at(self, t) -> torch.Tensor:
+        alpha, sigma = self.alpha_sigma_at(t)
+        return 2 * (alpha.log() - sigma.log())
+
+    def sigma_at(self, t) -> torch.Tensor:
+        """VE noise level sigma / alpha (inf where alpha = 0)."""
+        alpha, sigma = self.alpha_sigma_at(t)
+        return sigma / alpha
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """float64 [T]: sigma_at at the whole times (respace.sampling_times reads the ends)."""
+        return self.sigma_at(torch.arange(self.num_timesteps, dtype=torch.float64))
+
+    def model_time(self, t) -> torch.Tensor:
+        return self.network_time(self.u_at(_f64(t)))
+
+    def t_at_model_time(self, model_t) -> torch.Tensor:
+        """The inverse of model_time (the exact models of analytic.py use it)."""
+        return self.t_at_u(self.u_at_network_time(_f64(model_t)))
+
+    def denoise(
+        self,
+        model: Callable[..., torch.Tensor],
+        x_t: torch.Tensor,
+        t,
+        model_kwargs: dict | None = None,
+        clip_denoised: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat), each [B, C, H, W], from one model call at x_t [B, C, H, W] and time t (number or [B])."""
+        tt = _f64(t)
+        u = self.u_at(tt)
+        alpha, sigma = self.path(u)
+        B = x_t.shape[0]
+        time_dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+        if tt.ndim == 0:  # the solvers' case: scalars, no device sync
+            alpha, sigma = float(alpha), float(sigma)
+            model_t = torch.full((B,), float(self.network_time(u)), device=x_t.device, dtype=time_dtype)
+        else:
+            model_t = self.network_time(u).to(device=x_t.device, dtype=time_dtype)
+            alpha, sigma = _per_example(alpha, x_t), _per_example(sigma, x_t)
+        out = model(self.param.network_input(x_t, alpha, sigma), model_t, **(model_kwargs or {}))
+        x0, eps = self.param.to_x0_eps(out, x_t, alpha, sigma)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+            eps = eps_from_x0(x_t, x0, alpha, sigma)
+        return x0, eps
+
+    # ------------------------------------------------------------------ training
+    def q_sample(self, x0: torch.Tensor, u: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_u = alpha(u) x0 + sigma(u) noise; x0, noise [B, C, H, W], u float64 [B] in the process's variable."""
+        alpha, sigma = self.path(_f64(u))
+        return _per_example(alpha, x0) * x0 + _per_example(sigma, x0) * noise
+
+    def training_losses(
+        self,
+        model: Callable[..., torch.Tensor],
+        x0: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        model_kwargs: dict | None = None,
+        u: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-example losses [B] for x0 [B, C, H, W]: "mse" = |target - output|^2 averaged over pixels, "loss" =
+        loss_weight(u) * mse, with u drawn by sample_u unless given (float64 [B])."""
+        B = x0.shape[0]
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        u = self.sample_u(B, generator).to(x0.device) if u is None else _f64(u).to(x0.device)
+        alpha, sigma = (_per_example(v, x0) for v in self.path(u))
+        x_t = alpha * x0 + sigma * noise
+        time_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
+        x_in, model_t = self.param.network_input(x_t, alpha, sigma), self.network_time(u).to(time_dtype)
+        out = model(x_in, model_t, **(model_kwargs or {}))
+        mse = mean_flat((self.param.target(x0, noise, alpha, sigma) - out) ** 2)
+        return {"loss": self.loss_weight(u).to(mse) * mse, "mse": mse}
+
+    def _check_param(self, key: str) -> None:
+        if not self.param.defined_at_zero_snr and math.isinf(float(self.sigmas[-1])):
+            raise ValueError(
+                f"{key}={self.param.name!r} cannot recover x0 from pure noise, where this process starts; "
+                "use velocity, x0 or v"
+            )
+
+
+class EDM(ContinuousProcess):
+    """Karras et al. 2022 (EDM), Table 1: x = x0 + sigma eps, D = c_skip x + c_out F(c_in x; c_noise), training
+    ln sigma ~ N(P_mean, P_std^2) with weight lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 on |D - x0|^2, and
+    the sampling range [sigma_min, sigma_max] = [0.002, 80]. mean_type: any parameterization ("edm" is F)."""
+
+    def __init__(
+        self,
+        mean_type: str = "edm",
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+        num_timesteps: int = 1000,
+    ):
+        param = parameterization(mean_type)
+        if isinstance(param, EDMPrecond):
+            param = EDMPrecond(sigma_data)
+        super().__init__(param, num_timesteps)
+        self.sigma_min = check_number("diffusion.sigma_min", sigma_min, minimum=1e-12, finite=True)
+        self.sigma_max = check_number("diffusion.sigma_max", sigma_max, minimum=1e-12, finite=True)
+        if not self.sigma_max > self.sigma_min:
+            raise ValueError(f"diffusion.sigma_max={sigma_max} must be > diffusion.sigma_min={sigma_min}")
+        self.sigma_data = check_number("diffusion.sigma_data", sigma_data, minimum=1e-12, finite=True)
+        self.p_mean = check_number("diffusion.p_mean", p_mean, minimum=-math.inf, finite=True)
+        self.p_std = check_number("diffusion.p_std", p_std, minimum=0.0, finite=True)
+        self._log_lo, self._log_hi = math.log(self.sigma_min), math.log(self.sigma_max)
+
+    def u_at(self, t: torch.Tensor) -> torch.Tensor:
+        w = t.clamp(0, self.num_timesteps - 1) / (self.num_timesteps - 1)
+        return (self._log_lo + w * (self._log_hi - self._log_lo)).exp()
+
+    def t_at_u(self, sigma: torch.Tensor) -> torch.Tensor:
+        w = (sigma.log() - self._log_lo) / (self._log_hi - self._log_lo)
+        return (w * (self.num_timesteps - 1)).clamp(0, self.num_timesteps - 1)
+
+    def t_at_sigma(self, sigma) -> torch.Tensor:
+        return self.t_at_u(_f64(sigma))
+
+    def path(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ones_like(sigma), sigma
+
+    def network_time(self, sigma: torch.Tensor) -> torch.Tensor:
+        """c_noise = ln(sigma) / 4 (Table 1)."""
+        return sigma.log() / 4
+
+    def u_at_network_time(self, c_noise: torch.Tensor) -> torch.Tensor:
+        return (4 * c_noise).exp()
+
+    def sample_u(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """ln sigma ~ N(P_mean, P_std^2): float64 [n]."""
+        return (self.p_mean + self.p_std * torch.randn(n, generator=generator, dtype=torch.float64)).exp()
+
+    def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """lambda(sigma) on |D - x0|^2 as a weight on the target's MSE: lambda |x0 err|^2 / |target err|^2, which
+        is error_gain / SNR (1 for F: lambda c_out^2 = 1)."""
+        lam = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        alpha, s = self.path(sigma)
+        return lam * self.param.error_gain(alpha, s) * s**2 / alpha**2
+
+
+T_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def logit_normal_pdf(t: torch.Tensor, m: float = 0.0, s: float = 1.0) -> torch.Tensor:
+    """Density of t = sigmoid(x), x ~ N(m, s^2) on (0, 1) (Esser et al. 2024, eq. 19)."""
+    logit = torch.log(t) - torch.log1p(-t)
+    return torch.exp(-((logit - m) ** 2) / (2 * s**2)) / (s * math.sqrt(2 * math.pi) * t * (1 - t))
+
+
+def sd3_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The timestep shift of Esser et al. 2024 (eq. 23): t' = shift t / (1 + (shift - 1) t); 1 is no shift."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+class Flow(ContinuousProcess):
+    """Rectified flow / conditional flow matching on the linear path x_t = (1 - t) x0 + t eps (Liu et al. 2023;
+    Lipman et al. 2023), target the velocity eps - x0 with weight 1, t ~ U(0, 1) or logit-normal(m, s) (Esser et al.
+    2024, Sec. 3.1); `shift` moves the sampling grid toward the noise (SD3: 3.0 at 1024^2; 1 = none)."""
+
+    def __init__(
+        self,
+        mean_type: str = "velocity",
+        t_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        shift: float = 1.0,
+        num_timesteps: int = 1000,
+    ):
+        super().__init__(parameterization(mean_type), num_timesteps)
+        check_choice("diffusion.t_sampling", t_sampling, T_SAMPLINGS)
+        self.t_sampling = t_sampling
+        self.logit_mean = check_number("diffusion.logit_mean", logit_mean, minimum=-math.inf, finite=True)
+        self.logit_std = check_number("diffusion.logit_std", logit_std, minimum=1e-12, finite=True)
+        self.shift = check_number("diffusion.shift", shift, minimum=1e-12, finite=True)
+        self._check_param("diffusion.mean_type")
+
+    def u_at(self, t: torch.Tensor) -> torch.Tensor:
+        return sd3_shift((t.clamp(0, self.num_timesteps - 1) + 1) / self.num_timesteps, self.shift)
+
+    def t_at_u(self, u: torch.Tensor) -> torch.Tensor:
+        u0 = u / (self.shift - (self.shift - 1) * u)  # the inverse shift
+        return (u0 * self.num_timesteps - 1).clamp(0, self.num_timesteps - 1)
+
+    def t_at_sigma(self, sigma) -> torch.Tensor:
+        s = _f64(sigma)
+        return self.t_at_u(torch.where(torch.isinf(s), torch.ones_like(s), s / (1 + s)))
+
+    def path(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return 1 - u, u
+
+    def network_time(self, u: torch.Tensor) -> torch.Tensor:
+        return 1000 * u
+
+    def u_at_network_time(self, model_t: torch.Tensor) -> torch.Tensor:
+        return model_t / 1000
+
+    def sample_u(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.t_sampling == "uniform":
+            return torch.rand(n, generator=generator, dtype=torch.float64)
+        x = self.logit_mean + self.logit_std * torch.randn(n, generator=generator, dtype=torch.float64)
+        return torch.sigmoid(x)
+
+    def loss_weight(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(u)

@@ -1,0 +1,223 @@
+"""EDM and flow matching as processes beside DDPM (diffusion/continuous.py): the papers' formulas, the losses, the
+training distributions, and the solvers on exact models of every process (closed forms, orders, one answer)."""
+
+import math
+
+import pytest
+import torch
+
+from diffusion_lab.diffusion import GaussianDiffusion
+from diffusion_lab.diffusion import solvers as S
+from diffusion_lab.diffusion.analytic import GaussianData, PointMixture
+from diffusion_lab.diffusion.continuous import EDM, Flow, logit_normal_pdf, sd3_shift
+from diffusion_lab.diffusion.respace import sampling_times
+
+F64 = torch.float64
+DATA = GaussianData(mu=0.1, s=0.5)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _processes():
+    return {
+        "vp": GaussianDiffusion.from_schedule("linear", 1000, mean_type="v"),
+        "edm": EDM(),
+        "flow": Flow(),
+        "flow_shift3_x0": Flow(mean_type="x0", shift=3.0),
+    }
+
+
+# --------------------------------------------------------------------------- EDM (Karras et al. 2022, Table 1)
+@pytest.mark.parametrize("sigma", [0.002, 0.3, 1.0, 17.0, 80.0])
+def test_edm_preconditioning_and_weight_are_table_1(sigma):
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) with Table 1's coefficients, and the loss weight lambda."""
+    process, sd = EDM(), 0.5
+    root = math.sqrt(sigma**2 + sd**2)
+    c_skip, c_out, c_in = sd**2 / (sigma**2 + sd**2), sigma * sd / root, 1 / root
+    seen = {}
+
+    def net(x_in, t):
+        seen["x_in"], seen["t"] = x_in, t
+        return torch.tanh(x_in) + 0.1 * t.reshape(-1, 1, 1, 1)  # any F
+
+    x = _randn(2, 1, 3, 3)
+    t = process.t_at_sigma(sigma)
+    x0, eps = process.denoise(net, x, float(t))
+    torch.testing.assert_close(seen["x_in"], c_in * x, rtol=1e-12, atol=0)
+    torch.testing.assert_close(seen["t"], torch.full((2,), math.log(sigma) / 4, dtype=F64), rtol=1e-12, atol=1e-15)
+    F = torch.tanh(c_in * x) + 0.1 * math.log(sigma) / 4
+    torch.testing.assert_close(x0, c_skip * x + c_out * F, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(eps, (x - x0) / sigma, rtol=1e-10, atol=1e-10)
+    assert process.param.coefficients(sigma)[:3] == pytest.approx((c_skip, c_out, c_in), rel=1e-14)
+    assert process.param.loss_weight(sigma) == pytest.approx((sigma**2 + sd**2) / (sigma * sd) ** 2, rel=1e-14)
+
+
+def test_edm_loss_is_lambda_times_the_denoiser_error():
+    """training_losses at given sigmas equals lambda(sigma) |D - x0|^2 (EDM eq. 2 and Table 1), computed directly."""
+    process = EDM()
+    x0, noise = _randn(4, 1, 3, 3, seed=1).clamp(-1, 1), _randn(4, 1, 3, 3, seed=2)
+    sigma = torch.tensor([0.01, 0.5, 3.0, 60.0], dtype=F64)
+
+    def net(x_in, t):
+        return 0.3 * x_in - 0.2
+
+    losses = process.training_losses(net, x0, noise, u=sigma)
+    s = sigma.reshape(-1, 1, 1, 1)
+    x = x0 + s * noise
+    c_skip, c_out, c_in = 0.25 / (s**2 + 0.25), s * 0.5 / (s**2 + 0.25).sqrt(), 1 / (s**2 + 0.25).sqrt()
+    D = c_skip * x + c_out * (0.3 * c_in * x - 0.2)
+    lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    torch.testing.assert_close(losses["loss"], lam * (D - x0).pow(2).mean((1, 2, 3)), rtol=1e-10, atol=0)
+
+
+def test_edm_training_sigmas_are_lognormal():
+    """ln sigma ~ N(P_mean = -1.2, P_std = 1.2): the sample moments of 200,000 draws (standard errors ~0.003)."""
+    ln = EDM().sample_u(200_000, torch.Generator().manual_seed(0)).log()
+    assert ln.mean().item() == pytest.approx(-1.2, abs=0.012) and ln.std().item() == pytest.approx(1.2, abs=0.012)
+
+
+def test_edm_karras_grid_is_eq_5():
+    """spacing=karras on EDM visits sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho."""
+    process, n = EDM(), 18
+    sig = process.sigma_at(torch.tensor(sampling_times(process, "karras", n), dtype=F64)).flip(0)
+    i = torch.arange(n, dtype=F64)
+    ref = (80 ** (1 / 7) + i / (n - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    torch.testing.assert_close(sig, ref, rtol=1e-12, atol=0)
+
+
+# --------------------------------------------------------------------------- flow matching
+def test_flow_loss_is_the_velocity_mse():
+    process = Flow()
+    x0, noise = _randn(3, 1, 4, 4, seed=3), _randn(3, 1, 4, 4, seed=4)
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=F64)
+    delta = _randn(3, 1, 4, 4, seed=5) * 0.1
+
+    def net(x_in, model_t):  # the true velocity plus delta, reading t back from the network time 1000 t
+        tt = (model_t / 1000).reshape(-1, 1, 1, 1)
+        torch.testing.assert_close(x_in, (1 - tt) * x0 + tt * noise)
+        return noise - x0 + delta
+
+    losses = process.training_losses(net, x0, noise, u=t)
+    torch.testing.assert_close(losses["loss"], delta.pow(2).mean((1, 2, 3)), rtol=1e-12, atol=0)
+    torch.testing.assert_close(losses["mse"], losses["loss"])
+
+
+@pytest.mark.parametrize("t", [0.2, 0.7])
+def test_flow_marginal_of_gaussian_data(t):
+    """x_t = (1 - t) x0 + t eps with x0 ~ N(mu, s^2): N((1 - t) mu, (1 - t)^2 s^2 + t^2) (400,000 draws)."""
+    n, g = 400_000, torch.Generator().manual_seed(0)
+    x0 = DATA.sample(n, (1,), g)
+    x_t = Flow().q_sample(x0, torch.full((n,), t, dtype=F64), torch.randn(n, 1, generator=g, dtype=F64))
+    var = (1 - t) ** 2 * DATA.s**2 + t**2
+    assert x_t.mean().item() == pytest.approx((1 - t) * DATA.mu, abs=4 * math.sqrt(var / n))
+    assert x_t.var().item() == pytest.approx(var, rel=4 * math.sqrt(2 / n))
+
+
+def test_logit_normal_density_and_draws():
+    """The density integrates to 1 and the histogram of 200,000 draws of t = sigmoid(N(m, s^2)) follows it."""
+    m, s = 0.5, 0.8
+    grid = torch.linspace(1e-6, 1 - 1e-6, 200_001, dtype=F64)
+    assert torch.trapezoid(logit_normal_pdf(grid, m, s), grid).item() == pytest.approx(1.0, abs=1e-6)
+    t = Flow(t_sampling="logit_normal", logit_mean=m, logit_std=s).sample_u(200_000, torch.Generator().manual_seed(0))
+    edges = torch.linspace(0, 1, 21, dtype=F64)
+    hist = torch.histc(t, bins=20, min=0, max=1) / (len(t) * 0.05)
+    fine = torch.linspace(0, 1, 20_001, dtype=F64)[1:-1]
+    pdf = logit_normal_pdf(fine, m, s)
+    bin_mean = torch.stack([pdf[(fine > a) & (fine < b)].mean() for a, b in zip(edges, edges[1:])])
+    assert (hist - bin_mean).abs().max().item() < 0.05, (hist, bin_mean)
+
+
+def test_sd3_shift_is_eq_23_and_the_grid_follows_it():
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=F64)
+    torch.testing.assert_close(sd3_shift(t, 3.0), 3 * t / (1 + 2 * t))
+    process = Flow(shift=3.0)
+    u = process.u_at(torch.tensor(sampling_times(process, "trailing", 4), dtype=F64))
+    torch.testing.assert_close(u, sd3_shift(torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=F64), 3.0), rtol=1e-12, atol=0)
+
+
+def test_flow_refuses_eps_in_one_line():
+    with pytest.raises(ValueError, match=r"diffusion.mean_type='eps' cannot recover x0 from pure noise"):
+        Flow(mean_type="eps")
+
+
+# --------------------------------------------------------------------------- every process on exact models
+@pytest.mark.parametrize("data", [DATA, PointMixture(_randn(3, 1, 2, 2, seed=7).clamp(-1, 1), s=0.05)])
+def test_equal_log_snr_gives_the_same_x0_on_every_process(data):
+    """At one log-SNR, the exact networks of the VP, EDM and flow processes (each through its own
+    parameterization and network time) denoise the same scaled state to the same x0."""
+    procs = _processes()
+    vp = procs.pop("vp")
+    x_vp = _randn(5, 1, 2, 2, seed=8)
+    for t_vp in (50.0, 400.0, 900.0):
+        a_vp, s_vp = (float(v) for v in vp.alpha_sigma_at(t_vp))
+        ref, _ = vp.denoise(data.model(vp), x_vp, t_vp)
+        for name, p in procs.items():
+            t = float(p.t_at_sigma(s_vp / a_vp))
+            alpha, sigma = (float(v) for v in p.alpha_sigma_at(t))
+            assert sigma / alpha == pytest.approx(s_vp / a_vp, rel=1e-9), name
+            x0, _ = p.denoise(data.model(p), x_vp * alpha / a_vp, t)
+            torch.testing.assert_close(x0, ref, rtol=1e-9, atol=1e-9, msg=f"{name} at VP t={t_vp}")
+
+
+def _start(process, x_top_t: float, z: torch.Tensor) -> torch.Tensor:
+    """The exact marginal of GaussianData at time x_top_t for the standard normal z."""
+    alpha, sigma = (float(v) for v in process.alpha_sigma_at(x_top_t))
+    return alpha * DATA.mu + math.sqrt(alpha**2 * DATA.s**2 + sigma**2) * z
+
+
+@pytest.mark.parametrize("name", ["vp", "edm", "flow", "flow_shift3_x0"])
+def test_every_process_maps_the_same_noise_to_mu_plus_s_z(name):
+    """Started at the exact marginal from the same z, the ODE of every process ends at x0 = mu + s z."""
+    process, z = _processes()[name], _randn(64, 1, 4, 4, seed=9)
+    ts = sampling_times(process, "auto", 100)
+    out = S.dpmpp_2m(process, DATA.model(process), _start(process, ts[-1], z), ts, clip_denoised=False)
+    exact = DATA.solution(process, _start(process, ts[-1], z), ts[-1], ts[0])  # ends with the denoiser at t_0
+    assert (out - exact).pow(2).mean().sqrt().item() < 1e-3
+    # The flow carries z to the marginal at t_0 exactly, and the denoiser there gives mu + s z shrunk by
+    # s alpha / sqrt(alpha^2 s^2 + sigma^2) (-> 1 as t_0 -> data): mu + s z for every process.
+    alpha0, sigma0 = (float(v) for v in process.alpha_sigma_at(ts[0]))
+    shrink = DATA.s * alpha0 / math.sqrt(alpha0**2 * DATA.s**2 + sigma0**2)
+    torch.testing.assert_close(exact, DATA.mu + DATA.s * z * shrink, rtol=1e-9, atol=1e-9)
+
+
+def _slope(nfes, errs):
+    lx, ly = [math.log(n) for n in nfes], [math.log(e) for e in errs]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return -sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+ORDERS = [  # (method, options, order): each method's own order (lower_order_final off for UniPC)
+    ("euler", {}, 1),
+    ("heun", {}, 2),
+    ("dpmpp_2m", {}, 2),
+    ("unipc", {"order": 2, "lower_order_final": False}, 3),
+]
+
+
+@pytest.mark.parametrize("name", ["edm", "flow"])
+@pytest.mark.parametrize("method,options,order", ORDERS)
+def test_solvers_converge_at_their_order_on_every_process(name, method, options, order):
+    """RMS error against the exact flow (analytic.solution) over NFE ~40-160 on the karras grid, both processes.
+    Flow starts below t_f = 1 for the VE methods (Euler, Heun need a finite sigma / alpha)."""
+    process, z = _processes()[name], _randn(32, 1, 4, 4, seed=10)
+    fn, heun = getattr(S, method), method == "heun"
+    nfes, errs = [], []
+    for n in (40, 80, 160):
+        steps = (n + 1) // 2 if heun else n
+        ts = sampling_times(process, "karras", steps + 1)
+        ts = ts[:-1] if math.isinf(float(process.sigma_at(ts[-1]))) and method in ("euler", "heun") else ts[1:]
+        x_T = _start(process, ts[-1], z)
+        out = fn(process, DATA.model(process), x_T, ts, clip_denoised=False, **options)
+        errs.append((out - DATA.solution(process, x_T, ts[-1], ts[0])).pow(2).mean().sqrt().item())
+        nfes.append(2 * len(ts) - 1 if heun else len(ts))
+    assert _slope(nfes, errs) == pytest.approx(order, abs=0.35), (nfes, errs)

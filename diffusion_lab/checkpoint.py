@@ -31,6 +31,9 @@ ALLOWED_TARGETS = frozenset(
         "diffusion_lab.nets.unet.UNet",
         "diffusion_lab.diffusion.GaussianDiffusion",
         "diffusion_lab.diffusion.GaussianDiffusion.from_schedule",
+        "diffusion_lab.diffusion.EDM",
+        "diffusion_lab.diffusion.Flow",
+        "diffusion_lab.diffusion.timesteps.ProcessTimeSampler",
         "diffusion_lab.diffusion.Sampler",
         "diffusion_lab.diffusion.UniformSampler",
         "diffusion_lab.diffusion.LossSecondMomentSampler",
@@ -235,7 +238,8 @@ FREE_ON_RESUME = (
     "trainer.precision", "trainer.sync_batchnorm", "data.num_workers", "data.data_dir", "data.debian_dir", "compile",
 )  # fmt: skip
 # Keys that exist since a later version, with the value that reproduces what older checkpoints did, and
-# renamed targets: a checkpoint written before either change resumes as if it had them.
+# renamed targets: a checkpoint written before either change resumes as if it had them (the diffusion keys are
+# GaussianDiffusion's; EDM and flow checkpoints never lacked them).
 ADDED_KEYS = {
     "diffusion.loss_weighting": "none", "diffusion.snr_gamma": 5.0, "diffusion.p2_k": 1.0, "diffusion.p2_gamma": 1.0,
     "diffusion.zero_terminal_snr": False,
@@ -266,7 +270,8 @@ def resume_changes(run: dict, saved: dict) -> tuple[dict[str, tuple], dict[str, 
     each as key -> (checkpoint value, run value), split by what a resumed run can take. Optimizer keys other
     than its numbers (`optim._target_`, `optim._partial_`) cannot be applied to a restored optimizer."""
     a = {k: RENAMED_TARGETS.get(v, v) if isinstance(v, str) else v for k, v in _flatten(saved).items()}
-    a = {**{k: v for k, v in ADDED_KEYS.items() if k not in a}, **a}
+    discrete = str(a.get("diffusion._target_", "")).startswith("diffusion_lab.diffusion.GaussianDiffusion")
+    a = {**{k: v for k, v in ADDED_KEYS.items() if k not in a and (discrete or not k.startswith("diffusion."))}, **a}
     b = _flatten(run)
     diff = {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
     diff = {k: v for k, v in diff.items() if not _under(k, FREE_ON_RESUME)}

@@ -8,6 +8,7 @@ Every problem raises `ConfigError` naming the key, the value and what is allowed
 from __future__ import annotations
 
 import math
+import re
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -43,6 +44,13 @@ def build(node, key: str):
         cause = _root_cause(e)
         if isinstance(cause, ValueError):
             raise ConfigError(str(cause)) from None
+        unknown = isinstance(cause, TypeError) and re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+        if unknown:  # a key left over from another choice of the group (a DDPM preset's diffusion.schedule on EDM)
+            name = f"{key}.{unknown.group(1)}"
+            raise ConfigError(
+                f"{name} is not a key of {node.get('_target_')}: it comes from another {key} choice or a preset "
+                f"written for one; remove it with ~{name} or use a preset for this {key}"
+            ) from None
         raise
 
 
@@ -178,8 +186,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     net, data = cfg.net, cfg.data
     diffusion = build(cfg.diffusion, "diffusion")
     if diffusion.learns_sigma != bool(net.learn_sigma):
+        what = f"diffusion.var_type={diffusion.var_type!r}" if "var_type" in cfg.diffusion else "this diffusion"
         raise ConfigError(
-            f"diffusion.var_type={diffusion.var_type!r} needs net.learn_sigma={diffusion.learns_sigma} "
+            f"{what} needs net.learn_sigma={diffusion.learns_sigma} "
             f"(a network with {'2C' if diffusion.learns_sigma else 'C'} output channels), "
             f"got net.learn_sigma={net.learn_sigma}"
         )

@@ -54,7 +54,7 @@ def build_loggers(cfg: DictConfig, resume_step: int | None = None, wandb_run_id:
                 {
                     *(nodes.wandb.get("tags") or []),
                     *(cfg.get("tags") or []),
-                    f"schedule={cfg.diffusion.schedule}",
+                    *([f"schedule={cfg.diffusion.schedule}"] if "schedule" in cfg.diffusion else []),  # not on EDM/flow
                     f"sampler={cfg.sampler.method}",
                     f"steps={cfg.sampler.get('steps') or cfg.sampler.get('nfe')}",
                 }

@@ -71,7 +71,7 @@ def test_edm_loss_is_lambda_times_the_denoiser_error():
     def net(x_in, t):
         return 0.3 * x_in - 0.2
 
-    losses = process.training_losses(net, x0, noise, u=sigma)
+    losses = process.training_losses(net, x0, sigma, noise)
     s = sigma.reshape(-1, 1, 1, 1)
     x = x0 + s * noise
     c_skip, c_out, c_in = 0.25 / (s**2 + 0.25), s * 0.5 / (s**2 + 0.25).sqrt(), 1 / (s**2 + 0.25).sqrt()
@@ -107,7 +107,7 @@ def test_flow_loss_is_the_velocity_mse():
         torch.testing.assert_close(x_in, (1 - tt) * x0 + tt * noise)
         return noise - x0 + delta
 
-    losses = process.training_losses(net, x0, noise, u=t)
+    losses = process.training_losses(net, x0, t, noise)
     torch.testing.assert_close(losses["loss"], delta.pow(2).mean((1, 2, 3)), rtol=1e-12, atol=0)
     torch.testing.assert_close(losses["mse"], losses["loss"])
 
@@ -221,3 +221,53 @@ def test_solvers_converge_at_their_order_on_every_process(name, method, options,
         errs.append((out - DATA.solution(process, x_T, ts[-1], ts[0])).pow(2).mean().sqrt().item())
         nfes.append(2 * len(ts) - 1 if heun else len(ts))
     assert _slope(nfes, errs) == pytest.approx(order, abs=0.35), (nfes, errs)
+
+
+# --------------------------------------------------------------------------- train.py, checkpoints, resume
+def _weights(ckpt):
+    c = torch.load(ckpt, weights_only=True)
+    return c["global_step"], {**c["state_dict"], **{f"ema.{k}": v for k, v in c["current_model_state"].items()}}
+
+
+@pytest.mark.parametrize("process", ["edm", "flow"])
+def test_train_sample_and_resume_exactly(tmp_path, process):
+    """diffusion=edm / flow through train.py: finite losses, a checkpoint that rebuilds the model as data and
+    samples finite images, and a run stopped mid-epoch and resumed equal to the uninterrupted one bit for bit."""
+    from conftest import FAST, compose_train
+
+    from diffusion_lab.tasks import load_module, train
+
+    run = [*FAST, f"diffusion={process}", "trainer.max_steps=-1", "trainer.limit_train_batches=4", "data.batch_size=16",
+           "logger=none", "callbacks.sample_grid.every_n_epochs=100", "trainer.max_epochs=100"]  # fmt: skip
+    metrics = train(compose_train([*run, "trainer.max_steps=6"], tmp_path / "full"))
+    assert math.isfinite(metrics["train/loss_step"])
+    train(compose_train([*run, "trainer.max_steps=3"], tmp_path / "part"))
+    train(compose_train([*run, "trainer.max_steps=6", "ckpt_path=last"], tmp_path / "part"))
+    (step_a, a), (step_b, b) = (_weights(tmp_path / r / "checkpoints" / "last.ckpt") for r in ("full", "part"))
+    assert step_a == step_b == 6 and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    module = load_module(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    assert type(module.diffusion).__name__ == {"edm": "EDM", "flow": "Flow"}[process]
+    x = module.sample(3, seed=0)
+    assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["diffusion=edm", "timesteps=loss_aware"], "draws the integer steps of diffusion=ddpm/iddpm"),
+        (["timesteps=own"], "timesteps=own needs a continuous process"),
+        (["diffusion=flow", "sampler=ddim"], "sampler.method=ddim runs on the steps of diffusion=ddpm/iddpm"),
+        (["experiment=mnist_cpu", "diffusion=edm"], "diffusion.schedule is not a key of diffusion_lab.diffusion.EDM"),
+    ],
+)
+def test_process_mismatches_are_refused_in_one_line(tmp_path, overrides, message):
+    from conftest import FAST, compose_train
+
+    from diffusion_lab.config import ConfigError
+    from diffusion_lab.tasks import train
+
+    with pytest.raises((ConfigError, ValueError), match=message) as e:
+        train(compose_train([*FAST, *overrides], tmp_path))
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "checkpoints").exists()

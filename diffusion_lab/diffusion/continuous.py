@@ -6,7 +6,7 @@
     losses = process.training_losses(model, x0)       # {"loss": [B], "mse": [B]}
     x0 = heun(process, model, x_T, sampling_times(process, "karras", 18))   # the fast solvers, unchanged
 
-Both implement the Process interface (process.py) on solver times t in [0, T-1] (T = num_timesteps, a resolution,
+Both implement the Process interface (process.py) on solver times t in [0, T-1] (T = `steps`, a resolution,
 1000 by default), each mapped to the process's own variable u (`u_at`):
 - EDM: u = sigma, log-linear from sigma_min at t = 0 to sigma_max at t = T-1 (alpha = 1), so `spacing=karras`
   is EDM's rho = 7 grid (eq. 5) and `spacing=logsnr` the log-uniform one.
@@ -110,17 +110,16 @@ class ContinuousProcess:
         self,
         model: Callable[..., torch.Tensor],
         x0: torch.Tensor,
+        u: torch.Tensor,
         noise: torch.Tensor | None = None,
         model_kwargs: dict | None = None,
-        u: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-example losses [B] for x0 [B, C, H, W]: "mse" = |target - output|^2 averaged over pixels, "loss" =
-        loss_weight(u) * mse, with u drawn by sample_u unless given (float64 [B])."""
-        B = x0.shape[0]
+        """Per-example losses [B] for x0 [B, C, H, W] at u (float64 [B] in the process's variable, from sample_u:
+        timesteps.ProcessTimeSampler): "mse" = |target - output|^2 averaged over pixels, "loss" = loss_weight(u) mse.
+        The same call as GaussianDiffusion.training_losses(model, x0, t, noise, model_kwargs)."""
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        u = self.sample_u(B, generator).to(x0.device) if u is None else _f64(u).to(x0.device)
+            noise = torch.randn_like(x0)
+        u = _f64(u).to(x0.device)
         alpha, sigma = (_per_example(v, x0) for v in self.path(u))
         x_t = alpha * x0 + sigma * noise
         time_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
@@ -128,6 +127,15 @@ class ContinuousProcess:
         out = model(x_in, model_t, **(model_kwargs or {}))
         mse = mean_flat((self.param.target(x0, noise, alpha, sigma) - out) ** 2)
         return {"loss": self.loss_weight(u).to(mse) * mse, "mse": mse}
+
+    @property
+    def learns_sigma(self) -> bool:
+        """A continuous process has no learned variance: the network outputs C channels."""
+        return False
+
+    def solver_time(self, u: torch.Tensor) -> torch.Tensor:
+        """Where a training time u sits on the solver's axis [0, T-1] (for per-quartile loss curves)."""
+        return self.t_at_u(_f64(u))
 
     def _check_param(self, key: str) -> None:
         if not self.param.defined_at_zero_snr and math.isinf(float(self.sigmas[-1])):
@@ -150,12 +158,12 @@ class EDM(ContinuousProcess):
         sigma_data: float = 0.5,
         p_mean: float = -1.2,
         p_std: float = 1.2,
-        num_timesteps: int = 1000,
+        steps: int = 1000,
     ):
         param = parameterization(mean_type)
         if isinstance(param, EDMPrecond):
             param = EDMPrecond(sigma_data)
-        super().__init__(param, num_timesteps)
+        super().__init__(param, steps)
         self.sigma_min = check_number("diffusion.sigma_min", sigma_min, minimum=1e-12, finite=True)
         self.sigma_max = check_number("diffusion.sigma_max", sigma_max, minimum=1e-12, finite=True)
         if not self.sigma_max > self.sigma_min:
@@ -168,6 +176,13 @@ class EDM(ContinuousProcess):
     def u_at(self, t: torch.Tensor) -> torch.Tensor:
         w = t.clamp(0, self.num_timesteps - 1) / (self.num_timesteps - 1)
         return (self._log_lo + w * (self._log_hi - self._log_lo)).exp()
+
+    default_method = "heun"  # Alg. 1
+
+    @property
+    def prior_std(self) -> float:
+        """x_T ~ N(0, sigma_max^2 I) (Alg. 1, line 2)."""
+        return self.sigma_max
 
     def t_at_u(self, sigma: torch.Tensor) -> torch.Tensor:
         w = (sigma.log() - self._log_lo) / (self._log_hi - self._log_lo)
@@ -224,15 +239,18 @@ class Flow(ContinuousProcess):
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         shift: float = 1.0,
-        num_timesteps: int = 1000,
+        steps: int = 1000,
     ):
-        super().__init__(parameterization(mean_type), num_timesteps)
+        super().__init__(parameterization(mean_type), steps)
         check_choice("diffusion.t_sampling", t_sampling, T_SAMPLINGS)
         self.t_sampling = t_sampling
         self.logit_mean = check_number("diffusion.logit_mean", logit_mean, minimum=-math.inf, finite=True)
         self.logit_std = check_number("diffusion.logit_std", logit_std, minimum=1e-12, finite=True)
         self.shift = check_number("diffusion.shift", shift, minimum=1e-12, finite=True)
         self._check_param("diffusion.mean_type")
+
+    prior_std = 1.0  # x_1 = eps
+    default_method = "euler"
 
     def u_at(self, t: torch.Tensor) -> torch.Tensor:
         return sd3_shift((t.clamp(0, self.num_timesteps - 1) + 1) / self.num_timesteps, self.shift)

@@ -187,6 +187,13 @@ class GaussianDiffusion:
             "p2_gamma": self.p2_gamma,
         }
 
+    default_method = "ddim"  # the sampler a model of this process uses when none is given (Process interface)
+
+    @property
+    def prior_std(self) -> float:
+        """x_T ~ N(0, prior_std^2 I) at the last step: 1 (the Process interface)."""
+        return 1.0
+
     @property
     def learns_sigma(self) -> bool:
         """True when the model must output 2C channels (mean part, variance part)."""

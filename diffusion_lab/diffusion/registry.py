@@ -57,6 +57,7 @@ class Method:
     invert: (diffusion, model, x0, timesteps, **options) -> x at timesteps[-1], for deterministic inversion (it
         takes the sampler's options and uses those it needs).
     in_name: options always written in the log name (DDIM's eta, for names like ddim50_eta0).
+    discrete: it needs the discrete process (GaussianDiffusion: its tables and respacing); refused elsewhere.
     """
 
     name: str
@@ -71,6 +72,7 @@ class Method:
     stochastic: Callable[[Mapping[str, Any]], bool] = lambda o: False
     invert: Callable | None = None
     in_name: tuple[str, ...] = ()
+    discrete: bool = False  # runs on the discrete process's own steps (GaussianDiffusion.respace): DDPM, DDIM
 
     def nfe(self, steps: int) -> int:
         """Network evaluations of a run visiting `steps` times."""
@@ -144,6 +146,7 @@ register(
         spacing="even",
         steps=None,
         stochastic=lambda o: o["temperature"] > 0,
+        discrete=True,
     )
 )
 register(
@@ -160,6 +163,7 @@ register(
             diffusion, model, x0, timesteps, fixed_point_iters=1
         ),
         in_name=("eta",),
+        discrete=True,
     )
 )
 register(

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..checks import check_choice, check_number
+from .gaussian import GaussianDiffusion
 from .registry import Method, get_method
 from .respace import AUTO_SPACING, CONTINUOUS_SPACINGS, SPACINGS, sampling_times
 from .samplers import ClassifierFreeGuidance
@@ -86,7 +87,12 @@ class Sampler:
 
     def bind(self, diffusion) -> Sampler:
         """This sampler with its steps made explicit for `diffusion` (DDPM's default: all T); ValueError naming
-        sampler.steps when the process cannot give them."""
+        sampler.steps when the process cannot give them, or sampler.method when it needs the discrete process."""
+        if self.method.discrete and not isinstance(diffusion, GaussianDiffusion):
+            raise ValueError(
+                f"sampler.method={self.method.name} runs on the steps of diffusion=ddpm/iddpm; on this process use "
+                "euler (DDIM eta 0 in exact arithmetic), euler_ancestral, heun, dpmpp_2m, dpmpp_3m, unipc or ipndm"
+            )
         self.timesteps(diffusion)
         return self if self.steps is not None else self.replace(steps=diffusion.num_timesteps)
 

@@ -130,6 +130,8 @@ def draw(
         elif num_classes is not None:
             y = gens.randint(num_classes)
         x_T = gens.randn(shape, dtype, device)
+        if diffusion.prior_std != 1.0:  # EDM starts at N(0, sigma_max^2 I) (Process.prior_std)
+            x_T = x_T * diffusion.prior_std
         kwargs = {"y": y.to(device)} if y is not None else None
         out = sampler(
             diffusion, PaddedModel(model), x_T, model_kwargs=kwargs, generator=gens, null_label=null_label,

@@ -103,8 +103,8 @@ def _order(j: int, g: _Grid, order: int, lower_order_final: bool | str, final_be
 def _need_finite_s(g: _Grid, name: str) -> None:
     if not math.isfinite(g.s[0]):
         raise ValueError(
-            f"sampler.method={name} works in sigma = sqrt((1-a)/a), infinite at the first time (zero terminal "
-            "SNR); drop t=T-1 from the timesteps or use dpmpp_2m / dpmpp_3m / unipc / ddim"
+            f"sampler.method={name} works in sigma / alpha, infinite at the first time (pure noise: zero terminal "
+            "SNR, flow's t = 1); drop t=T-1 from the timesteps or use euler / dpmpp_2m / dpmpp_3m / unipc"
         )
 
 
@@ -421,13 +421,22 @@ def _karras(
     s_noise,
 ):
     g = _grid(diffusion, timesteps)
-    _need_finite_s(g, name)
-    x_bar = x_T / g.alpha[0]
+    # From pure noise (alpha = 0: flow's t = 1, zero terminal SNR) only the plain Euler step is defined: from
+    # x_bar = x0 + s eps it is x0 + s' eps (DDIM's update), computed from the VP state x_T itself.
+    from_noise = not math.isfinite(g.s[0]) and not heun_correction and s_churn == 0
+    if not from_noise:
+        _need_finite_s(g, name)
+    x_bar = None if from_noise else x_T / g.alpha[0]
     for j in _steps(g.n, progress, name):
-        x_bar, s_hat, t_hat, a_hat = _churn(g, diffusion, j, x_bar, s_churn, s_tmin, s_tmax, s_noise, generator)
-        # d = (x_bar - D(x_bar; s)) / s is exactly the eps prediction (no cancellation).
-        x0, d = diffusion.denoise(model, a_hat * x_bar, t_hat, model_kwargs, clip)
-        if j == g.n - 1:
+        if j == 0 and from_noise:
+            s_hat, (x0, d) = math.inf, diffusion.denoise(model, x_T, g.t[0], model_kwargs, clip)
+        else:
+            x_bar, s_hat, t_hat, a_hat = _churn(g, diffusion, j, x_bar, s_churn, s_tmin, s_tmax, s_noise, generator)
+            # d = (x_bar - D(x_bar; s)) / s is exactly the eps prediction (no cancellation).
+            x0, d = diffusion.denoise(model, a_hat * x_bar, t_hat, model_kwargs, clip)
+        if j == 0 and from_noise:
+            x_bar = x0 if g.n == 1 else x0 + g.s[1] * d
+        elif j == g.n - 1:
             x_bar = x0
         else:
             dt = g.s[j + 1] - s_hat

@@ -128,3 +128,28 @@ class LossSecondMomentSampler(LossAwareTimestepSampler):
     def __init__(self, *args, **kwargs):
         warnings.warn("LossSecondMomentSampler is now LossAwareTimestepSampler", DeprecationWarning, stacklevel=2)
         super().__init__(*args, **kwargs)
+
+
+class ProcessTimeSampler:
+    """The training times of a continuous process (diffusion/continuous.py: EDM's lognormal sigma, flow's uniform
+    or logit-normal t), drawn by the process itself: `timesteps=own`. Weights are all 1; nothing to update or save.
+    Built without a process from the config; the DiffusionModule binds it to its process."""
+
+    def __init__(self, process=None):
+        self.process = process
+        self.num_timesteps = None if process is None else process.num_timesteps
+
+    def sample(self, batch_size: int, device=None, generator: torch.Generator | None = None):
+        """(u float64 [B] in the process's own variable, weights float32 [B] of ones)."""
+        u = self.process.sample_u(batch_size, generator)
+        return u.to(device), torch.ones(batch_size, device=device)
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """The process's distribution does not learn from losses."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+

@@ -1,4 +1,4 @@
-"""DiffusionModule: the LightningModule that trains a network on a GaussianDiffusion loss.
+"""DiffusionModule: the LightningModule that trains a network on a process's loss (DDPM/IDDPM, EDM, flow).
 
 training_step is the algorithm box (DDPM Alg. 1 / IDDPM Sec. 3.3): sample t with importance weights,
 per-example losses, weight and reduce, update the timestep sampler with every rank's losses, log.
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..diffusion import GaussianDiffusion, Sampler
-from ..diffusion.timesteps import UniformTimestepSampler
+from ..diffusion.timesteps import ProcessTimeSampler, UniformTimestepSampler
 from .ema import EMA
 
 
@@ -29,8 +29,10 @@ def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
 class DiffusionModule(L.LightningModule):
     """Args:
     net: the denoiser, `net(x_t, t, y=None) -> [B, C or 2C, H, W]`.
-    diffusion: the GaussianDiffusion (schedule, parameterization, loss type).
-    timestep_sampler: UniformTimestepSampler or LossAwareTimestepSampler over diffusion.num_timesteps.
+    diffusion: the process: a GaussianDiffusion (schedule, parameterization, loss type) or a continuous one
+        (diffusion/continuous.py: EDM, Flow).
+    timestep_sampler: UniformTimestepSampler or LossAwareTimestepSampler over diffusion.num_timesteps (discrete
+        process), ProcessTimeSampler (continuous: the process draws its own noise levels; the default there).
     optimizer: partial `(params) -> Optimizer`; lr_scheduler: optional partial `(optimizer) -> scheduler`.
     label_dropout: probability of replacing a label with the null label (classifier-free guidance).
     sampler: the default Sampler for sample grids.
@@ -63,7 +65,7 @@ class DiffusionModule(L.LightningModule):
         self.net, self.diffusion = net, diffusion
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
-        self.timestep_sampler = timestep_sampler or UniformTimestepSampler(diffusion.num_timesteps)
+        self.timestep_sampler = self._timestep_sampler(diffusion, timestep_sampler)
         if self.timestep_sampler.num_timesteps != diffusion.num_timesteps:
             raise ValueError(
                 f"timesteps.num_timesteps={self.timestep_sampler.num_timesteps} must equal "
@@ -76,11 +78,27 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"label_dropout={label_dropout} must be in [0, 1)")
         if self.label_dropout > 0 and not self.conditional:
             raise ValueError(f"label_dropout={label_dropout} needs a class-conditional net (set net.num_classes)")
-        self.sampler = sampler or Sampler("ddim", 50)
+        self.sampler = sampler or Sampler(diffusion.default_method).bind(diffusion)
         self.run_config = run_config or {}
         self.seed = int(seed)
         # torch.compile's wrapper is kept out of the module tree, so state_dict keys and the EMA copy are unchanged.
         self._train_fn = {"net": torch.compile(self.net) if compile else self.net}
+
+    @staticmethod
+    def _timestep_sampler(diffusion, given):
+        """The discrete process trains on integer steps from `timesteps` (uniform, loss_aware); a continuous one
+        (EDM, flow) draws its own noise levels (timesteps=own). Either other pairing is refused in one line."""
+        own = isinstance(given, ProcessTimeSampler)
+        if not isinstance(diffusion, GaussianDiffusion):
+            if given is not None and not own:
+                raise ValueError(
+                    f"timesteps={type(given).__name__} draws the integer steps of diffusion=ddpm/iddpm; this process "
+                    "draws its own noise levels: use timesteps=own"
+                )
+            return ProcessTimeSampler(diffusion)
+        if own:
+            raise ValueError("timesteps=own needs a continuous process (diffusion=edm or flow); use timesteps=uniform")
+        return given or UniformTimestepSampler(diffusion.num_timesteps)
 
     @property
     def conditional(self) -> bool:
@@ -121,7 +139,10 @@ class DiffusionModule(L.LightningModule):
         x0, y = batch
         # Fixed t and noise per batch index, so validation curves are comparable across epochs.
         g = torch.Generator().manual_seed(batch_idx)
-        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=g).to(x0.device)
+        if isinstance(self.timestep_sampler, ProcessTimeSampler):
+            t, _ = self.timestep_sampler.sample(x0.shape[0], x0.device, generator=g)
+        else:
+            t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=g).to(x0.device)
         noise = torch.randn(x0.shape, generator=g).to(x0.device)
         losses = self.diffusion.training_losses(self.net, x0, t, noise=noise, model_kwargs=self.model_kwargs(y, False))
         self.log_losses("val", losses, t, losses["loss"].mean())
@@ -131,8 +152,9 @@ class DiffusionModule(L.LightningModule):
         on_step = stage == "train"
         sync = stage != "train"
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=sync)
-        quartile = (4 * t) // self.diffusion.num_timesteps
-        for key in ("mse", "vb"):
+        position = t if isinstance(self.diffusion, GaussianDiffusion) else self.diffusion.solver_time(t)
+        quartile = ((4 * position) // self.diffusion.num_timesteps).long().clamp(max=3)
+        for key in ("mse", "vb") if "vb" in losses else ("mse",):
             self.log(f"{stage}/{key}", losses[key].mean(), on_step=on_step, on_epoch=True, sync_dist=sync)
             for q in range(4):
                 sel = quartile == q

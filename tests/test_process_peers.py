@@ -59,5 +59,6 @@ def test_euler_equals_flow_matchings_ode_solver(steps):
     flow, z = Flow(), _randn(16, 1, 4, 4, seed=3)
     ours = S.euler(flow, DATA.model(flow), z, sampling_times(flow, "trailing", steps), clip_denoised=False)
     solver = fm_solver.ODESolver(velocity_model=_TheirVelocity(flow))
-    theirs = solver.sample(x_init=z, step_size=1.0 / steps, method="euler", time_grid=torch.tensor([0.0, 1.0], dtype=F64))
+    grid = torch.tensor([0.0, 1.0], dtype=F64)
+    theirs = solver.sample(x_init=z, step_size=1.0 / steps, method="euler", time_grid=grid)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)

@@ -148,7 +148,10 @@ class ContinuousProcess:
 class EDM(ContinuousProcess):
     """Karras et al. 2022 (EDM), Table 1: x = x0 + sigma eps, D = c_skip x + c_out F(c_in x; c_noise), training
     ln sigma ~ N(P_mean, P_std^2) with weight lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 on |D - x0|^2, and
-    the sampling range [sigma_min, sigma_max] = [0.002, 80]. mean_type: any parameterization ("edm" is F)."""
+    the sampling range [sigma_min, sigma_max] = [0.002, 80]. mean_type: any parameterization ("edm" is F).
+    The formulas are NVlabs/edm's (training/loss.py EDMLoss, training/networks.py EDMPrecond, commit 008a4e5; read
+    with the project's `fetch`), except that our "loss" averages over pixels where EDMLoss returns per-pixel terms
+    that its training loop sums: a constant factor C*H*W, which Adam does not see (up to its eps)."""
 
     def __init__(
         self,

@@ -35,6 +35,7 @@ from .config import (
     validate_sampler,
     validate_train_config,
 )
+from .diffusion import GaussianDiffusion
 from .lit import EMA
 from .lit.checkpointing import AlignLoggingStep, ApplyChangedHyperparameters, AtomicCheckpointIO
 from .loggers import build_loggers, finish_loggers
@@ -195,8 +196,11 @@ def _samplers(cfg: DictConfig, module) -> list[tuple]:
         etas = g.etas if g.get("etas") and "eta" in get_method(name).options else [None]  # None: the sampler's
         pairs += [(_grid_row(base, dict(method=name, nfe=n, eta=e)), "curve") for e in etas for n in nfes]
     # the reference is DDPM on its own grid (sampler.spacing shapes the curves), with the sampler's guidance
+    discrete = isinstance(module.diffusion, GaussianDiffusion)
+    if g.get("ddpm_steps") and not discrete:
+        log.info("grid.ddpm_steps: DDPM's ancestral sampler needs the discrete process; no reference row here")
     pairs += [(_grid_row(base, dict(method="ddpm", steps=s, spacing=None)), "reference")
-              for s in g.get("ddpm_steps") or []]
+              for s in (g.get("ddpm_steps") or []) if discrete]
     unique = {(s.name, role): (s, role) for s, role in pairs}  # e.g. Heun at NFE 9 and 10 is one sampler
     return [(validate_sampler(s, f"grid row {s.name}", module.diffusion, module.conditional), role)
             for s, role in unique.values()]
@@ -242,7 +246,9 @@ def evaluate(cfg: DictConfig) -> dict:
             ref_name, scores["n_ref"], scores["sample_seconds"],
         )  # fmt: skip
     extra, result = "", {"rows": rows}
-    if cfg.get("bpd_num_images"):
+    if cfg.get("bpd_num_images") and not isinstance(module.diffusion, GaussianDiffusion):
+        log.info("bits/dim: the variational bound is the discrete process's (diffusion=ddpm/iddpm); skipped")
+    elif cfg.get("bpd_num_images"):
         held_out = dm.real_images("val")[: cfg.bpd_num_images]
         result["bpd"] = bits_per_dim(
             module.diffusion, module.net, held_out, seed=cfg.seed, null_label=module.null_label, device=module.device

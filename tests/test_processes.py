@@ -1,6 +1,7 @@
 """EDM and flow matching as processes beside DDPM (diffusion/continuous.py): the papers' formulas, the losses, the
 training distributions, and the solvers on exact models of every process (closed forms, orders, one answer)."""
 
+import csv
 import math
 
 import pytest
@@ -246,10 +247,22 @@ def test_train_sample_and_resume_exactly(tmp_path, process):
     (step_a, a), (step_b, b) = (_weights(tmp_path / r / "checkpoints" / "last.ckpt") for r in ("full", "part"))
     assert step_a == step_b == 6 and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
-    module = load_module(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    ckpt = tmp_path / "full" / "checkpoints" / "last.ckpt"
+    module = load_module(ckpt)
     assert type(module.diffusion).__name__ == {"edm": "EDM", "flow": "Flow"}[process]
     x = module.sample(3, seed=0)
     assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+    # evaluate.py with its defaults otherwise: no DDPM reference row and no bits/dim (the discrete process's)
+    from diffusion_lab.tasks import evaluate
+
+    method = module.diffusion.default_method
+    overrides = [f"ckpt_path={ckpt}", f"sampler={method}", "grid.nfe=[3]", "num_samples=8",
+                 "fid.reference_split=val", "fid.num_reference=32"]  # fmt: skip
+    evaluate(compose_train(overrides, tmp_path / "eval", "evaluate"))
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "results.csv")))
+    assert [r["role"] for r in rows] == ["curve"] and rows[0]["sampler"].startswith(method)
+    assert float(rows[0]["fid"]) > 0
+    assert "Bits/dim" not in (tmp_path / "eval" / "results.md").read_text()
 
 
 @pytest.mark.parametrize(

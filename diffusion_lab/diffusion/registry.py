@@ -22,7 +22,8 @@ from typing import Any
 
 from ..checks import check_choice, check_number
 from . import solvers
-from .samplers import ddim_invert, ddim_sample, ddpm_sample
+from .gaussian import GaussianDiffusion
+from .samplers import ddim_invert, ddpm_sample
 
 
 def _nonneg(name: str) -> Callable[[Any], None]:
@@ -135,6 +136,15 @@ def _ode_inverter(order: int) -> Callable:
     return invert
 
 
+def _ddim_inverter(diffusion, model, x0, timesteps, **_options):
+    """DDIM's inversion: on the discrete process with one fixed-point iteration per step (close to the exact
+    inverse of the eta = 0 decoder, samplers.ddim_invert); on a continuous one the first-order ODE inversion,
+    which is ddim_invert without the iteration."""
+    if isinstance(diffusion, GaussianDiffusion):
+        return ddim_invert(diffusion, model, x0, timesteps, fixed_point_iters=1)
+    return solvers.ode_invert(diffusion, model, x0, timesteps, order=1)
+
+
 _KARRAS_CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
 
 register(
@@ -152,18 +162,14 @@ register(
 register(
     Method(
         "ddim",
-        ddim_sample,
+        solvers.ddim,  # on any process; equal to samplers.ddim_sample on the discrete one (tests/test_processes.py)
         "DDIM",
         {"eta": 0.0, "temperature": 1.0},
         spacing="ddim",
         steps=50,
         stochastic=lambda o: o["eta"] > 0 and o["temperature"] > 0,
-        # one fixed-point iteration per step: close to the exact inverse of the eta = 0 decoder (samplers.py)
-        invert=lambda diffusion, model, x0, timesteps, **_options: ddim_invert(
-            diffusion, model, x0, timesteps, fixed_point_iters=1
-        ),
+        invert=_ddim_inverter,
         in_name=("eta",),
-        discrete=True,
     )
 )
 register(

@@ -91,7 +91,7 @@ class Sampler:
         if self.method.discrete and not isinstance(diffusion, GaussianDiffusion):
             raise ValueError(
                 f"sampler.method={self.method.name} runs on the steps of diffusion=ddpm/iddpm; on this process use "
-                "euler (DDIM eta 0 in exact arithmetic), euler_ancestral, heun, dpmpp_2m, dpmpp_3m, unipc or ipndm"
+                "ddim (sampler=ddim_eta1 is the stochastic one), euler_ancestral or any ODE solver"
             )
         self.timesteps(diffusion)
         return self if self.steps is not None else self.replace(steps=diffusion.num_timesteps)

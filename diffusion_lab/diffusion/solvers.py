@@ -388,6 +388,45 @@ def ipndm(
     return x
 
 
+# --------------------------------------------------------------------------- DDIM on any process
+@torch.no_grad()
+def ddim(
+    diffusion,
+    model,
+    x_T,
+    timesteps,
+    *,
+    model_kwargs=None,
+    generator=None,
+    callback=None,
+    clip_denoised=True,
+    progress=False,
+    post_step=None,
+    eta=0.0,
+    temperature=1.0,
+):
+    """DDIM (Song et al. 2021, eq. 12) on any Process, in its (alpha, sigma): from t to the next time s,
+    x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z with c = eta sigma_s sqrt(1 - SNR_t / SNR_s), which
+    on the VP process is eq. 16's sigma_eta = eta sqrt((1 - a_s)/(1 - a_t)) sqrt(1 - a_t/a_s); c = 0 on the last
+    step (SNR_s = inf). eta = 0 is deterministic (Euler in exact arithmetic); temperature scales z. Each step with
+    eta > 0 draws z, the last one too, as `samplers.ddim_sample` does on the discrete process, which it equals."""
+    check_number("sampler.eta", eta)
+    g = _grid(diffusion, timesteps)
+    x = x_T
+    for j in _steps(g.n, progress, "ddim"):
+        x0, eps = diffusion.denoise(model, x, g.t[j], model_kwargs, clip_denoised)
+        gap = g.lam[j] - g.lam[j + 1]  # log sqrt(SNR_t / SNR_s) <= 0; -inf on the last step
+        c = eta * g.sigma[j + 1] * math.sqrt(-math.expm1(2 * gap)) if eta > 0 else 0.0
+        x = g.alpha[j + 1] * x0 + math.sqrt(max(g.sigma[j + 1] ** 2 - c**2, 0.0)) * eps
+        if eta > 0:
+            x = x + (c * temperature) * noise_like(x, generator)
+        if post_step is not None:
+            x = post_step(g.n - 1 - j, x)
+        if callback is not None:
+            callback(g.n - 1 - j, x, x0)
+    return x
+
+
 # --------------------------------------------------------------------------- Karras et al. 2022 (VE variables)
 def _churn(g: _Grid, diffusion, j: int, x_bar, s_churn, s_tmin, s_tmax, s_noise, generator):
     """Karras et al. 2022 Alg. 2 lines 4-6: raise the noise level s_j -> s_hat = (1 + gamma) s_j by adding

@@ -111,7 +111,7 @@ def test_zero_terminal_snr_is_shifted_and_scaled_sqrt_alpha_bar(schedule):
 
 
 def test_zero_terminal_snr_refuses_eps_prediction():
-    msg = r"diffusion.zero_terminal_snr=true needs diffusion.mean_type v or x0 \(eps cannot be predicted"
+    msg = r"zero_terminal_snr=true needs a diffusion.mean_type defined at pure noise \(x0, v, velocity or edm; eps"
     with pytest.raises(ValueError, match=msg):
         GaussianDiffusion.from_schedule("linear", 100, zero_terminal_snr=True)
     with pytest.raises(ValueError, match=msg):
@@ -320,8 +320,8 @@ def test_short_min_snr_training_on_digits(tmp_path):
         (["diffusion.loss_weighting=foo"], "diffusion.loss_weighting='foo' is unknown; allowed: none, min_snr, p2"),
         (
             ["diffusion.zero_terminal_snr=true"],
-            "diffusion.zero_terminal_snr=true needs diffusion.mean_type v or x0 "
-            "(eps cannot be predicted from pure noise)",
+            "diffusion.zero_terminal_snr=true needs a diffusion.mean_type defined at pure noise (x0, v, velocity "
+            "or edm; eps cannot be predicted from pure noise)",
         ),
     ],
 )

@@ -360,15 +360,60 @@ def test_ddim_on_any_process_equals_the_discrete_ddim(schedule, mean_type, spaci
 
 
 @pytest.mark.parametrize("name", ["edm", "flow"])
-def test_stochastic_ddim_samples_the_data_law_on_every_process(name):
-    """DDIM eta = 1 with 200 steps from the exact prior draws N(mu, s^2): the sample mean and standard deviation of
-    4,096 pixels within 4 standard errors (0.03 and 0.02)."""
+def test_stochastic_ddim_samples_the_posterior_on_every_process(name):
+    """DDIM eta = 1 with 200 steps from one fixed start x_T draws x0 ~ p(x0 | x_T): for Gaussian data
+    N(mu + s^2 alpha (x_T - alpha mu) / v, s^2 sigma^2 / v) with v = alpha^2 s^2 + sigma^2 at the first time (the
+    ODE, eta = 0, would give one point). 4,096 draws of one pixel: mean and std within ~4 standard errors."""
     process = _processes()[name]
     ts = sampling_times(process, "logsnr", 200)
-    z = _randn(256, 1, 4, 4, seed=13)
-    x = S.ddim(process, DATA.model(process), _start(process, ts[-1], z), ts, eta=1.0, clip_denoised=False,
+    alpha, sigma = (float(v) for v in process.alpha_sigma_at(ts[-1]))
+    x_T = torch.full((4096, 1, 1, 1), _start(process, ts[-1], torch.tensor(0.8)).item(), dtype=F64)
+    x = S.ddim(process, DATA.model(process), x_T, ts, eta=1.0, clip_denoised=False,
                generator=torch.Generator().manual_seed(14))  # fmt: skip
-    n = x.numel()
-    assert x.mean().item() == pytest.approx(DATA.mu, abs=4 * DATA.s / n**0.5)
-    assert x.std().item() == pytest.approx(DATA.s, abs=4 * DATA.s / (2 * n) ** 0.5)
+    v = alpha**2 * DATA.s**2 + sigma**2
+    mean, std = DATA.mu + DATA.s**2 * alpha * (x_T[0].item() - alpha * DATA.mu) / v, DATA.s * sigma / v**0.5
+    assert x.mean().item() == pytest.approx(mean, abs=4 * std / 64)
+    assert x.std().item() == pytest.approx(std, rel=4 / (2 * 4096) ** 0.5)
+
+
+def test_euler_from_pure_noise_is_ddim():
+    """On flow the first time is pure noise (alpha = 0): Euler takes DDIM's step there and after, so the two
+    samplers agree from t_f = 1 (eta = 0; float64)."""
+    process, x = Flow(), _randn(8, 1, 4, 4, seed=15)
+    ts = sampling_times(process, "trailing", 12)
+    assert math.isinf(float(process.sigma_at(ts[-1])))
+    model = DATA.model(process)
+    torch.testing.assert_close(S.euler(process, model, x, ts, clip_denoised=False),
+                               S.ddim(process, model, x, ts, clip_denoised=False), rtol=0, atol=1e-12)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["heun", "euler_ancestral", "ipndm"])
+def test_ve_methods_are_refused_from_pure_noise_at_bind(method):
+    """Heun, Euler ancestral and iPNDM step in sigma / alpha: on flow (t_f = 1 first) they are refused in one
+    line when the sampler is bound, before any sampling; on EDM they bind."""
+    from diffusion_lab.diffusion import Sampler
+
+    with pytest.raises(ValueError, match=rf"sampler.method={method} steps in sigma / alpha, infinite"):
+        Sampler(method, steps=6).bind(Flow())
+    assert Sampler(method, steps=6).bind(EDM()).steps == 6
+
+
+@pytest.mark.parametrize("mean_type", ["x0", "v"])
+def test_flow_objective_is_the_velocity_mse_for_any_target(mean_type):
+    """Flow's loss weight turns another target's MSE into the velocity MSE: the same network function gives the
+    same weighted loss whether it predicts the velocity or x0 / v."""
+    x0, noise = _randn(4, 1, 3, 3, seed=16), _randn(4, 1, 3, 3, seed=17)
+    u = torch.tensor([0.1, 0.4, 0.7, 0.95], dtype=F64)
+    vel, other = Flow(), Flow(mean_type=mean_type)
+
+    def velocity_net(x_in, t):
+        return 0.5 * x_in - 0.1
+
+    def other_net(x_in, t):  # the same prediction expressed as the other target
+        tt = (t / 1000).reshape(-1, 1, 1, 1)
+        x0_hat, eps_hat = vel.param.to_x0_eps(velocity_net(x_in, t), x_in, 1 - tt, tt)
+        return other.param.target(x0_hat, eps_hat, 1 - tt, tt)
+
+    ours, ref = other.training_losses(other_net, x0, u, noise), vel.training_losses(velocity_net, x0, u, noise)
+    torch.testing.assert_close(ours["loss"], ref["loss"], rtol=1e-10, atol=1e-12)
 

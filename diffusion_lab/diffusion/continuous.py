@@ -27,7 +27,9 @@ import torch
 
 from ..checks import check_choice, check_number
 from .losses import mean_flat
-from .parameterization import EDMPrecond, Parameterization, eps_from_x0, parameterization
+from .parameterization import PARAMETERIZATIONS, EDMPrecond, Parameterization, eps_from_x0, parameterization
+
+VELOCITY = PARAMETERIZATIONS["velocity"]
 
 
 def _f64(t) -> torch.Tensor:
@@ -128,6 +130,11 @@ class ContinuousProcess:
         mse = mean_flat((self.param.target(x0, noise, alpha, sigma) - out) ** 2)
         return {"loss": self.loss_weight(u).to(mse) * mse, "mse": mse}
 
+    def noise_std(self, t) -> float:
+        """The std of the noise a sampler starting at time t draws: sigma(t), the data part ignored (EDM Alg. 1
+        line 2: sigma_max at the top; flow: 1 at t_f = 1, exact there)."""
+        return float(self.alpha_sigma_at(t)[1])
+
     @property
     def learns_sigma(self) -> bool:
         """A continuous process has no learned variance: the network outputs C channels."""
@@ -182,10 +189,6 @@ class EDM(ContinuousProcess):
 
     default_method = "heun"  # Alg. 1
 
-    @property
-    def prior_std(self) -> float:
-        """x_T ~ N(0, sigma_max^2 I) (Alg. 1, line 2)."""
-        return self.sigma_max
 
     def t_at_u(self, sigma: torch.Tensor) -> torch.Tensor:
         w = (sigma.log() - self._log_lo) / (self._log_hi - self._log_lo)
@@ -252,7 +255,6 @@ class Flow(ContinuousProcess):
         self.shift = check_number("diffusion.shift", shift, minimum=1e-12, finite=True)
         self._check_param("diffusion.mean_type")
 
-    prior_std = 1.0  # x_1 = eps
     default_method = "euler"
 
     def u_at(self, t: torch.Tensor) -> torch.Tensor:
@@ -282,4 +284,11 @@ class Flow(ContinuousProcess):
         return torch.sigmoid(x)
 
     def loss_weight(self, u: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(u)
+        """1 on the velocity MSE; another target's MSE is weighted so that the objective stays the velocity MSE:
+        |u err|^2 = |eps err|^2 / alpha^2 = error_gain / alpha^2 |target err|^2 (x0: 1 / t^2)."""
+        alpha, sigma = self.path(u)
+        return self.param.error_gain(alpha, sigma) / VELOCITY.error_gain(alpha, sigma)  # 1 for the velocity
+
+    def solver_time(self, u: torch.Tensor) -> torch.Tensor:
+        """Where a training time u sits on [0, T-1], unshifted (SD3's shift moves only the sampling grid)."""
+        return (_f64(u) * self.num_timesteps - 1).clamp(0, self.num_timesteps - 1)

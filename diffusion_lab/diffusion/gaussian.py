@@ -134,8 +134,8 @@ class GaussianDiffusion:
         self.zero_terminal_snr = bool(betas[-1] == 1)
         if self.zero_terminal_snr and not self.param.defined_at_zero_snr:
             raise ValueError(
-                "diffusion.zero_terminal_snr=true needs diffusion.mean_type v or x0 "
-                "(eps cannot be predicted from pure noise)"
+                "diffusion.zero_terminal_snr=true needs a diffusion.mean_type defined at pure noise (x0, v, "
+                "velocity or edm; eps cannot be predicted from pure noise)"
             )
         self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
         self.loss_weighting, self.snr_gamma = loss_weighting, float(snr_gamma)
@@ -189,9 +189,9 @@ class GaussianDiffusion:
 
     default_method = "ddim"  # the sampler a model of this process uses when none is given (Process interface)
 
-    @property
-    def prior_std(self) -> float:
-        """x_T ~ N(0, prior_std^2 I) at the last step: 1 (the Process interface)."""
+    def noise_std(self, t) -> float:
+        """The std of the noise x_T a sampler starting at time t draws: 1 at every t (DDPM/DDIM's convention;
+        Process interface)."""
         return 1.0
 
     @property

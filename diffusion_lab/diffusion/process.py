@@ -22,8 +22,11 @@ import torch
 @runtime_checkable
 class Process(Protocol):
     num_timesteps: int  # times are floats in [0, num_timesteps - 1]
-    prior_std: float  # x_T ~ N(0, prior_std^2 I) at t = num_timesteps - 1 (1, EDM: sigma_max)
     default_method: str  # the sampler when none is given: ddim (DDPM), heun (EDM), euler (flow)
+
+    def noise_std(self, t) -> float:
+        """The std of the pure noise a sampler starting at time t draws (1 on the discrete process, sigma(t))."""
+        ...
 
     def alpha_sigma_at(self, t) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha(t), sigma(t)), float64 with t's shape (t a number or a float64 tensor)."""

@@ -58,6 +58,8 @@ class Method:
     invert: (diffusion, model, x0, timesteps, **options) -> x at timesteps[-1], for deterministic inversion (it
         takes the sampler's options and uses those it needs).
     in_name: options always written in the log name (DDIM's eta, for names like ddim50_eta0).
+    from_noise: options -> whether it can start at pure noise (alpha = 0: flow's t = 1, zero terminal SNR); the
+        VE-variable methods (Heun, Euler ancestral, iPNDM, Euler with churn) cannot.
     discrete: it needs the discrete process (GaussianDiffusion: its tables and respacing); refused elsewhere.
     """
 
@@ -73,6 +75,7 @@ class Method:
     stochastic: Callable[[Mapping[str, Any]], bool] = lambda o: False
     invert: Callable | None = None
     in_name: tuple[str, ...] = ()
+    from_noise: Callable[[Mapping[str, Any]], bool] = lambda o: True  # False: needs a finite sigma / alpha at start
     discrete: bool = False  # runs on the discrete process's own steps (GaussianDiffusion.respace): DDPM, DDIM
 
     def nfe(self, steps: int) -> int:
@@ -218,6 +221,7 @@ register(
             "variable_step": _one_of("variable_step", (True, False)),
         },
         spacing="trailing",  # with the fixed weights logsnr is far worse (FID 37.9 vs 32.6 at 20 NFE)
+        from_noise=lambda o: False,
     )
 )
 register(
@@ -227,6 +231,7 @@ register(
         "Euler",
         dict(_KARRAS_CHURN),
         stochastic=lambda o: o["s_churn"] > 0 and o["s_noise"] > 0,
+        from_noise=lambda o: o["s_churn"] == 0,  # the plain step from alpha = 0 is DDIM's
     )
 )
 register(
@@ -239,6 +244,7 @@ register(
         evals_per_step=2,
         extra_last=1,
         stochastic=lambda o: o["s_churn"] > 0 and o["s_noise"] > 0,
+        from_noise=lambda o: False,
     )
 )
 register(
@@ -249,5 +255,6 @@ register(
         {"eta": 1.0, "s_noise": 1.0},
         spacing="trailing",  # fresh noise at every step: trailing beats logsnr and karras at 10 and 20 NFE
         stochastic=lambda o: o["eta"] > 0 and o["s_noise"] > 0,
+        from_noise=lambda o: False,
     )
 )

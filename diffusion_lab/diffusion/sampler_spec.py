@@ -14,6 +14,7 @@ checked once: the method and its options at construction, the steps against a pr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,9 +92,14 @@ class Sampler:
         if self.method.discrete and not isinstance(diffusion, GaussianDiffusion):
             raise ValueError(
                 f"sampler.method={self.method.name} runs on the steps of diffusion=ddpm/iddpm; on this process use "
-                "ddim (sampler=ddim_eta1 is the stochastic one), euler_ancestral or any ODE solver"
+                "ddim (sampler=ddim_eta1 is the stochastic one) or an ODE solver"
             )
-        self.timesteps(diffusion)
+        times = self.timesteps(diffusion)
+        if not self.method.from_noise(self.options) and math.isinf(float(diffusion.sigma_at(times[-1]))):
+            raise ValueError(
+                f"sampler.method={self.method.name} steps in sigma / alpha, infinite at the first time here (pure "
+                "noise: diffusion=flow's t = 1 or zero terminal SNR); use ddim, euler, dpmpp_2m, dpmpp_3m or unipc"
+            )
         return self if self.steps is not None else self.replace(steps=diffusion.num_timesteps)
 
     # ------------------------------------------------------------------ what tables and plots show
@@ -159,7 +165,8 @@ class Sampler:
         post_step=None,
         null_label: int | None = None,
     ):
-        """x_0 [B, C, H, W] from x_T [B, C, H, W] (the state at the first visited time)."""
+        """x_0 [B, C, H, W] from x_T [B, C, H, W] (the state at the first visited time: seeding.draw scales its
+        N(0, I) noise by the process's noise_std there)."""
         if self.guidance_scale is not None:
             if null_label is None or not model_kwargs or "y" not in model_kwargs:
                 raise ValueError(

@@ -110,7 +110,8 @@ def draw(
     """Images `indices` of the run seeded `seed`: (x_0 [n, *shape] on the CPU, labels [n] or None).
 
     Image i's generator gives, in this order, its label (uniform over num_classes, when the model is conditional
-    and `labels` [n] are not given), its x_T [*shape] and every stochastic step's noise. `sampler` is a Sampler
+    and `labels` [n] are not given), its x_T [*shape] (N(0, I) times the process's noise_std at the sampler's
+    first time: 1 on DDPM, sigma there on EDM and flow) and every stochastic step's noise. `sampler` is a Sampler
     (called as sampler(diffusion, model, x_T, model_kwargs=..., generator=..., null_label=...)); batches of
     `batch_size` (None: all at once) change nothing but speed and memory: the model sees at least MIN_ROWS rows
     per call (PaddedModel).
@@ -121,6 +122,9 @@ def draw(
     if labels is not None and len(labels) != len(indices):
         raise ValueError(f"{len(labels)} labels for {len(indices)} images")
     step = int(batch_size or max(len(indices), 1))
+    # x_T's noise level: the process's at the sampler's first time (a plain callable starts at the last one)
+    times = sampler.timesteps(diffusion) if hasattr(sampler, "timesteps") else [diffusion.num_timesteps - 1]
+    scale = diffusion.noise_std(times[-1])
     images, drawn = [], []
     for lo in range(0, len(indices), step):
         gens = ImageGenerators.for_images(seed, indices[lo : lo + step])
@@ -130,8 +134,8 @@ def draw(
         elif num_classes is not None:
             y = gens.randint(num_classes)
         x_T = gens.randn(shape, dtype, device)
-        if diffusion.prior_std != 1.0:  # EDM starts at N(0, sigma_max^2 I) (Process.prior_std)
-            x_T = x_T * diffusion.prior_std
+        if scale != 1.0:  # EDM / flow: the noise level at the sampler's first time (Process.noise_std)
+            x_T = x_T * scale
         kwargs = {"y": y.to(device)} if y is not None else None
         out = sampler(
             diffusion, PaddedModel(model), x_T, model_kwargs=kwargs, generator=gens, null_label=null_label,

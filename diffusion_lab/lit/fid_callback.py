@@ -18,7 +18,7 @@ import torch
 
 from ..checks import check_choice
 from ..data.base import SPLITS
-from ..diffusion import Sampler
+from ..diffusion import GaussianDiffusion, Sampler
 from ..eval.fid import FIDEvaluator
 from ..eval.inception import inception_weights
 from ..eval.scoring import sample_and_score
@@ -77,7 +77,10 @@ class FIDCallback(L.Callback):
         self.results: dict[str, dict[str, float]] = {}
 
     def setup(self, trainer, pl_module, stage):
-        samplers = self.samplers or [Sampler("ddim", 50), Sampler("ddpm")]
+        # none given: the process's default sampler (DDIM-50 on DDPM/IDDPM), and DDPM-T where there is one
+        diffusion = pl_module.diffusion
+        ddpm = [Sampler("ddpm")] if isinstance(diffusion, GaussianDiffusion) else []
+        samplers = self.samplers or [Sampler(diffusion.default_method), *ddpm]
         self.samplers = [s.bind(pl_module.diffusion) for s in samplers]
         # Resolve weights before any training step, so a missing file fails at once; rank 0 first, so that
         # a first-time conversion happens once.

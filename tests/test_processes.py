@@ -403,7 +403,7 @@ def test_flow_objective_is_the_velocity_mse_for_any_target(mean_type):
     """Flow's loss weight turns another target's MSE into the velocity MSE: the same network function gives the
     same weighted loss whether it predicts the velocity or x0 / v."""
     x0, noise = _randn(4, 1, 3, 3, seed=16), _randn(4, 1, 3, 3, seed=17)
-    u = torch.tensor([0.1, 0.4, 0.7, 0.95], dtype=F64)
+    u = torch.tensor([0.1, 0.4, 0.7, 1.0], dtype=F64)  # t = 1 too: pure noise, alpha = 0
     vel, other = Flow(), Flow(mean_type=mean_type)
 
     def velocity_net(x_in, t):

@@ -287,6 +287,7 @@ class Flow(ContinuousProcess):
         """1 on the velocity MSE; another target's MSE is weighted so that the objective stays the velocity MSE:
         |u err|^2 = |eps err|^2 / alpha^2 = error_gain / alpha^2 |target err|^2 (x0: 1 / t^2)."""
         alpha, sigma = self.path(u)
+        alpha = alpha.clamp(min=1e-12)  # both gains carry alpha^2; the ratio is continuous at t = 1 (alpha = 0)
         return self.param.error_gain(alpha, sigma) / VELOCITY.error_gain(alpha, sigma)  # 1 for the velocity
 
     def solver_time(self, u: torch.Tensor) -> torch.Tensor:

@@ -10,14 +10,7 @@ from diffusion_lab.diffusion import GaussianDiffusion, ImageGenerators, Sampler,
 from diffusion_lab.lit import DiffusionModule
 from diffusion_lab.nets import UNet
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is faster, and far faster than two on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _module(conditional: bool) -> DiffusionModule:

@@ -3,7 +3,6 @@ the same update where the algorithm is the same, and our defaults never less acc
 except where bench/solver_defaults.py recorded an MNIST FID win for our choice (issue 33)."""
 
 import pytest
-import torch
 
 from bench.harness.common import results_dir
 from bench.harness.solver_peers import Case, cell_key, explained, load_cells, ours_error, ours_run, peer_error, peer_run
@@ -12,12 +11,7 @@ LIMIT = 1.1
 MULTISTEP = ["dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,11 @@ from collections.abc import Callable
 import torch
 
 from ..checks import check_choice, check_number
+from .gaussian import _as_time  # float64 times, on the tensor's device
 from .losses import mean_flat
-from .parameterization import PARAMETERIZATIONS, EDMPrecond, Parameterization, eps_from_x0, parameterization
+from .parameterization import PARAMETERIZATIONS, EDMPrecond, Parameterization, parameterization
 
 VELOCITY = PARAMETERIZATIONS["velocity"]
-
-
-def _f64(t) -> torch.Tensor:
-    return t.to(torch.float64) if isinstance(t, torch.Tensor) else torch.tensor(float(t), dtype=torch.float64)
 
 
 def _per_example(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -52,7 +49,7 @@ class ContinuousProcess:
 
     # ------------------------------------------------------------------ the Process interface
     def alpha_sigma_at(self, t) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.path(self.u_at(_f64(t)))
+        return self.path(self.u_at(_as_time(t)))
 
     def log_snr_at(self, t) -> torch.Tensor:
         alpha, sigma = self.alpha_sigma_at(t)
@@ -69,11 +66,11 @@ class ContinuousProcess:
         return self.sigma_at(torch.arange(self.num_timesteps, dtype=torch.float64))
 
     def model_time(self, t) -> torch.Tensor:
-        return self.network_time(self.u_at(_f64(t)))
+        return self.network_time(self.u_at(_as_time(t)))
 
     def t_at_model_time(self, model_t) -> torch.Tensor:
         """The inverse of model_time (the exact models of analytic.py use it)."""
-        return self.t_at_u(self.u_at_network_time(_f64(model_t)))
+        return self.t_at_u(self.u_at_network_time(_as_time(model_t)))
 
     def denoise(
         self,
@@ -84,7 +81,7 @@ class ContinuousProcess:
         clip_denoised: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0_hat, eps_hat), each [B, C, H, W], from one model call at x_t [B, C, H, W] and time t (number or [B])."""
-        tt = _f64(t)
+        tt = _as_time(t)
         u = self.u_at(tt)
         alpha, sigma = self.path(u)
         B = x_t.shape[0]
@@ -96,16 +93,12 @@ class ContinuousProcess:
             model_t = self.network_time(u).to(device=x_t.device, dtype=time_dtype)
             alpha, sigma = _per_example(alpha, x_t), _per_example(sigma, x_t)
         out = model(self.param.network_input(x_t, alpha, sigma), model_t, **(model_kwargs or {}))
-        x0, eps = self.param.to_x0_eps(out, x_t, alpha, sigma)
-        if clip_denoised:
-            x0 = x0.clamp(-1, 1)
-            eps = eps_from_x0(x_t, x0, alpha, sigma)
-        return x0, eps
+        return self.param.predict(out, x_t, alpha, sigma, clip_denoised)
 
     # ------------------------------------------------------------------ training
     def q_sample(self, x0: torch.Tensor, u: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_u = alpha(u) x0 + sigma(u) noise; x0, noise [B, C, H, W], u float64 [B] in the process's variable."""
-        alpha, sigma = self.path(_f64(u))
+        alpha, sigma = self.path(_as_time(u))
         return _per_example(alpha, x0) * x0 + _per_example(sigma, x0) * noise
 
     def training_losses(
@@ -121,7 +114,7 @@ class ContinuousProcess:
         The same call as GaussianDiffusion.training_losses(model, x0, t, noise, model_kwargs)."""
         if noise is None:
             noise = torch.randn_like(x0)
-        u = _f64(u).to(x0.device)
+        u = _as_time(u).to(x0.device)
         alpha, sigma = (_per_example(v, x0) for v in self.path(u))
         x_t = alpha * x0 + sigma * noise
         time_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
@@ -142,7 +135,7 @@ class ContinuousProcess:
 
     def solver_time(self, u: torch.Tensor) -> torch.Tensor:
         """Where a training time u sits on the solver's axis [0, T-1] (for per-quartile loss curves)."""
-        return self.t_at_u(_f64(u))
+        return self.t_at_u(_as_time(u))
 
     def _check_param(self, key: str) -> None:
         if not self.param.defined_at_zero_snr and math.isinf(float(self.sigmas[-1])):
@@ -170,15 +163,14 @@ class EDM(ContinuousProcess):
         p_std: float = 1.2,
         steps: int = 1000,
     ):
+        self.precond = EDMPrecond(sigma_data)  # validates diffusion.sigma_data; Table 1's lambda lives there
         param = parameterization(mean_type)
-        if isinstance(param, EDMPrecond):
-            param = EDMPrecond(sigma_data)
-        super().__init__(param, steps)
+        super().__init__(self.precond if isinstance(param, EDMPrecond) else param, steps)
         self.sigma_min = check_number("diffusion.sigma_min", sigma_min, minimum=1e-12, finite=True)
         self.sigma_max = check_number("diffusion.sigma_max", sigma_max, minimum=1e-12, finite=True)
         if not self.sigma_max > self.sigma_min:
             raise ValueError(f"diffusion.sigma_max={sigma_max} must be > diffusion.sigma_min={sigma_min}")
-        self.sigma_data = check_number("diffusion.sigma_data", sigma_data, minimum=1e-12, finite=True)
+        self.sigma_data = self.precond.sigma_data
         self.p_mean = check_number("diffusion.p_mean", p_mean, minimum=-math.inf, finite=True)
         self.p_std = check_number("diffusion.p_std", p_std, minimum=0.0, finite=True)
         self._log_lo, self._log_hi = math.log(self.sigma_min), math.log(self.sigma_max)
@@ -195,7 +187,7 @@ class EDM(ContinuousProcess):
         return (w * (self.num_timesteps - 1)).clamp(0, self.num_timesteps - 1)
 
     def t_at_sigma(self, sigma) -> torch.Tensor:
-        return self.t_at_u(_f64(sigma))
+        return self.t_at_u(_as_time(sigma))
 
     def path(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ones_like(sigma), sigma
@@ -214,9 +206,8 @@ class EDM(ContinuousProcess):
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """lambda(sigma) on |D - x0|^2 as a weight on the target's MSE: lambda |x0 err|^2 / |target err|^2, which
         is error_gain / SNR (1 for F: lambda c_out^2 = 1)."""
-        lam = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         alpha, s = self.path(sigma)
-        return lam * self.param.error_gain(alpha, s) * s**2 / alpha**2
+        return self.precond.loss_weight(sigma) * self.param.error_gain(alpha, s) * s**2 / alpha**2
 
 
 T_SAMPLINGS = ("uniform", "logit_normal")
@@ -265,7 +256,7 @@ class Flow(ContinuousProcess):
         return (u0 * self.num_timesteps - 1).clamp(0, self.num_timesteps - 1)
 
     def t_at_sigma(self, sigma) -> torch.Tensor:
-        s = _f64(sigma)
+        s = _as_time(sigma)
         return self.t_at_u(torch.where(torch.isinf(s), torch.ones_like(s), s / (1 + s)))
 
     def path(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,4 +283,4 @@ class Flow(ContinuousProcess):
 
     def solver_time(self, u: torch.Tensor) -> torch.Tensor:
         """Where a training time u sits on [0, T-1], unshifted (SD3's shift moves only the sampling grid)."""
-        return (_f64(u) * self.num_timesteps - 1).clamp(0, self.num_timesteps - 1)
+        return (_as_time(u) * self.num_timesteps - 1).clamp(0, self.num_timesteps - 1)

@@ -15,7 +15,7 @@ import torch
 
 from ..checks import check_choice
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
-from .parameterization import PARAMETERIZATIONS, eps_from_x0, parameterization
+from .parameterization import PARAMETERIZATIONS, parameterization
 from .schedules import get_betas
 
 MEAN_TYPES = tuple(PARAMETERIZATIONS)  # diffusion/parameterization.py
@@ -389,6 +389,10 @@ class GaussianDiffusion:
         t = torch.where(log_s >= table[-1], torch.full_like(t, T - 1), t)
         return torch.where(log_s <= table[0], torch.zeros_like(t), t)
 
+    def solver_time(self, t: torch.Tensor) -> torch.Tensor:
+        """Where a training time sits on [0, T-1] (per-quartile loss curves): the step itself."""
+        return t
+
     def t_at_model_time(self, model_t) -> torch.Tensor:
         """The process time of a network time: the identity (float64), exact for a process that was not respaced
         (the exact models of analytic.py use it; a respaced process maps many-to-one through timestep_map)."""
@@ -435,11 +439,7 @@ class GaussianDiffusion:
             sa, s1a = (v.to(device=x_t.device, dtype=x_t.dtype).reshape(shape) for v in (a.sqrt(), (1.0 - a).sqrt()))
         x_in = self.param.network_input(x_t, sa, s1a)
         out, _ = self.split_model_output(model(x_in, model_t, **(model_kwargs or {})), x_t)
-        x0, eps = self.param.to_x0_eps(out, x_t, sa, s1a)
-        if clip_denoised:
-            x0 = x0.clamp(-1, 1)
-            eps = eps_from_x0(x_t, x0, sa, s1a)
-        return x0, eps
+        return self.param.predict(out, x_t, sa, s1a, clip_denoised)
 
     # ----------------------------------------------------------------- variational bound
     def vb_terms_bpd(self, model, x0, x_t, t, clip_denoised=False, model_kwargs=None, model_output=None):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from .gaussian import GaussianDiffusion
 from .registry import get_method
 from .respace import space_timesteps
 from .seeding import noise_like
@@ -49,8 +48,7 @@ def paint(
             raise ValueError(f"start_index={start_index} must be in [0, {len(ts)})")
         ts = ts[: int(start_index) + 1]
     spec = get_method(method)
-    if spec.discrete and not isinstance(diffusion, GaussianDiffusion):
-        raise ValueError(f"paint method={spec.name} runs on the steps of diffusion=ddpm/iddpm; pass another method")
+    spec.check_process(diffusion, "paint method")
     fn = spec.fn
     mask = mask.to(device=x0.device, dtype=x0.dtype)
 

@@ -49,6 +49,14 @@ class Parameterization:
         """(x0_hat, eps_hat) from the network's output at x_t."""
         raise NotImplementedError
 
+    def predict(self, out: torch.Tensor, x_t: torch.Tensor, alpha, sigma, clip: bool = False):
+        """to_x0_eps; with `clip`, x0_hat clamped to [-1, 1] and eps_hat re-derived from it (the denoisers')."""
+        x0, eps = self.to_x0_eps(out, x_t, alpha, sigma)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            eps = eps_from_x0(x_t, x0, alpha, sigma)
+        return x0, eps
+
     def error_gain(self, alpha, sigma):
         """k with |eps - eps_hat|^2 = k |target - output|^2 (the output enters x0_hat and eps_hat linearly)."""
         raise NotImplementedError

@@ -44,6 +44,10 @@ class Process(Protocol):
         """The inverse of sigma_at: float64 times, clamped to [0, num_timesteps - 1]."""
         ...
 
+    def solver_time(self, t: torch.Tensor) -> torch.Tensor:
+        """Where a training time t (a step, or the process's own variable) sits on [0, num_timesteps - 1]."""
+        ...
+
     def denoise(
         self,
         model: Callable[..., torch.Tensor],

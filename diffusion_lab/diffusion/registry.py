@@ -78,6 +78,14 @@ class Method:
     from_noise: Callable[[Mapping[str, Any]], bool] = lambda o: True  # False: needs a finite sigma / alpha at start
     discrete: bool = False  # runs on the discrete process's own steps (GaussianDiffusion.respace): DDPM, DDIM
 
+    def check_process(self, diffusion, key: str = "sampler.method") -> None:
+        """ValueError naming `key` when this method needs the discrete process and `diffusion` is another."""
+        if self.discrete and not isinstance(diffusion, GaussianDiffusion):
+            raise ValueError(
+                f"{key}={self.name} runs on the steps of diffusion=ddpm/iddpm; on this process use ddim "
+                "(sampler=ddim_eta1 is the stochastic one) or an ODE solver"
+            )
+
     def nfe(self, steps: int) -> int:
         """Network evaluations of a run visiting `steps` times."""
         return self.evals_per_step * int(steps) - self.extra_last

@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..checks import check_choice, check_number
-from .gaussian import GaussianDiffusion
 from .registry import Method, get_method
 from .respace import AUTO_SPACING, CONTINUOUS_SPACINGS, SPACINGS, sampling_times
 from .samplers import ClassifierFreeGuidance
@@ -89,11 +88,7 @@ class Sampler:
     def bind(self, diffusion) -> Sampler:
         """This sampler with its steps made explicit for `diffusion` (DDPM's default: all T); ValueError naming
         sampler.steps when the process cannot give them, or sampler.method when it needs the discrete process."""
-        if self.method.discrete and not isinstance(diffusion, GaussianDiffusion):
-            raise ValueError(
-                f"sampler.method={self.method.name} runs on the steps of diffusion=ddpm/iddpm; on this process use "
-                "ddim (sampler=ddim_eta1 is the stochastic one) or an ODE solver"
-            )
+        self.method.check_process(diffusion)
         times = self.timesteps(diffusion)
         if not self.method.from_noise(self.options) and math.isinf(float(diffusion.sigma_at(times[-1]))):
             raise ValueError(

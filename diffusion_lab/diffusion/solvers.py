@@ -468,22 +468,21 @@ def _karras(
     x_bar = None if from_noise else x_T / g.alpha[0]
     for j in _steps(g.n, progress, name):
         if j == 0 and from_noise:
-            s_hat, (x0, d) = math.inf, diffusion.denoise(model, x_T, g.t[0], model_kwargs, clip)
+            x0, d = diffusion.denoise(model, x_T, g.t[0], model_kwargs, clip)
+            x_bar = x0 if g.n == 1 else x0 + g.s[1] * d
         else:
             x_bar, s_hat, t_hat, a_hat = _churn(g, diffusion, j, x_bar, s_churn, s_tmin, s_tmax, s_noise, generator)
             # d = (x_bar - D(x_bar; s)) / s is exactly the eps prediction (no cancellation).
             x0, d = diffusion.denoise(model, a_hat * x_bar, t_hat, model_kwargs, clip)
-        if j == 0 and from_noise:
-            x_bar = x0 if g.n == 1 else x0 + g.s[1] * d
-        elif j == g.n - 1:
-            x_bar = x0
-        else:
-            dt = g.s[j + 1] - s_hat
-            x_next = x_bar + dt * d
-            if heun_correction:
-                _, d2 = diffusion.denoise(model, g.alpha[j + 1] * x_next, g.t[j + 1], model_kwargs, clip)
-                x_next = x_bar + (0.5 * dt) * (d + d2)
-            x_bar = x_next
+            if j == g.n - 1:
+                x_bar = x0
+            else:
+                dt = g.s[j + 1] - s_hat
+                x_next = x_bar + dt * d
+                if heun_correction:
+                    _, d2 = diffusion.denoise(model, g.alpha[j + 1] * x_next, g.t[j + 1], model_kwargs, clip)
+                    x_next = x_bar + (0.5 * dt) * (d + d2)
+                x_bar = x_next
         if post_step is not None:  # on the VP state alpha x_bar (alpha = 1 after the last step)
             x_bar = post_step(g.n - 1 - j, g.alpha[j + 1] * x_bar) / g.alpha[j + 1]
         if callback is not None:

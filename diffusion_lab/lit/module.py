@@ -152,8 +152,7 @@ class DiffusionModule(L.LightningModule):
         on_step = stage == "train"
         sync = stage != "train"
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=sync)
-        position = t if isinstance(self.diffusion, GaussianDiffusion) else self.diffusion.solver_time(t)
-        quartile = ((4 * position) // self.diffusion.num_timesteps).long().clamp(max=3)
+        quartile = ((4 * self.diffusion.solver_time(t)) // self.diffusion.num_timesteps).long().clamp(max=3)
         for key in ("mse", "vb") if "vb" in losses else ("mse",):
             self.log(f"{stage}/{key}", losses[key].mean(), on_step=on_step, on_epoch=True, sync_dist=sync)
             for q in range(4):

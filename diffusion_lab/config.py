@@ -59,6 +59,9 @@ def validate_sampler(node, key: str, diffusion, conditional: bool):
     it (DDPM's default steps become its T)."""
     from .diffusion import Sampler
 
+    if not isinstance(node, Sampler) and node.get("method") is None:
+        raise ConfigError(f"{key}.method is null (sampler=run: a checkpoint's own sampler, which only sample.py and "
+                          "evaluate.py read); name one: sampler=ddim, heun, dpmpp_2m, ...")
     try:
         if not isinstance(node, Sampler):  # a Hydra node or a plain mapping, with or without _target_
             node = Sampler.from_config(OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node)

@@ -154,10 +154,28 @@ def _load_for_eval(cfg: DictConfig):
     run_cfg = OmegaConf.create(module.run_config)
     with open_dict(cfg):  # so that e.g. sampler=ddpm's `steps: ${diffusion.steps}` is the checkpoint's T
         cfg.diffusion = run_cfg.diffusion
+        if cfg.sampler.get("method") is None:  # sampler=run (the default)
+            cfg.sampler = _run_sampler(run_cfg, module.diffusion, cfg.sampler, under_grid=bool(cfg.get("grid")))
     with open_dict(run_cfg):
         if "data_dir" in run_cfg.data:
             run_cfg.data.data_dir = cfg.paths.data_dir
     return module, instantiate(run_cfg.data)
+
+
+def _run_sampler(run_cfg: DictConfig, diffusion, given: DictConfig, under_grid: bool) -> DictConfig:
+    """sampler=run: the checkpoint's own `sampler` node (its process's default method if it has none), with the
+    keys the user set (non-null in `given`) on top; under an evaluate grid without a user-set budget the run's
+    steps/nfe are left out (grid.nfe sets each row's)."""
+    own = OmegaConf.to_container(run_cfg.sampler) if run_cfg.get("sampler") else {"method": diffusion.default_method}
+    mine = {k: v for k, v in OmegaConf.to_container(given, resolve=True).items() if v is not None}
+    if under_grid and not {"steps", "nfe"} & mine.keys():
+        own.pop("steps", None), own.pop("nfe", None)
+    if {"steps", "nfe"} & mine.keys():  # one budget: the user's replaces the run's (as Sampler.from_config does)
+        own.pop("steps", None), own.pop("nfe", None)
+    merged = {**own, **mine}
+    log.info("sampler: the run's own, %s (sampler=<method> picks another)",
+             ", ".join(f"{k}={v}" for k, v in merged.items() if v is not None and not k.startswith("_")))
+    return OmegaConf.create(merged)
 
 
 def _samplers(cfg: DictConfig, module) -> list[tuple]:

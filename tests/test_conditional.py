@@ -83,7 +83,7 @@ def test_evaluate_grid_takes_the_guidance_scale(tmp_path):
     from diffusion_lab.config import ConfigError
     from diffusion_lab.tasks import _samplers
 
-    cfg = compose_train(["ckpt_path=x.ckpt", "grid.nfe=[5,10]", "grid.ddpm_steps=[100]",
+    cfg = compose_train(["ckpt_path=x.ckpt", "grid.nfe=[5,10]", "grid.ddpm_steps=[100]", "sampler=ddim",
                          "sampler.guidance_scale=1.5"], tmp_path, "evaluate")
     diffusion = GaussianDiffusion(get_betas("linear", 100))
     pairs = _samplers(cfg, SimpleNamespace(diffusion=diffusion, conditional=True))

@@ -248,17 +248,49 @@ def test_train_sample_and_resume_exactly(tmp_path, process):
     assert type(module.diffusion).__name__ == {"edm": "EDM", "flow": "Flow"}[process]
     x = module.sample(3, seed=0)
     assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
-    # evaluate.py with its defaults otherwise: no DDPM reference row and no bits/dim (the discrete process's)
+    # evaluate.py with its defaults otherwise: the run's own sampler (sampler=run: Heun / Euler, which the
+    # diffusion choice set for training), no DDPM reference row and no bits/dim (the discrete process's)
     from diffusion_lab.tasks import evaluate
 
     method = module.diffusion.default_method
-    overrides = [f"ckpt_path={ckpt}", f"sampler={method}", "grid.nfe=[3]", "num_samples=8",
-                 "fid.reference_split=val", "fid.num_reference=32"]  # fmt: skip
+    overrides = [f"ckpt_path={ckpt}", "grid.nfe=[3]", "num_samples=8", "fid.reference_split=val",
+                 "fid.num_reference=32"]  # fmt: skip
     evaluate(compose_train(overrides, tmp_path / "eval", "evaluate"))
     rows = list(csv.DictReader(open(tmp_path / "eval" / "results.csv")))
-    assert [r["role"] for r in rows] == ["curve"] and rows[0]["sampler"].startswith(method)
+    assert [r["role"] for r in rows] == ["curve"] and rows[0]["sampler"] == f"{method}{2 if method == 'heun' else 3}"
     assert float(rows[0]["fid"]) > 0
     assert "Bits/dim" not in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_sample_and_evaluate_default_to_the_runs_own_sampler():
+    """sampler=run (sample.py's and evaluate.py's default): the checkpoint's sampler node with the keys set on the
+    command line on top; one budget (a given steps or nfe replaces the run's); under an evaluate grid the run's
+    steps give way to grid.nfe; a run config without a sampler node gets its process's default method."""
+    from omegaconf import OmegaConf
+
+    from diffusion_lab.config import ConfigError, validate_sampler
+    from diffusion_lab.tasks import _run_sampler
+
+    edm = EDM()
+    run = OmegaConf.create({"sampler": {"_target_": "diffusion_lab.diffusion.Sampler", "method": "heun", "steps": 18,
+                                        "spacing": "karras", "s_churn": None}})
+    given = OmegaConf.create({"method": None, "steps": None, "nfe": None, "s_churn": None, "eta": None})
+
+    def built(given_keys, grid=False):
+        node = _run_sampler(run, edm, OmegaConf.merge(given, given_keys), under_grid=grid)
+        return validate_sampler(node, "sampler", edm, conditional=False) if not grid else OmegaConf.to_container(node)
+
+    assert built({}).name == "heun18_karras"
+    assert built({"s_churn": 10.0}).name == "heun18_s_churn10_karras"
+    assert built({"nfe": 9}).name == "heun5_karras"
+    assert "steps" not in built({}, grid=True) and built({}, grid=True)["spacing"] == "karras"
+    assert built({"steps": 4}, grid=True)["steps"] == 4
+    with pytest.raises(ConfigError, match="eta"):  # an option Heun does not take
+        built({"eta": 1.0})
+    bare = _run_sampler(OmegaConf.create({}), edm, given, under_grid=False)
+    assert validate_sampler(bare, "sampler", edm, conditional=False).method.name == edm.default_method
+    with pytest.raises(ConfigError, match=r"sampler.method is null \(sampler=run"):  # train.py has no run to read
+        validate_sampler(given, "sampler", edm, conditional=False)
 
 
 @pytest.mark.parametrize(

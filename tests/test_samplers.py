@@ -248,7 +248,8 @@ def test_sample_py_inpaints_with_a_fast_solver(tiny_ckpt, tmp_path):
     assert sample(cfg).exists()
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "sampler").glob("[!_]*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "sampler").glob("[!_]*.yaml")
+                                         if p.stem != "run"))  # run: a checkpoint's own (tests/test_processes.py)
 def test_every_sampler_config_builds_its_registered_method(tmp_path, name):
     """`sampler=<name>` composes and instantiates the registry's method of that name (a variant such as ddim_eta1:
     the method its defaults list includes, with options set); `sampler.nfe=10` gives a sampler whose measured NFE
@@ -286,7 +287,8 @@ def _grid(overrides, tmp_path, conditional=False):
 
     from diffusion_lab.tasks import _samplers
 
-    cfg = compose_train(["ckpt_path=x.ckpt", "grid.ddpm_steps=[100]", *overrides], tmp_path, "evaluate")
+    chosen = [] if any(o.startswith("sampler=") for o in overrides) else ["sampler=ddim"]  # no run to read it from
+    cfg = compose_train(["ckpt_path=x.ckpt", "grid.ddpm_steps=[100]", *chosen, *overrides], tmp_path, "evaluate")
     return _samplers(cfg, SimpleNamespace(diffusion=GaussianDiffusion(get_betas("linear", 100)),
                                           conditional=conditional))  # fmt: skip
 

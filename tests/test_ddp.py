@@ -94,6 +94,28 @@ def test_fid_callback_same_on_two_processes_as_on_one(tmp_path):
         assert value == pytest.approx(single[key], rel=1e-4), key
 
 
+@pytest.mark.parametrize(
+    "process,samplers,names",
+    [
+        ("edm", "[{method: heun, steps: 4, s_churn: 1.0}, {method: ddim, steps: 5, eta: 1.0}]",
+         ["heun4_s_churn1", "ddim5_eta1"]),
+        ("flow", "null", ["euler10"]),  # null: the process's own sampler
+    ],
+)
+def test_fid_callback_on_a_continuous_process_same_on_two_ranks_as_on_one(tmp_path, process, samplers, names):
+    """The same on EDM (Heun with churn: Alg. 2's noise drawn per image) and flow (its default sampler, which
+    starts from pure noise at t = 1)."""
+    common = [*FAST, "callbacks=with_fid", f"diffusion={process}", "optim.lr=0", "trainer.max_steps=2",
+              "callbacks.fid.num_samples=12", "callbacks.fid.reference_split=val", f"callbacks.fid.samplers={samplers}",
+              f"paths.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    run_train([*common, *DDP, "callbacks.fid.batch_size=4"], tmp_path / "ddp")
+    run_train([*common, "callbacks.fid.batch_size=12"], tmp_path / "single")
+    ddp, single = _fid_metrics(tmp_path / "ddp"), _fid_metrics(tmp_path / "single")
+    assert sorted(ddp) == sorted(f"val/fid/{n}" for n in names) and all(v > 0 for v in ddp.values())
+    for key, value in ddp.items():
+        assert value == pytest.approx(single[key], rel=1e-4), key
+
+
 def test_ddp_stop_and_resume_equals_uninterrupted_run(tmp_path):
     """Two ranks: each rank's randomness is a function of (seed, step, rank) and the data order of (seed, epoch),
     so a run stopped at max_steps inside an epoch and resumed ends bit-identical to the uninterrupted one."""

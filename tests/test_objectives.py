@@ -23,7 +23,14 @@ WEIGHTINGS = [  # (loss_weighting, options, eps-MSE weight w(SNR) as the paper w
     ("p2", {"p2_k": 1.0, "p2_gamma": 1.0}, lambda snr: 1.0 / (1.0 + snr)),
 ]
 # Target-space factor: |eps - eps_hat|^2 = SNR |x0 - x0_hat|^2 = SNR / (SNR + 1) |v - v_hat|^2.
-TO_TARGET = {"eps": lambda snr: 1.0, "x0": lambda snr: snr, "v": lambda snr: snr / (snr + 1.0)}
+TO_TARGET = {
+    "eps": lambda snr: 1.0,
+    "x0": lambda snr: snr,
+    "v": lambda snr: snr / (snr + 1.0),
+    # EDM's F on the VP path (c_out = sigma_bar sd / sqrt(sigma_bar^2 + sd^2), sigma_bar^2 = 1 / SNR, sd = 0.5):
+    # |eps err|^2 = SNR c_out^2 |F err|^2 = sd^2 SNR / (1 + sd^2 SNR)
+    "edm": lambda snr: 0.25 * snr / (1.0 + 0.25 * snr),
+}
 
 
 def hand_snr(betas: torch.Tensor, t: int) -> float:
@@ -32,7 +39,7 @@ def hand_snr(betas: torch.Tensor, t: int) -> float:
     return a / (1.0 - a)
 
 
-@pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "v", "edm"])
 @pytest.mark.parametrize("weighting,opts,w_eps", WEIGHTINGS)
 def test_weights_equal_the_papers_closed_forms(mean_type, weighting, opts, w_eps):
     betas = get_betas("linear", 1000)

@@ -30,6 +30,7 @@ def _processes():
         "edm": EDM(),
         "flow": Flow(),
         "flow_shift3_x0": Flow(mean_type="x0", shift=3.0),
+        "vp_edm": GaussianDiffusion.from_schedule("cosine", 1000, mean_type="edm"),  # EDM's F on the VP path
     }
 
 
@@ -171,7 +172,7 @@ def _start(process, x_top_t: float, z: torch.Tensor) -> torch.Tensor:
     return alpha * DATA.mu + math.sqrt(alpha**2 * DATA.s**2 + sigma**2) * z
 
 
-@pytest.mark.parametrize("name", ["vp", "edm", "flow", "flow_shift3_x0"])
+@pytest.mark.parametrize("name", ["vp", "edm", "flow", "flow_shift3_x0", "vp_edm"])
 def test_every_process_maps_the_same_noise_to_mu_plus_s_z(name):
     """Started at the exact marginal from the same z, the ODE of every process ends at x0 = mu + s z."""
     process, z = _processes()[name], _randn(64, 1, 4, 4, seed=9)
@@ -201,7 +202,7 @@ ORDERS = [  # (method, options, order): each method's own order (lower_order_fin
 ]
 
 
-@pytest.mark.parametrize("name", ["edm", "flow"])
+@pytest.mark.parametrize("name", ["edm", "flow", "vp_edm"])
 @pytest.mark.parametrize("method,options,order", ORDERS)
 def test_solvers_converge_at_their_order_on_every_process(name, method, options, order):
     """RMS error against the exact flow (analytic.solution) over NFE ~40-160 on the karras grid, both processes.
@@ -315,7 +316,7 @@ def test_process_mismatches_are_refused_in_one_line(tmp_path, overrides, message
 
 
 # --------------------------------------------------------------------------- inversion, inpainting, guidance
-@pytest.mark.parametrize("name", ["edm", "flow"])
+@pytest.mark.parametrize("name", ["edm", "flow", "vp_edm"])
 def test_ode_inversion_round_trips_on_every_process(name):
     """2M inversion then 2M sampling on the same 30 logsnr times returns x0 (the VP process: 5e-4 at 20 times).
     On flow the last time (pure noise, infinite log-SNR gap) is dropped, as under zero terminal SNR."""
@@ -349,7 +350,7 @@ def test_every_method_inpaints_on_every_process(name, method):
     assert not torch.allclose(out[..., 2:], x0[..., 2:])
 
 
-@pytest.mark.parametrize("name", ["edm", "flow"])
+@pytest.mark.parametrize("name", ["edm", "flow", "vp_edm"])
 def test_guidance_on_any_parameterization_guides_x0_and_eps(name):
     """Classifier-free guidance mixes the network outputs; every parameterization is affine in its output with
     the same coefficients for both halves, so x0_hat and eps_hat are the same mixture of the two predictions."""
@@ -386,7 +387,7 @@ def test_ddim_on_any_process_equals_the_discrete_ddim(schedule, mean_type, spaci
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("name", ["edm", "flow"])
+@pytest.mark.parametrize("name", ["edm", "flow", "vp_edm"])
 def test_stochastic_ddim_samples_the_posterior_on_every_process(name):
     """DDIM eta = 1 with 200 steps from one fixed start x_T draws x0 ~ p(x0 | x_T): for Gaussian data
     N(mu + s^2 alpha (x_T - alpha mu) / v, s^2 sigma^2 / v) with v = alpha^2 s^2 + sigma^2 at the first time (the

@@ -1,12 +1,18 @@
 """EMA of the network weights (DDPM: decay 0.9999), as a Lightning callback on torch's AveragedModel.
 
     callbacks.ema: {_target_: diffusion_lab.lit.EMA, decay: 0.995}
+    callbacks.ema: {kind: power, sigma_rel: 0.10}          # EDM2's power-function EMA (diffusion_lab/phema.py)
+    callbacks.ema: {post_hoc: true, snapshot_every: 400}   # + two power profiles' snapshots for post-hoc EMA
     EMA.of(trainer, pl_module)   # the module holding the averaged weights (pl_module itself without EMA)
 
 Own callback instead of Lightning's EMAWeightAveraging: that one copies the average over the raw weights at
 train end (so a checkpoint written then resumes from EMA weights) and has no public accessor for the averaged copy.
 The checkpoint layout is Lightning's, so checkpoints of either load with the other: `state_dict` holds the EMA
-weights, `current_model_state` the raw ones, `averaging_state` the AveragedModel's counter.
+weights, `current_model_state` the raw ones, `averaging_state` the AveragedModel's counter; with post_hoc also
+`post_hoc_ema` (the tracked profiles, for exact resume). Snapshots: `<snapshot_dir>/phema-<step>.pt`, each both
+profiles' weights as data (read back by diffusion_lab.checkpoint.read_snapshots). ema-pytorch's PostHocEMA is not
+used: its profiles are modules of their own outside Lightning's checkpoint (no exact resume) and its snapshots
+are float16 by default; its reconstruction weights equal ours (tests/test_phema.py).
 """
 
 from __future__ import annotations
@@ -18,6 +24,13 @@ import lightning as L
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..checks import check_choice
+from ..io import atomic_write
+from ..phema import power_beta, sigma_rel_to_gamma
+
+KINDS = ("exponential", "power")  # callbacks.ema.kind
+SNAPSHOT_FORMAT = "diffusion_lab.phema/1"
+
 
 class EMA(L.Callback):
     """Exponential moving average ema <- d_n * ema + (1 - d_n) * w after the n-th optimizer step.
@@ -28,17 +41,55 @@ class EMA(L.Callback):
     Validation runs on the EMA weights (swapped in and back). The raw weights stay in the module after fit.
     """
 
-    def __init__(self, decay: float = 0.9999, update_every_n_steps: int = 1, warmup: bool = False):
+    def __init__(
+        self,
+        decay: float = 0.9999,
+        update_every_n_steps: int = 1,
+        warmup: bool = False,
+        kind: str = "exponential",
+        sigma_rel: float | None = None,
+        post_hoc: bool = False,
+        post_hoc_sigma_rels: tuple[float, ...] = (0.05, 0.10),
+        snapshot_every: int = 1000,
+        snapshot_dir: str | None = None,
+    ):
         if not 0.0 <= float(decay) <= 1.0:
             raise ValueError(f"callbacks.ema.decay={decay} must be in [0, 1]")
         if int(update_every_n_steps) < 1:
             raise ValueError(f"callbacks.ema.update_every_n_steps={update_every_n_steps} must be >= 1")
+        check_choice("callbacks.ema.kind", kind, KINDS)
         self.decay, self.update_every_n_steps, self.warmup = float(decay), int(update_every_n_steps), bool(warmup)
+        self.kind, self.gamma = kind, None
+        if kind == "power":
+            if sigma_rel is None:
+                raise ValueError("callbacks.ema.kind=power needs callbacks.ema.sigma_rel (EDM2 used 0.05-0.15)")
+            self.gamma = self._gamma("callbacks.ema.sigma_rel", sigma_rel)
+        self.post_hoc = bool(post_hoc)
+        self.sigma_rels = tuple(float(s) for s in post_hoc_sigma_rels)
+        self.gammas = [self._gamma("callbacks.ema.post_hoc_sigma_rels", s) for s in self.sigma_rels]
+        if self.post_hoc and (len(set(self.sigma_rels)) < 2 or snapshot_dir is None or int(snapshot_every) < 1):
+            raise ValueError(
+                "callbacks.ema.post_hoc=true needs two or more distinct post_hoc_sigma_rels (got "
+                f"{list(self.sigma_rels)}), snapshot_every >= 1 (got {snapshot_every}) and a snapshot_dir (got "
+                f"{snapshot_dir})"
+            )
+        self.snapshot_every, self.snapshot_dir = int(snapshot_every), snapshot_dir
         self.averaged: AveragedModel | None = None
+        self.profiles: list[AveragedModel] = []  # post-hoc: one average per post_hoc_sigma_rels entry
         self.latest_update_step = 0
 
-    def decay_at(self, step: int) -> float:
-        """The decay used by the update after optimizer step `step` (1-based)."""
+    @staticmethod
+    def _gamma(key: str, sigma_rel) -> float:
+        try:
+            return sigma_rel_to_gamma(sigma_rel)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{key}: {e}") from None
+
+    def decay_at(self, step: int, delta: int = 1) -> float:
+        """The decay used by the update after optimizer step `step` (1-based), `delta` steps after the previous one:
+        exponential: decay (warmup: min(decay, (1 + step) / (10 + step))); power: (1 - delta/step)^(gamma + 1)."""
+        if self.kind == "power":
+            return power_beta(self.gamma, step, delta)
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
     @staticmethod
@@ -52,18 +103,44 @@ class EMA(L.Callback):
     def setup(self, trainer, pl_module, stage):
         if stage == "fit":
             self.averaged = AveragedModel(pl_module, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+            if self.post_hoc:
+                self.profiles = [AveragedModel(pl_module, use_buffers=True) for _ in self.sigma_rels]
 
     def on_fit_start(self, trainer, pl_module):
         # setup() runs before the strategy moves the module to its device; keep the average beside the weights.
-        if self.averaged is not None:
-            self.averaged.to(pl_module.device)
+        for avg in [self.averaged, *self.profiles]:
+            if avg is not None:
+                avg.to(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if step > self.latest_update_step and (step - 1) % self.update_every_n_steps == 0:
-            self.averaged.multi_avg_fn = get_ema_multi_avg_fn(self.decay_at(step))
+            delta = step - self.latest_update_step if self.latest_update_step else step
+            self.averaged.multi_avg_fn = get_ema_multi_avg_fn(self.decay_at(step, delta))
             self.averaged.update_parameters(pl_module)
+            for gamma, avg in zip(self.gammas, self.profiles):
+                avg.multi_avg_fn = get_ema_multi_avg_fn(power_beta(gamma, step, delta))
+                avg.update_parameters(pl_module)
             self.latest_update_step = step
+        if self.post_hoc and step % self.snapshot_every == 0 and step > 0 and trainer.is_global_zero:
+            self._write_snapshot(step)
+
+    def _write_snapshot(self, step: int) -> None:
+        """<snapshot_dir>/phema-<step>.pt: every profile's module weights at this step, as data, written atomically;
+        a non-finite average stops the run (the snapshot would poison every reconstruction that uses it)."""
+        from pathlib import Path
+
+        states = [{k[len("module.") :]: v.detach().cpu().clone() for k, v in avg.state_dict().items()
+                   if k.startswith("module.")} for avg in self.profiles]  # fmt: skip
+        for sigma_rel, state in zip(self.sigma_rels, states):
+            bad = [k for k, v in state.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+            if bad:
+                raise RuntimeError(f"post-hoc EMA profile sigma_rel={sigma_rel} is not finite at step {step} "
+                                   f"({bad[0]}): no snapshot written")  # fmt: skip
+        payload = {"format": SNAPSHOT_FORMAT, "step": step, "sigma_rels": list(self.sigma_rels),
+                   "gammas": list(self.gammas), "states": states}  # fmt: skip
+        with atomic_write(Path(self.snapshot_dir) / f"phema-{step:09d}.pt") as tmp:
+            torch.save(payload, tmp)
 
     def _swap(self, pl_module: L.LightningModule) -> None:
         ema = itertools.chain(self.averaged.module.parameters(), self.averaged.module.buffers())
@@ -95,6 +172,9 @@ class EMA(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         if self.averaged is None:
             return
+        if self.profiles:
+            checkpoint["post_hoc_ema"] = {"sigma_rels": list(self.sigma_rels),
+                                          "states": [avg.state_dict() for avg in self.profiles]}  # fmt: skip
         averaged = self.averaged.state_dict()
         checkpoint["current_model_state"] = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k[len("module.") :]: v for k, v in averaged.items() if k.startswith("module.")}
@@ -103,6 +183,15 @@ class EMA(L.Callback):
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
         if self.averaged is None:
             return
+        saved = checkpoint.get("post_hoc_ema")
+        if self.profiles and saved is not None:
+            if [float(s) for s in saved["sigma_rels"]] != list(self.sigma_rels):
+                raise ValueError(f"callbacks.ema.post_hoc_sigma_rels={list(self.sigma_rels)} differs from the "
+                                 f"checkpoint's {saved['sigma_rels']}: resume with the run's own")  # fmt: skip
+            for avg, state in zip(self.profiles, saved["states"]):
+                avg.load_state_dict(state)
+        # post_hoc turned on at a resume: the profiles start there (their first update copies the weights), so
+        # reconstructions from them describe the run from that step on only
         if "current_model_state" in checkpoint:
             state = {f"module.{k}": v for k, v in checkpoint["state_dict"].items()}
             state |= checkpoint.get("averaging_state") or {"n_averaged": torch.tensor(1, dtype=torch.long)}

@@ -150,7 +150,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def _load_for_eval(cfg: DictConfig):
     """(module on the configured device, its DataModule) from cfg.ckpt_path; the data is read from this
     machine's paths.data_dir, not the directory the checkpoint was trained with."""
-    module = load_module(cfg.ckpt_path, ema=cfg.get("ema", True)).to(cfg.get("device", "cpu"))
+    module = load_module(cfg.ckpt_path, ema=_ema_weights(cfg) == "ema").to(cfg.get("device", "cpu"))
     run_cfg = OmegaConf.create(module.run_config)
     with open_dict(cfg):  # so that e.g. sampler=ddpm's `steps: ${diffusion.steps}` is the checkpoint's T
         cfg.diffusion = run_cfg.diffusion
@@ -160,6 +160,43 @@ def _load_for_eval(cfg: DictConfig):
         if "data_dir" in run_cfg.data:
             run_cfg.data.data_dir = cfg.paths.data_dir
     return module, instantiate(run_cfg.data)
+
+
+EMA_WEIGHTS = ("ema", "raw")  # ema.weights
+
+
+def _ema_weights(cfg: DictConfig) -> str:
+    """ema.weights (older configs: `ema: true|false`)."""
+    ema = cfg.get("ema", True)
+    if isinstance(ema, bool):
+        return "ema" if ema else "raw"
+    _choice("ema.weights", ema.get("weights", "ema"), EMA_WEIGHTS)
+    return ema.get("weights", "ema")
+
+
+def _post_hoc_states(cfg: DictConfig) -> dict[float, dict]:
+    """{sigma_rel: state_dict} of the post-hoc EMAs asked for by ema.sigma_rel (one value or a list), rebuilt from
+    <run>/ema_snapshots before any sampling; ConfigError naming the range the snapshots can represent."""
+    from .checkpoint import read_snapshots
+    from .phema import reconstruct
+
+    ema = cfg.get("ema")
+    rels = None if isinstance(ema, bool) or ema is None else ema.get("sigma_rel")
+    if rels is None:
+        return {}
+    rels = list(rels) if OmegaConf.is_list(rels) or isinstance(rels, list | tuple) else [rels]
+    snaps = read_snapshots(Path(cfg.ckpt_path).parent.parent / "ema_snapshots")
+    states = {}
+    for r in rels:
+        if isinstance(r, bool) or not isinstance(r, int | float):
+            raise ConfigError(f"ema.sigma_rel has {r!r}: each entry must be a number in (0, 0.2887)")
+        try:
+            states[float(r)] = reconstruct(snaps, float(r), ema.get("step"))
+        except ValueError as e:
+            raise ConfigError(str(e) if str(e).startswith("ema.") else f"ema.sigma_rel={r}: {e}") from None
+    log.info("post-hoc EMA: sigma_rel %s rebuilt from %d snapshots (steps %d..%d)", list(states), len(snaps),
+             snaps[0]["step"], snaps[-1]["step"])  # fmt: skip
+    return states
 
 
 def _run_sampler(run_cfg: DictConfig, diffusion, given: DictConfig, under_grid: bool) -> DictConfig:
@@ -240,12 +277,19 @@ def evaluate(cfg: DictConfig) -> dict:
     from .eval.bpd import bits_per_dim
     from .eval.fid import FIDEvaluator
     from .eval.inception import inception_weights
-    from .eval.report import plot_fid_vs_nfe, row, write_csv, write_markdown
+    from .eval.report import plot_fid_vs_ema, plot_fid_vs_nfe, row, write_csv, write_markdown
     from .eval.scoring import sample_and_score
 
     validate_eval_config(cfg)
     module, dm = _load_for_eval(cfg)
     samplers = _samplers(cfg, module)
+    post_hoc = _post_hoc_states(cfg)
+    # the weights to score: the configured ones; with ema.sigma_rel each post-hoc EMA, the run's EMA and the raw ones
+    weights = [(None, None)]
+    if post_hoc:
+        raw = load_module(cfg.ckpt_path, ema=False).state_dict()
+        own = {k: v.detach().clone() for k, v in module.state_dict().items()} if _ema_weights(cfg) == "ema" else None
+        weights = [(f"{r:g}", st) for r, st in post_hoc.items()] + ([("run", own)] if own else []) + [("raw", raw)]
     real = dm.real_images(cfg.fid.reference_split)[: cfg.fid.get("num_reference")]
     ev = FIDEvaluator(
         inception_weights(cfg.fid.inception_weights, cfg.paths.cache_dir), cfg.paths.cache_dir, device=module.device
@@ -254,15 +298,18 @@ def evaluate(cfg: DictConfig) -> dict:
     ref = ev.reference_features(ref_name, real)
     classifier = _classifier(cfg, dm)
     rows = []
-    for s, role in samplers:
-        scores, _ = sample_and_score(module, s, num_samples=cfg.num_samples, seed=cfg.seed,
-                                     batch_size=cfg.batch_size, evaluator=ev, reference=ref, classifier=classifier)
-        rows.append(row(s, scores, ref_name, scores["sample_seconds"], role))
-        log.info(
-            "%s (%d NFE): FID %.3f KID %.5f precision %.3f recall %.3f (N=%d vs %s N=%d) in %.1fs",
-            s.name, s.nfe, scores["fid"], scores["kid"], scores["precision"], scores["recall"], scores["n"],
-            ref_name, scores["n_ref"], scores["sample_seconds"],
-        )  # fmt: skip
+    for tag, state in weights:
+        if state is not None:
+            module.load_state_dict(state)
+        for s, role in samplers:
+            scores, _ = sample_and_score(module, s, num_samples=cfg.num_samples, seed=cfg.seed,
+                                         batch_size=cfg.batch_size, evaluator=ev, reference=ref, classifier=classifier)
+            rows.append({**row(s, scores, ref_name, scores["sample_seconds"], role), **({"ema": tag} if tag else {})})
+            log.info(
+                "%s (%d NFE%s): FID %.3f KID %.5f precision %.3f recall %.3f (N=%d vs %s N=%d) in %.1fs",
+                s.name, s.nfe, f", EMA {tag}" if tag else "", scores["fid"], scores["kid"], scores["precision"],
+                scores["recall"], scores["n"], ref_name, scores["n_ref"], scores["sample_seconds"],
+            )  # fmt: skip
     extra, result = "", {"rows": rows}
     if cfg.get("bpd_num_images") and not isinstance(module.diffusion, GaussianDiffusion):
         log.info("bits/dim: the variational bound is the discrete process's (diffusion=ddpm/iddpm); skipped")
@@ -276,7 +323,10 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     write_csv(rows, out_dir / "results.csv")
     write_markdown(rows, out_dir / "results.md", extra)
-    plot_fid_vs_nfe(rows, out_dir / "fid_vs_nfe.png", title=str(Path(cfg.ckpt_path).name))
+    if post_hoc:
+        plot_fid_vs_ema(rows, out_dir / "fid_vs_ema.png", title=str(Path(cfg.ckpt_path).name))
+    else:
+        plot_fid_vs_nfe(rows, out_dir / "fid_vs_nfe.png", title=str(Path(cfg.ckpt_path).name))
     _log_eval_to_wandb(cfg, rows, out_dir)
     return result
 
@@ -301,7 +351,8 @@ def _log_eval_to_wandb(cfg: DictConfig, rows: list[dict], out_dir: Path) -> None
         cols = list(rows[0].keys())
         logger.log_table("eval/fid_table", columns=cols, data=[[r[c] for c in cols] for r in rows])
         logger.log_image("eval/fid_vs_nfe", [str(out_dir / "fid_vs_nfe.png")])
-    logger.log_metrics({f"eval/fid/{r['sampler']}": r["fid"] for r in rows})
+    logger.log_metrics({f"eval/fid/{r['sampler']}" + (f"@ema{r['ema']}" if r.get("ema") else ""): r["fid"]
+                        for r in rows})  # fmt: skip
     logger.finalize("success")
 
 
@@ -319,6 +370,10 @@ def sample(cfg: DictConfig) -> Path:
     validate_eval_config(cfg)
     module, dm = _load_for_eval(cfg)
     sampler = validate_sampler(cfg.sampler, "sampler", module.diffusion, module.conditional)
+    if post_hoc := _post_hoc_states(cfg):
+        if len(post_hoc) > 1:
+            raise ConfigError(f"ema.sigma_rel={list(post_hoc)}: sample.py draws with one (evaluate.py compares many)")
+        module.load_state_dict(next(iter(post_hoc.values())))
     out_dir = Path(cfg.paths.output_dir)
     if cfg.mode == "grid":
         images, nrow = sample_modes.grid(module, sampler, cfg.num_samples, cfg.seed, cfg.get("class_label"))

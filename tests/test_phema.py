@@ -160,9 +160,35 @@ def test_snapshots_through_train_py_resume_exactly(tmp_path):
     for a, b in zip(full, part):
         for sa, sb in zip(a["states"], b["states"]):
             assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    _evaluate_and_sample_take_sigma_rel(tmp_path / "full" / "checkpoints" / "last.ckpt", tmp_path)
     ckpt = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
     for i, avg in enumerate(ckpt["post_hoc_ema"]["states"]):  # the last snapshot is the checkpoint's profiles
         stored = {k[len("module."):]: v for k, v in avg.items() if k.startswith("module.")}
         assert all(torch.equal(stored[k], full[-1]["states"][i][k]) for k in stored)
     a, b = full[-1]["states"]
     assert any(not torch.equal(a[k], b[k]) for k in a)  # two profiles, two averages
+
+
+def _evaluate_and_sample_take_sigma_rel(ckpt, tmp_path):
+    """evaluate.py ema.sigma_rel=[...]: one row per post-hoc EMA plus the run's EMA and the raw weights, and
+    fid_vs_ema.png; sample.py ema.sigma_rel=x draws with that EMA; a sigma_rel the snapshots cannot represent is
+    refused before anything is sampled, naming the range."""
+    import csv
+
+    from conftest import compose_train
+
+    from diffusion_lab.config import ConfigError
+    from diffusion_lab.tasks import evaluate, sample
+
+    common = [f"ckpt_path={ckpt}", "sampler=ddim", "sampler.steps=3"]
+    scoring = [*common, "grid=null", "fid.reference_split=val", "fid.num_reference=32", "bpd_num_images=0"]
+    evaluate(compose_train([*scoring, "num_samples=8", "ema.sigma_rel=[0.06,0.09]"], tmp_path / "ev", "evaluate"))
+    rows = list(csv.DictReader(open(tmp_path / "ev" / "results.csv")))
+    assert [r["ema"] for r in rows] == ["0.06", "0.09", "run", "raw"]
+    assert len({r["fid"] for r in rows}) == 4 and (tmp_path / "ev" / "fid_vs_ema.png").exists()
+    with pytest.raises(ConfigError, match=r"ema.sigma_rel=0.2: .* can represent at step 6: \[0.04"):
+        evaluate(compose_train([*scoring, "ema.sigma_rel=0.2"], tmp_path / "bad", "evaluate"))
+    assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").glob("results*"))
+    png = sample(compose_train([*common, "num_samples=4", "ema.sigma_rel=0.06"], tmp_path / "s1", "sample"))
+    own = sample(compose_train([*common, "num_samples=4"], tmp_path / "s2", "sample"))
+    assert png.exists() and png.read_bytes() != own.read_bytes()

@@ -20,7 +20,7 @@ from ..io import atomic_write  # noqa: E402
 
 COLUMNS = [
     "sampler", "label", "role", "method", "steps", "nfe", "spacing", "eta", "fid", "kid", "kid_std", "precision",
-    "recall", "cls_score", "confident", "n", "n_ref", "reference", "sample_seconds", "seconds_per_sample",
+    "recall", "cls_score", "confident", "n", "n_ref", "reference", "sample_seconds", "seconds_per_sample", "ema",
 ]  # fmt: skip
 
 
@@ -56,12 +56,14 @@ def _num(v, fmt: str) -> str:
 def markdown_table(rows: list[dict], extra: str = "") -> str:
     """One row per sampler: NFE, FID, KID, precision/recall (and the classifier score where there is one)."""
     cls = any("cls_score" in r for r in rows)
-    head = "| sampler | label | NFE | FID | KID x1e3 | precision | recall |"
+    ema = any("ema" in r for r in rows)
+    head = "| sampler | label |" + (" EMA |" if ema else "") + " NFE | FID | KID x1e3 | precision | recall |"
     head += (" cls score | confident |" if cls else "") + " N | reference | s/sample |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         line = (
-            f"| {r['sampler']} | {r['label']} | {r['nfe']} | {r['fid']:.2f} | {1e3 * r['kid']:.2f} ± "
+            f"| {r['sampler']} | {r['label']} |" + (f" {r.get('ema', '')} |" if ema else "")
+            + f" {r['nfe']} | {r['fid']:.2f} | {1e3 * r['kid']:.2f} ± "
             f"{1e3 * r['kid_std']:.2f} | {_num(r.get('precision'), '.3f')} | {_num(r.get('recall'), '.3f')} |"
         )
         if cls:
@@ -114,3 +116,30 @@ def plot_fid_vs_nfe(rows: list[dict], path: Path, title: str = "", ax=None) -> N
         with atomic_write(path) as tmp:
             fig.savefig(tmp, format="png")
         plt.close(fig)
+
+
+def plot_fid_vs_ema(rows: list[dict], path: Path, title: str = "") -> None:
+    """FID against the post-hoc EMA's sigma_rel (log x), one line per sampler; the run's own EMA (dashed) and the
+    raw weights (dotted) as horizontal lines in the sampler's colour."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for color, name in zip(colors * 4, dict.fromkeys(r["sampler"] for r in rows)):
+        mine = [r for r in rows if r["sampler"] == name]
+        pts = sorted((float(r["ema"]), r["fid"]) for r in mine if r.get("ema") not in (None, "run", "raw"))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=f"{name}: post-hoc EMA")
+        for tag, ls in (("run", "--"), ("raw", ":")):
+            for r in (r for r in mine if r.get("ema") == tag):
+                ax.axhline(r["fid"], color=color, ls=ls, lw=1, label=f"{name}: {'run EMA' if tag == 'run' else 'raw'}")
+    ax.set_xscale("log")
+    rels = sorted({float(r["ema"]) for r in rows if r.get("ema") not in (None, "run", "raw")})
+    ax.set_xticks(rels, [f"{x:g}" for x in rels])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("sigma_rel (EMA length relative to training time)")
+    ax.set_ylabel(f"FID (N={rows[0]['n']})" if rows else "FID")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

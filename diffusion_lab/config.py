@@ -203,6 +203,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     if fid is not None:
         for i, node in enumerate(fid.get("samplers") or []):
             validate_sampler(node, f"callbacks.fid.samplers[{i}]", diffusion, conditional)
+        if fid.get("ema_sigma_rels") and not (cfg.callbacks.get("ema") or {}).get("post_hoc"):
+            raise ConfigError("callbacks.fid.ema_sigma_rels needs the post-hoc snapshots: set "
+                              "callbacks.ema.post_hoc=true")  # fmt: skip
         from .eval.inception import InceptionWeightsNotFound, resolve_inception_weights
 
         try:

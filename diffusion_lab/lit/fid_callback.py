@@ -6,11 +6,16 @@ eval/scoring.py's sample_and_score, the path evaluate.py and the benchmarks use:
 (seed, i), torchmetrics reduces the FID/KID states across ranks in compute(), and precision/recall see every
 rank's features, so the score equals a one-process run on the same images. Rank 0 logs
 `val/{fid,kid,precision,recall,sample_seconds}/<sampler>`, `val/fid_ratio/<sampler>` (FID relative to the
-sampler with the most network evaluations, DDPM-T by default) and a grid per sampler.
+sampler with the most network evaluations, DDPM-T by default) and a grid per sampler. With `ema_sigma_rels` (a run
+with callbacks.ema.post_hoc) it also scores the post-hoc EMA of each sigma_rel rebuilt from the snapshots written so
+far (every rank reads them: the run directory must be shared, as for checkpoints), logged as
+`val/fid/<sampler>@ema<sigma_rel>`; one the snapshots cannot represent yet is skipped with a log line.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -23,7 +28,10 @@ from ..eval.fid import FIDEvaluator
 from ..eval.inception import inception_weights
 from ..eval.scoring import sample_and_score
 from ..images import log_image, save_grid
+from ..phema import reconstruct, sigma_rel_to_gamma
 from .ema import EMA
+
+log = logging.getLogger(__name__)
 
 
 class _Ranks:
@@ -53,6 +61,7 @@ class FIDCallback(L.Callback):
     every_n_epochs: 0 = only at fit end.
     inception_weights: explicit weights path (else resolved offline; see inception.py).
     reference_split: which split of the DataModule is the reference set ("train", "val" or "test").
+    ema_sigma_rels: post-hoc EMA lengths to score as well, from the EMA callback's snapshots (post_hoc=true).
     """
 
     def __init__(
@@ -67,8 +76,15 @@ class FIDCallback(L.Callback):
         dirpath: str = "fid",
         seed: int = 1234,
         allow_download: bool = True,
+        ema_sigma_rels: list[float] | None = None,
     ):
         check_choice("callbacks.fid.reference_split", reference_split, SPLITS)
+        for r in ema_sigma_rels or []:
+            try:
+                sigma_rel_to_gamma(r)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"callbacks.fid.ema_sigma_rels: {e}") from None
+        self.ema_sigma_rels = [float(r) for r in ema_sigma_rels or []]
         self.samplers = [s if isinstance(s, Sampler) else Sampler.from_config(s) for s in (samplers or [])]
         self.num_samples, self.every_n_epochs = num_samples, every_n_epochs
         self.weights_arg, self.cache_dir, self.reference_split = inception_weights, cache_dir, reference_split
@@ -82,6 +98,12 @@ class FIDCallback(L.Callback):
         ddpm = [Sampler("ddpm")] if isinstance(diffusion, GaussianDiffusion) else []
         samplers = self.samplers or [Sampler(diffusion.default_method), *ddpm]
         self.samplers = [s.bind(pl_module.diffusion) for s in samplers]
+        self.snapshot_dir = next((cb.snapshot_dir for cb in trainer.callbacks if isinstance(cb, EMA) and cb.post_hoc),
+                                 None)  # fmt: skip
+        if self.ema_sigma_rels and self.snapshot_dir is None:
+            raise ValueError(
+                "callbacks.fid.ema_sigma_rels needs the post-hoc snapshots: set callbacks.ema.post_hoc=true"
+            )
         # Resolve weights before any training step, so a missing file fails at once; rank 0 first, so that
         # a first-time conversion happens once.
         if not trainer.is_global_zero:
@@ -104,20 +126,47 @@ class FIDCallback(L.Callback):
             trainer.strategy.barrier()
             ref = ev.reference_features(key, real)
         results = {}
-        for sampler in self.samplers:
-            scores, fake = sample_and_score(
-                module, sampler, num_samples=self.num_samples, seed=self.seed, batch_size=self.batch_size,
-                evaluator=ev, reference=ref, world=_Ranks(trainer),
-            )  # fmt: skip
-            scores["nfe"] = sampler.nfe
-            results[sampler.name] = scores
-            if trainer.is_global_zero and fake.shape[0]:
-                path = self.dirpath / f"{sampler.name}_step{trainer.global_step:07d}.png"
-                grid = save_grid(fake[:64].float() / 127.5 - 1, path)
-                log_image(trainer.loggers, f"fid_samples/{sampler.name}", path, grid, trainer.global_step)
+        for tag, weights in [("", module), *self._post_hoc(trainer, module)]:
+            for sampler in self.samplers:
+                scores, fake = sample_and_score(
+                    weights, sampler, num_samples=self.num_samples, seed=self.seed, batch_size=self.batch_size,
+                    evaluator=ev, reference=ref, world=_Ranks(trainer),
+                )  # fmt: skip
+                scores["nfe"] = sampler.nfe
+                name = sampler.name + tag
+                results[name] = scores
+                if trainer.is_global_zero and fake.shape[0]:
+                    path = self.dirpath / f"{name}_step{trainer.global_step:07d}.png"
+                    grid = save_grid(fake[:64].float() / 127.5 - 1, path)
+                    log_image(trainer.loggers, f"fid_samples/{name}", path, grid, trainer.global_step)
         self.results = results
         self._log(trainer, results)
         return results
+
+    def _post_hoc(self, trainer, module) -> list[tuple[str, L.LightningModule]]:
+        """[("@ema<sigma_rel>", a copy of `module` with that post-hoc EMA's weights)] from the snapshots so far."""
+        if not self.ema_sigma_rels:
+            return []
+        from ..checkpoint import CheckpointError, read_snapshots
+
+        if trainer.world_size > 1:  # rank 0 wrote the snapshots
+            trainer.strategy.barrier()
+        try:
+            snaps = read_snapshots(self.snapshot_dir)
+        except CheckpointError as e:
+            log.info("FID of post-hoc EMAs skipped at step %d: %s", trainer.global_step, e)
+            return []
+        out = []
+        for r in self.ema_sigma_rels:
+            try:
+                state = reconstruct(snaps, r)
+            except ValueError as e:
+                log.info("FID of the post-hoc EMA %g skipped at step %d: %s", r, trainer.global_step, e)
+                continue
+            scratch = copy.deepcopy(module)
+            scratch.load_state_dict(state)
+            out.append((f"@ema{r:g}", scratch))
+        return out
 
     def _log(self, trainer, results):
         metrics = {}

@@ -77,6 +77,8 @@ bench-full: install-bench  ## every benchmark at full size (hours on 2 cores; ea
 	$(PY) bench/solver_defaults.py
 	$(PY) bench/solvers.py --data mnist
 	$(PY) bench/convergence.py
+	$(PY) bench/processes.py
+	$(PY) bench/posthoc_ema.py
 	$(PY) bench/report.py
 
 clean:  ## remove run outputs and caches (keeps .venv)

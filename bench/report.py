@@ -29,6 +29,8 @@ ORDER = [
     ("solver_defaults", "python bench/solver_defaults.py"),
     ("solvers_mnist", "python bench/solvers.py --data mnist"),
     ("convergence", "python bench/convergence.py"),
+    ("processes", "python bench/processes.py"),
+    ("posthoc_ema", "python bench/posthoc_ema.py"),
 ]
 QUICK = {"train_throughput", "sampling", "fid", "loss_aware", "solvers_digits"}  # what `make bench` runs
 

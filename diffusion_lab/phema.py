@@ -125,7 +125,7 @@ def reconstruct(snapshots: Sequence[dict], sigma_rel: float, step: int | None = 
     if err > max_error:
         span = representable(sorted(set(steps)), snapshots[0]["gammas"], step, max_error)
         where = f"[{span[0]:.3f}, {span[1]:.3f}]" if span else "none"
-        raise ValueError(f"ema.sigma_rel={sigma_rel}: these snapshots fit its profile only to {err:.1%} (limit "
-                         f"{max_error:.0%}); the sigma_rel they can represent at step {step}: {where}")
+        raise ValueError(f"ema.sigma_rel={sigma_rel}: the snapshots miss its profile by {err:.1%} (relative L2, "
+                         f"limit {max_error:.0%}); the sigma_rel they can represent at step {step}: {where}")
     x = solve_weights(t_i, g_i, [step], [gamma_r])[:, 0]
     return combine([st for s in snapshots for st in s["states"]], x)

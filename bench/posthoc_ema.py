@@ -35,9 +35,10 @@ from harness.common import (  # noqa: E402
 )
 from harness.mnist import DATASETS, mnist_setup, train_run  # noqa: E402
 
-from diffusion_lab.checkpoint import load_module, read_snapshots  # noqa: E402
+from diffusion_lab.checkpoint import load_module  # noqa: E402
 from diffusion_lab.diffusion import Sampler  # noqa: E402
 from diffusion_lab.eval.report import plot_fid_vs_ema  # noqa: E402
+from diffusion_lab.lit.ema import read_snapshots  # noqa: E402
 from diffusion_lab.phema import reconstruct, representable, sigma_rel_to_gamma  # noqa: E402
 
 SNAPSHOT_EVERY = 200  # 16 snapshots of 3,200 steps: 2 x 16 x 1.1M x 4 bytes = 141 MB

@@ -104,39 +104,6 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def read_snapshots(directory: str | Path) -> list[dict]:
-    """A run's post-hoc EMA snapshots (`<run>/ema_snapshots/phema-<step>.pt`, written by lit.EMA with post_hoc),
-    sorted by step, each read as pure data and checked: CheckpointError naming the file when one is truncated, not
-    ours, inconsistent with the others (profiles, tensor names) or not finite."""
-    from .lit.ema import SNAPSHOT_FORMAT
-
-    files = sorted(Path(directory).glob("phema-*.pt"))
-    if not files:
-        raise CheckpointError(f"{directory} has no post-hoc EMA snapshots (phema-*.pt): train with "
-                              "callbacks.ema.post_hoc=true")  # fmt: skip
-    out = []
-    for f in files:
-        try:
-            snap = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line naming it
-            raise CheckpointError(f"{f} is not a readable snapshot (truncated or not data: "
-                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-        ok = (isinstance(snap, dict) and snap.get("format") == SNAPSHOT_FORMAT and isinstance(snap.get("step"), int)
-              and isinstance(snap.get("states"), list) and len(snap["states"]) == len(snap.get("gammas") or [])
-              and all(isinstance(st, dict) and all(torch.is_tensor(v) for v in st.values()) for st in snap["states"]))
-        if not ok:
-            raise CheckpointError(f"{f} is not a diffusion_lab post-hoc EMA snapshot ({SNAPSHOT_FORMAT})")
-        if out and (snap["gammas"] != out[0]["gammas"] or snap["states"][0].keys() != out[0]["states"][0].keys()):
-            raise CheckpointError(f"{f} tracks other profiles or another network than {files[0]}: keep one run's "
-                                  "snapshots per directory")  # fmt: skip
-        bad = [k for st in snap["states"] for k, v in st.items()
-               if torch.is_floating_point(v) and not v.isfinite().all()]  # fmt: skip
-        if bad:
-            raise CheckpointError(f"{f} has NaN or inf weights ({bad[0]}): remove it to reconstruct from the others")
-        out.append(snap)
-    return sorted(out, key=lambda s: s["step"])
-
-
 def check_finite(ckpt: dict, path: str | Path) -> None:
     if bad := nonfinite_weights(ckpt):
         raise CheckpointError(

@@ -109,7 +109,7 @@ def representable(steps: Sequence[int], gammas: Sequence[float], step: int, max_
 def reconstruct(snapshots: Sequence[dict], sigma_rel: float, step: int | None = None,
                 max_error: float = MAX_FIT_ERROR) -> dict[str, torch.Tensor]:
     """The power-function EMA with relative length sigma_rel at training step `step` (default: the last snapshot's)
-    from snapshots [{"step": t, "gammas": [...], "states": [state per gamma]}] (checkpoint.read_snapshots): EDM2
+    from snapshots [{"step": t, "gammas": [...], "states": [state per gamma]}] (lit.ema.read_snapshots): EDM2
     Alg. 3's coefficients over every (snapshot, profile), then the weighted sum. ValueError naming the sigma_rel
     range the snapshots can represent when the fit error exceeds max_error, or when `step` is past the last one."""
     if not snapshots:

@@ -177,7 +177,7 @@ def _ema_weights(cfg: DictConfig) -> str:
 def _post_hoc_states(cfg: DictConfig) -> dict[float, dict]:
     """{sigma_rel: state_dict} of the post-hoc EMAs asked for by ema.sigma_rel (one value or a list), rebuilt from
     <run>/ema_snapshots before any sampling; ConfigError naming the range the snapshots can represent."""
-    from .checkpoint import read_snapshots
+    from .lit.ema import read_snapshots
     from .phema import reconstruct
 
     ema = cfg.get("ema")

@@ -10,7 +10,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "diffusion_lab"
 LAYER = {
     "checks": 0, "io": 0, "allocator": 0,  # plain helpers
-    "diffusion": 1, "nets": 1, "data": 1, "images": 1,  # the building blocks, independent of each other
+    "diffusion": 1, "nets": 1, "data": 1, "images": 1, "phema": 1,  # the building blocks, independent of each other
     "eval": 2,  # metrics on images and features
     "lit": 3,  # Lightning glue
     "config": 4, "checkpoint": 4, "sample_modes": 4, "loggers": 4, "offline": 4, "cli": 4,

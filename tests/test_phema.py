@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from diffusion_lab import phema
-from diffusion_lab.checkpoint import CheckpointError, read_snapshots
-from diffusion_lab.lit.ema import EMA
+from diffusion_lab.lit.ema import EMA, SnapshotError, read_snapshots
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,12 +121,12 @@ def test_bad_snapshot_files_are_refused_naming_the_file(tmp_path):
     good = sorted(tmp_path.glob("phema-*.pt"))
     data = good[-1].read_bytes()
     good[-1].write_bytes(data[: len(data) // 2])  # truncated
-    with pytest.raises(CheckpointError, match=rf"{good[-1].name} is not a readable snapshot"):
+    with pytest.raises(SnapshotError, match=rf"{good[-1].name} is not a readable snapshot"):
         read_snapshots(tmp_path)
     torch.save({"w": torch.zeros(3)}, good[-1])  # someone else's tensors
-    with pytest.raises(CheckpointError, match=rf"{good[-1].name} is not a diffusion_lab post-hoc EMA snapshot"):
+    with pytest.raises(SnapshotError, match=rf"{good[-1].name} is not a diffusion_lab post-hoc EMA snapshot"):
         read_snapshots(tmp_path)
-    with pytest.raises(CheckpointError, match="has no post-hoc EMA snapshots"):
+    with pytest.raises(SnapshotError, match="has no post-hoc EMA snapshots"):
         read_snapshots(tmp_path / "nowhere")
 
 

@@ -10,7 +10,7 @@ train end (so a checkpoint written then resumes from EMA weights) and has no pub
 The checkpoint layout is Lightning's, so checkpoints of either load with the other: `state_dict` holds the EMA
 weights, `current_model_state` the raw ones, `averaging_state` the AveragedModel's counter; with post_hoc also
 `post_hoc_ema` (the tracked profiles, for exact resume). Snapshots: `<snapshot_dir>/phema-<step>.pt`, each both
-profiles' weights as data (read back by diffusion_lab.checkpoint.read_snapshots). ema-pytorch's PostHocEMA is not
+profiles' weights as data (read back by read_snapshots below). ema-pytorch's PostHocEMA is not
 used: its profiles are modules of their own outside Lightning's checkpoint (no exact resume) and its snapshots
 are float16 by default; its reconstruction weights equal ours (tests/test_phema.py).
 """
@@ -18,6 +18,7 @@ are float16 by default; its reconstruction weights equal ours (tests/test_phema.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -128,8 +129,6 @@ class EMA(L.Callback):
     def _write_snapshot(self, step: int) -> None:
         """<snapshot_dir>/phema-<step>.pt: every profile's module weights at this step, as data, written atomically;
         a non-finite average stops the run (the snapshot would poison every reconstruction that uses it)."""
-        from pathlib import Path
-
         states = [{k[len("module.") :]: v.detach().cpu().clone() for k, v in avg.state_dict().items()
                    if k.startswith("module.")} for avg in self.profiles]  # fmt: skip
         for sigma_rel, state in zip(self.sigma_rels, states):
@@ -199,3 +198,38 @@ class EMA(L.Callback):
             pl_module.load_state_dict(checkpoint["current_model_state"])
         else:  # a checkpoint without EMA: start the average from its weights
             self.averaged.module.load_state_dict(checkpoint["state_dict"])
+
+
+class SnapshotError(ValueError):
+    """A post-hoc EMA snapshot that cannot be used; the message names the file."""
+
+
+def read_snapshots(directory: str | Path) -> list[dict]:
+    """A run's post-hoc EMA snapshots (`<run>/ema_snapshots/phema-<step>.pt`, written by lit.EMA with post_hoc),
+    sorted by step, each read as pure data and checked: SnapshotError naming the file when one is truncated, not
+    ours, inconsistent with the others (profiles, tensor names) or not finite."""
+    files = sorted(Path(directory).glob("phema-*.pt"))
+    if not files:
+        raise SnapshotError(f"{directory} has no post-hoc EMA snapshots (phema-*.pt): train with "
+                              "callbacks.ema.post_hoc=true")  # fmt: skip
+    out = []
+    for f in files:
+        try:
+            snap = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line naming it
+            raise SnapshotError(f"{f} is not a readable snapshot (truncated or not data: "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        ok = (isinstance(snap, dict) and snap.get("format") == SNAPSHOT_FORMAT and isinstance(snap.get("step"), int)
+              and isinstance(snap.get("states"), list) and len(snap["states"]) == len(snap.get("gammas") or [])
+              and all(isinstance(st, dict) and all(torch.is_tensor(v) for v in st.values()) for st in snap["states"]))
+        if not ok:
+            raise SnapshotError(f"{f} is not a diffusion_lab post-hoc EMA snapshot ({SNAPSHOT_FORMAT})")
+        if out and (snap["gammas"] != out[0]["gammas"] or snap["states"][0].keys() != out[0]["states"][0].keys()):
+            raise SnapshotError(f"{f} tracks other profiles or another network than {files[0]}: keep one run's "
+                                  "snapshots per directory")  # fmt: skip
+        bad = [k for st in snap["states"] for k, v in st.items()
+               if torch.is_floating_point(v) and not v.isfinite().all()]  # fmt: skip
+        if bad:
+            raise SnapshotError(f"{f} has NaN or inf weights ({bad[0]}): remove it to reconstruct from the others")
+        out.append(snap)
+    return sorted(out, key=lambda s: s["step"])

@@ -147,13 +147,13 @@ class FIDCallback(L.Callback):
         """[("@ema<sigma_rel>", a copy of `module` with that post-hoc EMA's weights)] from the snapshots so far."""
         if not self.ema_sigma_rels:
             return []
-        from ..checkpoint import CheckpointError, read_snapshots
+        from .ema import SnapshotError, read_snapshots
 
         if trainer.world_size > 1:  # rank 0 wrote the snapshots
             trainer.strategy.barrier()
         try:
             snaps = read_snapshots(self.snapshot_dir)
-        except CheckpointError as e:
+        except SnapshotError as e:
             log.info("FID of post-hoc EMAs skipped at step %d: %s", trainer.global_step, e)
             return []
         out = []

@@ -58,19 +58,23 @@ def solve_weights(t_i: Sequence[float], gamma_i: Sequence[float], t_r: Sequence[
     """EDM2 Alg. 3: the coefficients X [n_in, n_out] (float64) with sum_i X[i, r] p_i closest in L2 to p_r, from the
     normal equations A X = B (A = <p_i, p_j>, B = <p_i, p_r>), solved as least squares so that a singular A (a
     snapshot stored twice) still gives the minimum-norm answer."""
+    a, b = _normal_equations(t_i, gamma_i, t_r, gamma_r)
+    return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def _normal_equations(t_i, gamma_i, t_r, gamma_r):
+    """(A = <p_i, p_j> [n_in, n_in], B = <p_i, p_r> [n_in, n_out]) in float64."""
     rv = lambda x: np.asarray(x, dtype=np.float64).reshape(-1, 1)  # noqa: E731
     cv = lambda x: np.asarray(x, dtype=np.float64).reshape(1, -1)  # noqa: E731
-    a = profile_inner(rv(t_i), rv(gamma_i), cv(t_i), cv(gamma_i))
-    b = profile_inner(rv(t_i), rv(gamma_i), cv(t_r), cv(gamma_r))
-    return np.linalg.lstsq(a, b, rcond=None)[0]
+    return (profile_inner(rv(t_i), rv(gamma_i), cv(t_i), cv(gamma_i)),
+            profile_inner(rv(t_i), rv(gamma_i), cv(t_r), cv(gamma_r)))  # fmt: skip
 
 
 def fit_error(t_i, gamma_i, t_r: float, gamma_r: float) -> float:
     """Relative L2 error |sum_i x_i p_i - p_r| / |p_r| of the best reconstruction of profile (t_r, gamma_r) from
     the snapshots (closed form from the inner products): how well the snapshots can represent that average."""
-    rv = lambda x: np.asarray(x, dtype=np.float64).reshape(-1, 1)  # noqa: E731
-    a = profile_inner(rv(t_i), rv(gamma_i), rv(t_i).T, rv(gamma_i).T)
-    b = profile_inner(rv(t_i), rv(gamma_i), np.float64(t_r), np.float64(gamma_r)).reshape(-1)
+    a, b = _normal_equations(t_i, gamma_i, [t_r], [gamma_r])
+    b = b[:, 0]
     x = np.linalg.lstsq(a, b, rcond=None)[0]
     rr = float(profile_inner(np.float64(t_r), np.float64(gamma_r), np.float64(t_r), np.float64(gamma_r)))
     return math.sqrt(max(float(x @ a @ x - 2 * x @ b + rr), 0.0) / rr)

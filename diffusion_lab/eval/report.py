@@ -102,20 +102,29 @@ def plot_fid_vs_nfe(rows: list[dict], path: Path, title: str = "", ax=None) -> N
         alpha = max(0.15, 0.7 - 0.2 * i)
         ax.axhline(r["fid"], color="black", ls="--", lw=1, alpha=alpha, label=f"{r['label']}, {r['nfe']} NFE")
     nfes = sorted({r["nfe"] for r in curves})
+    _finish_fid_axes(ax, rows, nfes, tick_labels(nfes), "network evaluations per sample (NFE)", title)
+    if own:
+        _save(fig, path)
+
+
+def _finish_fid_axes(ax, rows: list[dict], ticks: list, labels: list[str], xlabel: str, title: str) -> None:
+    """Log x with `ticks` labelled, FID (N) on y, title, grid, legend: what every FID plot here shares."""
     ax.set_xscale("log")
-    if nfes:
-        ax.set_xticks(nfes, tick_labels(nfes))
+    if ticks:
+        ax.set_xticks(ticks, labels)
         ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("network evaluations per sample (NFE)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"FID (N={rows[0]['n']})" if rows else "FID")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    if own:
-        fig.tight_layout()
-        with atomic_write(path) as tmp:
-            fig.savefig(tmp, format="png")
-        plt.close(fig)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 def plot_fid_vs_ema(rows: list[dict], path: Path, title: str = "") -> None:
@@ -130,16 +139,7 @@ def plot_fid_vs_ema(rows: list[dict], path: Path, title: str = "") -> None:
         for tag, ls in (("run", "--"), ("raw", ":")):
             for r in (r for r in mine if r.get("ema") == tag):
                 ax.axhline(r["fid"], color=color, ls=ls, lw=1, label=f"{name}: {'run EMA' if tag == 'run' else 'raw'}")
-    ax.set_xscale("log")
     rels = sorted({float(r["ema"]) for r in rows if r.get("ema") not in (None, "run", "raw")})
-    ax.set_xticks(rels, [f"{x:g}" for x in rels])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("sigma_rel (EMA length relative to training time)")
-    ax.set_ylabel(f"FID (N={rows[0]['n']})" if rows else "FID")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _finish_fid_axes(ax, rows, rels, [f"{x:g}" for x in rels], "sigma_rel (EMA length relative to training time)",
+                     title)  # fmt: skip
+    _save(fig, path)

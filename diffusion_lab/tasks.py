@@ -205,9 +205,7 @@ def _run_sampler(run_cfg: DictConfig, diffusion, given: DictConfig, under_grid: 
     steps/nfe are left out (grid.nfe sets each row's)."""
     own = OmegaConf.to_container(run_cfg.sampler) if run_cfg.get("sampler") else {"method": diffusion.default_method}
     mine = {k: v for k, v in OmegaConf.to_container(given, resolve=True).items() if v is not None}
-    if under_grid and not {"steps", "nfe"} & mine.keys():
-        own.pop("steps", None), own.pop("nfe", None)
-    if {"steps", "nfe"} & mine.keys():  # one budget: the user's replaces the run's (as Sampler.from_config does)
+    if under_grid or {"steps", "nfe"} & mine.keys():  # one budget: the user's or grid.nfe replaces the run's
         own.pop("steps", None), own.pop("nfe", None)
     merged = {**own, **mine}
     log.info("sampler: the run's own, %s (sampler=<method> picks another)",

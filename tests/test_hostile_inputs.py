@@ -2,6 +2,7 @@
 work, nothing written is lost, and no command exits 0 with a wrong result."""
 
 import errno
+import re
 import subprocess
 import sys
 
@@ -92,6 +93,36 @@ def test_checkpoint_config_cannot_name_an_arbitrary_callable(tiny_ckpt, tmp_path
     r = _cli("evaluate.py", [f"ckpt_path={tmp_path / 'evil.ckpt'}", "num_samples=2"], tmp_path)
     _one_line(r, "builtins.open" if where in ("net", "nested") else "holds an interpolation")
     assert victim.read_text() == "precious"
+
+
+def test_the_allow_list_is_derived_from_what_the_project_builds(monkeypatch):
+    import diffusion_lab.data
+    from diffusion_lab.checkpoint import BUILT_NODES, allowed_target, buildable_targets
+
+    # every class a config group can name is allowed, without a hand list
+    conf_targets = {(f, t) for node in BUILT_NODES for f in (ROOT / "conf" / node).glob("*.yaml")
+                    for t in re.findall(r"_target_: ([\w.]+)", f.read_text())}  # fmt: skip
+    assert len(conf_targets) >= 15 and all(allowed_target(t) for _, t in conf_targets), conf_targets
+    # a callable that is not a class of the buildable packages is refused: stdlib, our Lightning glue, our functions,
+    # a torch scheduler that takes callables, a class reached through a module attribute
+    for bad in ["builtins.open", "os.system", "diffusion_lab.lit.EMA", "diffusion_lab.diffusion.get_betas",
+                "torch.optim.lr_scheduler.LambdaLR", "diffusion_lab.data.base.torch.nn.Module",
+                "diffusion_lab.nets.UNet.__init__", "diffusion_lab.tasks.train"]:  # fmt: skip
+        assert not allowed_target(bad), bad
+
+    # a DataModule added to diffusion_lab.data is allowed with no edit to the checkpoint code
+    class NewDataModule(diffusion_lab.data.ImageDataModule):
+        pass
+
+    NewDataModule.__module__ = "diffusion_lab.data"
+    monkeypatch.setattr(diffusion_lab.data, "NewDataModule", NewDataModule, raising=False)
+    buildable_targets.cache_clear()
+    try:
+        assert allowed_target("diffusion_lab.data.NewDataModule")
+    finally:
+        monkeypatch.undo()
+        buildable_targets.cache_clear()
+    assert not allowed_target("diffusion_lab.data.NewDataModule")
 
 
 def test_nonfinite_checkpoint_is_refused_and_never_written(tiny_ckpt, tmp_path):

@@ -149,7 +149,7 @@ RECIPE_VARIANTS = {
 
 @pytest.mark.parametrize("name", sorted(RECIPE_VARIANTS))
 def test_recipe_variants_change_only_their_own_keys(tmp_path, name):
-    from diffusion_lab.checkpoint import _flatten, _under  # the dotted-key helpers of the resume check
+    from diffusion_lab.checkpoint.resume import _flatten, _under  # the dotted-key helpers of the resume check
 
     def composed(experiment):
         return _flatten(OmegaConf.to_container(compose_train([f"experiment={experiment}"], tmp_path)))

@@ -1,6 +1,6 @@
 """The bodies of train.py, evaluate.py and sample.py: validate, build from the composed Hydra config, run.
 
-Each reads top to bottom; the library pieces they use live in checkpoint.py (building and loading models),
+Each reads top to bottom; the library pieces they use live in checkpoint/ (building and loading models),
 eval/scoring.py (the one sample-and-score path), config.py (cross-field validation), loggers.py and lit/
 (Lightning glue).
 """

@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -37,7 +38,7 @@ from .config import (
 )
 from .diffusion import GaussianDiffusion
 from .lit import EMA
-from .lit.checkpointing import AlignLoggingStep, ApplyChangedHyperparameters, AtomicCheckpointIO
+from .lit.checkpointing import AlignLoggingStep, ApplyChangedHyperparameters, AtomicCheckpointIO, RequeueStop
 from .loggers import build_loggers, finish_loggers
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def _resolve_ckpt_path(cfg: DictConfig) -> Path | None:
     path = cfg.get("ckpt_path")
     ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
     _remove_stale_temp_files(ckpt_dir)
-    if path == "last" or (path is None and cfg.get("auto_resume")):
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0  # SLURM reran this job (lit.Requeue, preemption)
+    if path == "last" or (path is None and (cfg.get("auto_resume") or requeued)):
         last = ckpt_dir / "last.ckpt"
         if not last.exists():
             if path == "last":
@@ -132,13 +134,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     validate_data_against_net(datamodule, module.net)
     loggers = build_loggers(cfg, resume_step=ckpt.get("global_step"), wandb_run_id=ckpt.get("wandb_run_id"))
     callbacks = _callbacks(cfg, bool(loggers)) + ([ApplyChangedHyperparameters(optim_changes)] if optim_changes else [])
+    # on SLURM, lit.Requeue checkpoints and requeues at a step's end; Lightning's own handler (mid-step) stays off
+    slurm = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO(), *slurm]
     )
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except RequeueStop as stop:
+        log.warning("%s: the requeued job resumes from it", stop)
     finally:
         finish_loggers(loggers)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

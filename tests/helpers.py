@@ -1,5 +1,6 @@
 """Test-only callbacks, importable by spawned DDP processes."""
 
+import os
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +16,18 @@ class DumpSamplerState(L.Callback):
     def on_train_end(self, trainer, pl_module):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         torch.save(pl_module.timestep_sampler.state_dict(), self.dirpath / f"rank{trainer.global_rank}.pt")
+
+
+class SignalAt(L.Callback):
+    """Sends this process `signum` (default SIGUSR1, SLURM's warning signal) in the middle of training step `step`,
+    between the backward pass and the optimizer step, as SLURM might."""
+
+    def __init__(self, step: int, signum: int = 10):
+        self.step, self.signum = step, signum
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step + 1 == self.step:
+            os.kill(os.getpid(), self.signum)
 
 
 class NaNNet(torch.nn.Module):

@@ -5,6 +5,8 @@
   checkpoint written after an epoch's last batch resumes at the next epoch (resume_at_next_epoch).
 - RunCheckpoint: ModelCheckpoint that also writes last.ckpt when trainer.max_steps stops a run inside an
   epoch, and keeps exactly one last.ckpt (no last-v1.ckpt after a run directory is moved).
+- Requeue: on a SLURM cluster, SLURM's warning signal (USR1, or USR2 from submitit) writes last.ckpt at the end of
+  the step it arrives in, then requeues the job, which resumes from it.
 - AlignLoggingStep: keeps the step of logged rows equal to the optimizer step after a resume.
 - ApplyChangedHyperparameters: on resume, puts the run config's changed optimizer values into the
   optimizer state that Lightning restored from the checkpoint.
@@ -13,11 +15,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..io import atomic_write
@@ -125,6 +131,69 @@ class RunCheckpoint(ModelCheckpoint):
     def state_key(self) -> str:
         """ModelCheckpoint's key, so the top-k state of checkpoints written with it is restored."""
         return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+
+class RequeueStop(Exception):
+    """Raised to end a run after Requeue wrote last.ckpt (the requeued job continues it)."""
+
+
+class Requeue(Checkpoint):
+    """Checkpoint and requeue on SLURM's warning signal (`#SBATCH --signal=USR1@120 --requeue`, or submitit's USR2).
+
+    The signal only sets a flag; at the end of the step it arrives in (after the EMA update: Lightning runs
+    Checkpoint callbacks last), the ranks agree on it, last.ckpt is written, and the job is requeued: through the
+    handler that was there before (submitit's, under hydra/launcher=slurm) or `scontrol requeue` (rank 0); then
+    the run ends with RequeueStop. The requeued job resumes from last.ckpt (tasks.train resumes a job whose
+    SLURM_RESTART_COUNT is set). Written here, not Lightning's auto_requeue (tasks.train turns it off): Lightning
+    saves inside the signal handler, mid-step, so the resumed run would not equal the uninterrupted one.
+    Inactive outside SLURM (Lightning's SLURMEnvironment.detect()).
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self, dirpath: str | Path):
+        self.last = Path(dirpath) / "last.ckpt"
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.received = signum
+
+    def on_train_start(self, trainer, pl_module) -> None:  # after Lightning registered its own signal handlers
+        if SLURMEnvironment.detect():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handler)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")  # Lightning skips the teardown hook when fit raises
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.previous or not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        trainer.save_checkpoint(self.last)
+        signum = self.received or signal.SIGUSR1
+        log.warning("SLURM signal %s: wrote %s at step %d; requeueing", signal.Signals(signum).name, self.last,
+                    trainer.global_step)  # fmt: skip
+        previous = self.previous.get(signum)
+        if callable(previous):  # submitit: it pickles the job for the requeue, requeues and exits
+            previous(signum, None)
+        elif trainer.is_global_zero:
+            job = os.environ.get("SLURM_JOB_ID", "")
+            if array := os.environ.get("SLURM_ARRAY_JOB_ID"):
+                job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+            try:
+                done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+                ok, why = done.returncode == 0, done.stderr.strip()
+            except (OSError, subprocess.TimeoutExpired) as e:
+                ok, why = False, str(e)
+            if not ok:
+                log.warning("scontrol requeue %s failed (%s): rerun the job; it resumes from %s", job, why, self.last)
+        raise RequeueStop(f"stopped at step {trainer.global_step} on SLURM's signal; {self.last} holds it")
 
 
 class AlignLoggingStep(Callback):

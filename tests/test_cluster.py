@@ -3,9 +3,12 @@
 import logging
 import os
 import signal
+import subprocess
+import sys
 
+import pytest
 import torch
-from conftest import compose_train
+from conftest import ROOT, compose_train
 from test_reliability import RESUME, _assert_same_run
 
 from diffusion_lab.tasks import train
@@ -62,3 +65,40 @@ def test_the_requeue_callback_is_inert_outside_slurm(tmp_path, monkeypatch):
     cb = Requeue(tmp_path)
     cb.on_train_start(None, None)
     assert seen == [] and cb.previous == {}
+
+
+def test_a_local_submitit_sweep_runs_each_job_apart_and_reports_the_failed_one(tmp_path):
+    """`train.py -m hydra/launcher=local` (submitit's local executor, the SLURM launcher's twin): two jobs, one
+    directory each; the one with an impossible batch size fails with its one-line error, reported by the sweep,
+    and the other trains to its end."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    r = subprocess.run(
+        [sys.executable, "train.py", "-m", "hydra/launcher=local", f"hydra.sweep.dir={sweep}", "logger=none",
+         "trainer.max_steps=3", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "net.base_channels=16",
+         "callbacks.sample_grid.every_n_epochs=100", "data.batch_size=16,100000"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"},
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "error: data.batch_size=100000 is larger than the training set" in r.stderr
+    assert torch.load(sweep / "0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert "Job completed successfully" in (sweep / "0" / "train.log").read_text()
+    assert not (sweep / "1" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("config,overrides,expect", [
+    ("train", ["trainer=ddp", "trainer.num_nodes=2", "trainer.devices=4"], (2, 4, 4)),
+    ("train", [], (1, 1, 1)),
+    ("evaluate", ["ckpt_path=x.ckpt"], (1, 1, 1)),  # no trainer node: one task
+])  # fmt: skip
+def test_the_slurm_launcher_preset_follows_the_trainer(config, overrides, expect):
+    """hydra/launcher=slurm asks SLURM for trainer.num_nodes nodes and one task and GPU per device, and for USR2
+    120 s before the time limit (what lit.Requeue answers)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name=config, overrides=["hydra/launcher=slurm", *overrides], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == expect
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.signal_delay_s == 120
+    assert launcher.max_num_timeout > 0  # a job at its time limit is requeued, not lost

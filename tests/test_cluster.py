@@ -1,4 +1,5 @@
-"""Past one machine (issue 35): SLURM requeue, the derived checkpoint allow-list lives in test_hostile_inputs.py."""
+"""Past one machine (issue 35): two torchrun nodes, SLURM requeue, Hydra's submitit launchers. (The derived
+checkpoint allow-list is tested in test_hostile_inputs.py.)"""
 
 import logging
 import os
@@ -102,3 +103,67 @@ def test_the_slurm_launcher_preset_follows_the_trainer(config, overrides, expect
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == expect
     assert launcher._target_.endswith("SlurmLauncher") and launcher.signal_delay_s == 120
     assert launcher.max_num_timeout > 0  # a job at its time limit is requeued, not lost
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun_two_nodes(args: list[str], run_dir) -> None:
+    """`train.py` as two torchrun "nodes" on 127.0.0.1 (--nnodes=2 --nproc-per-node=1, node ranks 0 and 1), the
+    way a cluster starts it on two machines: Lightning's TorchElasticEnvironment takes the ranks from torchrun."""
+    port = _free_port()
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    cmd = lambda rank: [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",  # noqa: E731
+                        f"--node-rank={rank}", "--master-addr=127.0.0.1", f"--master-port={port}", "train.py",
+                        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2",
+                        *args, f"hydra.run.dir={run_dir}"]  # fmt: skip
+    other = subprocess.Popen(cmd(1), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        r = subprocess.run(cmd(0), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        out1, _ = other.communicate(timeout=120)
+    finally:
+        other.kill()
+    assert r.returncode == 0 and other.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:] + out1[-2000:]
+
+
+def test_two_torchrun_nodes_train_resume_exactly_and_score_as_one_process(tmp_path):
+    """Two nodes (torchrun, gloo): one set of checkpoints (rank 0's); stopped at step 3 and resumed, the run ends
+    bit for bit where the uninterrupted 6-step run does; the FID callback's score at the end (each node samples
+    half the images) equals evaluate.py's in one process on the same checkpoint and images."""
+    common = ["experiment=iddpm_cosine", "trainer.enable_progress_bar=false", "net.base_channels=16",
+              "diffusion.steps=20", "timesteps.history_per_term=2", "data.batch_size=16", "trainer.max_epochs=100",
+              "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
+              "callbacks.sample_grid.every_n_epochs=100", "sampler.steps=5", "logger=csv"]  # fmt: skip
+    fid = ["callbacks=with_fid", "callbacks.fid.num_samples=12", "callbacks.fid.reference_split=val",
+           "callbacks.fid.samplers=[{method: ddim, steps: 5, eta: 1.0}]", f"paths.cache_dir={tmp_path / 'cache'}"]
+    _torchrun_two_nodes([*common, "trainer.max_steps=6"], tmp_path / "full")
+    _torchrun_two_nodes([*common, "trainer.max_steps=3"], tmp_path / "part")
+    _torchrun_two_nodes([*common, *fid, "trainer.max_steps=6", "ckpt_path=last"], tmp_path / "part")
+    a, b = (torch.load(tmp_path / r / "checkpoints" / "last.ckpt", weights_only=True) for r in ("full", "part"))
+    assert a["global_step"] == b["global_step"] == 6
+    for key in ("state_dict", "current_model_state"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert torch.equal(a["timestep_sampler"]["history"], b["timestep_sampler"]["history"])
+    assert sorted(p.name for p in (tmp_path / "part").rglob("*.ckpt")) == sorted(
+        p.name for p in (tmp_path / "part" / "checkpoints").iterdir()
+    ) and len(list((tmp_path / "part").rglob("metrics.csv"))) == 1
+
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "part" / "csv" / "metrics.csv")))
+    two_nodes = [float(r["val/fid/ddim5_eta1"]) for r in rows if r.get("val/fid/ddim5_eta1")]
+    r = subprocess.run(
+        [sys.executable, "evaluate.py", f"ckpt_path={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}", "grid=null",
+         "sampler=ddim", "sampler.steps=5", "+sampler.eta=1.0", "num_samples=12", "fid.reference_split=val",
+         "classifier_score=false", "bpd_num_images=0", f"paths.cache_dir={tmp_path / 'cache'}",
+         f"hydra.run.dir={tmp_path / 'eval'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = [float(x["fid"]) for x in csv.DictReader(open(tmp_path / "eval" / "results.csv"))]
+    assert len(two_nodes) == 1 and one == [pytest.approx(two_nodes[0], rel=1e-4)]

@@ -325,3 +325,13 @@ def test_grid_and_sampler_errors_name_the_keys_the_user_typed(tmp_path):
         _grid(["sampler=unipc", "sampler.order=3", "grid.methods=[ddim]"], tmp_path)
     with pytest.raises(ConfigError, match=r"^sampler.steps=10 and sampler.nfe=20 are both set: give one of them"):
         _grid(["grid=null", "sampler.steps=10", "sampler.nfe=20"], tmp_path)
+
+
+def test_the_default_sampler_fits_a_process_with_fewer_steps_than_its_default():
+    """A model of a 20-step process samples with DDIM at its 20 steps when none is given (the registry's DDIM-50
+    cannot run there); from 50 steps on, the registry's 50. load_module of such a checkpoint used to fail."""
+    from diffusion_lab.diffusion import GaussianDiffusion
+
+    short, long = (GaussianDiffusion.from_schedule("cosine", t) for t in (20, 100))
+    assert Sampler.default_for(short).config() == Sampler("ddim", steps=20).config()
+    assert Sampler.default_for(long).config() == Sampler("ddim", steps=50).config()

@@ -85,6 +85,15 @@ class Sampler:
             keys.pop("steps", None), keys.pop("nfe", None)
         return cls(**{**keys, **changes})
 
+    @classmethod
+    def default_for(cls, diffusion) -> Sampler:
+        """The process's own sampler (its default_method at the registry's steps, or at all of its T when it has
+        fewer, e.g. DDIM on a 20-step process), bound: what a model samples with when no sampler is given."""
+        s = cls(diffusion.default_method)
+        if s.steps is not None and s.steps > diffusion.num_timesteps:
+            s = s.replace(steps=diffusion.num_timesteps)
+        return s.bind(diffusion)
+
     def bind(self, diffusion) -> Sampler:
         """This sampler with its steps made explicit for `diffusion` (DDPM's default: all T); ValueError naming
         sampler.steps when the process cannot give them, or sampler.method when it needs the discrete process."""

@@ -96,7 +96,7 @@ class FIDCallback(L.Callback):
         # none given: the process's default sampler (DDIM-50 on DDPM/IDDPM), and DDPM-T where there is one
         diffusion = pl_module.diffusion
         ddpm = [Sampler("ddpm")] if isinstance(diffusion, GaussianDiffusion) else []
-        samplers = self.samplers or [Sampler(diffusion.default_method), *ddpm]
+        samplers = self.samplers or [Sampler.default_for(diffusion), *ddpm]
         self.samplers = [s.bind(pl_module.diffusion) for s in samplers]
         self.snapshot_dir = next((cb.snapshot_dir for cb in trainer.callbacks if isinstance(cb, EMA) and cb.post_hoc),
                                  None)  # fmt: skip

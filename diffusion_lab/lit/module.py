@@ -78,7 +78,7 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"label_dropout={label_dropout} must be in [0, 1)")
         if self.label_dropout > 0 and not self.conditional:
             raise ValueError(f"label_dropout={label_dropout} needs a class-conditional net (set net.num_classes)")
-        self.sampler = sampler or Sampler(diffusion.default_method).bind(diffusion)
+        self.sampler = sampler or Sampler.default_for(diffusion)
         self.run_config = run_config or {}
         self.seed = int(seed)
         # torch.compile's wrapper is kept out of the module tree, so state_dict keys and the EMA copy are unchanged.

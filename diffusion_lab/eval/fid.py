@@ -63,6 +63,12 @@ def fold_batch_norms(inception: nn.Module) -> int:
     return folded
 
 
+def _streamed(images) -> bool:
+    """A data.ImageStream (a prepared split too large to hold) rather than a tensor; duck-typed, so eval/ does not
+    import data/."""
+    return hasattr(images, "batches") and hasattr(images, "fingerprint")
+
+
 class FIDEvaluator:
     """Inception features, cached reference features, and FID/KID via torchmetrics.
 
@@ -100,20 +106,26 @@ class FIDEvaluator:
         self.kid_subset_size, self.kid_subsets = kid_subset_size, kid_subsets
 
     @torch.no_grad()
-    def features(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, C, H, W] -> float32 [N, 2048] pool features (on the CPU)."""
-        out = [
-            self.inception(to_rgb_uint8(b).to(self.device)).float().cpu() for b in images_uint8.split(self.batch_size)
-        ]
+    def features(self, images_uint8) -> torch.Tensor:
+        """uint8 [N, C, H, W] (a tensor, or a data.ImageStream read batch by batch) -> float32 [N, 2048] pool
+        features (on the CPU)."""
+        batches = (
+            images_uint8.batches(self.batch_size) if _streamed(images_uint8) else images_uint8.split(self.batch_size)
+        )
+        out = [self.inception(to_rgb_uint8(b).to(self.device)).float().cpu() for b in batches]
         return torch.cat(out) if out else torch.zeros(0, 2048)
 
-    def cache_path(self, key: str, images_uint8: torch.Tensor) -> Path:
-        """Keyed by the caller's name plus a hash of the images' shape and bytes, so changed data misses."""
-        digest = hashlib.sha1(images_uint8.contiguous().numpy().tobytes()).hexdigest()[:12]
+    def cache_path(self, key: str, images_uint8) -> Path:
+        """Keyed by the caller's name plus a hash of the images' shape and bytes (of a stream: its litdata index),
+        so changed data misses."""
+        if _streamed(images_uint8):
+            digest = images_uint8.fingerprint()
+        else:
+            digest = hashlib.sha1(images_uint8.contiguous().numpy().tobytes()).hexdigest()[:12]
         shape = "x".join(map(str, images_uint8.shape))
         return self.cache_dir / "fid_ref" / f"{key}-{shape}-{digest}-v{CACHE_VERSION}.pt"
 
-    def reference_features(self, key: str, images_uint8: torch.Tensor) -> torch.Tensor:
+    def reference_features(self, key: str, images_uint8) -> torch.Tensor:
         """Real-image features [N, 2048], loaded from the cache or computed and cached (atomically)."""
         path = self.cache_path(key, images_uint8)
         if path.exists():

@@ -1,0 +1,277 @@
+"""Streaming data (litdata): training sets that do not fit in memory, read from local disk or object storage.
+
+    python -m diffusion_lab.data.prepare data=mnist out=/data/mnist_stream     # once: litdata chunks + meta.json
+    python train.py data=stream data.path=/data/mnist_stream                     # or data.path=s3://bucket/prefix
+
+`prepare` (prepare.py) writes each split (train, val, and test where the dataset has one) as litdata chunks of
+{"image": uint8 [C, H, W], "label": int, "index": int} under <out>/<split>/, and <out>/meta.json (image size,
+channels, classes, counts, where it came from). StreamDataModule trains from them: litdata streams the chunks
+(downloading remote ones into a bounded cache, `data.max_cache_size`), shuffles by (seed, epoch), gives each rank
+its share, and its StreamingDataLoader's state goes into Lightning's checkpoint, so a run stopped mid-epoch resumes
+at the same sample. Horizontal flips are a function of (seed, epoch, image index) too. The validation and test
+splits are read whole (they are small); the training split is never held in memory: its FID reference features
+are computed by streaming it (ImageStream) and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from .base import ImageDataModule, to_model_range
+
+META = "meta.json"
+FORMAT = "diffusion_lab-stream-1"
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def read_meta(path: str) -> dict:
+    """A prepared set's meta.json; ValueError naming data.path (and what to do) when it is missing or not ours."""
+    where = f"{str(path).rstrip('/')}/{META}"
+    try:
+        if _is_remote(path):
+            import fsspec  # Lightning's dependency: s3://, gs://, ... when their fsspec backend is installed
+
+            with fsspec.open(where, "r") as f:
+                meta = json.load(f)
+        else:
+            meta = json.loads(Path(where).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"data.path={str(path)!r} has no {META}: prepare it first with "
+            f"`python -m diffusion_lab.data.prepare data=<choice> out={path}`"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"data.path={str(path)!r}: {where} is unreadable ({e}); prepare the set again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"data.path={str(path)!r}: {where} is not a diffusion_lab stream ({FORMAT}); prepare it again")
+    return meta
+
+
+def _meta_value(path: str, key: str):
+    """OmegaConf resolver `${stream_meta:<path>,<key>}`: conf/data/stream.yaml takes the net's image size, channels
+    and classes from the prepared set itself."""
+    return read_meta(path)[key]
+
+
+OmegaConf.register_new_resolver("stream_meta", _meta_value, replace=True)
+
+
+def _streaming_dataset():
+    from litdata import StreamingDataset
+
+    class ImageStreamDataset(StreamingDataset):
+        """litdata's StreamingDataset whose items are (x float32 [C, H, W] in [-1, 1], label) like the in-memory
+        sets, with the flip of image `index` in epoch e a function of (seed, e, index)."""
+
+        def __init__(self, *args, hflip: bool = False, raw: bool = False, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.hflip, self.raw = hflip, raw
+
+        def __getitem__(self, index):
+            item = super().__getitem__(index)
+            image = torch.as_tensor(item["image"])
+            if self.raw:
+                return image, int(item["label"]), int(item["index"])
+            x = to_model_range(image)
+            if self.hflip and random.Random(f"{self.seed}/{self.current_epoch}/{int(item['index'])}").random() < 0.5:
+                x = x.flip(-1)
+            return x, int(item["label"])
+
+    return ImageStreamDataset
+
+
+class ImageStream:
+    """One prepared split, read in order as uint8 batches without holding it: FIDEvaluator takes it in place of an
+    image tensor (features computed batch by batch; the cache keyed by the split's litdata index)."""
+
+    def __init__(self, path: str, count: int, shape: tuple[int, ...], cache_dir: str | None = None):
+        self.path, self.count, self.item_shape, self.cache_dir = str(path), int(count), tuple(shape), cache_dir
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.count, *self.item_shape)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def fingerprint(self) -> str:
+        """A hash of the split's litdata index (its chunks' names, sizes and counts): a re-prepared set misses."""
+        where = f"{self.path.rstrip('/')}/index.json"
+        if _is_remote(self.path):
+            import fsspec
+
+            with fsspec.open(where, "rb") as f:
+                data = f.read()
+        else:
+            data = Path(where).read_bytes()
+        return hashlib.sha1(data).hexdigest()[:12]
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """uint8 [<= batch_size, C, H, W] batches in the split's order."""
+        ds = _streaming_dataset()(self.path, shuffle=False, raw=True, cache_dir=self.cache_dir)
+        batch = []
+        for i in range(len(ds)):
+            batch.append(ds[i][0])
+            if len(batch) == batch_size:
+                yield torch.stack(batch)
+                batch = []
+        if batch:
+            yield torch.stack(batch)
+
+    def tensor(self, limit: int | None = None) -> torch.Tensor:
+        n = self.count if limit is None else min(limit, self.count)
+        out = torch.empty((n, *self.item_shape), dtype=torch.uint8)
+        done = 0
+        for b in self.batches(256):
+            k = min(b.shape[0], n - done)
+            out[done : done + k] = b[:k]
+            done += k
+            if done >= n:
+                break
+        return out
+
+    def __getitem__(self, key):
+        """[:n] -> the first n images as a tensor (bounded); [:None] -> the stream itself."""
+        if isinstance(key, slice) and key.start in (None, 0) and key.step in (None, 1):
+            return self if key.stop is None or key.stop >= self.count else self.tensor(key.stop)
+        raise TypeError("an ImageStream can only be cut as [:n]")
+
+
+class StreamDataModule(ImageDataModule):
+    """Trains from a set written by `python -m diffusion_lab.data.prepare` (see the module docstring).
+
+    Args:
+        path: the prepared set's directory or URL (s3://...).
+        batch_size / num_workers: per device, as for the in-memory sets.
+        hflip: random horizontal flips, a function of (seed, epoch, index).
+        max_cache_size: litdata's cache bound for remote chunks (e.g. "10GB").
+        cache_dir: where litdata keeps downloaded chunks (null: its default).
+        image_size / channels / num_classes: the set's own (conf/data/stream.yaml reads them from its meta.json);
+        a different value is refused.
+    """
+
+    def __init__(self, path: str, image_size: int | None = None, channels: int | None = None,
+                 num_classes: int | None = None, batch_size: int = 128, num_workers: int = 0, hflip: bool = False,
+                 max_cache_size: str = "10GB", cache_dir: str | None = None, **kwargs):  # fmt: skip
+        self.path = str(path).rstrip("/")
+        self.meta = read_meta(self.path)
+        for key, given in (("image_size", image_size), ("channels", channels), ("num_classes", num_classes)):
+            if given is not None and given != self.meta[key]:
+                raise ValueError(
+                    f"data.{key}={given} but the prepared set {self.path} has {self.meta[key]}: "
+                    f"leave data.{key} to the set (or prepare it again with data.{key}={given})"
+                )
+        super().__init__(image_size=self.meta["image_size"], channels=self.meta["channels"],
+                         num_classes=self.meta["num_classes"], batch_size=batch_size, num_workers=num_workers,
+                         hflip=hflip, **kwargs)  # fmt: skip
+        self.max_cache_size, self.cache_dir = max_cache_size, cache_dir
+        if self.meta["counts"].get("train", 0) < 1:
+            raise ValueError(f"data.path={self.path!r}: its train split is empty; prepare the set again")
+        self.check_chunks()  # before any work
+
+    def _split(self, split: str) -> str:
+        return f"{self.path}/{split}"
+
+    def check_chunks(self) -> None:
+        """A local set's chunks are all there at the size its litdata index records; ValueError naming the first
+        that is not (a truncated copy, a deleted file). Remote chunks are litdata's to fetch."""
+        if _is_remote(self.path):
+            return
+        for split, n in self.meta["counts"].items():
+            if not n:
+                continue
+            index = Path(self._split(split)) / "index.json"
+            try:
+                chunks = json.loads(index.read_text())["chunks"]
+            except (OSError, ValueError, KeyError) as e:
+                raise ValueError(f"data.path={self.path!r}: {index} is missing or unreadable ({e}); prepare the set "
+                                 "again") from None  # fmt: skip
+            for c in chunks:
+                f = index.parent / c["filename"]
+                size = f.stat().st_size if f.is_file() else None
+                if size != c["chunk_bytes"]:
+                    raise ValueError(
+                        f"data.path={self.path!r}: chunk {f} is "
+                        + ("missing" if size is None else f"{size} bytes, its index says {c['chunk_bytes']}")
+                        + " (a truncated or partial copy); copy or prepare the set again"
+                    )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's seed, as the in-memory EpochSampler
+        dataset = _streaming_dataset()
+        self.train_set = dataset(self._split("train"), shuffle=True, drop_last=True, seed=seed, hflip=self.hflip,
+                                 max_cache_size=self.max_cache_size, cache_dir=self.cache_dir)  # fmt: skip
+        has_val = self.meta["counts"].get("val", 0) > 0
+        self.val_set = dataset(self._split("val"), shuffle=False, cache_dir=self.cache_dir) if has_val else None
+
+    def check_batch_size(self, world_size: int | None = None) -> None:
+        world = world_size or (self.trainer.world_size if self.trainer is not None else 1)
+        n = self.meta["counts"]["train"]
+        if n // world < self.batch_size:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is larger than the training set ({n} images"
+                + (f" over {world} ranks" if world > 1 else "")
+                + f"): no full batch to train on; use data.batch_size <= {n // world}"
+            )
+
+    def train_dataloader(self):
+        from litdata import StreamingDataLoader
+
+        class EpochStreamingLoader(StreamingDataLoader):
+            """litdata's loader with its epoch taken from the trainer at each epoch's start. Why: litdata counts
+            epochs itself and clears its restored state only when an epoch runs out, which Lightning's fetcher
+            does not always let it see after a resume, so the epoch after a mid-epoch resume repeated the
+            previous epoch's order."""
+
+            def __init__(self, *args, position, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.position = position
+
+            def __iter__(self):
+                epoch, done = self.position() if self.position else (None, None)
+                if done == 0:  # an epoch's first batch: a fresh epoch (litdata numbers it epoch + 1)
+                    self.restore, self.current_epoch = False, epoch
+                return super().__iter__()
+
+        self.setup()
+        self.check_batch_size()
+        position = self._position if self.trainer is not None else None  # outside a Trainer: litdata's own count
+        return EpochStreamingLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers,
+                                    drop_last=True, position=position)  # fmt: skip
+
+    def val_dataloader(self):
+        from litdata import StreamingDataLoader
+
+        self.setup()
+        if self.val_set is None:
+            return []
+        return StreamingDataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def stream(self, split: str) -> ImageStream:
+        if self.meta["counts"].get(split, 0) < 1:
+            raise ValueError(f"reference_split={split}: {self.path} has no {split} split (prepared: "
+                             f"{', '.join(k for k, v in self.meta['counts'].items() if v)})")  # fmt: skip
+        shape = (self.channels, self.image_size, self.image_size)
+        return ImageStream(self._split(split), self.meta["counts"][split], shape, self.cache_dir)
+
+    def real_images(self, split: str = "train"):
+        """The training split as an ImageStream (never held whole: FIDEvaluator streams it, `[:n]` reads n
+        images); the validation and test splits as uint8 tensors."""
+        stream = self.stream(split)
+        return stream if split == "train" else stream.tensor()
+
+    def test_images(self):
+        return self.stream("test").tensor(), None

@@ -206,8 +206,9 @@ def section(res: dict, cmd: str, link: str) -> str:
 Machine: {machine_line(res['machine'])}. Each process trained by its preset (same net, data, seed, optimizer, EMA
 and 3,200 steps); cells are FID at N={res['n']} against the 10,000 MNIST test images (precision/recall k=3,
 classifier score, 10 = best{classifier_note(res)}); `@k` where the method's NFE differs from the column's budget
-(Heun: 2 evaluations per step, one on the last). Wall time: {res['wall_seconds'] / 60:.1f} min (cached rows and
-reused trainings count as zero).
+(Heun: 2 evaluations per step, one on the last). `train min` is each run's wall time on this noisy machine, with
+other jobs sometimes sharing its cores: it is not the process's cost (all three train the same net for the same
+steps). Wall time: {res['wall_seconds'] / 60:.1f} min (cached rows and reused trainings count as zero).
 
 {chr(10).join(lines)}
 

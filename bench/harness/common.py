@@ -102,8 +102,13 @@ def summary(name: str, text: str) -> None:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory (Linux ru_maxrss is KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory: Linux's VmHWM (ru_maxrss would carry over the peak of the parent that
+    forked a worker, across exec); ru_maxrss (KiB) elsewhere."""
+    try:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        return int(status["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_worker(script: str, *args: str) -> dict:

@@ -31,6 +31,7 @@ ORDER = [
     ("convergence", "python bench/convergence.py"),
     ("processes", "python bench/processes.py"),
     ("posthoc_ema", "python bench/posthoc_ema.py"),
+    ("stream", "python bench/stream.py"),
 ]
 QUICK = {"train_throughput", "sampling", "fid", "loss_aware", "solvers_digits"}  # what `make bench` runs
 

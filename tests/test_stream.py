@@ -212,3 +212,39 @@ def test_fid_reference_features_of_a_stream_equal_the_tensors_and_are_cached(tmp
     assert torch.allclose(streamed, ev.features(stream.tensor()), atol=1e-5)
     assert len(list((tmp_path / "cache" / "fid_ref").glob("few-train-*.pt"))) == 1
     assert torch.equal(ev.reference_features("few-train", stream), streamed)  # from the cache
+
+
+# VmHWM, not ru_maxrss: the latter carries over the forking parent's (pytest's) peak across exec.
+RSS_WORKER = """
+import sys, torch
+from diffusion_lab.data import StreamDataModule
+dm = StreamDataModule(sys.argv[1], batch_size=64)
+n = sum(x.shape[0] for x, _ in dm.train_dataloader())
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(n, int(status["VmHWM"].split()[0]) // 1024)
+"""
+
+
+def test_a_ten_times_larger_set_does_not_raise_the_peak_memory(tmp_path):
+    """One epoch streamed from 2,000 and from 20,000 images of 3x32x32 (6 and 59 MiB of pixels): the process's peak
+    RSS grows by less than the loader's cache (a few 1 MiB chunks), not by the 53 MiB an in-memory set would add."""
+    gen = torch.Generator().manual_seed(0)
+
+    class Synthetic(ImageDataModule):
+        def __init__(self, n):
+            super().__init__(image_size=32, channels=3, val_fraction=0.0)
+            self.n = n
+
+        def load_images(self):
+            return torch.randint(0, 256, (self.n, 3, 32, 32), dtype=torch.uint8, generator=gen), torch.zeros(
+                self.n, dtype=torch.long
+            )
+
+    peaks = {}
+    for n in (2000, 20000):
+        prepare(Synthetic(n), tmp_path / str(n), chunk_bytes="1MB")
+        r = _cli(["-c", RSS_WORKER, str(tmp_path / str(n))])
+        assert r.returncode == 0, r.stderr[-2000:]
+        seen, peaks[n] = map(int, r.stdout.split()[-2:])
+        assert seen == n // 64 * 64 or seen >= n - 64 * 20  # every full batch of each chunk
+    assert peaks[20000] - peaks[2000] < 20, peaks  # MiB

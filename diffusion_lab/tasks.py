@@ -70,7 +70,13 @@ def _resolve_ckpt_path(cfg: DictConfig) -> Path | None:
     ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
     _remove_stale_temp_files(ckpt_dir)
     requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0  # SLURM reran this job (lit.Requeue, preemption)
-    if path == "last" or (path is None and (cfg.get("auto_resume") or requeued)):
+    if requeued and (ckpt_dir / "last.ckpt").exists():
+        path = "last"  # the job's own progress, not the checkpoint it started from (ckpt_path=<init.ckpt>)
+    elif requeued:
+        log.warning("requeued job (SLURM_RESTART_COUNT=%s) but %s has no last.ckpt: starting again (give "
+                    "hydra.run.dir a fixed path so a requeued job finds its run)", os.environ["SLURM_RESTART_COUNT"],
+                    ckpt_dir)  # fmt: skip
+    if path == "last" or (path is None and cfg.get("auto_resume")):
         last = ckpt_dir / "last.ckpt"
         if not last.exists():
             if path == "last":
@@ -165,6 +171,8 @@ def _load_for_eval(cfg: DictConfig):
     with open_dict(run_cfg):
         if "data_dir" in run_cfg.data:
             run_cfg.data.data_dir = cfg.paths.data_dir
+        if "cache_dir" in run_cfg.data:  # a streamed set's downloads: this machine's default, never the file's
+            run_cfg.data.cache_dir = None
     return module, instantiate(run_cfg.data)
 
 

@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import types
 
 import pytest
 import torch
@@ -64,8 +66,27 @@ def test_the_requeue_callback_is_inert_outside_slurm(tmp_path, monkeypatch):
     from diffusion_lab.lit.checkpointing import Requeue
 
     cb = Requeue(tmp_path)
-    cb.on_train_start(None, None)
+    cb.on_train_start(types.SimpleNamespace(is_global_zero=True), None)
     assert seen == [] and cb.previous == {}
+
+
+def test_a_signal_no_training_step_answers_still_requeues_the_job(tmp_path, monkeypatch):
+    """SLURM's signal during a long validation or FID evaluation (no step ends): after fallback_s the job is requeued
+    anyway (without a new checkpoint), and the process's own handlers come back at teardown."""
+    from diffusion_lab.lit.checkpointing import Requeue
+
+    log = _fake_scontrol(tmp_path, monkeypatch)
+    for k, v in SLURM.items():
+        monkeypatch.setenv(k, v)
+    before = signal.getsignal(signal.SIGUSR1)
+    cb = Requeue(tmp_path, fallback_s=0.3)
+    cb.on_train_start(types.SimpleNamespace(is_global_zero=True), None)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    deadline = time.time() + 30
+    while not log.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    cb.teardown(None, None, "fit")
+    assert log.read_text().split() == ["requeue", "4242"] and signal.getsignal(signal.SIGUSR1) == before
 
 
 def test_a_local_submitit_sweep_runs_each_job_apart_and_reports_the_failed_one(tmp_path):

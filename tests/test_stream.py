@@ -248,3 +248,33 @@ def test_a_ten_times_larger_set_does_not_raise_the_peak_memory(tmp_path):
         seen, peaks[n] = map(int, r.stdout.split()[-2:])
         assert seen == n // 64 * 64 or seen >= n - 64 * 20  # every full batch of each chunk
     assert peaks[20000] - peaks[2000] < 20, peaks  # MiB
+
+
+@pytest.mark.parametrize("attack", ["pickle_format", "path_in_chunk_name", "compressed"])
+def test_a_hostile_index_is_refused_before_litdata_reads_it(small_stream, tmp_path, attack):
+    """A prepared set is untrusted input (a checkpoint may name one): litdata would unpickle items whose index says
+    `pickle`, and write or read a chunk named `../x` outside its directory. Both are refused, naming the file."""
+    hostile = tmp_path / "hostile"
+    shutil.copytree(small_stream, hostile)
+    index = hostile / "train" / "index.json"
+    data = json.loads(index.read_text())
+    if attack == "pickle_format":
+        data["config"]["data_format"] = ["pickle", "int", "int"]
+    elif attack == "compressed":
+        data["config"]["compression"] = "zstd"
+    else:
+        data["chunks"][0]["filename"] = "../../victim.bin"
+    index.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"index\.json .*refused unread"):
+        StreamDataModule(str(hostile))
+
+
+def test_two_sets_of_the_same_shape_never_share_cached_fid_features(small_stream, tmp_path):
+    """Re-preparing the same images (or preparing another dataset of the same shape and count) gives another
+    fingerprint: prepare draws an id for each set, part of the FID cache key."""
+    again = tmp_path / "again"
+    prepare(DigitsDataModule(val_fraction=0.888), again, chunk_bytes="8KB")
+    a, b = (StreamDataModule(str(p)).real_images("train") for p in (small_stream, again))
+    chunks = [json.loads((p / "train" / "index.json").read_text())["chunks"] for p in (small_stream, again)]
+    assert chunks[0] == chunks[1]  # the same chunks (litdata's index differs only by its timestamp)
+    assert a.fingerprint() != b.fingerprint()

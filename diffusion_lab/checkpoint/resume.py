@@ -19,7 +19,8 @@ FREE_ON_RESUME = (
     "channels_last", "trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "trainer.enable_progress_bar",
     "trainer.log_every_n_steps", "trainer.default_root_dir", "trainer.check_val_every_n_epoch",
     "trainer.limit_val_batches", "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
-    "trainer.precision", "trainer.sync_batchnorm", "data.num_workers", "data.data_dir", "data.debian_dir", "compile",
+    "trainer.precision", "trainer.sync_batchnorm", "data.num_workers", "data.data_dir", "data.debian_dir",
+    "data.cache_dir", "data.max_cache_size", "compile",
 )  # fmt: skip
 # Keys that exist since a later version, with the value that reproduces what older checkpoints did, and
 # renamed targets: a checkpoint written before either change resumes as if it had them (the diffusion keys are

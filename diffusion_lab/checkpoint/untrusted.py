@@ -33,7 +33,7 @@ from ..lit.checkpointing import nonfinite_weights
 BUILDABLE_PACKAGES = ("diffusion_lab.nets", "diffusion_lab.diffusion", "diffusion_lab.data")
 # torch's optimizers and LR schedulers whose constructors take only numbers (not LambdaLR & co., which take callables).
 ALLOWED_PATTERN = re.compile(r"torch\.optim\.(lr_scheduler\.)?[A-Z][A-Za-z0-9]*")
-CALLABLE_TAKING = {"LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler"}
+CALLABLE_TAKING = {"LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler", "CyclicLR"}  # CyclicLR: scale_fn
 # The run-config nodes a checkpoint's model, sampler and data are built from.
 BUILT_NODES = ("net", "diffusion", "timesteps", "optim", "lr_scheduler", "sampler", "data")
 
@@ -66,7 +66,7 @@ def _submodules(pkg) -> list:
     for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
         try:
             out.append(importlib.import_module(info.name))
-        except ImportError:  # a module whose optional dependency is absent: nothing of it can be built here
+        except ModuleNotFoundError:  # a module whose optional dependency is absent: nothing of it can be built here
             continue
     return out
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 
 from ..io import atomic_write
 from .folder import FolderDataModule
-from .stream import FORMAT, META
+from .stream import FORMAT, META, StreamDataModule
 
 log = logging.getLogger(__name__)
 MARK = "diffusion_lab-prepare: "  # finds our message inside the error litdata raises for a failed worker
@@ -77,6 +78,10 @@ def _write(fn, inputs: list, out: Path, chunk_bytes: str, num_workers: int) -> i
 def prepare(dm, out: str | Path, chunk_bytes: str = "64MB", num_workers: int = 1) -> dict:
     """Write `dm`'s splits (train, val, test where it has one) under `out`, then out/meta.json; returns the meta."""
     out = Path(out)
+    if isinstance(dm, StreamDataModule):
+        raise ValueError("data=stream is a prepared set already: prepare from its source (data=mnist, data=folder)")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out={str(out)!r} is a file: prepare into a new directory")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"out={str(out)!r} is not empty: prepare into a new directory (nothing was changed)")
     counts = {}
@@ -95,7 +100,8 @@ def prepare(dm, out: str | Path, chunk_bytes: str = "64MB", num_workers: int = 1
         for split, (images, labels) in splits.items():
             counts[split] = _write(_TensorItems(images, labels), list(range(images.shape[0])), out / split,
                                    chunk_bytes, num_workers)  # fmt: skip
-    meta = {"format": FORMAT, "image_size": dm.image_size, "channels": dm.channels, "num_classes": dm.num_classes,
+    meta = {"format": FORMAT, "id": uuid.uuid4().hex, "image_size": dm.image_size, "channels": dm.channels,
+            "num_classes": dm.num_classes,
             "counts": counts, "source": type(dm).__name__}  # fmt: skip
     with atomic_write(out / META) as tmp:
         tmp.write_text(json.dumps(meta, indent=1))

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,13 +40,7 @@ def read_meta(path: str) -> dict:
     """A prepared set's meta.json; ValueError naming data.path (and what to do) when it is missing or not ours."""
     where = f"{str(path).rstrip('/')}/{META}"
     try:
-        if _is_remote(path):
-            import fsspec  # Lightning's dependency: s3://, gs://, ... when their fsspec backend is installed
-
-            with fsspec.open(where, "r") as f:
-                meta = json.load(f)
-        else:
-            meta = json.loads(Path(where).read_text())
+        meta = json.loads(_read(where))  # remote: fsspec (Lightning's dependency), s3:// etc. with their backend
     except FileNotFoundError:
         raise FileNotFoundError(
             f"data.path={str(path)!r} has no {META}: prepare it first with "
@@ -53,9 +48,52 @@ def read_meta(path: str) -> dict:
         ) from None
     except (OSError, ValueError) as e:
         raise ValueError(f"data.path={str(path)!r}: {where} is unreadable ({e}); prepare the set again") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("counts"), dict):
         raise ValueError(f"data.path={str(path)!r}: {where} is not a diffusion_lab stream ({FORMAT}); prepare it again")
     return meta
+
+
+CHUNK_NAME = re.compile(r"chunk-\d+-\d+\.bin")
+INDEX_CONFIG = {"data_format": ["numpy", "int", "int"], "compression": None, "encryption": None,
+                "item_loader": "PyTreeLoader"}  # fmt: skip
+
+
+def _read(where: str, mode: str = "r"):
+    if _is_remote(where):
+        import fsspec
+
+        with fsspec.open(where, mode) as f:
+            return f.read()
+    return Path(where).read_text() if mode == "r" else Path(where).read_bytes()
+
+
+def check_index(split_dir: str, check_sizes: bool = True) -> list[dict]:
+    """The chunks of one prepared split, after checking its index.json (see StreamDataModule.check_chunks)."""
+    where = f"{split_dir}/index.json"
+    try:
+        index = json.loads(_read(where))
+        config, chunks = index["config"], index["chunks"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{where} is missing or unreadable ({e}); prepare the set again") from None
+    bad = {k: config.get(k) for k, v in INDEX_CONFIG.items() if config.get(k) != v}
+    if bad or set(re.findall(r'"type": "([^"]*)"', str(config.get("data_spec")))) - {"builtins.dict"}:
+        raise ValueError(
+            f"{where} is not a set diffusion_lab.data.prepare wrote ({bad or 'data_spec'}); refused unread"
+        )
+    for c in chunks:
+        name = str(c.get("filename"))
+        if not CHUNK_NAME.fullmatch(name):
+            raise ValueError(f"{where} names a chunk {name!r} that is not a plain chunk file; refused unread")
+        if check_sizes:
+            f = Path(split_dir) / name
+            size = f.stat().st_size if f.is_file() else None
+            if size != c.get("chunk_bytes"):
+                raise ValueError(
+                    f"chunk {f} is "
+                    + ("missing" if size is None else f"{size} bytes, its index says {c['chunk_bytes']}")
+                    + " (a truncated or partial copy); copy or prepare the set again"
+                )
+    return chunks
 
 
 def _meta_value(path: str, key: str):
@@ -64,7 +102,7 @@ def _meta_value(path: str, key: str):
     return read_meta(path)[key]
 
 
-OmegaConf.register_new_resolver("stream_meta", _meta_value, replace=True)
+OmegaConf.register_new_resolver("stream_meta", _meta_value, replace=True, use_cache=True)
 
 
 def _streaming_dataset():
@@ -106,28 +144,19 @@ class ImageStream:
         return self.count
 
     def fingerprint(self) -> str:
-        """A hash of the split's litdata index (its chunks' names, sizes and counts): a re-prepared set misses."""
-        where = f"{self.path.rstrip('/')}/index.json"
-        if _is_remote(self.path):
-            import fsspec
-
-            with fsspec.open(where, "rb") as f:
-                data = f.read()
-        else:
-            data = Path(where).read_bytes()
+        """A hash of the split's litdata index and of the set's meta.json, which holds the id `prepare` drew for
+        it: two sets of the same shape and count (MNIST, Fashion-MNIST) differ, and a re-prepared set misses."""
+        root = self.path.rstrip("/").rsplit("/", 1)[0]
+        data = _read(f"{self.path.rstrip('/')}/index.json", "rb") + _read(f"{root}/{META}", "rb")
         return hashlib.sha1(data).hexdigest()[:12]
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """uint8 [<= batch_size, C, H, W] batches in the split's order."""
+        from litdata import StreamingDataLoader
+
         ds = _streaming_dataset()(self.path, shuffle=False, raw=True, cache_dir=self.cache_dir)
-        batch = []
-        for i in range(len(ds)):
-            batch.append(ds[i][0])
-            if len(batch) == batch_size:
-                yield torch.stack(batch)
-                batch = []
-        if batch:
-            yield torch.stack(batch)
+        for images, _, _ in StreamingDataLoader(ds, batch_size=batch_size):
+            yield images
 
     def tensor(self, limit: int | None = None) -> torch.Tensor:
         n = self.count if limit is None else min(limit, self.count)
@@ -184,28 +213,12 @@ class StreamDataModule(ImageDataModule):
         return f"{self.path}/{split}"
 
     def check_chunks(self) -> None:
-        """A local set's chunks are all there at the size its litdata index records; ValueError naming the first
-        that is not (a truncated copy, a deleted file). Remote chunks are litdata's to fetch."""
-        if _is_remote(self.path):
-            return
+        """Each split's litdata index is what `prepare` writes (numpy image, int label, int index, uncompressed, plain
+        chunk names: litdata would otherwise pick a pickle deserializer or a path outside the set from it) and, for a
+        local set, every chunk is there at the size the index records; ValueError naming the file otherwise."""
         for split, n in self.meta["counts"].items():
-            if not n:
-                continue
-            index = Path(self._split(split)) / "index.json"
-            try:
-                chunks = json.loads(index.read_text())["chunks"]
-            except (OSError, ValueError, KeyError) as e:
-                raise ValueError(f"data.path={self.path!r}: {index} is missing or unreadable ({e}); prepare the set "
-                                 "again") from None  # fmt: skip
-            for c in chunks:
-                f = index.parent / c["filename"]
-                size = f.stat().st_size if f.is_file() else None
-                if size != c["chunk_bytes"]:
-                    raise ValueError(
-                        f"data.path={self.path!r}: chunk {f} is "
-                        + ("missing" if size is None else f"{size} bytes, its index says {c['chunk_bytes']}")
-                        + " (a truncated or partial copy); copy or prepare the set again"
-                    )
+            if n:
+                check_index(self._split(split), check_sizes=not _is_remote(self.path))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -262,8 +275,8 @@ class StreamDataModule(ImageDataModule):
 
     def stream(self, split: str) -> ImageStream:
         if self.meta["counts"].get(split, 0) < 1:
-            raise ValueError(f"reference_split={split}: {self.path} has no {split} split (prepared: "
-                             f"{', '.join(k for k, v in self.meta['counts'].items() if v)})")  # fmt: skip
+            have = ", ".join(k for k, v in self.meta["counts"].items() if v)
+            raise ValueError(f"{self.path} has no {split} split (prepared: {have}): choose another")
         shape = (self.channels, self.image_size, self.image_size)
         return ImageStream(self._split(split), self.meta["counts"][split], shape, self.cache_dir)
 
@@ -272,6 +285,3 @@ class StreamDataModule(ImageDataModule):
         images); the validation and test splits as uint8 tensors."""
         stream = self.stream(split)
         return stream if split == "train" else stream.tensor()
-
-    def test_images(self):
-        return self.stream("test").tensor(), None

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -140,49 +141,44 @@ class RequeueStop(Exception):
 class Requeue(Checkpoint):
     """Checkpoint and requeue on SLURM's warning signal (`#SBATCH --signal=USR1@120 --requeue`, or submitit's USR2).
 
-    The signal only sets a flag; at the end of the step it arrives in (after the EMA update: Lightning runs
-    Checkpoint callbacks last), the ranks agree on it, last.ckpt is written, and the job is requeued: through the
-    handler that was there before (submitit's, under hydra/launcher=slurm) or `scontrol requeue` (rank 0); then
-    the run ends with RequeueStop. The requeued job resumes from last.ckpt (tasks.train resumes a job whose
-    SLURM_RESTART_COUNT is set). Written here, not Lightning's auto_requeue (tasks.train turns it off): Lightning
-    saves inside the signal handler, mid-step, so the resumed run would not equal the uninterrupted one.
-    Inactive outside SLURM (Lightning's SLURMEnvironment.detect()).
+    The signal only sets a flag; at the end of the optimizer step it arrives in (after the EMA update: Lightning runs
+    Checkpoint callbacks last), the ranks agree on it (one all-reduce per step, only under SLURM), last.ckpt is
+    written, and the job is requeued: through the handler that was there before (submitit's, under
+    hydra/launcher=slurm, which requeues and exits the process) or `scontrol requeue` from rank 0, after which the
+    run ends with RequeueStop. If no training step ends within `fallback_s` of the signal (validation or the FID
+    callback running), the job is requeued without a new checkpoint and resumes from the newest last.ckpt. The
+    requeued job resumes from last.ckpt (tasks.train does so for a job whose SLURM_RESTART_COUNT is set).
+    Written here, not Lightning's auto_requeue (tasks.train turns it off): Lightning saves inside the signal
+    handler, mid-step, so the resumed run would not equal the uninterrupted one. Inactive outside SLURM
+    (Lightning's SLURMEnvironment.detect()).
     """
 
     SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
-    def __init__(self, dirpath: str | Path):
-        self.last = Path(dirpath) / "last.ckpt"
+    def __init__(self, dirpath: str | Path, fallback_s: float = 60.0):
+        self.last, self.fallback_s = Path(dirpath) / "last.ckpt", float(fallback_s)
         self.received: int | None = None
         self.previous: dict[int, Any] = {}
+        self.timer: threading.Timer | None = None
+        self.rank_zero = True
 
     def _handler(self, signum, frame) -> None:
         self.received = signum
+        if self.timer is None:
+            self.timer = threading.Timer(self.fallback_s, self._fallback)
+            self.timer.daemon = True
+            self.timer.start()
 
-    def on_train_start(self, trainer, pl_module) -> None:  # after Lightning registered its own signal handlers
-        if SLURMEnvironment.detect():
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._handler)
+    def _fallback(self) -> None:
+        log.warning("SLURM signal: no training step ended within %.0f s (validation or FID running); requeueing "
+                    "without a new checkpoint: the job resumes from %s", self.fallback_s, self.last)  # fmt: skip
+        self._requeue(self.received or signal.SIGUSR1)
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self.previous = {}
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self.teardown(trainer, pl_module, "fit")  # Lightning skips the teardown hook when fit raises
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self.previous or not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
-            return
-        trainer.save_checkpoint(self.last)
-        signum = self.received or signal.SIGUSR1
-        log.warning("SLURM signal %s: wrote %s at step %d; requeueing", signal.Signals(signum).name, self.last,
-                    trainer.global_step)  # fmt: skip
+    def _requeue(self, signum: int) -> None:
         previous = self.previous.get(signum)
         if callable(previous):  # submitit: it pickles the job for the requeue, requeues and exits
             previous(signum, None)
-        elif trainer.is_global_zero:
+        elif self.rank_zero:
             job = os.environ.get("SLURM_JOB_ID", "")
             if array := os.environ.get("SLURM_ARRAY_JOB_ID"):
                 job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
@@ -193,6 +189,36 @@ class Requeue(Checkpoint):
                 ok, why = False, str(e)
             if not ok:
                 log.warning("scontrol requeue %s failed (%s): rerun the job; it resumes from %s", job, why, self.last)
+
+    def on_train_start(self, trainer, pl_module) -> None:  # after Lightning registered its own signal handlers
+        self.received, self.timer, self.rank_zero = None, None, trainer.is_global_zero
+        if SLURMEnvironment.detect():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handler)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")  # Lightning skips the teardown hook when fit raises
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.previous or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # outside SLURM, or inside a gradient accumulation
+        # every rank takes part each step; the largest signal number wins, so all ranks requeue the same way
+        signum = int(trainer.strategy.reduce(torch.tensor(float(self.received or 0)), reduce_op="max"))
+        if not signum:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        trainer.save_checkpoint(self.last)
+        log.warning("SLURM signal %s: wrote %s at step %d; requeueing", signal.Signals(signum).name, self.last,
+                    trainer.global_step)  # fmt: skip
+        self._requeue(signum)
         raise RequeueStop(f"stopped at step {trainer.global_step} on SLURM's signal; {self.last} holds it")
 
 

@@ -106,8 +106,9 @@ def section(res: dict, cmd: str, link: str) -> str:
                      f"{r.get('cls_score', float('nan')):.2f} | {r.get('confident', float('nan')):.1%} |")
     recipe = res["recipe_train_seconds"]
     cost = (f"training {res['train_seconds'] / 60:.1f} min with snapshots"
-            + (f" (the recipe's run without: {recipe / 60:.1f} min, another hour of this noisy machine)" if recipe
-               else "")
+            + (f" (the recipe's run without them: {recipe / 60:.1f} min, alone on the cores; the snapshot run "
+               "shared them with other jobs for part of its time, so the difference is not the snapshots' cost: a "
+               "snapshot is two state-dict copies written every 200 steps)" if recipe else "")
             + f"; {res['snapshots']} snapshots every {res['snapshot_every']} steps, "
             f"{res['snapshot_bytes'] / 2**20:.0f} MiB on disk; rebuilding one EMA {res['rebuild_seconds']:.1f} s")
     span = res["representable"]

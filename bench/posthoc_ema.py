@@ -18,7 +18,6 @@ without snapshots, the snapshots' disk, the rebuild time.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import matplotlib
@@ -30,6 +29,7 @@ from harness.common import (  # noqa: E402
     machine,
     machine_line,
     results_dir,
+    saved_result,
     scored_rows,
     summary,
     write_result,
@@ -133,11 +133,8 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--render", action="store_true")
     a = p.parse_args()
-    saved = results_dir() / "posthoc_ema.json"
     if a.render:
-        if not saved.exists():
-            p.error(f"--render: {saved} does not exist; run `python bench/posthoc_ema.py` first")
-        res = json.loads(saved.read_text())
+        res = saved_result(p, "posthoc_ema", "python bench/posthoc_ema.py")
     else:
         res = run(a.num_samples)
         res["command"] = "python bench/posthoc_ema.py" + (f" --num-samples {a.num_samples}"

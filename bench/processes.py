@@ -21,7 +21,6 @@ missing.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass
 
@@ -34,8 +33,8 @@ from harness.common import (  # noqa: E402
     classifier_note,
     machine,
     machine_line,
-    results_dir,
     save_figure,
+    saved_result,
     scored_rows,
     summary,
     write_result,
@@ -231,11 +230,8 @@ def main() -> None:
                    help="a subset (its section then shows only these)")
     p.add_argument("--render", action="store_true", help="the section and plot again from the saved results")
     a = p.parse_args()
-    saved = results_dir() / "processes.json"
     if a.render:
-        if not saved.exists():
-            p.error(f"--render: {saved} does not exist; run `python bench/processes.py` first")
-        res = json.loads(saved.read_text())
+        res = saved_result(p, "processes", "python bench/processes.py")
     else:
         res = run(a.num_samples, a.screen_samples, a.processes)
         res["command"] = "python bench/processes.py" + (

@@ -18,7 +18,6 @@ solver beats DDIM-10. Rows are cached (outputs/bench/rows/), so a re-run only co
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import matplotlib
@@ -32,8 +31,8 @@ from harness.common import (  # noqa: E402
     fid_evaluator,
     machine,
     machine_line,
-    results_dir,
     save_figure,
+    saved_result,
     scored_rows,
     summary,
     train_digits,
@@ -162,10 +161,7 @@ def main() -> None:
                    help="leave out DDPM with all T steps (on MNIST at N=1,000 about 70 min of the run on 2 CPU cores)")
     a = p.parse_args()
     if a.render:
-        saved = results_dir(a.quick) / f"solvers_{a.data}.json"
-        if not saved.exists():
-            p.error(f"--render: {saved} does not exist; run `python bench/solvers.py --data {a.data}` first")
-        res = json.loads(saved.read_text())
+        res = saved_result(p, f"solvers_{a.data}", f"python bench/solvers.py --data {a.data}", a.quick)
         cmd = res.get("command", f"python bench/solvers.py --data {a.data}")
     elif a.quick:
         res = run("digits", a.num_samples or 200, ["ddim", "dpmpp_2m", "unipc", "heun"], [5, 10], with_ddpm=False)

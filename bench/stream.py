@@ -21,7 +21,16 @@ import time
 
 import lightning as L
 import torch
-from harness.common import RUNS, machine, machine_line, peak_rss_mib, results_dir, run_worker, summary, write_result
+from harness.common import (
+    RUNS,
+    machine,
+    machine_line,
+    peak_rss_mib,
+    run_worker,
+    saved_result,
+    summary,
+    write_result,
+)
 from harness.mnist import compose
 
 OUT = RUNS / "stream"
@@ -145,9 +154,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--render", action="store_true")
     a = p.parse_args()
-    saved = results_dir() / "stream.json"
     if a.render:
-        res = json.loads(saved.read_text())
+        res = saved_result(p, "stream", "python bench/stream.py")
     else:
         res = run(a.repeats)
         res["command"] = "python bench/stream.py" + (f" --repeats {a.repeats}" if a.repeats != 3 else "")

@@ -60,6 +60,14 @@ def results_dir(quick: bool = False) -> Path:
     return RESULTS / "quick" if quick else RESULTS
 
 
+def saved_result(parser, name: str, command: str, quick: bool = False) -> dict:
+    """The results a benchmark saved (`--render`), or the parser's one-line error naming the command to run."""
+    saved = results_dir(quick) / f"{name}.json"
+    if not saved.exists():
+        parser.error(f"--render: {saved} does not exist; run `{command}` first")
+    return json.loads(saved.read_text())
+
+
 def write_result(name: str, data: dict, section: str, quick: bool = False) -> None:
     """<results>/<name>.json and <name>.md (the section), each replaced atomically."""
     with atomic_write(results_dir(quick) / f"{name}.json") as tmp:

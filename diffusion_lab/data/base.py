@@ -127,15 +127,20 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set = UInt8ImageDataset(images[train_idx], labels[train_idx])
         self.val_set = UInt8ImageDataset(images[val_idx], labels[val_idx])
 
+    def num_train(self) -> int:
+        """Images in the training split (a streamed set counts them without reading them)."""
+        self.setup()
+        return len(self.train_set)
+
     def check_batch_size(self, world_size: int | None = None) -> None:
         """ValueError when a rank's share of the training set holds no full batch (drop_last would train nothing)."""
-        self.setup()
+        n = self.num_train()
         world = world_size or (self.trainer.world_size if self.trainer is not None else 1)
-        if len(self.train_set) // world < self.batch_size:
+        if n // world < self.batch_size:
             raise ValueError(
-                f"data.batch_size={self.batch_size} is larger than the training set ({len(self.train_set)} images"
+                f"data.batch_size={self.batch_size} is larger than the training set ({n} images"
                 + (f" over {world} ranks" if world > 1 else "")
-                + f"): no full batch to train on; use data.batch_size <= {len(self.train_set) // world}"
+                + f"): no full batch to train on; use data.batch_size <= {n // world}"
             )
 
     def real_images(self, split: str = "train") -> torch.Tensor:

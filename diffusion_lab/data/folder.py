@@ -73,18 +73,26 @@ class FolderDataModule(ImageDataModule):
         x = TF.resize(x, self.image_size, antialias=True)
         return TF.center_crop(x, [self.image_size, self.image_size])
 
+    def read(self, f: Path) -> tuple[torch.Tensor, int] | None:
+        """(uint8 [C, S, S], label) of one file; None for an unreadable one under skip_corrupt, else ValueError
+        naming it. The in-memory set and `diffusion_lab.data.prepare` both read through this."""
+        try:
+            image = self._load(f)
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            if self.skip_corrupt:
+                return None
+            raise ValueError(f"cannot read image {f}: {e} (set data.skip_corrupt=true to skip such files)") from e
+        return image, (self.classes.index(f.relative_to(self.path).parts[0]) if self.labels_from_subdirs else -1)
+
     def load_images(self):
         images, labels, skipped = [], [], 0
         for f in self.files:
-            try:
-                images.append(self._load(f))
-            except (UnidentifiedImageError, OSError, ValueError) as e:
-                if not self.skip_corrupt:
-                    msg = f"cannot read image {f}: {e} (set data.skip_corrupt=true to skip such files)"
-                    raise ValueError(msg) from e
+            item = self.read(f)
+            if item is None:
                 skipped += 1
                 continue
-            labels.append(self.classes.index(f.relative_to(self.path).parts[0]) if self.labels_from_subdirs else -1)
+            images.append(item[0])
+            labels.append(item[1])
         if skipped:
             log.warning("data: skipped %d unreadable images of %d in %s", skipped, len(self.files), self.path)
         self.num_skipped = skipped

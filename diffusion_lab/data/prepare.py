@@ -37,15 +37,12 @@ class _FolderItems:
 
     def __call__(self, job):
         i, position = job
-        f = self.dm.files[i]
         try:
-            image = self.dm._load(f)
-        except Exception as e:  # noqa: BLE001 - PIL raises many types; each is a corrupt file
-            if self.dm.skip_corrupt:
-                return
-            raise ValueError(f"{MARK}cannot read image {f}: {e} (set data.skip_corrupt=true to skip such files)") from e
-        label = self.dm.classes.index(f.relative_to(self.dm.path).parts[0]) if self.dm.labels_from_subdirs else -1
-        yield {"image": image.numpy(), "label": label, "index": position}
+            item = self.dm.read(self.dm.files[i])
+        except ValueError as e:
+            raise ValueError(f"{MARK}{e}") from e
+        if item is not None:  # None: skipped under skip_corrupt
+            yield {"image": item[0].numpy(), "label": item[1], "index": position}
 
 
 class _TensorItems:
@@ -70,9 +67,7 @@ def _write(fn, inputs: list, out: Path, chunk_bytes: str, num_workers: int) -> i
         if MARK in text:  # our one line, from inside the worker's traceback
             raise ValueError(text.split(MARK, 1)[1].splitlines()[0]) from None
         raise
-    return json.loads((out / "index.json").read_text())["config"].get("num_samples_yielded") or sum(
-        c["chunk_size"] for c in json.loads((out / "index.json").read_text())["chunks"]
-    )
+    return sum(c["chunk_size"] for c in json.loads((out / "index.json").read_text())["chunks"])  # items written
 
 
 def prepare(dm, out: str | Path, chunk_bytes: str = "64MB", num_workers: int = 1) -> dict:

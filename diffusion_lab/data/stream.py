@@ -36,11 +36,21 @@ def _is_remote(path: str) -> bool:
     return "://" in str(path)
 
 
+def _read(where: str, mode: str = "r"):
+    """A file's text (or bytes), local or remote (fsspec, Lightning's dependency: s3:// etc. with their backend)."""
+    if _is_remote(where):
+        import fsspec
+
+        with fsspec.open(where, mode) as f:
+            return f.read()
+    return Path(where).read_text() if mode == "r" else Path(where).read_bytes()
+
+
 def read_meta(path: str) -> dict:
     """A prepared set's meta.json; ValueError naming data.path (and what to do) when it is missing or not ours."""
     where = f"{str(path).rstrip('/')}/{META}"
     try:
-        meta = json.loads(_read(where))  # remote: fsspec (Lightning's dependency), s3:// etc. with their backend
+        meta = json.loads(_read(where))
     except FileNotFoundError:
         raise FileNotFoundError(
             f"data.path={str(path)!r} has no {META}: prepare it first with "
@@ -56,15 +66,6 @@ def read_meta(path: str) -> dict:
 CHUNK_NAME = re.compile(r"chunk-\d+-\d+\.bin")
 INDEX_CONFIG = {"data_format": ["numpy", "int", "int"], "compression": None, "encryption": None,
                 "item_loader": "PyTreeLoader"}  # fmt: skip
-
-
-def _read(where: str, mode: str = "r"):
-    if _is_remote(where):
-        import fsspec
-
-        with fsspec.open(where, mode) as f:
-            return f.read()
-    return Path(where).read_text() if mode == "r" else Path(where).read_bytes()
 
 
 def check_index(split_dir: str, check_sizes: bool = True) -> list[dict]:
@@ -230,15 +231,8 @@ class StreamDataModule(ImageDataModule):
         has_val = self.meta["counts"].get("val", 0) > 0
         self.val_set = dataset(self._split("val"), shuffle=False, cache_dir=self.cache_dir) if has_val else None
 
-    def check_batch_size(self, world_size: int | None = None) -> None:
-        world = world_size or (self.trainer.world_size if self.trainer is not None else 1)
-        n = self.meta["counts"]["train"]
-        if n // world < self.batch_size:
-            raise ValueError(
-                f"data.batch_size={self.batch_size} is larger than the training set ({n} images"
-                + (f" over {world} ranks" if world > 1 else "")
-                + f"): no full batch to train on; use data.batch_size <= {n // world}"
-            )
+    def num_train(self) -> int:
+        return self.meta["counts"]["train"]  # litdata's len() is this rank's share
 
     def train_dataloader(self):
         from litdata import StreamingDataLoader

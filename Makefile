@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	# The k-diffusion peer of tests/test_edm_peers.py: its requirements pull numpy<2 and a training stack its
 	# sampling.py does not use, so it comes with only what that file imports.
 	$(PY) -m pip install -q --no-deps k-diffusion==0.1.1.post1 torchsde==0.2.6 trampoline==0.1.2 torchdiffeq==0.2.5
+	# The MeanFlow peer of tests/test_few_step.py: its __init__ pulls a training stack (x-transformers, accelerate, ...)
+	# that its mean_flow.py (torch + einops, in `dev`) does not use; the test loads that file alone.
+	$(PY) -m pip install -q --no-deps rectified-flow-pytorch==0.14.0
 	$(PY) -m diffusion_lab.offline
 	touch $(STAMP)
 

@@ -54,9 +54,9 @@ def build(node, key: str):
         raise
 
 
-def validate_sampler(node, key: str, diffusion, conditional: bool):
-    """The Sampler a config node (or object) describes, checked against the process it will run on and bound to
-    it (DDPM's default steps become its T)."""
+def validate_sampler(node, key: str, diffusion, conditional: bool, objective: str = "denoising"):
+    """The Sampler a config node (or object) describes, checked against the process it will run on and the
+    objective that trained the model (conf/objective's choice), and bound to it (DDPM's default steps become its T)."""
     from .diffusion import Sampler
 
     if not isinstance(node, Sampler) and node.get("method") is None:
@@ -66,7 +66,7 @@ def validate_sampler(node, key: str, diffusion, conditional: bool):
         if not isinstance(node, Sampler):  # a Hydra node or a plain mapping, with or without _target_
             node = Sampler.from_config(OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node)
                                        else node)  # fmt: skip
-        sampler = node.bind(diffusion)
+        sampler = node.bind(diffusion, objective)
     except ValueError as e:
         raise ConfigError(str(e) if key == "sampler" else f"{key}: {e}") from None
     if sampler.guidance_scale is not None and not conditional:
@@ -198,11 +198,16 @@ def validate_train_config(cfg: DictConfig) -> None:
     conditional = net.get("num_classes") is not None
     if conditional and data.get("num_classes") is None and not data.get("labels_from_subdirs"):
         raise ConfigError(f"net.num_classes={net.num_classes} but data={data._target_} has no labels")
-    validate_sampler(cfg.sampler, "sampler", diffusion, conditional)
+    objective = build(cfg.objective, "objective").bind(diffusion) if cfg.get("objective") else None
+    trained_by = objective.name if objective else "denoising"
+    validate_sampler(cfg.sampler, "sampler", diffusion, conditional, trained_by)
+    if objective is not None and objective.time_inputs != net.get("time_inputs", 1):
+        raise ConfigError(f"objective={objective.name} needs net.time_inputs={objective.time_inputs} (got "
+                          f"{net.get('time_inputs', 1)}): set net.time_inputs={objective.time_inputs}")  # fmt: skip
     fid = (cfg.get("callbacks") or {}).get("fid")
     if fid is not None:
         for i, node in enumerate(fid.get("samplers") or []):
-            validate_sampler(node, f"callbacks.fid.samplers[{i}]", diffusion, conditional)
+            validate_sampler(node, f"callbacks.fid.samplers[{i}]", diffusion, conditional, trained_by)
         if fid.get("ema_sigma_rels") and not (cfg.callbacks.get("ema") or {}).get("post_hoc"):
             raise ConfigError("callbacks.fid.ema_sigma_rels needs the post-hoc snapshots: set "
                               "callbacks.ema.post_hoc=true")  # fmt: skip

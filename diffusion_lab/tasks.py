@@ -22,7 +22,9 @@ from .checkpoint import (
     CheckpointError,
     build_module,
     check_finite,
+    init_weights,
     load_module,
+    load_teacher,
     newest_valid_checkpoint,
     read_checkpoint,
     resume_changes,
@@ -36,7 +38,6 @@ from .config import (
     validate_sampler,
     validate_train_config,
 )
-from .diffusion import GaussianDiffusion
 from .lit import EMA
 from .lit.checkpointing import AlignLoggingStep, ApplyChangedHyperparameters, AtomicCheckpointIO, RequeueStop
 from .loggers import build_loggers, finish_loggers
@@ -128,6 +129,32 @@ def _world(run: dict) -> tuple:
     return t.get("devices"), t.get("num_nodes", 1)
 
 
+INIT_WEIGHTS = ("ema", "raw")  # init_from_weights
+
+
+def _teacher_and_init(cfg: DictConfig, module, resuming: bool) -> None:
+    """The objective's teacher (teacher=<ckpt>, frozen) and a new run's start from another run's weights
+    (init_from=<ckpt>; a resumed run takes its weights from its own checkpoint), both read as untrusted data and
+    refused in one line when their net or process does not fit this run."""
+    if cfg.get("teacher"):
+        module.attach_teacher(load_teacher(cfg.teacher, module))
+        log.info("teacher: %s (EMA weights, frozen; not saved with this run)", cfg.teacher)
+    elif module.objective.needs_teacher:
+        raise ConfigError(f"objective={module.objective.name} with these options learns from a teacher: set "
+                          "teacher=<checkpoint of a trained run>")  # fmt: skip
+    if not cfg.get("init_from"):
+        if module.objective.tunes:
+            log.warning("objective=%s tunes a trained model, but init_from is not set: training from random weights "
+                        "(init_from=<a run's checkpoints/last.ckpt> starts from one)", module.objective.name)
+        return
+    _choice("init_from_weights", cfg.get("init_from_weights", "ema"), INIT_WEIGHTS)
+    if resuming:
+        log.info("init_from=%s: not used, the run resumes from its own checkpoint", cfg.init_from)
+        return
+    init_weights(module, cfg.init_from, cfg.get("init_from_weights", "ema"))
+    log.info("init_from: %s (%s weights); a new run from step 0", cfg.init_from, cfg.get("init_from_weights", "ema"))
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Validate, seed, build data/model/callbacks/loggers/trainer, fit, and return the final metrics."""
     validate_train_config(cfg)
@@ -136,6 +163,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
+    _teacher_and_init(cfg, module, resuming=ckpt_path is not None)
     datamodule.check_batch_size()  # data problems (a batch larger than the set, class counts) before any work
     validate_data_against_net(datamodule, module.net)
     loggers = build_loggers(cfg, resume_step=ckpt.get("global_step"), wandb_run_id=ckpt.get("wandb_run_id"))
@@ -237,7 +265,8 @@ def _samplers(cfg: DictConfig, module) -> list[tuple]:
     from .diffusion.sampler_spec import BASE_KEYS
 
     if not cfg.get("grid"):
-        return [(validate_sampler(cfg.sampler, "sampler", module.diffusion, module.conditional), "curve")]
+        trained_by = module.objective.name
+        return [(validate_sampler(cfg.sampler, "sampler", module.diffusion, module.conditional, trained_by), "curve")]
     g, base = cfg.grid, OmegaConf.to_container(cfg.sampler, resolve=True)
     methods = list(g.get("methods") or [base.get("method", "ddim")])
     nfes = list(g.get("ddim_steps") or g.nfe)  # ddim_steps: the grid's older name for the NFE list
@@ -263,13 +292,14 @@ def _samplers(cfg: DictConfig, module) -> list[tuple]:
         etas = g.etas if g.get("etas") and "eta" in get_method(name).options else [None]  # None: the sampler's
         pairs += [(_grid_row(base, dict(method=name, nfe=n, eta=e)), "curve") for e in etas for n in nfes]
     # the reference is DDPM on its own grid (sampler.spacing shapes the curves), with the sampler's guidance
-    discrete = isinstance(module.diffusion, GaussianDiffusion)
+    discrete = module.diffusion.discrete
     if g.get("ddpm_steps") and not discrete:
         log.info("grid.ddpm_steps: DDPM's ancestral sampler needs the discrete process; no reference row here")
     pairs += [(_grid_row(base, dict(method="ddpm", steps=s, spacing=None)), "reference")
               for s in (g.get("ddpm_steps") or []) if discrete]
     unique = {(s.name, role): (s, role) for s, role in pairs}  # e.g. Heun at NFE 9 and 10 is one sampler
-    return [(validate_sampler(s, f"grid row {s.name}", module.diffusion, module.conditional), role)
+    return [(validate_sampler(s, f"grid row {s.name}", module.diffusion, module.conditional, module.objective.name),
+             role)
             for s, role in unique.values()]
 
 
@@ -323,7 +353,7 @@ def evaluate(cfg: DictConfig) -> dict:
                 scores["recall"], scores["n"], ref_name, scores["n_ref"], scores["sample_seconds"],
             )  # fmt: skip
     extra, result = "", {"rows": rows}
-    if cfg.get("bpd_num_images") and not isinstance(module.diffusion, GaussianDiffusion):
+    if cfg.get("bpd_num_images") and not module.diffusion.discrete:
         log.info("bits/dim: the variational bound is the discrete process's (diffusion=ddpm/iddpm); skipped")
     elif cfg.get("bpd_num_images"):
         held_out = dm.real_images("val")[: cfg.bpd_num_images]
@@ -381,7 +411,7 @@ def sample(cfg: DictConfig) -> Path:
         raise ConfigError(f"mode={cfg.mode!r} is unknown; allowed: {', '.join(sample_modes.MODES)}")
     validate_eval_config(cfg)
     module, dm = _load_for_eval(cfg)
-    sampler = validate_sampler(cfg.sampler, "sampler", module.diffusion, module.conditional)
+    sampler = validate_sampler(cfg.sampler, "sampler", module.diffusion, module.conditional, module.objective.name)
     if post_hoc := _post_hoc_states(cfg):
         if len(post_hoc) > 1:
             raise ConfigError(f"ema.sigma_rel={list(post_hoc)}: sample.py draws with one (evaluate.py compares many)")

@@ -71,3 +71,33 @@ def v_target(diff, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> to
     """Salimans & Ho 2022's v = sqrt(a_t) eps - sqrt(1 - a_t) x0, written out here as the tests' closed form."""
     a = diff.alphas_cumprod[t].reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
     return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
+class RecordGradients(L.Callback):
+    """After the backward pass of the first optimizer step, each rank writes dirpath/grads<r>.pt: its synced
+    gradients (what the optimizer will use), its local gradients (the same batch and random draws through the bare
+    net, outside DDP: its own share) and, at the end of training, its weights."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath, self.batch = Path(dirpath), None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch, self.batch_idx = batch, batch_idx
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step != 0:
+            return
+        from diffusion_lab.lit.module import batch_seed
+
+        params = [p for p in pl_module.net.parameters() if p.requires_grad]
+        synced = [p.grad.detach().clone() for p in params]
+        x0, y = self.batch
+        torch.manual_seed(batch_seed(pl_module.seed, pl_module.current_epoch, self.batch_idx, trainer.global_rank))
+        out = pl_module.objective(pl_module.net, x0, pl_module.model_kwargs(y, drop=True), step=0)
+        local = torch.autograd.grad((out.terms["loss"] * out.weights).mean(), params)
+        self.record = {"synced": synced, "local": [g.detach() for g in local]}
+
+    def on_train_end(self, trainer, pl_module):
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        weights = [p.detach().clone() for p in pl_module.net.parameters()]
+        torch.save({**self.record, "weights": weights}, self.dirpath / f"grads{trainer.global_rank}.pt")

@@ -81,17 +81,18 @@ def test_evaluate_grid_takes_the_guidance_scale(tmp_path):
     from types import SimpleNamespace
 
     from diffusion_lab.config import ConfigError
+    from diffusion_lab.diffusion.objectives import Denoising
     from diffusion_lab.tasks import _samplers
 
     cfg = compose_train(["ckpt_path=x.ckpt", "grid.nfe=[5,10]", "grid.ddpm_steps=[100]", "sampler=ddim",
                          "sampler.guidance_scale=1.5"], tmp_path, "evaluate")
     diffusion = GaussianDiffusion(get_betas("linear", 100))
-    pairs = _samplers(cfg, SimpleNamespace(diffusion=diffusion, conditional=True))
+    pairs = _samplers(cfg, SimpleNamespace(diffusion=diffusion, conditional=True, objective=Denoising()))
     assert [(s.name, role) for s, role in pairs] == [
         ("ddim5_eta0_cfg1.5", "curve"), ("ddim10_eta0_cfg1.5", "curve"), ("ddpm100_cfg1.5", "reference")]
     cfg.sampler.guidance_scale = None
-    assert all(s.guidance_scale is None for s, _ in _samplers(cfg, SimpleNamespace(diffusion=diffusion,
-                                                                                      conditional=True)))
+    model = SimpleNamespace(diffusion=diffusion, conditional=True, objective=Denoising())
+    assert all(s.guidance_scale is None for s, _ in _samplers(cfg, model))
     cfg.sampler.guidance_scale = 1.5
     with pytest.raises(ConfigError, match=r"sampler.guidance_scale=1.5 guides every grid row, but x.ckpt is not"):
-        _samplers(cfg, SimpleNamespace(diffusion=diffusion, conditional=False))
+        _samplers(cfg, SimpleNamespace(diffusion=diffusion, conditional=False, objective=Denoising()))

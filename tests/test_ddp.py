@@ -115,3 +115,29 @@ def test_fid_callback_on_a_continuous_process_same_on_two_ranks_as_on_one(tmp_pa
 
 
 # Stop and resume across 2 ranks: tests/test_cluster.py (two torchrun nodes of one rank each, the same DDP path).
+
+
+def test_meanflow_step_syncs_gradients_across_ranks(tmp_path):
+    """MeanFlow's JVP runs through the net inside DDP's forward: after one step each rank's gradient is the mean of
+    both ranks' local gradients (each computed again on its own batch through the bare net), and the two ranks hold
+    the same weights after it (a JVP that escaped DDP's reducer would leave each rank with its own)."""
+    run_train(
+        [
+            *FAST,
+            *DDP,
+            "diffusion=flow",
+            "objective=meanflow",
+            "net.time_inputs=2",
+            "trainer.max_steps=1",
+            "data.batch_size=8",
+            "+callbacks.record._target_=helpers.RecordGradients",
+            f"+callbacks.record.dirpath={tmp_path / 'grads'}",
+        ],
+        tmp_path / "run",
+    )
+    r0, r1 = (torch.load(tmp_path / "grads" / f"grads{r}.pt") for r in (0, 1))
+    for s0, s1, l0, l1 in zip(r0["synced"], r1["synced"], r0["local"], r1["local"]):
+        torch.testing.assert_close(s0, (l0 + l1) / 2, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(s1, s0, rtol=0, atol=0)
+    assert any((l0 - l1).abs().max() > 1e-4 for l0, l1 in zip(r0["local"], r1["local"]))  # the ranks' shares differ
+    assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))

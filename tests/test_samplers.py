@@ -203,18 +203,30 @@ def test_every_method_counts_its_network_evaluations():
     """NFE is measured, not declared: a counting model sees exactly Sampler.nfe calls per sample."""
     from diffusion_lab.diffusion import METHODS
 
-    diff = GaussianDiffusion(get_betas("linear", 100))
     calls = []
 
-    def model(x, t, **_):
-        calls.append(1)
-        return _model(x, t)
-
     for name in METHODS:
+        diff, inner = _process_and_model(name, 100)
+
+        def model(x, t, inner=inner, **kw):
+            calls.append(1)
+            return inner(x, t, **kw)
+
         calls.clear()
         s = Sampler(name, nfe=8)
         s(diff, model, torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0)))
         assert len(calls) == s.nfe, (name, len(calls), s.nfe)
+
+
+def _process_and_model(method: str, steps: int):
+    """A process and model `method` runs on: the DDPM process with _model, or for the methods of one objective's
+    models (MeanFlow's two-time net) that objective's exact model."""
+    from diffusion_lab.diffusion import METHODS, Flow, GaussianData
+
+    if "meanflow" in (METHODS[method].objectives or ()):
+        flow = Flow(steps=steps)
+        return flow, GaussianData(0.1, 0.5).mean_flow_model(flow)
+    return GaussianDiffusion(get_betas("linear", steps)), _model
 
 
 @pytest.mark.parametrize("method", sorted(__import__("diffusion_lab.diffusion", fromlist=["METHODS"]).METHODS))
@@ -224,7 +236,7 @@ def test_every_method_inpaints_keeping_the_known_region_exactly(method):
     (start_index) works too; and the noise of image i comes from its own generator, so the batch does not matter."""
     from diffusion_lab.diffusion import ImageGenerators, sampling_times
 
-    diff = GaussianDiffusion(get_betas("linear", 200))
+    diff, _model = _process_and_model(method, 200)
     x0 = torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mask = torch.zeros(1, 1, 6, 6)
     mask[..., :3] = 1
@@ -285,12 +297,13 @@ def _grid(overrides, tmp_path, conditional=False):
     """evaluate.py's (sampler, role) rows for `overrides` on a 100-step process (no checkpoint needed)."""
     from types import SimpleNamespace
 
+    from diffusion_lab.diffusion.objectives import Denoising
     from diffusion_lab.tasks import _samplers
 
     chosen = [] if any(o.startswith("sampler=") for o in overrides) else ["sampler=ddim"]  # no run to read it from
     cfg = compose_train(["ckpt_path=x.ckpt", "grid.ddpm_steps=[100]", *chosen, *overrides], tmp_path, "evaluate")
     return _samplers(cfg, SimpleNamespace(diffusion=GaussianDiffusion(get_betas("linear", 100)),
-                                          conditional=conditional))  # fmt: skip
+                                          conditional=conditional, objective=Denoising()))  # fmt: skip
 
 
 def test_the_grid_keeps_every_key_of_the_configured_sampler(tmp_path):

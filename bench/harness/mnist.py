@@ -133,16 +133,20 @@ def check_same_recipe(run_dir: Path, overrides: list[str], experiment: str) -> N
                 out[key] = OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
         return out
 
-    saved = leaves(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+    from diffusion_lab.checkpoint.resume import ADDED_KEYS
+
     now = leaves(compose([f"experiment={experiment}", *overrides]))
+    # a run from before a key existed trained with the value that reproduces it (objective, net.time_inputs, ...)
+    saved = {**{k: v for k, v in ADDED_KEYS.items() if k in now}, **leaves(OmegaConf.load(run_dir / ".hydra" /
+                                                                                         "config.yaml"))}
     for key in sorted(saved.keys() | now.keys()):
         if saved.get(key) != now.get(key):
             sys.exit(f"error: {run_dir} was trained with {key}={saved.get(key)}, the preset now gives "
                      f"{now.get(key)}: move that run directory aside (or delete it) to retrain")
 
 
-RECIPE_KEYS = ["diffusion", "net", "optim", "lr_scheduler", "label_dropout", "data.batch_size", "data.image_size",
-               "trainer.max_steps", "callbacks.ema.decay", "seed"]
+RECIPE_KEYS = ["diffusion", "net", "objective", "init_from", "optim", "lr_scheduler", "label_dropout",
+               "data.batch_size", "data.image_size", "trainer.max_steps", "callbacks.ema.decay", "seed"]
 
 
 def recipe_checkpoint(ds: Dataset) -> Path:

@@ -2,33 +2,42 @@
 
     module = build_module(cfg)       # to train
     module = load_module(path)       # to sample or evaluate: EMA weights, eval mode
+    init_weights(module, path)       # init_from: a new run starts from another run's weights
+    module.attach_teacher(load_teacher(path, module))   # teacher: a checkpoint's frozen net, for the objective
 
 A saved config that does not build, or weights that do not fit it, become one CheckpointError line.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import build
+from ..diffusion.objectives import Denoising
 from ..lit import DiffusionModule
 from .untrusted import CheckpointError, check_finite, checkpoint_config, read_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def build_module(cfg: DictConfig, with_sampler: bool = True) -> DiffusionModule:
     """The DiffusionModule a run config describes (train.py's, or one saved in a checkpoint). with_sampler=False
-    leaves out the run's grid sampler (sample.py / evaluate.py bring their own)."""
+    leaves out the run's grid sampler (sample.py / evaluate.py bring their own). No teacher: train.py attaches one
+    (load_teacher); a checkpoint never builds one."""
     diffusion = build(cfg.diffusion, "diffusion")
+    objective = build(cfg.objective, "objective") if cfg.get("objective") else Denoising()  # older runs: denoising
     return DiffusionModule(
         net=build(cfg.net, "net"),
         diffusion=diffusion,
+        objective=objective,
         timestep_sampler=build(cfg.timesteps, "timesteps"),
         optimizer=build(cfg.optim, "optim"),
         lr_scheduler=build(cfg.lr_scheduler, "lr_scheduler") if cfg.get("lr_scheduler") else None,
         label_dropout=cfg.get("label_dropout", 0.0),
-        sampler=build(cfg.sampler, "sampler").bind(diffusion) if with_sampler else None,
+        sampler=build(cfg.sampler, "sampler").bind(diffusion, objective.name) if with_sampler else None,
         run_config=OmegaConf.to_container(cfg, resolve=True),
         channels_last=cfg.get("channels_last", True),
         seed=cfg.get("seed", 0),
@@ -36,12 +45,14 @@ def build_module(cfg: DictConfig, with_sampler: bool = True) -> DiffusionModule:
     )
 
 
-def load_module(ckpt_path: str | Path, map_location: str = "cpu", ema: bool = True) -> DiffusionModule:
+def load_module(ckpt_path: str | Path, map_location: str = "cpu", ema: bool = True, key: str = "ckpt_path"
+                ) -> DiffusionModule:  # fmt: skip
     """Rebuild a trained DiffusionModule from a checkpoint alone (its saved run config), in eval mode.
 
-    ema=True loads the EMA weights (the checkpoint's `state_dict`); ema=False the raw training weights.
+    ema=True loads the EMA weights (the checkpoint's `state_dict`); ema=False the raw training weights. `key` is the
+    config key that named the file (ckpt_path, init_from, teacher), for the message when it does not exist.
     """
-    ckpt = read_checkpoint(ckpt_path, map_location)
+    ckpt = read_checkpoint(ckpt_path, map_location, key)
     check_finite(ckpt, ckpt_path)
     try:
         module = build_module(checkpoint_config(ckpt, ckpt_path), with_sampler=False)
@@ -57,6 +68,38 @@ def load_module(ckpt_path: str | Path, map_location: str = "cpu", ema: bool = Tr
     if "timestep_sampler" in ckpt:
         module.timestep_sampler.load_state_dict(ckpt["timestep_sampler"])
     return module.eval()
+
+
+def _check_same_net(module: DiffusionModule, src: DiffusionModule, path, key: str) -> None:
+    """CheckpointError naming both when src (read from `path` for `key`) was trained for another process view or
+    has other tensors than module's net; a second time embedding module's net has and src's lacks is allowed
+    (net.time_inputs=2 started from a one-time checkpoint keeps its zero start)."""
+    if src.diffusion.network_view != module.diffusion.network_view:
+        raise CheckpointError(f"{key}={path} was trained for {src.diffusion.network_view}; this run's is "
+                              f"{module.diffusion.network_view}: its network means something else here")  # fmt: skip
+    mine, theirs = module.net.state_dict(), src.net.state_dict()
+    new_time = {k for k in mine if k.startswith("time_embed2.")} - set(theirs)
+    if mismatch := _shape_mismatch({k: v for k, v in mine.items() if k not in new_time}, theirs):
+        raise CheckpointError(f"{key}={path}: its net does not fit this run's net ({mismatch}): use a checkpoint of "
+                              "the same net config")  # fmt: skip
+
+
+def init_weights(module: DiffusionModule, path: str | Path, weights: str = "ema") -> None:
+    """init_from: start `module` (a new run: step 0, its own optimizer) from the weights of another run's checkpoint,
+    read as untrusted data; `weights` = ema | raw. CheckpointError naming both when the net or process differs."""
+    src = load_module(path, ema=weights == "ema", key="init_from")
+    _check_same_net(module, src, path, "init_from")
+    missing = module.net.load_state_dict(src.net.state_dict(), strict=False).missing_keys
+    if missing:
+        log.info("init_from: %d tensors new in this net keep their start (%s, ...)", len(missing), sorted(missing)[0])
+
+
+def load_teacher(path: str | Path, module: DiffusionModule):
+    """teacher: the EMA net of a checkpoint, frozen (eval mode, no gradients), for `module`'s objective; the same
+    checks as init_from. It is a separate object: never part of the student's state, checkpoints or EMA."""
+    src = load_module(path, ema=True, key="teacher")
+    _check_same_net(module, src, path, "teacher")
+    return src.net.eval().requires_grad_(False)
 
 
 def _cause(e: BaseException) -> str:

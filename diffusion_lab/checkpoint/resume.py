@@ -20,14 +20,16 @@ FREE_ON_RESUME = (
     "trainer.log_every_n_steps", "trainer.default_root_dir", "trainer.check_val_every_n_epoch",
     "trainer.limit_val_batches", "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
     "trainer.precision", "trainer.sync_batchnorm", "data.num_workers", "data.data_dir", "data.debian_dir",
-    "data.cache_dir", "data.max_cache_size", "compile",
+    "data.cache_dir", "data.max_cache_size", "compile", "init_from", "init_from_weights",
 )  # fmt: skip
-# Keys that exist since a later version, with the value that reproduces what older checkpoints did, and
+# Keys that exist since a later version, with the value that reproduces what older checkpoints did (the objective
+# node and net.time_inputs since objectives exist), and
 # renamed targets: a checkpoint written before either change resumes as if it had them (the diffusion keys are
 # GaussianDiffusion's; EDM and flow checkpoints never lacked them).
 ADDED_KEYS = {
     "diffusion.loss_weighting": "none", "diffusion.snr_gamma": 5.0, "diffusion.p2_k": 1.0, "diffusion.p2_gamma": 1.0,
-    "diffusion.zero_terminal_snr": False,
+    "diffusion.zero_terminal_snr": False, "objective._target_": "diffusion_lab.diffusion.objectives.Denoising",
+    "net.time_inputs": 1, "teacher": None,
 }  # fmt: skip
 RENAMED_TARGETS = {
     "diffusion_lab.diffusion.UniformSampler": "diffusion_lab.diffusion.UniformTimestepSampler",

@@ -35,7 +35,8 @@ BUILDABLE_PACKAGES = ("diffusion_lab.nets", "diffusion_lab.diffusion", "diffusio
 ALLOWED_PATTERN = re.compile(r"torch\.optim\.(lr_scheduler\.)?[A-Z][A-Za-z0-9]*")
 CALLABLE_TAKING = {"LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler", "CyclicLR"}  # CyclicLR: scale_fn
 # The run-config nodes a checkpoint's model, sampler and data are built from.
-BUILT_NODES = ("net", "diffusion", "timesteps", "optim", "lr_scheduler", "sampler", "data")
+BUILT_NODES = ("net", "diffusion", "timesteps", "objective", "optim", "lr_scheduler", "sampler", "data")
+# (`init_from` and `teacher` are paths, never built from a checkpoint: a teacher is another checkpoint, read as data.)
 
 
 class CheckpointError(ValueError):
@@ -90,11 +91,12 @@ def allowed_target(target: str) -> bool:
     return target in buildable_targets() or _torch_optim_class(target)
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """The checkpoint dict, read as pure data; CheckpointError (one line, naming the file) for anything else."""
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", key: str = "ckpt_path") -> dict:
+    """The checkpoint dict, read as pure data; CheckpointError (one line, naming the file, or `key` when it is
+    missing) for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"ckpt_path={str(path)!r} does not exist (a .ckpt file written by train.py)")
+        raise CheckpointError(f"{key}={str(path)!r} does not exist (a .ckpt file written by train.py)")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes; a write was interrupted): use another checkpoint")
     try:

@@ -129,6 +129,26 @@ class GaussianData(_Exact):
         z = (x - a0.sqrt() * self.mu) / self._var(a0).sqrt()
         return a1.sqrt() * self.mu + self._var(a1).sqrt() * z
 
+    def average_velocity(self, z: torch.Tensor, t, r) -> torch.Tensor:
+        """The exact MeanFlow target u(z, r, t) = (z - z_r) / (t - r) on the flow z_t = (1 - t) x0 + t eps, z_r the
+        flow map of z from t to r: (z_r - (1 - r) mu) / sd_r = (z - (1 - t) mu) / sd_t, sd_t = sqrt((1 - t)^2 s^2
+        + t^2) (shared/REFERENCE.md). Written without the 0/0 at r = t, where it is the velocity dz/dt:
+            u = -mu + (s^2 (t + r - 2) + t + r) / (sd_t + sd_r) (z - (1 - t) mu) / sd_t.
+        t, r: numbers or [B] tensors (differentiable, for MeanFlow's JVP); z [B, ...]."""
+        t, r = _per_example(t, z), _per_example(r, z)
+        sd_t, sd_r = (((1 - v) ** 2 * self.s**2 + v**2).sqrt() for v in (t, r))
+        return -self.mu + (self.s**2 * (t + r - 2) + t + r) / (sd_t + sd_r) * (z - (1 - t) * self.mu) / sd_t
+
+    def mean_flow_model(self, flow):
+        """The exact two-time network of `flow` (continuous.Flow), called as Flow.average_velocity calls one:
+        model(z, network_time(t), h=network_time(t) - network_time(r)) -> u(z, r, t)."""
+
+        def model(z, model_t, h, **_):
+            t = flow.u_at_network_time(model_t)
+            return self.average_velocity(z, t, t - flow.u_at_network_time(h))
+
+        return model
+
     def sample(self, n: int, shape, generator: torch.Generator | None = None, dtype=torch.float64) -> torch.Tensor:
         """n draws of x0, [n, *shape]."""
         return self.mu + self.s * torch.randn((n, *shape), generator=generator, dtype=dtype)

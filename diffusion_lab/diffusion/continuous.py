@@ -81,12 +81,23 @@ class ContinuousProcess:
         clip_denoised: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0_hat, eps_hat), each [B, C, H, W], from one model call at x_t [B, C, H, W] and time t (number or [B])."""
-        tt = _as_time(t)
-        u = self.u_at(tt)
+        return self.denoise_u(model, x_t, self.u_at(_as_time(t)), model_kwargs, clip_denoised)
+
+    def denoise_u(
+        self,
+        model: Callable[..., torch.Tensor],
+        x_t: torch.Tensor,
+        u,
+        model_kwargs: dict | None = None,
+        clip_denoised: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """denoise at u in the process's own variable (EDM's sigma, flow's t_f; a number or float64 [B]), not
+        clamped to the solver range: the objectives call the network at the noise level they drew."""
+        u = _as_time(u)
         alpha, sigma = self.path(u)
         B = x_t.shape[0]
         time_dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
-        if tt.ndim == 0:  # the solvers' case: scalars, no device sync
+        if u.ndim == 0:  # the solvers' case: scalars, no device sync
             alpha, sigma = float(alpha), float(sigma)
             model_t = torch.full((B,), float(self.network_time(u)), device=x_t.device, dtype=time_dtype)
         else:
@@ -122,6 +133,20 @@ class ContinuousProcess:
         out = model(x_in, model_t, **(model_kwargs or {}))
         mse = mean_flat((self.param.target(x0, noise, alpha, sigma) - out) ** 2)
         return {"loss": self.loss_weight(u).to(mse) * mse, "mse": mse}
+
+    discrete = False  # continuous time: no ancestral DDPM step, learned variance, VLB or respacing
+
+    @property
+    def network_view(self) -> str:
+        """What the network's input and output mean (see GaussianDiffusion.network_view)."""
+        return f"diffusion={type(self).__name__.lower()} (mean_type={self.param.name}{self._view_extra()})"
+
+    def _view_extra(self) -> str:
+        return ""
+
+    def u_at_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The process's own variable at the VE noise level sigma = sigma(u) / alpha(u) (exact, not clamped)."""
+        raise NotImplementedError
 
     def noise_std(self, t) -> float:
         """The std of the noise a sampler starting at time t draws: sigma(t), the data part ignored (EDM Alg. 1
@@ -181,6 +206,9 @@ class EDM(ContinuousProcess):
 
     default_method = "heun"  # Alg. 1
 
+    def _view_extra(self) -> str:
+        return f", sigma_data={self.sigma_data:g}"  # c_in, c_skip, c_out scale with it
+
 
     def t_at_u(self, sigma: torch.Tensor) -> torch.Tensor:
         w = (sigma.log() - self._log_lo) / (self._log_hi - self._log_lo)
@@ -188,6 +216,9 @@ class EDM(ContinuousProcess):
 
     def t_at_sigma(self, sigma) -> torch.Tensor:
         return self.t_at_u(_as_time(sigma))
+
+    def u_at_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        return _as_time(sigma)
 
     def path(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ones_like(sigma), sigma
@@ -259,8 +290,29 @@ class Flow(ContinuousProcess):
         s = _as_time(sigma)
         return self.t_at_u(torch.where(torch.isinf(s), torch.ones_like(s), s / (1 + s)))
 
+    def u_at_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """t_f = sigma / (1 + sigma): (1 - t_f) (x0 + sigma eps) = (1 - t_f) x0 + t_f eps."""
+        s = _as_time(sigma)
+        return torch.where(torch.isinf(s), torch.ones_like(s), s / (1 + s))
+
     def path(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return 1 - u, u
+
+    @property
+    def averages_velocity(self) -> bool:
+        """Whether the network's output is a velocity, which MeanFlow's two-time network averages over [r, t]."""
+        return self.param.name == VELOCITY.name  # by name: a deep copy (the EMA's module) has its own object
+
+    def average_velocity(self, model: Callable[..., torch.Tensor], z: torch.Tensor, t, r,
+                         model_kwargs: dict | None = None) -> torch.Tensor:  # fmt: skip
+        """u(z, r, t) [B, C, H, W]: the average velocity over [r, t] (MeanFlow, Geng et al. 2025, eq. 3) from one
+        call of a two-time network, model(z, 1000 t, h=1000 (t - r)); t, r [B] tensors in z's dtype (or numbers)
+        in flow time (t = 1 noise). With r = t it is the instantaneous velocity v(z, t). Differentiable in z, t, r
+        (MeanFlow's JVP)."""
+        B = z.shape[0]
+        t, r = (torch.full((B,), float(v), device=z.device, dtype=z.dtype) if not torch.is_tensor(v) else v
+                for v in (t, r))  # fmt: skip
+        return model(z, self.network_time(t), h=self.network_time(t) - self.network_time(r), **(model_kwargs or {}))
 
     def network_time(self, u: torch.Tensor) -> torch.Tensor:
         return 1000 * u

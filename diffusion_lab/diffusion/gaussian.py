@@ -8,6 +8,7 @@ Objectives: Min-SNR = Hang et al. 2023, P2 = Choi et al. 2022, zero terminal SNR
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -188,6 +189,20 @@ class GaussianDiffusion:
         }
 
     default_method = "ddim"  # the sampler a model of this process uses when none is given (Process interface)
+    discrete = True  # T integer steps with their own tables (ancestral DDPM, learned variance, the VLB, respacing)
+
+    @property
+    def network_view(self) -> str:
+        """What the network's input and output mean here (its time axis, schedule and parameterization): two
+        processes with the same view can share weights (init_from, teacher)."""
+        digest = hashlib.sha256(self.alphas_cumprod.numpy().tobytes()).hexdigest()[:8]
+        variance = ", learned variance" if self.learns_sigma else ""
+        return f"diffusion=ddpm/iddpm (T={self.num_timesteps}, schedule {digest}, mean_type={self.mean_type}{variance})"
+
+    def sample_u(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n uniform integer steps in [0, T-1], int64 (the process's own training times, as the validation loss
+        draws them; training draws from the configured timestep sampler)."""
+        return torch.randint(0, self.num_timesteps, (n,), generator=generator)
 
     def noise_std(self, t) -> float:
         """The std of the noise x_T a sampler starting at time t draws: 1 at every t (DDPM/DDIM's convention;

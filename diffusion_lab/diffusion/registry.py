@@ -20,9 +20,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..checks import check_choice, check_number
-from . import solvers
-from .gaussian import GaussianDiffusion
+from . import few_step, solvers
 from .samplers import ddim_invert, ddpm_sample
 
 
@@ -61,6 +62,9 @@ class Method:
     from_noise: options -> whether it can start at pure noise (alpha = 0: flow's t = 1, zero terminal SNR); the
         VE-variable methods (Heun, Euler ancestral, iPNDM, Euler with churn) cannot.
     discrete: it needs the discrete process (GaussianDiffusion: its tables and respacing); refused elsewhere.
+    objectives: the training objectives whose models it samples (None: any; consistency: ect, meanflow: meanflow).
+    times: (diffusion, options) -> the ascending times to visit, or None for the spacing grid: an option that
+        fixes the grid (the few-step samplers' mid_sigmas / mid_times), with `fixed_steps` its number of visits.
     """
 
     name: str
@@ -77,13 +81,22 @@ class Method:
     in_name: tuple[str, ...] = ()
     from_noise: Callable[[Mapping[str, Any]], bool] = lambda o: True  # False: needs a finite sigma / alpha at start
     discrete: bool = False  # runs on the discrete process's own steps (GaussianDiffusion.respace): DDPM, DDIM
+    objectives: tuple[str, ...] | None = None
+    times: Callable[[Any, Mapping[str, Any]], list | None] = lambda diffusion, o: None
+    fixed_steps: Callable[[Mapping[str, Any]], int | None] = lambda o: None
 
-    def check_process(self, diffusion, key: str = "sampler.method") -> None:
-        """ValueError naming `key` when this method needs the discrete process and `diffusion` is another."""
-        if self.discrete and not isinstance(diffusion, GaussianDiffusion):
+    def check_process(self, diffusion, key: str = "sampler.method", objective: str | None = None) -> None:
+        """ValueError naming `key` when this method needs the discrete process and `diffusion` is another, or (when
+        `objective` names the model's training objective) a model trained by another objective."""
+        if self.discrete and not diffusion.discrete:
             raise ValueError(
                 f"{key}={self.name} runs on the steps of diffusion=ddpm/iddpm; on this process use ddim "
                 "(sampler=ddim_eta1 is the stochastic one) or an ODE solver"
+            )
+        if objective is not None and self.objectives is not None and objective not in self.objectives:
+            raise ValueError(
+                f"{key}={self.name} samples models trained with objective={'|'.join(self.objectives)}; this model was "
+                f"trained with objective={objective}: use one of its samplers (ddim, dpmpp_2m, unipc, euler, ...)"
             )
 
     def nfe(self, steps: int) -> int:
@@ -151,7 +164,7 @@ def _ddim_inverter(diffusion, model, x0, timesteps, **_options):
     """DDIM's inversion: on the discrete process with one fixed-point iteration per step (close to the exact
     inverse of the eta = 0 decoder, samplers.ddim_invert); on a continuous one the first-order ODE inversion,
     which is ddim_invert without the iteration."""
-    if isinstance(diffusion, GaussianDiffusion):
+    if diffusion.discrete:
         return ddim_invert(diffusion, model, x0, timesteps, fixed_point_iters=1)
     return solvers.ode_invert(diffusion, model, x0, timesteps, order=1)
 
@@ -264,5 +277,66 @@ register(
         spacing="trailing",  # fresh noise at every step: trailing beats logsnr and karras at 10 and 20 NFE
         stochastic=lambda o: o["eta"] > 0 and o["s_noise"] > 0,
         from_noise=lambda o: False,
+    )
+)
+
+
+# ------------------------------------------------------------------ few-step samplers (diffusion/few_step.py)
+def _mid_points(name: str) -> Callable[[Any], None]:
+    def check(v):
+        if v is None:
+            return
+        ok = isinstance(v, list | tuple) and len(v) > 0 and all(
+            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in v)
+        if not ok or any(b >= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"sampler.{name}={v!r} must be a non-empty list of positive numbers, descending")
+
+    return check
+
+
+def _few_step_times(option: str, to_time: Callable) -> Callable:
+    """The visited times when `option` (intermediate points after the first visit at T-1, descending) is set."""
+
+    def times(diffusion, options):
+        mids = options.get(option)
+        if mids is None:
+            return None
+        t = [float(to_time(diffusion, float(m))) for m in mids]
+        top = diffusion.num_timesteps - 1
+        if any(not 0 <= x < top for x in t) or any(b >= a for a, b in zip([top, *t], t)):
+            raise ValueError(f"sampler.{option}={list(mids)} must lie inside the process's range, below its first "
+                             "time, and map to distinct times")  # fmt: skip
+        return [*reversed(t), float(top)]
+
+    return times
+
+
+register(
+    Method(
+        "consistency",
+        few_step.consistency,
+        "Consistency",
+        {"mid_sigmas": None},
+        {"mid_sigmas": _mid_points("mid_sigmas")},
+        spacing="trailing",
+        steps=1,
+        stochastic=lambda o: True,  # fresh noise at every visit after the first
+        objectives=("ect",),
+        times=_few_step_times("mid_sigmas", lambda d, s: d.t_at_sigma(s)),
+        fixed_steps=lambda o: None if o["mid_sigmas"] is None else 1 + len(o["mid_sigmas"]),
+    )
+)
+register(
+    Method(
+        "meanflow",
+        few_step.meanflow,
+        "MeanFlow",
+        {"mid_times": None},
+        {"mid_times": _mid_points("mid_times")},
+        spacing="trailing",
+        steps=1,
+        objectives=("meanflow",),
+        times=_few_step_times("mid_times", lambda d, u: d.t_at_u(torch.tensor(u, dtype=torch.float64))),
+        fixed_steps=lambda o: None if o["mid_times"] is None else 1 + len(o["mid_times"]),
     )
 )

@@ -60,6 +60,11 @@ class Sampler:
             if isinstance(nfe, bool) or not isinstance(nfe, int | float) or int(nfe) != nfe or nfe < self.method.nfe(1):
                 raise ValueError(f"sampler.nfe={nfe!r} must be an integer >= {self.method.nfe(1)} for {method}")
             steps = self.method.steps_for_nfe(int(nfe))
+        if (fixed := self.method.fixed_steps(self.options)) is not None:  # the option that sets the grid
+            if steps is not None and steps != fixed:
+                raise ValueError(f"sampler.steps={steps} (or sampler.nfe) disagrees with the {fixed} visits the "
+                                 f"options of sampler.method={method} set: drop one")  # fmt: skip
+            steps = fixed
         steps = self.method.steps if steps is None else steps
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int | float) or int(steps) != steps
                                   or steps < 1):  # fmt: skip
@@ -86,18 +91,20 @@ class Sampler:
         return cls(**{**keys, **changes})
 
     @classmethod
-    def default_for(cls, diffusion) -> Sampler:
-        """The process's own sampler (its default_method at the registry's steps, or at all of its T when it has
-        fewer, e.g. DDIM on a 20-step process), bound: what a model samples with when no sampler is given."""
-        s = cls(diffusion.default_method)
+    def default_for(cls, diffusion, objective=None) -> Sampler:
+        """The model's own sampler, bound: its objective's (consistency for ECT, meanflow for MeanFlow) or its
+        process's default_method, at the registry's steps or at all of its T when it has fewer (e.g. DDIM on a
+        20-step process): what a model samples with when no sampler is given."""
+        s = cls(getattr(objective, "sampler", None) or diffusion.default_method)
         if s.steps is not None and s.steps > diffusion.num_timesteps:
             s = s.replace(steps=diffusion.num_timesteps)
-        return s.bind(diffusion)
+        return s.bind(diffusion, getattr(objective, "name", "denoising"))
 
-    def bind(self, diffusion) -> Sampler:
+    def bind(self, diffusion, objective: str = "denoising") -> Sampler:
         """This sampler with its steps made explicit for `diffusion` (DDPM's default: all T); ValueError naming
-        sampler.steps when the process cannot give them, or sampler.method when it needs the discrete process."""
-        self.method.check_process(diffusion)
+        sampler.steps when the process cannot give them, or sampler.method when it needs the discrete process or a
+        model trained by another `objective` (the run's conf/objective choice)."""
+        self.method.check_process(diffusion, objective=objective)
         times = self.timesteps(diffusion)
         if not self.method.from_noise(self.options) and math.isinf(float(diffusion.sigma_at(times[-1]))):
             raise ValueError(
@@ -154,6 +161,9 @@ class Sampler:
     # ------------------------------------------------------------------ running it
     def timesteps(self, diffusion) -> list:
         """The ascending times it visits on `diffusion`; ValueError naming sampler.steps when its T cannot give them."""
+        fixed = self.method.times(diffusion, self.options)
+        if fixed is not None:
+            return fixed
         return sampling_times(diffusion, self.spacing, diffusion.num_timesteps if self.steps is None else self.steps)
 
     def __call__(

@@ -225,6 +225,8 @@ class ClassifierFreeGuidance:
             return self.model(x, t, y=y, **kwargs)
         if self.scale == 0.0:
             return self.model(x, t, y=null, **kwargs)
+        kwargs = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == x.shape[:1] else v
+                  for k, v in kwargs.items()}  # per-example inputs (MeanFlow's second time h) for both halves
         out = self.model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]), **kwargs)
         cond, uncond = out.chunk(2)
         C = x.shape[1]

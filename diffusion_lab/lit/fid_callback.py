@@ -23,7 +23,7 @@ import torch
 
 from ..checks import check_choice
 from ..data.base import SPLITS
-from ..diffusion import GaussianDiffusion, Sampler
+from ..diffusion import Sampler
 from ..eval.fid import FIDEvaluator
 from ..eval.inception import inception_weights
 from ..eval.scoring import sample_and_score
@@ -95,9 +95,10 @@ class FIDCallback(L.Callback):
     def setup(self, trainer, pl_module, stage):
         # none given: the process's default sampler (DDIM-50 on DDPM/IDDPM), and DDPM-T where there is one
         diffusion = pl_module.diffusion
-        ddpm = [Sampler("ddpm")] if isinstance(diffusion, GaussianDiffusion) else []
-        samplers = self.samplers or [Sampler.default_for(diffusion), *ddpm]
-        self.samplers = [s.bind(pl_module.diffusion) for s in samplers]
+        ddpm = [Sampler("ddpm")] if diffusion.discrete else []
+        objective = pl_module.objective
+        samplers = self.samplers or [Sampler.default_for(diffusion, objective), *ddpm]
+        self.samplers = [s.bind(diffusion, objective.name) for s in samplers]
         self.snapshot_dir = next((cb.snapshot_dir for cb in trainer.callbacks if isinstance(cb, EMA) and cb.post_hoc),
                                  None)  # fmt: skip
         if self.ema_sigma_rels and self.snapshot_dir is None:

@@ -1,7 +1,9 @@
-"""DiffusionModule: the LightningModule that trains a network on a process's loss (DDPM/IDDPM, EDM, flow).
+"""DiffusionModule: the LightningModule that trains a network on an objective (diffusion/objectives.py: the process's
+denoising loss, ECT, MeanFlow) over a process (DDPM/IDDPM, EDM, flow).
 
-training_step is the algorithm box (DDPM Alg. 1 / IDDPM Sec. 3.3): sample t with importance weights,
-per-example losses, weight and reduce, update the timestep sampler with every rank's losses, log.
+training_step is the algorithm box (DDPM Alg. 1 / IDDPM Sec. 3.3): the objective draws its times and noise and
+returns per-example losses with importance weights; weight and reduce, update the timestep sampler with every
+rank's losses, log.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..diffusion import GaussianDiffusion, Sampler
-from ..diffusion.timesteps import ProcessTimeSampler, UniformTimestepSampler
+from ..diffusion import Sampler
+from ..diffusion.objectives import Denoising, Objective
 from .ema import EMA
 
 
@@ -45,13 +47,17 @@ class DiffusionModule(L.LightningModule):
     seed: the run's seed. Each training batch reseeds the global RNG from (seed, epoch, batch index, rank), so
         t, noise, dropout and label dropout of a batch do not depend on what ran before it: a resumed run (any
         stop point, any rank) continues exactly, with no RNG state to save.
+    objective: what a training step minimizes (diffusion/objectives.py), bound here to the process, the timestep
+        sampler and the teacher; default the process's own denoising loss.
+    teacher: a frozen model (eval mode, no gradients) the objective learns from; kept outside the module's
+        parameters, so it is neither saved in checkpoints nor averaged by the EMA.
     """
 
     def __init__(
         self,
         net: nn.Module,
-        diffusion: GaussianDiffusion,
-        timestep_sampler: UniformTimestepSampler | None = None,
+        diffusion,
+        timestep_sampler=None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
         label_dropout: float = 0.0,
@@ -60,17 +66,19 @@ class DiffusionModule(L.LightningModule):
         channels_last: bool = True,
         seed: int = 0,
         compile: bool = False,
+        objective: Objective | None = None,
+        teacher: nn.Module | None = None,
     ):
         super().__init__()
         self.net, self.diffusion = net, diffusion
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
-        self.timestep_sampler = self._timestep_sampler(diffusion, timestep_sampler)
-        if self.timestep_sampler.num_timesteps != diffusion.num_timesteps:
-            raise ValueError(
-                f"timesteps.num_timesteps={self.timestep_sampler.num_timesteps} must equal "
-                f"diffusion.steps={diffusion.num_timesteps}"
-            )
+        self.objective = (objective or Denoising()).bind(diffusion, timestep_sampler)
+        if teacher is not None:
+            self.attach_teacher(teacher)
+        if self.objective.time_inputs != getattr(net, "time_inputs", 1):
+            raise ValueError(f"objective={self.objective.name} needs net.time_inputs={self.objective.time_inputs}, "
+                             f"got net.time_inputs={getattr(net, 'time_inputs', 1)}")  # fmt: skip
         self.optimizer_factory = optimizer or (lambda p: torch.optim.Adam(p, lr=2e-4))
         self.lr_scheduler_factory = lr_scheduler
         self.label_dropout = float(label_dropout)
@@ -78,27 +86,20 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"label_dropout={label_dropout} must be in [0, 1)")
         if self.label_dropout > 0 and not self.conditional:
             raise ValueError(f"label_dropout={label_dropout} needs a class-conditional net (set net.num_classes)")
-        self.sampler = sampler or Sampler.default_for(diffusion)
+        self.sampler = sampler or Sampler.default_for(diffusion, self.objective)
         self.run_config = run_config or {}
         self.seed = int(seed)
         # torch.compile's wrapper is kept out of the module tree, so state_dict keys and the EMA copy are unchanged.
         self._train_fn = {"net": torch.compile(self.net) if compile else self.net}
 
-    @staticmethod
-    def _timestep_sampler(diffusion, given):
-        """The discrete process trains on integer steps from `timesteps` (uniform, loss_aware); a continuous one
-        (EDM, flow) draws its own noise levels (timesteps=own). Either other pairing is refused in one line."""
-        own = isinstance(given, ProcessTimeSampler)
-        if not isinstance(diffusion, GaussianDiffusion):
-            if given is not None and not own:
-                raise ValueError(
-                    f"timesteps={type(given).__name__} draws the integer steps of diffusion=ddpm/iddpm; this process "
-                    "draws its own noise levels: use timesteps=own"
-                )
-            return ProcessTimeSampler(diffusion)
-        if own:
-            raise ValueError("timesteps=own needs a continuous process (diffusion=edm or flow); use timesteps=uniform")
-        return given or UniformTimestepSampler(diffusion.num_timesteps)
+    @property
+    def timestep_sampler(self):
+        """The objective's timestep sampler (None for an objective that draws its own times)."""
+        return self.objective.timesteps
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self.objective.teacher
 
     @property
     def conditional(self) -> bool:
@@ -119,41 +120,44 @@ class DiffusionModule(L.LightningModule):
             y = torch.where(torch.rand(y.shape, device=y.device) < self.label_dropout, self.null_label, y)
         return {"y": y}
 
+    def attach_teacher(self, teacher: nn.Module) -> None:
+        """Give the objective a frozen teacher (eval mode, no gradients; not a submodule: never saved or averaged)."""
+        teacher = teacher.eval().requires_grad_(False)
+        self.objective = self.objective.bind(self.diffusion, self.timestep_sampler, teacher)
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:  # not a submodule (out of checkpoints and the EMA), so moved here
+            self.teacher.to(self.device)
+
     def on_train_batch_start(self, batch, batch_idx) -> None:
         torch.manual_seed(batch_seed(self.seed, self.current_epoch, batch_idx, self.global_rank))
 
     def training_step(self, batch, batch_idx):
         x0, y = batch
-        t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
-        net = self._train_fn["net"]
-        losses = self.diffusion.training_losses(net, x0, t, model_kwargs=self.model_kwargs(y, drop=True))
-        self.last_batch_info = {"t": t, "losses": {k: v.detach() for k, v in losses.items()}}  # for NonFiniteGuard
+        out = self.objective(self._train_fn["net"], x0, self.model_kwargs(y, drop=True), step=self.global_step)
+        self.last_batch_info = {"t": out.t, "losses": {k: v.detach() for k, v in out.terms.items()}}  # NonFiniteGuard
         # All ranks' (t, unweighted loss) pairs, so every rank's sampler holds the same history.
-        gathered_t, gathered_loss = self.all_gather((t, losses["loss"].detach()))
-        self.timestep_sampler.update(gathered_t.reshape(-1), gathered_loss.reshape(-1))
-        loss = (losses["loss"] * weights).mean()
-        self.log_losses("train", losses, t, loss)
+        gathered_t, gathered_loss = self.all_gather((out.t, out.terms["loss"].detach()))
+        self.objective.update(gathered_t.reshape(-1), gathered_loss.reshape(-1))
+        loss = (out.terms["loss"] * out.weights).mean()
+        self.log_losses("train", out.terms, out.t, loss)
         return loss
 
     def validation_step(self, batch, batch_idx):
         x0, y = batch
-        # Fixed t and noise per batch index, so validation curves are comparable across epochs.
+        # Fixed times and noise per batch index, so validation curves are comparable across epochs.
         g = torch.Generator().manual_seed(batch_idx)
-        if isinstance(self.timestep_sampler, ProcessTimeSampler):
-            t, _ = self.timestep_sampler.sample(x0.shape[0], x0.device, generator=g)
-        else:
-            t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=g).to(x0.device)
-        noise = torch.randn(x0.shape, generator=g).to(x0.device)
-        losses = self.diffusion.training_losses(self.net, x0, t, noise=noise, model_kwargs=self.model_kwargs(y, False))
-        self.log_losses("val", losses, t, losses["loss"].mean())
+        out = self.objective.validation(self.net, x0, self.model_kwargs(y, False), generator=g)
+        self.log_losses("val", out.terms, out.t, out.terms["loss"].mean())
 
     def log_losses(self, stage: str, losses: dict, t: torch.Tensor, loss: torch.Tensor) -> None:
-        """Log the reduced loss, each term's mean, and each term by timestep quartile (q0 = t < T/4 .. q3)."""
+        """Log the reduced loss, each other term's mean ("mse", "vb"), and each by timestep quartile (q0 = the
+        least noisy quarter of the process's range .. q3)."""
         on_step = stage == "train"
         sync = stage != "train"
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=sync)
         quartile = ((4 * self.diffusion.solver_time(t)) // self.diffusion.num_timesteps).long().clamp(max=3)
-        for key in ("mse", "vb") if "vb" in losses else ("mse",):
+        for key in [k for k in losses if k != "loss"]:
             self.log(f"{stage}/{key}", losses[key].mean(), on_step=on_step, on_epoch=True, sync_dist=sync)
             for q in range(4):
                 sel = quartile == q
@@ -177,7 +181,8 @@ class DiffusionModule(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
+        if self.timestep_sampler is not None:
+            checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
         checkpoint["run_config"] = self.run_config
         for logger in self.loggers:  # a resumed run continues the same W&B run
             if type(logger).__name__ == "WandbLogger":
@@ -194,7 +199,7 @@ class DiffusionModule(L.LightningModule):
         has_ema = any(isinstance(cb, EMA) for cb in callbacks)
         if "current_model_state" in checkpoint and not has_ema:
             checkpoint["state_dict"] = checkpoint["current_model_state"]
-        if "timestep_sampler" in checkpoint:
+        if "timestep_sampler" in checkpoint and self.timestep_sampler is not None:
             self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
 
     @torch.no_grad()

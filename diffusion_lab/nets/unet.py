@@ -4,6 +4,7 @@ net = UNet(image_size=32, in_channels=3, base_channels=128, channel_mult=(1, 2, 
            num_res_blocks=2, attention_resolutions=(16,), dropout=0.1)   # 35.7M params, DDPM CIFAR-10
 out = net(x_t, t)          # x_t [B, C, H, W], t int64 [B] -> [B, C (2C if learn_sigma), H, W]
 out = net(x_t, t, y=y)     # class-conditional: y int64 [B] in 0..num_classes (num_classes = null label)
+out = net(x_t, t, h=h)     # time_inputs=2: a second time h [B] (MeanFlow's t - r), its embedding added to t's
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class UNet(nn.Module):
         num_heads: int = 1,
         learn_sigma: bool = False,
         num_classes: int | None = None,
+        time_inputs: int = 1,
     ):
         super().__init__()
         for key, value in (
@@ -41,6 +43,8 @@ class UNet(nn.Module):
             least = 0 if key == "num_res_blocks" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"net.{key}={value!r} must be an integer >= {least}")
+        if time_inputs not in (1, 2) or isinstance(time_inputs, bool):
+            raise ValueError(f"net.time_inputs={time_inputs!r} must be 1 or 2 (a second time: objective=meanflow)")
         if not channel_mult or any(not isinstance(m, int) or m < 1 for m in channel_mult):
             raise ValueError(f"net.channel_mult={list(channel_mult)} must be a non-empty list of positive integers")
         if not 0.0 <= float(dropout) < 1.0:
@@ -62,6 +66,12 @@ class UNet(nn.Module):
         self.out_channels = in_channels * (2 if learn_sigma else 1)
         emb_dim = 4 * base_channels
         self.time_embed = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_inputs = time_inputs
+        if time_inputs == 2:  # the second time's embedding, summed with the first's; zero at start, so a one-time
+            # checkpoint loaded into it (its other weights) computes what it computed before, for any h
+            self.time_embed2 = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            nn.init.zeros_(self.time_embed2[-1].weight)
+            nn.init.zeros_(self.time_embed2[-1].bias)
         # num_classes + 1 embeddings: index num_classes is the null label of classifier-free guidance.
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 
@@ -104,9 +114,18 @@ class UNet(nn.Module):
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, C, H, W], t int64 [B] (the process's timesteps), y int64 [B] or None -> [B, out_channels, H, W]."""
-        emb = self.time_embed(timestep_embedding(t, self.base_channels))
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, h: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, C, H, W], t [B] (the process's network time), y int64 [B] or None, h [B] the second time of a
+        time_inputs=2 net (None: 0) -> [B, out_channels, H, W]."""
+        time_dtype = self.time_embed[0].weight.dtype  # times embedded in the net's precision
+        emb = self.time_embed(timestep_embedding(t.to(time_dtype), self.base_channels))
+        if self.time_inputs == 2:
+            h = torch.zeros_like(t, dtype=time_dtype) if h is None else h.to(time_dtype)
+            emb = emb + self.time_embed2(timestep_embedding(h, self.base_channels))
+        elif h is not None:
+            raise ValueError("a second time h was given but the network takes one (set net.time_inputs=2)")
         if self.class_embed is not None:
             if y is None:  # unconditional call of a conditional net: the null label
                 y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)

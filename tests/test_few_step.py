@@ -245,3 +245,20 @@ def test_meanflow_loss_equals_rectified_flow_pytorch():
     torch.testing.assert_close(loss, scale * peer_loss, rtol=1e-5, atol=0)
     for a, b in zip(grads, peer_grads):
         torch.testing.assert_close(a, scale * b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("process", [EDM(), Flow()], ids=["edm", "flow"])
+def test_ect_teacher_pair_is_an_euler_step_of_the_teachers_ode(process):
+    """pair=teacher (consistency distillation): x_r is one Euler step of the teacher's probability-flow ODE in the VE
+    variables (Karras et al. 2022, eq. 4: dx/ds = (x - D(x; s)) / s on x / alpha, s = sigma / alpha)."""
+    teacher = _net(dtype=F64, seed=3)
+    ect = ECT(pair="teacher").bind(process, teacher=teacher)
+    s_t, s_r = torch.tensor([0.5, 3.0, 20.0], dtype=F64), torch.tensor([0.2, 2.9, 5.0], dtype=F64)
+    u_t, u_r = process.u_at_sigma(s_t), process.u_at_sigma(s_r)
+    x_t = process.q_sample(torch.randn(3, 1, 8, 8, generator=_gen(1), dtype=F64), u_t,
+                           torch.randn(3, 1, 8, 8, generator=_gen(2), dtype=F64))  # fmt: skip
+    a_t, a_r = (process.path(u)[0].reshape(-1, 1, 1, 1) for u in (u_t, u_r))
+    d = process.denoise_u(teacher, x_t, u_t)[0]
+    st, sr = s_t.reshape(-1, 1, 1, 1), s_r.reshape(-1, 1, 1, 1)
+    euler = x_t / a_t + (sr - st) * (x_t / a_t - d) / st
+    torch.testing.assert_close(ect._teacher_step(x_t, u_t, u_r, None), a_r * euler, rtol=0, atol=1e-12)

@@ -120,9 +120,12 @@ def test_stop_and_resume_is_bit_exact(tmp_path, overrides):
 
 
 def test_meanflow_checkpoint_samples_and_evaluates(tmp_path):
-    """A MeanFlow run's own sampler is meanflow (sampler=run); evaluate.py grids it over NFE 1 and 2, and the
-    few-step samplers draw image i from (seed, i) alone, at any batch size."""
-    train(compose_train([*FLOW, "objective=meanflow", "net.time_inputs=2", "trainer.max_steps=2"], tmp_path / "run"))
+    """A MeanFlow run's own sampler is meanflow (the FID callback's, sampler=run's); evaluate.py grids it over NFE 1
+    and 2, and the few-step samplers draw image i from (seed, i) alone, at any batch size."""
+    metrics = train(compose_train([*FLOW, "objective=meanflow", "net.time_inputs=2", "trainer.max_steps=2",
+                                   "callbacks=with_fid", "callbacks.fid.num_samples=4", "callbacks.fid.batch_size=4",
+                                   "callbacks.fid.reference_split=val"], tmp_path / "run"))  # fmt: skip
+    assert metrics["val/fid/meanflow1"] > 0  # the FID callback scores the model's own sampler
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     module = load_module(ckpt)
     for s in (Sampler("meanflow", steps=2), Sampler("meanflow", mid_times=[0.6, 0.3]), Sampler("euler", steps=3)):

@@ -233,7 +233,7 @@ class ECT(Objective):
         if bool((r > 0).any()):
             with torch.no_grad():
                 u_r = p.u_at_sigma(r).to(x0.device)
-                if self.pair == "teacher":  # Euler step of the teacher's PF-ODE, dx/dsigma = (x - D(x)) / sigma (VE)
+                if self.pair == "teacher":  # one ODE step of the teacher (consistency distillation)
                     x_r = self._teacher_step(x_t, u_t, u_r, model_kwargs)
                 else:
                     x_r = p.q_sample(x0, u_r, noise)
@@ -246,15 +246,11 @@ class ECT(Objective):
         return Losses({"loss": loss, "mse": mean_flat(diff.detach() ** 2)}, torch.ones_like(loss), u_t)
 
     def _teacher_step(self, x_t, u_t, u_r, model_kwargs):
-        """x at r from x_t at t by one Euler step of the teacher's probability-flow ODE, on the process's path:
-        in VE terms x/alpha moves by (s_r - s_t) (x/alpha - D(x)) / s_t, s = sigma / alpha."""
-        p = self.process
-        x0_hat = p.denoise_u(self.teacher, x_t, u_t, model_kwargs)[0]
-        (a_t, s_t), (a_r, s_r) = p.path(u_t), p.path(u_r)
-        ve_t, ve_r = s_t / a_t, s_r / a_r
-        x_ve = x_t / _per_example(a_t, x_t)
-        x_ve_r = x_ve + _per_example((ve_r - ve_t) / ve_t, x_t) * (x_ve - x0_hat)
-        return x_ve_r * _per_example(a_r, x_t)
+        """x at r from x_t at t by one DDIM step of the teacher (Euler on its probability-flow ODE in x / alpha and
+        sigma / alpha): x_r = alpha_r x0_hat + sigma_r eps_hat, at per-example times."""
+        x0_hat, eps_hat = self.process.denoise_u(self.teacher, x_t, u_t, model_kwargs)
+        alpha_r, sigma_r = (_per_example(v, x_t) for v in self.process.path(u_r))
+        return alpha_r * x0_hat + sigma_r * eps_hat
 
 
 # ---------------------------------------------------------------------------------------------------- MeanFlow

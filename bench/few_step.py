@@ -52,18 +52,27 @@ class Run:
     experiment: str
     teacher: str | None = None  # the teacher run it starts from (init_from) and is compared with
     overrides: tuple[str, ...] = field(default_factory=tuple)
+    costs_as: str | None = None  # the run whose step it times (step_seconds), when not its own
+
+    @property
+    def step_key(self) -> str:
+        return self.costs_as or self.key
 
 
 TEACHERS = [Run("edm", "EDM teacher", "edm_mnist_cpu"), Run("flow", "Flow teacher", "flow_mnist_cpu")]
 STUDENTS = [
     Run("ect_edm", "ECT (from EDM)", "ect_mnist_cpu", "edm"),
     Run("meanflow_flow", "MeanFlow (from flow)", "meanflow_mnist_cpu", "flow"),
-    Run("meanflow_scratch", "MeanFlow (from scratch)", "meanflow_mnist_cpu", None),
+    Run("meanflow_scratch", "MeanFlow (from scratch)", "meanflow_mnist_cpu", None, costs_as="meanflow_flow"),
 ]
 # Training-free candidates of the teachers (registry defaults unless named): the ODE solvers and the stochastic ones.
 CANDIDATES = [{"method": "ddim"}, {"method": "dpmpp_2m"}, {"method": "unipc"}, {"method": "euler"},
               {"method": "ddim", "eta": 1.0}, {"method": "euler_ancestral"}]  # fmt: skip
 SCREEN_NFE, TEACHER_NFE, STUDENT_NFE, REFERENCE = [5, 10], [2, 5, 10], [1, 2, 4], {"method": "ddim", "eta": 1.0}
+# The intermediate point of a student's 2-step sample, screened like the teachers' samplers: the registry's trailing
+# grid (EDM sigma 0.4, flow t 0.5) against ECT's CIFAR-10 value and one on each side.
+MIDS = {"consistency": [{}, {"mid_sigmas": [0.821]}, {"mid_sigmas": [2.0]}],
+        "meanflow": [{}, {"mid_times": [0.3]}, {"mid_times": [0.7]}]}  # fmt: skip
 
 
 def _candidates(diffusion) -> list[dict]:
@@ -77,6 +86,39 @@ def _candidates(diffusion) -> list[dict]:
     return ok
 
 
+def step_seconds(rounds: int = 5, steps: int = 5) -> dict[str, float]:
+    """Median seconds of one optimizer step (the objective's loss, backward, Adam) of each preset's module on the
+    same MNIST-shaped batch of 64, the presets interleaved round by round: what the trainings cost per step, free of
+    what else shared the machine while they ran."""
+    import torch
+    from harness.mnist import compose
+
+    from diffusion_lab.checkpoint import build_module
+
+    modules = {r.key: build_module(compose([f"experiment={r.experiment}"])) for r in [*TEACHERS, *STUDENTS]
+               if r.costs_as is None}
+    x0 = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    opts = {k: torch.optim.Adam(m.net.parameters(), lr=1e-4) for k, m in modules.items()}
+
+    def step(key):
+        m = modules[key]
+        out = m.objective(m.net.train(), x0, {}, step=0)
+        (out.terms["loss"] * out.weights).mean().backward()
+        opts[key].step()
+        opts[key].zero_grad()
+
+    times = {k: [] for k in modules}
+    for key in modules:  # warm-up
+        step(key)
+    for _ in range(rounds):
+        for key in modules:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(key)
+            times[key].append((time.perf_counter() - t0) / steps)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
 def _score(module, samplers, n, ev, ref, cache, classifier) -> list[dict]:
     return scored_rows(module, samplers, n, ev, ref, TEST_SET, cache, classifier=classifier)
 
@@ -84,7 +126,9 @@ def _score(module, samplers, n, ev, ref, cache, classifier) -> list[dict]:
 def run(n: int, n_screen: int) -> dict:
     t0 = time.perf_counter()
     ev, ref, classifier, info, _ = mnist_setup(DATASETS["mnist"])
-    out = {"machine": machine(), "n": n, "n_screen": n_screen, "classifier_epochs": info["epochs"], "runs": []}
+    out = {"machine": machine(), "n": n, "n_screen": n_screen, "classifier_epochs": info["epochs"], "runs": [],
+           "step_seconds": step_seconds()}
+    summary("few_step", f"seconds per step: {out['step_seconds']}")
     ckpts = {}
     for t in TEACHERS:
         ckpt, seconds = train_run(t.key, list(t.overrides), t.experiment)
@@ -101,19 +145,24 @@ def run(n: int, n_screen: int) -> dict:
         for r, k in zip(rows, [*TEACHER_NFE, 50], strict=True):
             r["budget"], r["kind"] = k, "reference" if k == 50 else "best"
         out["runs"].append({"key": t.key, "title": t.title, "experiment": t.experiment, "ckpt": str(ckpt),
-                            "train_seconds": seconds, "best": best, "screen": screen, "rows": rows})  # fmt: skip
+                            "train_seconds": seconds, "steps": module.run_config["trainer"]["max_steps"],
+                            "step_key": t.step_key, "best": best, "screen": screen, "rows": rows})  # fmt: skip
         summary("few_step", f"{t.key}: best training-free {best}")
     for s in STUDENTS:
         init = [f"init_from={ckpts[s.teacher]}"] if s.teacher else []
         ckpt, seconds = train_run(s.key, [*init, *s.overrides], s.experiment)
         module = load_module(ckpt)
-        own = module.objective.sampler
-        rows = _score(module, [Sampler(own, steps=k) for k in STUDENT_NFE], n, ev, ref,
-                      RUNS / "rows" / f"mnist-{s.key}.json", classifier)  # fmt: skip
+        own, cache = module.objective.sampler, RUNS / "rows" / f"mnist-{s.key}.json"
+        screen = _score(module, [Sampler(own, steps=2, **m) for m in MIDS[own]], n_screen, ev, ref, cache, classifier)
+        mid = MIDS[own][min(range(len(screen)), key=lambda i: screen[i]["fid"])]
+        rows = _score(module, [Sampler(own, steps=k, **(mid if k == 2 else {})) for k in STUDENT_NFE], n, ev, ref,
+                      cache, classifier)  # fmt: skip
         for r, k in zip(rows, STUDENT_NFE, strict=True):
             r["budget"], r["kind"] = k, "student"
         out["runs"].append({"key": s.key, "title": s.title, "experiment": s.experiment, "teacher": s.teacher,
-                            "ckpt": str(ckpt), "train_seconds": seconds, "rows": rows})  # fmt: skip
+                            "ckpt": str(ckpt), "train_seconds": seconds, "rows": rows, "screen": screen, "mid": mid,
+                            "steps": module.run_config["trainer"]["max_steps"],
+                            "step_key": s.step_key})
     out["wall_seconds"] = time.perf_counter() - t0
     return out
 
@@ -124,6 +173,11 @@ def _run(res: dict, key: str) -> dict:
 
 def _at(run: dict, budget: int, kind: str | None = None) -> dict | None:
     return next((r for r in run["rows"] if r["budget"] == budget and (kind is None or r["kind"] == kind)), None)
+
+
+def cost(res: dict, run: dict) -> float:
+    """A training's seconds as its steps x the median seconds per step of its objective (step_seconds)."""
+    return run["steps"] * res["step_seconds"][run["step_key"]]
 
 
 def targets(res: dict) -> list[str]:
@@ -137,11 +191,11 @@ def targets(res: dict) -> list[str]:
         best_any = min(r["fid"] for r in t["rows"])
         two, one, ten = _at(s, 2), _at(s, 1), _at(t, 10, "best")
         verdict = lambda ok: "met" if ok else "NOT met"
+        cost_s, cost_t = (cost(res, r) for r in (s, t))
         out.append(f"{s['title']}: 2-step {two['fid']:.2f} vs 1.25 x {t['title']}'s best {best_any:.2f} = "
                    f"{1.25 * best_any:.2f}: {verdict(two['fid'] <= 1.25 * best_any)}; 1-step {one['fid']:.2f} vs its "
                    f"best training-free at NFE 10 {ten['fid']:.2f}: {verdict(one['fid'] < ten['fid'])}; training "
-                   f"{s['train_seconds'] / 60:.1f} min vs {t['train_seconds'] / 60:.1f} min: "
-                   f"{verdict(s['train_seconds'] < t['train_seconds'])}")
+                   f"{cost_s / 60:.1f} vs {cost_t / 60:.1f} min (steps x median s/step): {verdict(cost_s < cost_t)}")
     return out
 
 
@@ -173,7 +227,8 @@ def section(res: dict, cmd: str, link: str) -> str:
         return f"{r['fid']:.2f} / {r['kid'] * 1e3:.2f} ({pr}, cls {r['cls_score']:.2f})"
 
     budgets = sorted({*STUDENT_NFE, *TEACHER_NFE, 50})
-    lines = ["| model (`experiment=`) | sampler | " + " | ".join(f"NFE {k}" for k in budgets) + " | train min |",
+    lines = ["| model (`experiment=`) | sampler | " + " | ".join(f"NFE {k}" for k in budgets)
+             + " | steps x s/step = min (wall min) |",
              "|---" * (len(budgets) + 3) + "|"]  # fmt: skip
     for r in res["runs"]:
         kinds = ("best", "reference") if "teacher" not in r else ("student",)
@@ -181,15 +236,21 @@ def section(res: dict, cmd: str, link: str) -> str:
             rows = {k: _at(r, k, kind) for k in budgets}
             first = next(x for x in rows.values() if x is not None)
             lines.append(f"| {r['title']} (`{r['experiment']}`) | {first['label']} | "
-                         + " | ".join(cell(rows[k]) for k in budgets) + f" | {r['train_seconds'] / 60:.1f} |")
+                         + " | ".join(cell(rows[k]) for k in budgets) + f" | {r['steps']} x "
+                         f"{res['step_seconds'][r['step_key']]:.3f} = {cost(res, r) / 60:.1f} "
+                         f"({r['train_seconds'] / 60:.1f}) |")
+    mids = "; ".join(f"{r['title']}: " + ", ".join(f"{x['label']} {x['fid']:.1f}" for x in r["screen"])
+                     for r in res["runs"] if "teacher" in r)  # fmt: skip
     return f"""### One or two steps on MNIST: ECT and MeanFlow (`{cmd}`)
 
 Machine: {machine_line(res['machine'])}. Cells: FID / KID x 1e3 at N={res['n']:,} against {TEST_SET} (precision/recall
 k=3, classifier score, 10 = best{classifier_note(res)}). Teachers: their best training-free sampler (screened at NFE
 {' and '.join(map(str, SCREEN_NFE))}, N={res['n_screen']:,}) and DDIM eta=1 at NFE 50; students: their own few-step
-sampler (consistency or MeanFlow, registry grid: trailing). `train min` is each run's wall time (students: the tuning
-alone). Wall time of this benchmark: {res['wall_seconds'] / 60:.1f} min (cached rows and reused trainings count as
-zero).
+sampler (consistency or MeanFlow: 1 and 4 steps on the registry's trailing grid, 2 steps at the intermediate point
+that screened best: {mids}). The last column is each training's cost: its steps times
+the median seconds of one step of its objective (measured interleaved, batch 64), and in brackets its wall time, which
+other work on this machine may have stretched (students: the tuning alone). Wall time of this benchmark:
+{res['wall_seconds'] / 60:.1f} min (cached rows and reused trainings count as zero).
 
 {chr(10).join(lines)}
 

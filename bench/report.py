@@ -32,6 +32,7 @@ ORDER = [
     ("processes", "python bench/processes.py"),
     ("posthoc_ema", "python bench/posthoc_ema.py"),
     ("stream", "python bench/stream.py"),
+    ("few_step", "python bench/few_step.py"),
 ]
 QUICK = {"train_throughput", "sampling", "fid", "loss_aware", "solvers_digits"}  # what `make bench` runs
 

@@ -136,6 +136,9 @@ def _teacher_and_init(cfg: DictConfig, module, resuming: bool) -> None:
     """The objective's teacher (teacher=<ckpt>, frozen) and a new run's start from another run's weights
     (init_from=<ckpt>; a resumed run takes its weights from its own checkpoint), both read as untrusted data and
     refused in one line when their net or process does not fit this run."""
+    if cfg.get("teacher") and not module.objective.needs_teacher:
+        raise ConfigError(f"teacher={cfg.teacher} is set, but objective={module.objective.name} learns from none "
+                          "(objective=ect objective.pair=teacher does): drop teacher=")  # fmt: skip
     if cfg.get("teacher"):
         module.attach_teacher(load_teacher(cfg.teacher, module))
         log.info("teacher: %s (EMA weights, frozen; not saved with this run)", cfg.teacher)

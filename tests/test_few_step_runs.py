@@ -149,6 +149,7 @@ def test_meanflow_checkpoint_samples_and_evaluates(tmp_path):
         (["diffusion=edm", "objective=ect", "objective.q=1"], ["objective.q=1"]),
         (["diffusion=edm", "init_from=/nonexistent/last.ckpt"], ["/nonexistent/last.ckpt", "does not exist"]),
         (["diffusion=edm", "init_from=INIT", "init_from_weights=best"], ["init_from_weights='best' is unknown"]),
+        (["diffusion=edm", "objective=ect", "teacher=INIT"], ["objective=ect learns from none", "drop teacher="]),
     ],
 )
 def test_bad_objective_input_is_one_line(edm_ckpt, tmp_path, overrides, fragments):

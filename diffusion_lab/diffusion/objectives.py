@@ -88,7 +88,9 @@ class Objective:
             setattr(new, k, v if k == "teacher" else copy.deepcopy(v, memo))
         return new
 
-    def __call__(self, net, x0: torch.Tensor, model_kwargs: dict | None = None, step: int = 0) -> Losses:
+    def __call__(self, net, x0: torch.Tensor, model_kwargs: dict | None = None, step: int = 0,
+                 generator: torch.Generator | None = None) -> Losses:  # fmt: skip
+        """The per-example losses of a batch x0 [B, C, H, W] in [-1, 1] at optimizer step `step`."""
         raise NotImplementedError
 
     def validation(self, net, x0, model_kwargs=None, generator=None) -> Losses:
@@ -126,8 +128,9 @@ class Denoising(Objective):
         return super().bind(process, timesteps, teacher)
 
     def __call__(self, net, x0, model_kwargs=None, step=0, generator=None) -> Losses:
-        t, weights = self.timesteps.sample(x0.shape[0], x0.device)
-        return Losses(self.process.training_losses(net, x0, t, model_kwargs=model_kwargs), weights, t)
+        t, weights = self.timesteps.sample(x0.shape[0], x0.device, generator=generator)
+        noise = None if generator is None else torch.randn(x0.shape, generator=generator).to(x0)
+        return Losses(self.process.training_losses(net, x0, t, noise=noise, model_kwargs=model_kwargs), weights, t)
 
     def validation(self, net, x0, model_kwargs=None, generator=None) -> Losses:
         """Uniform times on the process's range (integer steps, or the process's own distribution), not the

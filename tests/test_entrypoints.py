@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, compose_train
 from PIL import Image
 
@@ -54,22 +55,26 @@ def test_sample_rejects_bad_sampler(tiny_ckpt, tmp_path):
 
 
 def test_evaluate_writes_table_plot_and_bpd(tiny_ckpt, tmp_path):
-    cfg = compose_train(
-        [
-            f"ckpt_path={tiny_ckpt}",
-            "num_samples=24",
-            "batch_size=12",
-            "grid.ddim_steps=[5,10]",
-            "grid.ddpm_steps=[100]",
-            "bpd_num_images=4",
-            "fid.reference_split=val",
-            "fid.num_reference=48",
-        ],
-        tmp_path,
-        "evaluate",
-    )
-    result = evaluate(cfg)
+    args = [
+        f"ckpt_path={tiny_ckpt}",
+        "num_samples=24",
+        "grid.ddim_steps=[5,10]",
+        "grid.ddpm_steps=[100]",
+        "bpd_num_images=4",
+        "fid.reference_split=val",
+        "fid.num_reference=48",
+    ]
+    result = evaluate(compose_train([*args, "batch_size=12"], tmp_path, "evaluate"))
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    # issue 45: the same command again (another batch size, the global RNG elsewhere) repeats every score: KID's
+    # subsets (24 of the 48 references) and precision/recall's subsample come from the evaluation seed
+    torch.manual_seed(1234)
+    evaluate(compose_train([*args, "batch_size=8", "bpd_num_images=0"], tmp_path / "again", "evaluate"))
+    again = list(csv.DictReader(open(tmp_path / "again" / "results.csv")))
+    timings = {"sample_seconds", "seconds_per_sample"}
+    assert [{k: v for k, v in r.items() if k not in timings} for r in again] == [
+        {k: v for k, v in r.items() if k not in timings} for r in rows
+    ]
     assert [r["sampler"] for r in rows] == ["ddim5_eta0", "ddim10_eta0", "ddpm100"]
     assert [r["nfe"] for r in rows] == ["5", "10", "100"] and [r["role"] for r in rows][-1] == "reference"
     assert all(float(r["fid"]) > 0 and r["n"] == "24" and r["n_ref"] == "48" for r in rows)

@@ -54,6 +54,28 @@ def test_fid_grows_with_perturbation(evaluator, feats):
     assert clean < blurred and clean < noisy, (clean, blurred, noisy)
 
 
+def test_kid_and_precision_recall_repeat_whatever_the_global_rng(evaluator, feats):
+    """Issue 45: KID's subsets and precision/recall's subsample come from the evaluation seed, not the global RNG
+    (torchmetrics draws KID's subsets with torch.randperm), and scoring leaves the global RNG as it found it."""
+    import copy
+
+    from diffusion_lab.eval.precision_recall import precision_recall
+
+    ev = copy.copy(evaluator)
+    ev.kid_subset_size = 12  # of N=48: each subset a real draw
+    real, fake = feats["a"], torch.cat([feats["noisy"][:30], feats["b"]])  # 78 fakes: P/R subsamples to 48
+    scores = []
+    for global_seed, seed in [(1, 3), (2, 3), (1, 4)]:
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        s = ev.score_features(fake, real, seed=seed) | precision_recall(real, fake, seed=seed)
+        assert torch.equal(torch.get_rng_state(), state)
+        scores.append(s)
+    assert scores[0] == scores[1]
+    assert scores[0]["kid"] != scores[2]["kid"] and scores[0]["kid_std"] != scores[2]["kid_std"]  # the seed draws
+    assert scores[0]["fid"] == scores[2]["fid"]  # FID has nothing to draw
+
+
 def _write_folder(path, images):
     path.mkdir()
     for i, img in enumerate(images):
@@ -142,14 +164,19 @@ def test_no_weights_anywhere_is_a_clear_error(tmp_path, monkeypatch):
         inception.inception_weights(None, tmp_path / "cache", allow_download=False)
 
 
-def test_reference_cache_hit_and_invalidation(tmp_path, monkeypatch, digits):
+def test_reference_cache_hit_and_invalidation(tmp_path, monkeypatch, digits, caplog):
     ev = FIDEvaluator.__new__(FIDEvaluator)
-    ev.cache_dir = tmp_path
+    ev.cache_dir, ev.device = tmp_path, torch.device("cpu")
     calls = []
     monkeypatch.setattr(
-        ev, "features", lambda imgs: (calls.append(len(imgs)), torch.rand(len(imgs), 2048))[1], raising=False
+        ev, "features", lambda imgs, desc=None: (calls.append(len(imgs)), torch.rand(len(imgs), 2048))[1],
+        raising=False,
     )
-    f1 = ev.reference_features("digits-train", digits[:10])
+    with caplog.at_level("INFO", logger="diffusion_lab.eval.fid"):
+        f1 = ev.reference_features("digits-train", digits[:10])
+    # issue 45: a first pass says what it computes, for how many images, and where it caches them
+    said = [r.getMessage() for r in caplog.records if "computing" in r.getMessage()]
+    assert len(said) == 1 and "of 10 images (digits-train)" in said[0] and str(tmp_path) in said[0], said
     f2 = ev.reference_features("digits-train", digits[:10])
     assert calls == [10] and torch.equal(f1, f2)  # second call: cache hit
     ev.reference_features("digits-train", digits[1:11])  # other images -> other key
@@ -180,8 +207,9 @@ def test_precision_recall_closed_cases():
     real = torch.cat([torch.randn(100, 16, generator=g), torch.randn(100, 16, generator=g) + 50.0])
     pr = precision_recall(real, real[:100], same_size=False)
     assert pr["precision"] == 1.0 and pr["recall"] == 0.5
-    assert precision_recall(real[:3], real[:3]) == pytest.approx({"precision": float("nan"), "recall": float("nan")},
-                                                                nan_ok=True)  # k=3 needs more than 3 points
+    assert precision_recall(real[:3], real[:3]) == pytest.approx(
+        {"precision": float("nan"), "recall": float("nan")}, nan_ok=True
+    )  # k=3 needs more than 3 points
     # the radius is the distance to the 3rd nearest other point
     pts = torch.tensor([[0.0], [1.0], [3.0], [6.0], [10.0]])
     assert knn_radii(pts, k=3).tolist() == [6.0, 5.0, 3.0, 5.0, 9.0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.kid import KernelInceptionDistance
+from tqdm.auto import tqdm
 
 from ..io import atomic_write, load_cache
 from .precision_recall import precision_recall
@@ -106,12 +108,16 @@ class FIDEvaluator:
         self.kid_subset_size, self.kid_subsets = kid_subset_size, kid_subsets
 
     @torch.no_grad()
-    def features(self, images_uint8) -> torch.Tensor:
+    def features(self, images_uint8, desc: str | None = None) -> torch.Tensor:
         """uint8 [N, C, H, W] (a tensor, or a data.ImageStream read batch by batch) -> float32 [N, 2048] pool
-        features (on the CPU)."""
+        features (on the CPU). With `desc`, a progress bar with a count and an ETA (on a terminal only)."""
         batches = (
             images_uint8.batches(self.batch_size) if _streamed(images_uint8) else images_uint8.split(self.batch_size)
         )
+        n = images_uint8.shape[0]
+        # disable=None: off when not a TTY
+        batches = tqdm(batches, desc=desc, total=math.ceil(n / self.batch_size), unit="batch", leave=False,
+                       disable=None if desc else True)  # fmt: skip
         out = [self.inception(to_rgb_uint8(b).to(self.device)).float().cpu() for b in batches]
         return torch.cat(out) if out else torch.zeros(0, 2048)
 
@@ -131,8 +137,10 @@ class FIDEvaluator:
         if path.exists():
             log.info("FID reference features: cache hit %s", path)
             return load_cache(path, ("features",))["features"]
+        log.info("FID reference features: computing the Inception features of %d images (%s) on %s, once; cached at %s",
+                 images_uint8.shape[0], key, self.device, path)  # fmt: skip
         t0 = time.perf_counter()
-        feats = self.features(images_uint8)
+        feats = self.features(images_uint8, desc=f"reference features ({key})")
         with atomic_write(path) as tmp:
             torch.save({"features": feats, "version": CACHE_VERSION, "key": key}, tmp)
         log.info(
@@ -148,15 +156,24 @@ class FIDEvaluator:
         return fid.to(self.device), kid.to(self.device)
 
     def score_features(
-        self, fake: torch.Tensor, real: torch.Tensor, n_fake_total: int | None = None, n_real_total: int | None = None
+        self,
+        fake: torch.Tensor,
+        real: torch.Tensor,
+        n_fake_total: int | None = None,
+        n_real_total: int | None = None,
+        seed: int = 0,
     ) -> dict[str, float]:
-        """FID/KID of feature sets. Under DDP pass each rank's share of fake and real features and the
-        totals; torchmetrics' compute() reduces the states across ranks."""
+        """FID/KID of feature sets. Under DDP pass each rank's contiguous share of fake and real features (in index
+        order) and the totals; torchmetrics' compute() reduces the states across ranks. KID's subsets are drawn
+        from the CPU generator seeded `seed` (torchmetrics draws them from the global RNG, which it restores after),
+        so the same features give the same KID on every call and every rank."""
         fid, kid = self.metrics(n_fake_total or fake.shape[0], n_real_total or real.shape[0])
         for m in (fid, kid):
             m.update(real.to(self.device), real=True)
             m.update(fake.to(self.device), real=False)
-        kid_mean, kid_std = kid.compute()
+        with torch.random.fork_rng(devices=[]):  # torchmetrics' KID takes no generator: seed the CPU one, restore
+            torch.default_generator.manual_seed(seed)
+            kid_mean, kid_std = kid.compute()
         return {
             "fid": float(fid.compute()),
             "kid": float(kid_mean),
@@ -165,11 +182,14 @@ class FIDEvaluator:
             "n_ref": int(n_real_total or real.shape[0]),
         }
 
-    def score(self, fake_uint8: torch.Tensor, real_features: torch.Tensor, k: int = 3) -> dict[str, float]:
+    def score(
+        self, fake_uint8: torch.Tensor, real_features: torch.Tensor, k: int = 3, seed: int = 0
+    ) -> dict[str, float]:
         """FID, KID and improved precision/recall (k-NN manifolds, k=3) of generated uint8 images against
-        reference features, in one process; one Inception pass."""
+        reference features, in one process; one Inception pass. `seed` draws KID's subsets and precision/recall's
+        subsample."""
         fake = self.features(fake_uint8)
         return {
-            **self.score_features(fake, real_features),
-            **precision_recall(real_features, fake, k, device=self.device),
+            **self.score_features(fake, real_features, seed=seed),
+            **precision_recall(real_features, fake, k, device=self.device, seed=seed),
         }

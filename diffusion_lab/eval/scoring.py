@@ -7,7 +7,8 @@ classifier score, with the seconds sampling took. evaluate.py, the FID callback 
 
 Image i of a run is a function of (seed, i) only (diffusion.seeding): batch_size and the number of ranks change
 no image, so they change no score. Under DDP (`world`) each rank draws a contiguous share of the indices, FID/KID
-states are reduced by torchmetrics across ranks, and precision/recall and the classifier score see every rank's
+states are reduced by torchmetrics across ranks (KID's subsets and precision/recall's subsample are drawn from
+`seed`, so every score repeats), and precision/recall and the classifier score see every rank's
 images through world.gather.
 """
 
@@ -82,10 +83,12 @@ def sample_and_score(
     images = sample_uint8(module, sampler, indices, seed, batch_size)
     seconds = time.perf_counter() - t0
     feats = evaluator.features(images)
+    # contiguous shares of both sets, so the reduced states hold the rows in index order on any number of ranks
+    part = share(reference.shape[0], world)
     scores: dict[str, Any] = evaluator.score_features(
-        feats, reference[world.rank :: world.size], num_samples, reference.shape[0]
+        feats, reference[part.start : part.stop], num_samples, reference.shape[0], seed=seed
     )
-    scores |= precision_recall(reference, world.gather(feats), device=evaluator.device)
+    scores |= precision_recall(reference, world.gather(feats), device=evaluator.device, seed=seed)
     if classifier is not None:
         seen = images if len(images) else torch.zeros((1, *images.shape[1:]), dtype=torch.uint8)
         probs = predict_probs(classifier, seen)[: len(images)]  # a rank with no images still sends [0, K]

@@ -54,9 +54,11 @@ def build(node, key: str):
         raise
 
 
-def validate_sampler(node, key: str, diffusion, conditional: bool, objective: str = "denoising"):
+def validate_sampler(node, key: str, diffusion, conditional: bool, objective: str = "denoising", checkpoint=None):
     """The Sampler a config node (or object) describes, checked against the process it will run on and the
-    objective that trained the model (conf/objective's choice), and bound to it (DDPM's default steps become its T)."""
+    objective that trained the model (conf/objective's choice), and bound to it (DDPM's default steps become its T).
+    A learned grid (sampler.schedule) must have been learned for `checkpoint` (the file sample.py / evaluate.py
+    read; None: weights as they train), unless sampler.schedule_transfer."""
     from .diffusion import Sampler
 
     if not isinstance(node, Sampler) and node.get("method") is None:
@@ -74,8 +76,23 @@ def validate_sampler(node, key: str, diffusion, conditional: bool, objective: st
             f"{key}.guidance_scale={sampler.guidance_scale:g} needs a class-conditional net: train one with "
             f"net.num_classes set, or drop {key}.guidance_scale"
         )
+    if sampler.schedule is not None and not sampler.schedule_transfer:
+        _check_schedule_checkpoint(sampler.schedule, key, checkpoint)
     return sampler
 
+
+def _check_schedule_checkpoint(schedule: dict, key: str, checkpoint) -> None:
+    from .diffusion.learned_grid import file_sha256
+
+    where = f"{key}.schedule={schedule['path']}"
+    learned_for = (schedule.get("checkpoint") or {}).get("path", "another checkpoint")
+    if checkpoint is None:
+        raise ConfigError(f"{where} was learned for {learned_for}, and here the weights are the ones training: set "
+                          f"{key}.schedule_transfer=true to use it anyway")  # fmt: skip
+    if file_sha256(checkpoint) != schedule["checkpoint"]["sha256"]:
+        raise ConfigError(f"{where} was learned for {learned_for}, not {checkpoint} (their sha256 differ): learn one "
+                          f"for it (python learn_schedule.py ckpt_path={checkpoint} ...), or set "
+                          f"{key}.schedule_transfer=true to use it across checkpoints of one run")  # fmt: skip
 
 def _number(key: str, value, minimum: float = 0.0, maximum: float = math.inf) -> float:
     """A finite real number in [minimum, maximum] (bools and strings refused), else ConfigError naming the key."""

@@ -269,7 +269,8 @@ def _samplers(cfg: DictConfig, module) -> list[tuple]:
 
     if not cfg.get("grid"):
         trained_by = module.objective.name
-        return [(validate_sampler(cfg.sampler, "sampler", module.diffusion, module.conditional, trained_by), "curve")]
+        return [(validate_sampler(cfg.sampler, "sampler", module.diffusion, module.conditional, trained_by,
+                                  cfg.ckpt_path), "curve")]  # fmt: skip
     g, base = cfg.grid, OmegaConf.to_container(cfg.sampler, resolve=True)
     methods = list(g.get("methods") or [base.get("method", "ddim")])
     nfes = list(g.get("ddim_steps") or g.nfe)  # ddim_steps: the grid's older name for the NFE list
@@ -301,8 +302,8 @@ def _samplers(cfg: DictConfig, module) -> list[tuple]:
     pairs += [(_grid_row(base, dict(method="ddpm", steps=s, spacing=None)), "reference")
               for s in (g.get("ddpm_steps") or []) if discrete]
     unique = {(s.name, role): (s, role) for s, role in pairs}  # e.g. Heun at NFE 9 and 10 is one sampler
-    return [(validate_sampler(s, f"grid row {s.name}", module.diffusion, module.conditional, module.objective.name),
-             role)
+    return [(validate_sampler(s, f"grid row {s.name}", module.diffusion, module.conditional, module.objective.name,
+                              cfg.ckpt_path), role)
             for s, role in unique.values()]
 
 
@@ -414,7 +415,8 @@ def sample(cfg: DictConfig) -> Path:
         raise ConfigError(f"mode={cfg.mode!r} is unknown; allowed: {', '.join(sample_modes.MODES)}")
     validate_eval_config(cfg)
     module, dm = _load_for_eval(cfg)
-    sampler = validate_sampler(cfg.sampler, "sampler", module.diffusion, module.conditional, module.objective.name)
+    sampler = validate_sampler(cfg.sampler, "sampler", module.diffusion, module.conditional, module.objective.name,
+                               cfg.ckpt_path)  # fmt: skip
     if post_hoc := _post_hoc_states(cfg):
         if len(post_hoc) > 1:
             raise ConfigError(f"ema.sigma_rel={list(post_hoc)}: sample.py draws with one (evaluate.py compares many)")
@@ -437,4 +439,71 @@ def sample(cfg: DictConfig) -> Path:
     path = out_dir / f"{cfg.mode}.png"
     save_grid(images, path, nrow)
     log.info("wrote %s", path)
+    return path
+
+
+def learn_schedule(cfg: DictConfig) -> Path:
+    """Learn the time grid of cfg.sampler for cfg.ckpt_path (learned_grid.learn_times on teacher trajectories drawn
+    by cfg.teacher) and write it as a schedule file; returns its path."""
+    import json
+    import time
+
+    from .diffusion import Sampler
+    from .diffusion.learned_grid import FIXED_STARTS, SCHEDULE_FORMAT, file_sha256, grid_loss, learn_times
+    from .io import atomic_write
+
+    validate_eval_config(cfg)
+    for key in ("trajectories", "validation", "max_evals"):
+        if isinstance(cfg.get(key), bool) or not isinstance(cfg.get(key), int) or cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg.get(key)!r} must be a positive integer")
+    module, _ = _load_for_eval(cfg)
+    d, trained_by = module.diffusion, module.objective.name
+    sampler = validate_sampler(cfg.sampler, "sampler", d, module.conditional, trained_by)
+    if sampler.spacing == "learned" or not sampler.deterministic:
+        raise ConfigError(f"sampler={sampler.name}: learn_schedule learns the grid of a deterministic solver on a "
+                          "fixed spacing (drop sampler.schedule / sampler.spacing=learned; eta=0)")  # fmt: skip
+    teacher = Sampler.from_config(OmegaConf.to_container(cfg.teacher, resolve=True),
+                                  guidance_scale=sampler.guidance_scale)  # fmt: skip
+    teacher = validate_sampler(teacher, "teacher", d, module.conditional, trained_by)
+
+    def draw(start: int, count: int):
+        return lambda s: module.sample(count, s, seed=cfg.seed, start=start, batch_size=cfg.batch_size)
+
+    n, v = cfg.trajectories, cfg.validation
+    t0 = time.perf_counter()
+    log.info("learn_schedule: %d + %d teacher trajectories with %s (NFE %d)", n, v, teacher.label, teacher.nfe)
+    target, held_out = draw(0, n)(teacher), draw(n, v)(teacher)
+    teacher_seconds = time.perf_counter() - t0
+    out = learn_times(d, sampler, draw(0, n), target, max_evals=cfg.max_evals, log=log.info)
+    val = {sp: grid_loss(draw(n, v), sampler, d, held_out, sampler.replace(spacing=sp).timesteps(d))
+           for sp in out["fixed"]}  # fmt: skip
+    val["learned"] = grid_loss(draw(n, v), sampler, d, held_out, out["times"])
+    record = {
+        "format": SCHEDULE_FORMAT,
+        "method": sampler.method.name,
+        "options": sampler.options,
+        "steps": sampler.steps,
+        "nfe": sampler.nfe,
+        "times": out["times"],
+        "process": d.network_view,
+        "num_timesteps": d.num_timesteps,
+        "checkpoint": {"path": str(cfg.ckpt_path), "sha256": file_sha256(cfg.ckpt_path),
+                       "weights": _ema_weights(cfg)},  # fmt: skip
+        "teacher": teacher.config(),
+        "trajectories": n,
+        "validation": v,
+        "seed": cfg.seed,
+        "objective": "LD3 (hard): mean squared distance to the teacher's samples from the same noise",
+        "start": out["start"],
+        "loss": {"train": {**out["fixed"], "learned": out["loss"]}, "validation": val, "curve": out["curve"]},
+        "evals": out["evals"],
+        "seconds": {"teacher": teacher_seconds, "search": out["seconds"], "total": time.perf_counter() - t0},
+    }
+    path = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.output_dir) / f"schedule_{sampler.name}.json"
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
+    best = min(FIXED_STARTS, key=lambda k: val.get(k, float("inf")))
+    log.info("learn_schedule: wrote %s in %.1f min: held-out loss %.4g learned vs %.4g %s (the best fixed grid); "
+             "times %s", path, record["seconds"]["total"] / 60, val["learned"], val[best], best,
+             [round(t, 1) for t in out["times"]])  # fmt: skip
     return path

@@ -14,6 +14,7 @@ checked once: the method and its options at construction, the steps against a pr
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -23,8 +24,10 @@ from .registry import Method, get_method
 from .respace import AUTO_SPACING, CONTINUOUS_SPACINGS, SPACINGS, sampling_times
 from .samplers import ClassifierFreeGuidance
 
-ALL_SPACINGS = (*SPACINGS, *CONTINUOUS_SPACINGS, AUTO_SPACING)
-BASE_KEYS = ("method", "steps", "nfe", "spacing", "clip_denoised", "guidance_scale")  # the keys every method takes
+LEARNED = "learned"  # the spacing of a grid learned for one checkpoint (learned_grid.py, learn_schedule.py)
+ALL_SPACINGS = (*SPACINGS, *CONTINUOUS_SPACINGS, AUTO_SPACING, LEARNED)
+# the keys every method takes
+BASE_KEYS = ("method", "steps", "nfe", "spacing", "clip_denoised", "guidance_scale", "schedule", "schedule_transfer")
 
 
 class Sampler:
@@ -35,6 +38,10 @@ class Sampler:
     spacing: how the times are chosen (respace.sampling_times).
     clip_denoised: clamp each x0 prediction to [-1, 1] (DPM-Solver++'s thresholding, static); default true.
     guidance_scale: classifier-free guidance scale s (None: no guidance).
+    schedule: a learned grid's file, or a list of them (one is picked by method, options and steps, so an evaluate
+        grid can hold one per row): spacing=learned (learned_grid.load_schedule; learn_schedule.py writes them).
+    schedule_transfer: use a schedule learned for another checkpoint (of the same run, or as the FID callback does,
+        the weights as they train); the entry points refuse that otherwise (config.validate_sampler).
     **options: the method's own options (eta, temperature, order, s_churn, ...), validated by the registry.
     """
 
@@ -46,10 +53,13 @@ class Sampler:
         spacing: str | None = None,
         clip_denoised: bool | None = None,
         guidance_scale: float | None = None,
+        schedule: str | list[str] | None = None,
+        schedule_transfer: bool | None = None,
         **options: Any,
     ):
         self.method: Method = get_method(method)
-        given = dict(steps=steps, nfe=nfe, spacing=spacing, clip_denoised=clip_denoised, guidance_scale=guidance_scale)
+        given = dict(steps=steps, nfe=nfe, spacing=spacing, clip_denoised=clip_denoised, guidance_scale=guidance_scale,
+                     schedule=schedule, schedule_transfer=schedule_transfer)  # fmt: skip
         self.arguments = {"method": method, **{k: v for k, v in {**given, **options}.items() if v is not None}}
         self.options = self.method.resolve({k: v for k, v in options.items() if v is not None})
         if steps is not None and nfe is not None:
@@ -65,17 +75,47 @@ class Sampler:
                 raise ValueError(f"sampler.steps={steps} (or sampler.nfe) disagrees with the {fixed} visits the "
                                  f"options of sampler.method={method} set: drop one")  # fmt: skip
             steps = fixed
+        self.schedule, self._times, self.schedule_transfer = None, None, False  # a learned grid: file, times
+        if schedule is not None or spacing == LEARNED:
+            steps = self._learned(schedule, spacing, steps, schedule_transfer)
         steps = self.method.steps if steps is None else steps
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int | float) or int(steps) != steps
                                   or steps < 1):  # fmt: skip
             raise ValueError(f"sampler.steps={steps!r} must be a positive integer")
         self.steps = None if steps is None else int(steps)  # None: all of the process's steps (bind / timesteps)
-        self.spacing = spacing or self.method.spacing
+        self.spacing = spacing or (LEARNED if self.schedule is not None else self.method.spacing)
         check_choice("sampler.spacing", self.spacing, ALL_SPACINGS)
         if clip_denoised is not None and not isinstance(clip_denoised, bool):
             raise ValueError(f"sampler.clip_denoised={clip_denoised!r} must be true or false")
         self.clip_denoised = True if clip_denoised is None else clip_denoised
         self.guidance_scale = None if guidance_scale is None else check_number("sampler.guidance_scale", guidance_scale)
+
+    def _learned(self, schedule, spacing, steps, transfer) -> int:
+        """Read the learned grid (the file among `schedule` for this method, options and steps); its steps."""
+        from .learned_grid import pick_schedule
+
+        if spacing not in (None, LEARNED):
+            raise ValueError(f"sampler.schedule is set but sampler.spacing={spacing}: set sampler.spacing=learned "
+                             "(or drop sampler.schedule)")  # fmt: skip
+        if not schedule:
+            raise ValueError("sampler.spacing=learned needs sampler.schedule=<file> (python learn_schedule.py "
+                             f"ckpt_path=... sampler={self.method.name} sampler.nfe=<n> writes one)")  # fmt: skip
+        if transfer is not None and not isinstance(transfer, bool):
+            raise ValueError(f"sampler.schedule_transfer={transfer!r} must be true or false")
+        if self.method.stochastic(self.options):
+            raise ValueError(f"sampler.spacing=learned: sampler.method={self.method.name} is stochastic here; "
+                             "grids are learned for the deterministic solvers")  # fmt: skip
+        paths = [schedule] if isinstance(schedule, str) else list(schedule)
+        self.schedule = pick_schedule(paths, self.method.name, self.options, steps)
+        self._times = [float(t) for t in self.schedule["times"]]
+        self.schedule_transfer = bool(transfer)
+        return self.schedule["steps"]
+
+    def with_times(self, times) -> Sampler:
+        """This sampler on the given ascending times (spacing=learned, no file): what learned_grid tries."""
+        out = copy.copy(self)
+        out.spacing, out._times, out.steps = LEARNED, [float(t) for t in times], len(times)
+        return out
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **changes: Any) -> Sampler:
@@ -105,6 +145,11 @@ class Sampler:
         sampler.steps when the process cannot give them, or sampler.method when it needs the discrete process or a
         model trained by another `objective` (the run's conf/objective choice)."""
         self.method.check_process(diffusion, objective=objective)
+        if self.schedule is not None and (self.schedule["process"], self.schedule["num_timesteps"]) != (
+            diffusion.network_view, diffusion.num_timesteps
+        ):
+            raise ValueError(f"sampler.schedule={self.schedule['path']} was learned on another process "
+                             f"({self.schedule['process']}), not this model's {diffusion.network_view}")  # fmt: skip
         times = self.timesteps(diffusion)
         if not self.method.from_noise(self.options) and math.isinf(float(diffusion.sigma_at(times[-1]))):
             raise ValueError(
@@ -144,6 +189,7 @@ class Sampler:
             "spacing": self.spacing,
             "clip_denoised": self.clip_denoised,
             "guidance_scale": self.guidance_scale,
+            **({"schedule": self.schedule["path"]} if self.schedule is not None else {}),
             **self.options,
         }
 
@@ -161,6 +207,11 @@ class Sampler:
     # ------------------------------------------------------------------ running it
     def timesteps(self, diffusion) -> list:
         """The ascending times it visits on `diffusion`; ValueError naming sampler.steps when its T cannot give them."""
+        if self._times is not None:
+            if self._times[-1] != diffusion.num_timesteps - 1:
+                raise ValueError(f"sampler.spacing=learned: the grid starts at t={self._times[-1]:g}, not at this "
+                                 f"process's first time {diffusion.num_timesteps - 1}")  # fmt: skip
+            return list(self._times)
         fixed = self.method.times(diffusion, self.options)
         if fixed is not None:
             return fixed

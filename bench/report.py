@@ -33,6 +33,7 @@ ORDER = [
     ("posthoc_ema", "python bench/posthoc_ema.py"),
     ("stream", "python bench/stream.py"),
     ("few_step", "python bench/few_step.py"),
+    ("schedules", "python bench/schedules.py"),
 ]
 QUICK = {"train_throughput", "sampling", "fid", "loss_aware", "solvers_digits"}  # what `make bench` runs
 

@@ -135,6 +135,7 @@ class ContinuousProcess:
         return {"loss": self.loss_weight(u).to(mse) * mse, "mse": mse}
 
     discrete = False  # continuous time: no ancestral DDPM step, learned variance, VLB or respacing
+    linear_path = False  # see Flow
 
     @property
     def network_view(self) -> str:
@@ -278,6 +279,7 @@ class Flow(ContinuousProcess):
         self._check_param("diffusion.mean_type")
 
     default_method = "euler"
+    linear_path = True  # alpha = 1 - u, sigma = u: Heun steps in u (the flow's own time), finite at u = 1
 
     def u_at(self, t: torch.Tensor) -> torch.Tensor:
         return sd3_shift((t.clamp(0, self.num_timesteps - 1) + 1) / self.num_timesteps, self.shift)

@@ -190,6 +190,7 @@ class GaussianDiffusion:
 
     default_method = "ddim"  # the sampler a model of this process uses when none is given (Process interface)
     discrete = True  # T integer steps with their own tables (ancestral DDPM, learned variance, the VLB, respacing)
+    linear_path = False  # alpha^2 + sigma^2 = 1
 
     @property
     def network_view(self) -> str:

@@ -24,6 +24,7 @@ class Process(Protocol):
     num_timesteps: int  # times are floats in [0, num_timesteps - 1]
     default_method: str  # the sampler when none is given: ddim (DDPM), heun (EDM), euler (flow)
     discrete: bool  # DDPM/IDDPM's T steps (ancestral sampling, learned variance, VLB, respacing); False: EDM, flow
+    linear_path: bool  # alpha + sigma = 1 (flow): dx/dsigma = eps - x0 is finite at pure noise, so Heun steps in sigma
 
     def noise_std(self, t) -> float:
         """The std of the pure noise a sampler starting at time t draws (1 on the discrete process, sigma(t))."""

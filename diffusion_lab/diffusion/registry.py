@@ -59,8 +59,8 @@ class Method:
     invert: (diffusion, model, x0, timesteps, **options) -> x at timesteps[-1], for deterministic inversion (it
         takes the sampler's options and uses those it needs).
     in_name: options always written in the log name (DDIM's eta, for names like ddim50_eta0).
-    from_noise: options -> whether it can start at pure noise (alpha = 0: flow's t = 1, zero terminal SNR); the
-        VE-variable methods (Heun, Euler ancestral, iPNDM, Euler with churn) cannot.
+    from_noise: options -> whether it can start at pure noise (alpha = 0: flow's t = 1, zero terminal SNR); every
+        method can but Euler and Heun with churn (their churn raises sigma / alpha, infinite there).
     discrete: it needs the discrete process (GaussianDiffusion: its tables and respacing); refused elsewhere.
     objectives: the training objectives whose models it samples (None: any; consistency: ect, meanflow: meanflow).
     times: (diffusion, options) -> the ascending times to visit, or None for the spacing grid: an option that
@@ -242,7 +242,6 @@ register(
             "variable_step": _one_of("variable_step", (True, False)),
         },
         spacing="trailing",  # with the fixed weights logsnr is far worse (FID 37.9 vs 32.6 at 20 NFE)
-        from_noise=lambda o: False,
     )
 )
 register(
@@ -265,7 +264,7 @@ register(
         evals_per_step=2,
         extra_last=1,
         stochastic=lambda o: o["s_churn"] > 0 and o["s_noise"] > 0,
-        from_noise=lambda o: False,
+        from_noise=lambda o: o["s_churn"] == 0,  # flow: Heun in u; else the first step is finite (solvers._karras)
     )
 )
 register(
@@ -276,7 +275,6 @@ register(
         {"eta": 1.0, "s_noise": 1.0},
         spacing="trailing",  # fresh noise at every step: trailing beats logsnr and karras at 10 and 20 NFE
         stochastic=lambda o: o["eta"] > 0 and o["s_noise"] > 0,
-        from_noise=lambda o: False,
     )
 )
 

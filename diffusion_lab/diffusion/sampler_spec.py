@@ -153,8 +153,8 @@ class Sampler:
         times = self.timesteps(diffusion)
         if not self.method.from_noise(self.options) and math.isinf(float(diffusion.sigma_at(times[-1]))):
             raise ValueError(
-                f"sampler.method={self.method.name} steps in sigma / alpha, infinite at the first time here (pure "
-                "noise: diffusion=flow's t = 1 or zero terminal SNR); use ddim, euler, dpmpp_2m, dpmpp_3m or unipc"
+                f"sampler.method={self.method.name} with churn (sampler.s_churn > 0) raises sigma / alpha, infinite at "
+                "the first time here (pure noise: diffusion=flow's t = 1 or zero terminal SNR); set sampler.s_churn=0"
             )
         return self if self.steps is not None else self.replace(steps=diffusion.num_timesteps)
 

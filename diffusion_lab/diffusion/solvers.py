@@ -27,7 +27,8 @@ Notation at time t_j: x_t = alpha x0 + sigma eps with (alpha, sigma) = diffusion
 interface, process.py: sqrt(alpha_bar), sqrt(1 - alpha_bar) on the VP process), s = sigma / alpha (VE noise level
 of x / alpha, Karras et al.'s sigma) and lambda = log(alpha / sigma) = -log s (half the log-SNR: log_snr_at / 2).
 Data-prediction methods (DPM-Solver++, UniPC) are finite at zero terminal SNR (a = 0 at the first time); the VE
-methods (Euler, Heun, iPNDM) need a finite s there.
+methods (Euler, Heun, Euler ancestral, iPNDM) take their first step from there in a finite form (the limit s -> inf
+of the step), and Heun on a linear path (flow) steps in the path's own sigma (= the flow time) throughout.
 """
 
 from __future__ import annotations
@@ -364,14 +365,15 @@ def ipndm(
     """
     check_choice("sampler.max_order", max_order, IPNDM_ORDERS)
     g = _grid(diffusion, timesteps)
-    _need_finite_s(g, "ipndm")
     x, eps_hist = x_T, []
     for j in _steps(g.n, progress, "ipndm"):
         x0, eps = diffusion.denoise(model, x, g.t[j], model_kwargs, clip_denoised)
-        eps_hist = [eps, *eps_hist[: max_order - 1]]
         if j == g.n - 1:
             x = x0
+        elif not math.isfinite(g.s[j]):  # from pure noise: the Euler (DDIM) step, and no history at s = inf
+            x = g.alpha[j + 1] * x0 + g.sigma[j + 1] * eps
         else:
+            eps_hist = [eps, *eps_hist[: max_order - 1]]
             p = len(eps_hist)
             if variable_step:
                 coeffs = adams_bashforth_coefficients(g.s[j - p + 1 : j + 1][::-1], g.s[j + 1])
@@ -460,16 +462,25 @@ def _karras(
     s_noise,
 ):
     g = _grid(diffusion, timesteps)
-    # From pure noise (alpha = 0: flow's t = 1, zero terminal SNR) only the plain Euler step is defined: from
-    # x_bar = x0 + s eps it is x0 + s' eps (DDIM's update), computed from the VP state x_T itself.
-    from_noise = not math.isfinite(g.s[0]) and not heun_correction and s_churn == 0
+    if heun_correction and s_churn == 0 and diffusion.linear_path:
+        return _heun_on_linear_path(diffusion, model, x_T, g, model_kwargs, callback, clip, progress, post_step)
+    # From pure noise (alpha = 0: flow's t = 1, zero terminal SNR) x_bar = x_T / alpha is infinite. The exact step
+    # from s = inf is x_bar(s') = s' z + int_0^1 D(x_bar(s), s) dr with r = s' / s and z = x_T / sigma (the noise):
+    # Euler takes D at r = 0 (DDIM's update), Heun the trapezoid (D at r = 0 and at Euler's x_bar(s')), both finite.
+    from_noise = not math.isfinite(g.s[0]) and s_churn == 0
     if not from_noise:
         _need_finite_s(g, name)
     x_bar = None if from_noise else x_T / g.alpha[0]
     for j in _steps(g.n, progress, name):
         if j == 0 and from_noise:
-            x0, d = diffusion.denoise(model, x_T, g.t[0], model_kwargs, clip)
-            x_bar = x0 if g.n == 1 else x0 + g.s[1] * d
+            x0, z = diffusion.denoise(model, x_T, g.t[0], model_kwargs, clip)  # eps_hat = x_T / sigma here
+            if g.n == 1:
+                x_bar = x0
+            else:
+                x_bar = x0 + g.s[1] * z
+                if heun_correction:
+                    x0_next, _ = diffusion.denoise(model, g.alpha[1] * x_bar, g.t[1], model_kwargs, clip)
+                    x_bar = 0.5 * (x0 + x0_next) + g.s[1] * z
         else:
             x_bar, s_hat, t_hat, a_hat = _churn(g, diffusion, j, x_bar, s_churn, s_tmin, s_tmax, s_noise, generator)
             # d = (x_bar - D(x_bar; s)) / s is exactly the eps prediction (no cancellation).
@@ -488,6 +499,26 @@ def _karras(
         if callback is not None:
             callback(g.n - 1 - j, g.alpha[j + 1] * x_bar, x0)
     return x_bar
+
+
+def _heun_on_linear_path(diffusion, model, x_T, g: _Grid, model_kwargs, callback, clip, progress, post_step):
+    """Heun's method on dx/dsigma = eps - x0 (the velocity) where alpha = 1 - sigma (flow: sigma is the flow time
+    u), as flow_matching's and torchdiffeq's heun2 integrate it and ComfyUI samples flow models; finite at sigma = 1.
+    The last step is the x0 prediction, as everywhere here."""
+    x = x_T
+    for j in _steps(g.n, progress, "heun"):
+        x0, eps = diffusion.denoise(model, x, g.t[j], model_kwargs, clip)
+        if j == g.n - 1:
+            x = x0
+        else:
+            dt, v = g.sigma[j + 1] - g.sigma[j], eps - x0
+            x0_next, eps_next = diffusion.denoise(model, x + dt * v, g.t[j + 1], model_kwargs, clip)
+            x = x + (0.5 * dt) * (v + eps_next - x0_next)
+        if post_step is not None:
+            x = post_step(g.n - 1 - j, x)
+        if callback is not None:
+            callback(g.n - 1 - j, x, x0)
+    return x
 
 
 @torch.no_grad()
@@ -576,10 +607,13 @@ def heun(
 
 def ancestral_step(s_from: float, s_to: float, eta: float = 1.0) -> tuple[float, float]:
     """k-diffusion get_ancestral_step: (s_down, s_up) with s_down^2 + s_up^2 = s_to^2,
-    s_up = min(s_to, eta sqrt(s_to^2 (s_from^2 - s_to^2) / s_from^2))."""
+    s_up = min(s_to, eta sqrt(s_to^2 (s_from^2 - s_to^2) / s_from^2)); at s_from = inf its limit min(s_to, eta s_to)."""
     if not eta:
         return s_to, 0.0
-    s_up = min(s_to, eta * math.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2))
+    if math.isinf(s_from):  # from pure noise: the limit, s_up = min(1, eta) s_to
+        s_up = min(s_to, eta * s_to)
+    else:
+        s_up = min(s_to, eta * math.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2))
     return math.sqrt(s_to**2 - s_up**2), s_up
 
 
@@ -600,18 +634,19 @@ def euler_ancestral(
     s_noise=1.0,
 ):
     """k-diffusion sample_euler_ancestral in the VE variables: an Euler step down to s_down, then fresh noise of
-    std s_noise s_up (`ancestral_step`); eta = 0 is Euler. No noise on the step to s = 0."""
+    std s_noise s_up (`ancestral_step`); eta = 0 is Euler. No noise on the step to s = 0. From pure noise (s = inf:
+    flow's t = 1, zero terminal SNR) the first step is the limit x0 + s_down eps (DDIM's form, finite)."""
     check_number("sampler.eta", eta)
     g = _grid(diffusion, timesteps)
-    _need_finite_s(g, "euler_ancestral")
-    x_bar = x_T / g.alpha[0]
+    x_bar = x_T / g.alpha[0] if math.isfinite(g.s[0]) else None
     for j in _steps(g.n, progress, "euler_ancestral"):
-        x0, d = diffusion.denoise(model, g.alpha[j] * x_bar, g.t[j], model_kwargs, clip_denoised)
+        x_in = x_T if x_bar is None else g.alpha[j] * x_bar
+        x0, d = diffusion.denoise(model, x_in, g.t[j], model_kwargs, clip_denoised)
         if j == g.n - 1:
             x_bar = x0
         else:
             s_down, s_up = ancestral_step(g.s[j], g.s[j + 1], eta)
-            x_bar = x_bar + (s_down - g.s[j]) * d
+            x_bar = x0 + s_down * d if x_bar is None else x_bar + (s_down - g.s[j]) * d
             if s_up > 0:
                 x_bar = x_bar + (s_noise * s_up) * noise_like(x_bar, generator)
         if post_step is not None:

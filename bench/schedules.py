@@ -1,0 +1,235 @@
+"""Time grids learned per checkpoint against the fixed grids (issue 43).
+
+    python bench/schedules.py                      # MNIST recipe + flow preset (each trained once, ~35 min on 2
+                                                   # cores), every row at N=10,000 against the MNIST test set
+    python bench/schedules.py --models flow --num-samples 1000 --nfe 5 10   # one model, fewer rows (~1 h)
+    python bench/schedules.py --data digits --num-samples 1797   # train.py's default digits model: a first look
+    python bench/schedules.py --render             # the section and plot again from bench/results/schedules.json
+
+For each model, method (UniPC-2, DPM-Solver++(2M), Euler) and NFE (4, 5, 6, 8, 10): the fixed grids (trailing,
+logsnr, karras) and the grid `learn_schedule.py` learns for that checkpoint (LD3's objective against DPM-Solver++(2M)
+at NFE 100; --trajectories, --max-evals), each scored by FID/KID, precision/recall (and, on MNIST, the classifier
+score) on the same images i seeded (0, i); DDIM eta 1 at the same NFE is the stochastic reference. Schedules and
+rows are cached (outputs/bench/), so a re-run computes only what is missing.
+Targets: at NFE 10 a deterministic solver on a learned grid scores at or below DDIM eta 1 at NFE 10 (same model, same
+N); at NFE 5 the best learned grid cuts the best fixed grid's FID by at least 25%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from harness.common import (  # noqa: E402
+    ROOT,
+    RUNS,
+    all_digits_uint8,
+    classifier_note,
+    fid_evaluator,
+    machine,
+    machine_line,
+    save_figure,
+    saved_result,
+    scored_rows,
+    summary,
+    train_digits,
+    write_result,
+)
+
+from diffusion_lab.checkpoint import load_module  # noqa: E402
+from diffusion_lab.diffusion import Sampler  # noqa: E402
+from diffusion_lab.diffusion.learned_grid import file_sha256  # noqa: E402
+
+METHODS = [{"method": "unipc", "order": 2}, {"method": "dpmpp_2m"}, {"method": "euler"}]
+FIXED = ["trailing", "logsnr", "karras"]
+NFES = [4, 5, 6, 8, 10]
+
+
+def models(data: str, keys: list[str]) -> list[dict]:
+    """[{key, title, ckpt, evaluator, reference, ref_name, classifier}] of the benchmark's checkpoints."""
+    if data == "digits":
+        ev = fid_evaluator()
+        ckpt = train_digits("digits_default", [])
+        ref = ev.reference_features("digits-all", all_digits_uint8())
+        return [dict(key="digits", title="digits (train.py's DDPM)", ckpt=ckpt, evaluator=ev, reference=ref,
+                     ref_name="the 1,797 digits", classifier=None, info=None)]  # fmt: skip
+    from harness.mnist import DATASETS, mnist_setup, recipe_checkpoint, train_run
+
+    ev, ref, classifier, info, _ = mnist_setup(DATASETS["mnist"])
+    common = dict(evaluator=ev, reference=ref, ref_name="the 10,000 MNIST test images", classifier=classifier,
+                  info=info)  # fmt: skip
+    out = []
+    if "mnist" in keys:
+        out.append(dict(key="mnist", title="MNIST recipe (DDPM v, cosine)", ckpt=recipe_checkpoint(DATASETS["mnist"]),
+                        **common))  # fmt: skip
+    if "flow" in keys:
+        out.append(dict(key="flow", title="Flow preset", ckpt=train_run("flow", [], "flow_mnist_cpu")[0], **common))
+    return out
+
+
+def learned(m: dict, method: dict, nfe: int, a) -> tuple[str, float]:
+    """(schedule file, minutes it took) for one (model, method, NFE): learned once per checkpoint and settings."""
+    name = Sampler(**method, nfe=nfe).name
+    path = RUNS / "schedules" / m["key"] / f"{name}_n{a.trajectories}_e{a.max_evals}.json"
+    sha = file_sha256(m["ckpt"])
+    if path.exists() and json.loads(path.read_text())["checkpoint"]["sha256"] == sha:
+        return str(path), json.loads(path.read_text())["seconds"]["total"] / 60
+    opts = [f"sampler.{k}={v}" for k, v in method.items() if k != "method"]
+    cmd = [sys.executable, "learn_schedule.py", f"ckpt_path={m['ckpt']}", f"sampler={method['method']}", *opts,
+           f"sampler.nfe={nfe}", f"trajectories={a.trajectories}", f"validation={a.trajectories}",
+           f"max_evals={a.max_evals}", f"out={path}", f"hydra.run.dir={path.parent / 'logs' / path.stem}"]  # fmt: skip
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    summary("schedules", f"{m['key']} {name}: learned in {(time.perf_counter() - t0) / 60:.1f} min")
+    return str(path), json.loads(path.read_text())["seconds"]["total"] / 60
+
+
+def run(a) -> dict:
+    t0 = time.perf_counter()
+    res = {"machine": machine(), "n": a.num_samples, "data": a.data, "trajectories": a.trajectories,
+           "max_evals": a.max_evals, "models": []}  # fmt: skip
+    for m in models(a.data, a.models):
+        module = load_module(m["ckpt"])
+        schedules = {(i, k): learned(m, meth, k, a) for i, meth in enumerate(METHODS) for k in a.nfe}
+        fixed = [Sampler(**meth, nfe=k, spacing=sp) for meth in METHODS for k in a.nfe for sp in FIXED]
+        ddim = [Sampler("ddim", nfe=k, eta=1.0) for k in a.nfe]
+        ours = [Sampler(**meth, nfe=k, schedule=schedules[(i, k)][0]) for i, meth in enumerate(METHODS) for k in a.nfe]
+        rows_dir = RUNS / "rows"
+        rows_dir.mkdir(parents=True, exist_ok=True)
+        tag = hashlib.sha256("".join(open(p).read() for p, _ in schedules.values()).encode()).hexdigest()[:8]
+        score = dict(n=a.num_samples, evaluator=m["evaluator"], ref_features=m["reference"], ref_name=m["ref_name"],
+                     classifier=m["classifier"])  # fmt: skip
+        rows = scored_rows(module, fixed + ddim, cache=rows_dir / f"schedules_{m['key']}.json", **score)
+        rows += scored_rows(module, ours, cache=rows_dir / f"schedules_{m['key']}_learned_{tag}.json", **score)
+        res["models"].append({"key": m["key"], "title": m["title"], "ckpt": str(m["ckpt"]), "rows": rows,
+                              "learn_minutes": {f"{METHODS[i]['method']}@{k}": v[1] for (i, k), v in schedules.items()},
+                              "times": {f"{METHODS[i]['method']}@{k}": json.loads(open(v[0]).read())["times"]
+                                        for (i, k), v in schedules.items()}})  # fmt: skip
+        res["ref_name"] = m["ref_name"]
+        if m["info"] is not None:
+            res["classifier_epochs"] = m["info"].get("epochs")
+    res["wall_seconds"] = time.perf_counter() - t0
+    return res
+
+
+def _name(meth: dict, nfe: int, spacing: str) -> str:
+    """The row name of a (method, NFE) on a fixed spacing or the learned grid."""
+    if spacing == "learned":
+        return f"{Sampler(**meth, nfe=nfe).name}_learned"
+    return Sampler(**meth, nfe=nfe, spacing=spacing).name
+
+
+def table(res: dict) -> tuple[list[str], list[str]]:
+    """(Markdown lines, target lines)."""
+    lines, targets = [], []
+    for r in res["models"]:
+        by = {x["sampler"]: x for x in r["rows"]}
+        nfes = sorted({x["nfe"] for x in r["rows"]})
+        lines += [f"**{r['title']}** (FID / KID x 1e3; learning minutes in brackets)", "",
+                  "| method | grid | " + " | ".join(f"NFE {k}" for k in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
+        best_fixed, best_learned = {}, {}
+        for meth in METHODS:
+            for sp in [*FIXED, "learned"]:
+                cells = []
+                for k in nfes:
+                    x = by.get(_name(meth, k, sp))
+                    if x is None:
+                        cells.append("—")
+                        continue
+                    minutes = r["learn_minutes"].get(f"{meth['method']}@{k}")
+                    extra = f" ({minutes:.1f})" if sp == "learned" else ""
+                    cells.append(f"{x['fid']:.2f} / {x['kid'] * 1e3:.2f}{extra}")
+                    pool = best_learned if sp == "learned" else best_fixed
+                    pool[k] = min(pool.get(k, float("inf")), x["fid"])
+                label = Sampler(**meth).label
+                lines.append(f"| {label} | {sp} | " + " | ".join(cells) + " |")
+        ddim = [by.get(Sampler("ddim", nfe=k, eta=1.0).name) for k in nfes]
+        lines += ["| DDIM eta=1 | trailing | " + " | ".join(f"{x['fid']:.2f} / {x['kid'] * 1e3:.2f}" if x else "—"
+                                                         for x in ddim) + " |", ""]  # fmt: skip
+        d10 = by.get(Sampler("ddim", nfe=10, eta=1.0).name)
+        if 10 in best_learned and d10:
+            ok = best_learned[10] <= d10["fid"]
+            targets.append(f"{r['title']}: NFE 10 learned {best_learned[10]:.2f} vs DDIM eta 1 {d10['fid']:.2f}: "
+                           + ("met" if ok else "NOT met"))  # fmt: skip
+        if 5 in best_learned and 5 in best_fixed:
+            cut = 1 - best_learned[5] / best_fixed[5]
+            targets.append(f"{r['title']}: NFE 5 learned {best_learned[5]:.2f} vs best fixed {best_fixed[5]:.2f} "
+                           f"({cut:+.0%} cut; 25% asked): " + ("met" if cut >= 0.25 else "NOT met"))  # fmt: skip
+    return lines, targets
+
+
+def plot(res: dict):
+    fig, axes = plt.subplots(1, len(res["models"]), figsize=(6.5 * len(res["models"]), 4.6), dpi=110, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, r in zip(axes[0], res["models"], strict=True):
+        by = {x["sampler"]: x for x in r["rows"]}
+        nfes = sorted({x["nfe"] for x in r["rows"]})
+        for c, meth in zip(colors, METHODS, strict=False):
+            fixed = [min((by[n]["fid"] for sp in FIXED if (n := _name(meth, k, sp)) in by), default=None) for k in nfes]
+            ours = [by.get(_name(meth, k, "learned"), {}).get("fid") for k in nfes]
+            label = Sampler(**meth).label
+            ax.plot(nfes, fixed, ls="--", marker="o", color=c, label=f"{label}, best fixed grid")
+            ax.plot(nfes, ours, ls="-", marker="D", color=c, label=f"{label}, learned grid")
+        ax.plot(nfes, [by.get(Sampler("ddim", nfe=k, eta=1.0).name, {}).get("fid") for k in nfes], color="gray",
+                marker="s", label="DDIM eta=1")  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_xticks(nfes, [str(k) for k in nfes])
+        ax.set_xlabel("network evaluations per sample (NFE)")
+        ax.set_ylabel(f"FID (N={res['n']:,})")
+        ax.set_title(r["title"])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def section(res: dict, link: str) -> str:
+    lines, targets = table(res)
+    note = classifier_note(res) if res.get("classifier_epochs") else ""
+    return f"""### Learned time grids (`{res['command']}`)
+
+Machine: {machine_line(res['machine'])}. FID / KID x 1e3 at N={res['n']:,} against {res['ref_name']}{note};
+every row draws image i from the seed (0, i). Learned: `learn_schedule.py`
+(LD3's objective against DPM-Solver++(2M) at NFE 100 on {res['trajectories']} trajectories, at most
+{res['max_evals']} loss evaluations of Nelder-Mead from the best fixed grid); the minutes each took are in brackets.
+Wall time of this benchmark: {res['wall_seconds'] / 60:.1f} min (cached schedules and rows count as zero).
+
+{chr(10).join(lines)}
+![FID vs NFE, learned and fixed grids]({link})
+
+Targets: {'; '.join(targets) or 'not scored'}.
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", choices=["mnist", "digits"], default="mnist")
+    p.add_argument("--models", nargs="+", choices=["mnist", "flow"], default=["mnist", "flow"], help="MNIST models")
+    p.add_argument("--num-samples", type=int, default=10_000)
+    p.add_argument("--nfe", type=int, nargs="+", default=NFES)
+    p.add_argument("--trajectories", type=int, default=64)
+    p.add_argument("--max-evals", type=int, default=200)
+    p.add_argument("--render", action="store_true")
+    a = p.parse_args()
+    if a.render:
+        res = saved_result(p, "schedules", "python bench/schedules.py")
+    else:
+        res = run(a)
+        res["command"] = " ".join(["python bench/schedules.py", *sys.argv[1:]])
+    fig = plot(res)
+    link = save_figure(fig, "schedules")
+    plt.close(fig)
+    write_result("schedules", res, section(res, link))
+    summary("schedules", "; ".join(table(res)[1]))
+
+
+if __name__ == "__main__":
+    main()

@@ -57,3 +57,25 @@ def test_respaced_betas_by_hand():
     # learned_range interpolates in the respaced betas: v=1 gives log beta'_1
     lv = r.model_log_variance(torch.ones(1, 1, 1, 1), torch.tensor([1]), torch.zeros(1, 1, 1, 1))
     assert lv.item() == pytest.approx(math.log(expect[1].item()), rel=1e-6)
+
+
+@pytest.mark.parametrize("table, key", [("ays", "StableDiffusionSigmas"), ("ays_xl", "StableDiffusionXLSigmas")])
+def test_ays_spacing_is_diffusers_table_and_its_log_linear_interpolation(table, key):
+    """spacing=ays / ays_xl visits Align Your Steps' published levels (diffusers' AysSchedules, without its final 0)
+    at 10 steps, on any process (EDM: sigma itself); at 19 steps the log-linear interpolation keeps every table
+    level at the even positions and puts the geometric mean of its neighbours between them."""
+    from diffusers.schedulers import AysSchedules
+
+    from diffusion_lab.diffusion.continuous import EDM
+    from diffusion_lab.diffusion.respace import ays_sigmas, sampling_times
+
+    published = AysSchedules[key][:-1]
+    assert ays_sigmas(table, 10) == published
+    edm = EDM()
+    times = sampling_times(edm, table, 10)
+    assert times == sorted(times) and len(times) == 10
+    assert edm.sigma_at(torch.tensor(times, dtype=torch.float64)).flip(0).tolist() == pytest.approx(published, rel=1e-9)
+    fine = ays_sigmas(table, 19)
+    assert fine[::2] == pytest.approx(published, rel=1e-12)
+    assert fine[1::2] == pytest.approx([(a * b) ** 0.5 for a, b in zip(published, published[1:])], rel=1e-12)
+    assert all(b < a for a, b in zip(fine, fine[1:]))

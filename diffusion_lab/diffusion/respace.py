@@ -13,6 +13,8 @@ The respaced process itself is `GaussianDiffusion.respace(timesteps)`.
 continuous-time grids for the fast solvers (float times through `GaussianDiffusion.t_at_sigma`):
     "logsnr"     uniform in lambda = -log sigma from lambda(T-1) to lambda(0) (DPM-Solver, Lu et al. 2022, Sec. 3.3)
     "karras"     Karras et al. 2022 eq. 5, rho = 7, from sigma(T-1) down to sigma(0)
+    "ays", "ays_xl"  Align Your Steps' published SD1.5 / SDXL levels (sigma 14.6 down to 0.15 / 0.11), log-linearly
+                 interpolated to other step counts; they start below sigma(T-1) where the process reaches higher
 and "auto": "trailing" below AUTO_LOGSNR_FROM = 20 steps, "logsnr" from there on, the default of the multistep
 solvers. On the MNIST recipe (cosine schedule) trailing scores far better at 5 and 10 NFE (DPM-Solver++(2M): FID
 47 vs 192 and 37 vs 39; UniPC-3 at 10: 35 vs 87), ties or wins at 15 for 3M and UniPC (2M already prefers logsnr
@@ -25,12 +27,19 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import torch
 
 from ..checks import check_choice
 
 SPACINGS = ("ddim", "uniform", "quad", "trailing", "even")
-CONTINUOUS_SPACINGS = ("logsnr", "karras")
+# Align Your Steps (Sabour et al. 2024): the published 10-step noise levels (VE sigma, descending, without the final
+# 0) for Stable Diffusion 1.5 ("ays") and XL ("ays_xl"), as diffusers' AysSchedules lists them.
+AYS_SIGMAS = {
+    "ays": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152),
+    "ays_xl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113),
+}
+CONTINUOUS_SPACINGS = ("logsnr", "karras", *AYS_SIGMAS)
 AUTO_SPACING, AUTO_LOGSNR_FROM = "auto", 20  # "auto": trailing below 20 steps, logsnr from 20
 
 
@@ -89,6 +98,16 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     return (hi + ramp * (lo - hi)) ** rho
 
 
+def ays_sigmas(table: str, steps: int) -> list[float]:
+    """An AYS table's noise levels at `steps` visits, descending: the table itself at 10, else its log-linear
+    interpolation (Sabour et al. 2024, as ComfyUI's AlignYourStepsScheduler): log sigma linear in the position."""
+    levels = AYS_SIGMAS[table]
+    if steps == len(levels):
+        return list(levels)
+    xs, new = np.linspace(0, 1, len(levels)), np.linspace(0, 1, steps)
+    return np.exp(np.interp(new, xs, np.log(levels[::-1])))[::-1].tolist()
+
+
 def sampling_times(diffusion, spacing: str, steps: int) -> list:
     """Ascending times a sampler visits: `steps` of them, ints for the integer spacings, floats for
     "logsnr" / "karras" (both include t = 0 and t = T-1). Raises ValueError naming sampler.spacing / sampler.steps.
@@ -106,6 +125,12 @@ def sampling_times(diffusion, spacing: str, steps: int) -> list:
     check_choice("sampler.spacing", spacing, SPACINGS + CONTINUOUS_SPACINGS + (AUTO_SPACING,))
     if steps < 2 or T < 2:
         raise ValueError(f"sampler.steps={steps} must be >= 2 for sampler.spacing={spacing} (both ends are kept)")
+    if spacing in AYS_SIGMAS:  # the published levels on this process's time axis (clamped to its range)
+        times = diffusion.t_at_sigma(torch.tensor(ays_sigmas(spacing, steps), dtype=torch.float64)).flip(0).tolist()
+        if any(b <= a for a, b in zip(times, times[1:])):
+            raise ValueError(f"sampler.spacing={spacing} at {steps} steps gives repeated times on this process (its "
+                             "noise range does not hold the AYS levels 0.11-14.6): use another spacing")  # fmt: skip
+        return times
     top = T - 1
     sigma_max = float(diffusion.sigmas[top])
     if not math.isfinite(sigma_max):  # zero terminal SNR: grid on [0, T-2], then T-1 itself

@@ -5,6 +5,7 @@ line."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -278,3 +279,38 @@ def test_two_sets_of_the_same_shape_never_share_cached_fid_features(small_stream
     chunks = [json.loads((p / "train" / "index.json").read_text())["chunks"] for p in (small_stream, again)]
     assert chunks[0] == chunks[1]  # the same chunks (litdata's index differs only by its timestamp)
     assert a.fingerprint() != b.fingerprint()
+
+
+@pytest.mark.parametrize("where", ["header", "pixels"])
+def test_a_chunk_with_one_changed_byte_is_refused_by_name(small_stream, tmp_path, where):
+    """Issue 45: prepare records each chunk's sha256 in meta.json; one flipped byte of the same-size chunk, in
+    litdata's header or in the image bytes, is refused naming the chunk before any batch is read (it used to train
+    on silently, or end in a bare KeyError)."""
+    StreamDataModule(str(small_stream))  # the intact set constructs
+    damaged = tmp_path / "damaged"
+    shutil.copytree(small_stream, damaged)
+    chunk = sorted((damaged / "train").glob("chunk-*.bin"))[0]
+    data = bytearray(chunk.read_bytes())
+    at = 2 if where == "header" else len(data) - 10  # the item offsets first; the last image's pixels at the end
+    data[at] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"chunk {re.escape(str(chunk))} does not match the sha256"):
+        StreamDataModule(str(damaged))
+
+
+def test_a_hash_list_naming_other_files_is_refused_and_an_old_set_warns(small_stream, tmp_path, caplog):
+    """The hash list is data: one that names a file outside the set is refused unread; a set prepared before the
+    hashes is read with a one-line warning."""
+    hostile = tmp_path / "hostile"
+    shutil.copytree(small_stream, hostile)
+    meta = json.loads((hostile / "meta.json").read_text())
+    hashes = meta["chunk_sha256"]["train"]
+    hashes["../../victim.bin"] = hashes.pop(sorted(hashes)[0])
+    (hostile / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="chunk_sha256 for train does not list that split's chunks.*refused unread"):
+        StreamDataModule(str(hostile))
+    del meta["chunk_sha256"]
+    (hostile / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="diffusion_lab.data.stream"):
+        StreamDataModule(str(hostile))
+    assert [r.getMessage() for r in caplog.records if "before chunk hashes" in r.getMessage()]

@@ -23,7 +23,7 @@ import torch
 
 from ..io import atomic_write
 from .folder import FolderDataModule
-from .stream import FORMAT, META, StreamDataModule
+from .stream import FORMAT, HASHES, META, StreamDataModule, chunk_hashes
 
 log = logging.getLogger(__name__)
 MARK = "diffusion_lab-prepare: "  # finds our message inside the error litdata raises for a failed worker
@@ -97,7 +97,8 @@ def prepare(dm, out: str | Path, chunk_bytes: str = "64MB", num_workers: int = 1
                                    chunk_bytes, num_workers)  # fmt: skip
     meta = {"format": FORMAT, "id": uuid.uuid4().hex, "image_size": dm.image_size, "channels": dm.channels,
             "num_classes": dm.num_classes,
-            "counts": counts, "source": type(dm).__name__}  # fmt: skip
+            "counts": counts, "source": type(dm).__name__,
+            HASHES: {split: chunk_hashes(out / split) for split, n in counts.items() if n}}  # fmt: skip
     with atomic_write(out / META) as tmp:
         tmp.write_text(json.dumps(meta, indent=1))
     log.info("prepared %s into %s: %s", type(dm).__name__, out, counts)

@@ -5,7 +5,8 @@
 
 `prepare` (prepare.py) writes each split (train, val, and test where the dataset has one) as litdata chunks of
 {"image": uint8 [C, H, W], "label": int, "index": int} under <out>/<split>/, and <out>/meta.json (image size,
-channels, classes, counts, where it came from). StreamDataModule trains from them: litdata streams the chunks
+channels, classes, counts, where it came from, and the sha256 of every chunk, checked before a local set is
+used). StreamDataModule trains from them: litdata streams the chunks
 (downloading remote ones into a bounded cache, `data.max_cache_size`), shuffles by (seed, epoch), gives each rank
 its share, and its StreamingDataLoader's state goes into Lightning's checkpoint, so a run stopped mid-epoch resumes
 at the same sample. Horizontal flips are a function of (seed, epoch, image index) too. The validation and test
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -30,6 +32,8 @@ from .base import ImageDataModule, to_model_range
 
 META = "meta.json"
 FORMAT = "diffusion_lab-stream-1"
+HASHES = "chunk_sha256"  # meta.json: {split: {chunk file name: sha256 hex}}
+log = logging.getLogger(__name__)
 
 
 def _is_remote(path: str) -> bool:
@@ -95,6 +99,36 @@ def check_index(split_dir: str, check_sizes: bool = True) -> list[dict]:
                     + " (a truncated or partial copy); copy or prepare the set again"
                 )
     return chunks
+
+
+def chunk_hashes(split_dir: str | Path) -> dict[str, str]:
+    """{chunk file name: sha256 hex} of one local split, in its index's order (prepare records them in meta.json)."""
+    return {c["filename"]: file_sha256(Path(split_dir) / c["filename"]) for c in check_index(str(split_dir))}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_hashes(path: str, meta: dict, split: str, chunks: list[dict]) -> None:
+    """Every chunk of a local split against the sha256 that prepare recorded (changed bytes of the same size: a
+    damaged or altered copy); the hash list is data, so one naming another file than the index's is refused unread."""
+    recorded = meta[HASHES].get(split) if isinstance(meta[HASHES], dict) else None
+    names = [c["filename"] for c in chunks]
+    if not isinstance(recorded, dict) or sorted(recorded) != sorted(names) or not all(
+        isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in recorded.values()
+    ):
+        raise ValueError(f"data.path={path!r}: {META}'s {HASHES} for {split} does not list that split's chunks "
+                         "(an altered meta.json); refused unread: prepare the set again")  # fmt: skip
+    for name in names:
+        f = Path(path) / split / name
+        if file_sha256(f) != recorded[name]:
+            raise ValueError(f"chunk {f} does not match the sha256 prepare recorded for it (changed bytes: a "
+                             "damaged or altered copy); copy or prepare the set again")  # fmt: skip
 
 
 def _meta_value(path: str, key: str):
@@ -216,10 +250,18 @@ class StreamDataModule(ImageDataModule):
     def check_chunks(self) -> None:
         """Each split's litdata index is what `prepare` writes (numpy image, int label, int index, uncompressed, plain
         chunk names: litdata would otherwise pick a pickle deserializer or a path outside the set from it) and, for a
-        local set, every chunk is there at the size the index records; ValueError naming the file otherwise."""
+        local set, every chunk is there at the size the index records and with the sha256 meta.json records (one
+        pass over the set before training; a set prepared without hashes is read with a warning); ValueError naming
+        the file otherwise. Remote chunks are not hashed (litdata downloads them later, into its cache)."""
+        local = not _is_remote(self.path)
+        if local and HASHES not in self.meta:
+            log.warning("data.path=%s was prepared before chunk hashes: changed bytes in its chunks cannot be found; "
+                        "prepare it again to add them", self.path)  # fmt: skip
         for split, n in self.meta["counts"].items():
             if n:
-                check_index(self._split(split), check_sizes=not _is_remote(self.path))
+                chunks = check_index(self._split(split), check_sizes=local)
+                if local and HASHES in self.meta:
+                    check_hashes(self.path, self.meta, split, chunks)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

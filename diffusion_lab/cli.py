@@ -21,11 +21,11 @@ from hydra.errors import InstantiationException
 
 from .allocator import keep_freed_memory
 from .io import DiskFullError
-from .lit.checkpointing import NonFiniteCheckpointError
+from .lit.checkpointing import NonFiniteCheckpointError, Preempted
 from .lit.reliability import NonFiniteLossError
 
 INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, DiskFullError)
-RUN_FAILURES = (NonFiniteLossError, NonFiniteCheckpointError)
+RUN_FAILURES = (NonFiniteLossError, NonFiniteCheckpointError, Preempted)
 
 
 def root_cause(e: BaseException) -> BaseException:

@@ -58,7 +58,7 @@ def test_slurm_signal_writes_last_ckpt_requeues_and_the_requeued_job_resumes_exa
 
 
 def test_the_requeue_callback_is_inert_outside_slurm(tmp_path, monkeypatch):
-    """Without SLURM's environment the signal keeps its own meaning: the callback installs no handler."""
+    """Without SLURM's environment USR1/USR2 keep their own meaning: the callback installs only SIGTERM's handler."""
     for k in SLURM:
         monkeypatch.delenv(k, raising=False)
     seen = []
@@ -67,7 +67,26 @@ def test_the_requeue_callback_is_inert_outside_slurm(tmp_path, monkeypatch):
 
     cb = Requeue(tmp_path)
     cb.on_train_start(types.SimpleNamespace(is_global_zero=True), None)
-    assert seen == [] and cb.previous == {}
+    assert seen == [signal.SIGTERM] and list(cb.previous) == [signal.SIGTERM]
+
+
+def test_sigterm_mid_step_writes_last_ckpt_stops_and_the_resumed_run_is_bit_exact(tmp_path):
+    """Issue 45: SIGTERM (no SLURM) mid-step 3 of an 8-step run: last.ckpt holds step 3, the run ends with Preempted
+    (the entry points exit 1), SIGTERM's handler is restored, and auto_resume=true continues to the same weights,
+    optimizer state and sampler history, bit for bit, as the uninterrupted run."""
+    from diffusion_lab.lit.checkpointing import Preempted
+
+    train(compose_train([*RESUME, *STEPS], tmp_path / "full"))
+    before = signal.getsignal(signal.SIGTERM)
+    signalled = [*RESUME, *STEPS, "+callbacks.signal._target_=helpers.SignalAt", "+callbacks.signal.step=3",
+                 f"+callbacks.signal.signum={int(signal.SIGTERM)}"]  # fmt: skip
+    with pytest.raises(Preempted, match="stopped at step 3 on SIGTERM"):
+        train(compose_train(signalled, tmp_path / "part"))
+    last = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    assert signal.getsignal(signal.SIGTERM) == before
+    train(compose_train([*RESUME, *STEPS, "auto_resume=true"], tmp_path / "part"))
+    _assert_same_run(tmp_path / "full" / "checkpoints" / "last.ckpt", last, 8)
 
 
 def test_a_signal_no_training_step_answers_still_requeues_the_job(tmp_path, monkeypatch):

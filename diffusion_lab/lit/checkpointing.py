@@ -6,7 +6,8 @@
 - RunCheckpoint: ModelCheckpoint that also writes last.ckpt when trainer.max_steps stops a run inside an
   epoch, and keeps exactly one last.ckpt (no last-v1.ckpt after a run directory is moved).
 - Requeue: on a SLURM cluster, SLURM's warning signal (USR1, or USR2 from submitit) writes last.ckpt at the end of
-  the step it arrives in, then requeues the job, which resumes from it.
+  the step it arrives in, then requeues the job, which resumes from it. Anywhere, SIGTERM (a preemption, a
+  scheduler's kill) writes last.ckpt at the end of its step too, within a grace time, and ends the run non-zero.
 - AlignLoggingStep: keeps the step of logged rows equal to the optimizer step after a resume.
 - ApplyChangedHyperparameters: on resume, puts the run config's changed optimizer values into the
   optimizer state that Lightning restored from the checkpoint.
@@ -138,6 +139,10 @@ class RequeueStop(Exception):
     """Raised to end a run after Requeue wrote last.ckpt (the requeued job continues it)."""
 
 
+class Preempted(RuntimeError):
+    """Raised to end a run after SIGTERM: last.ckpt holds the step it arrived in (the entry points exit 1)."""
+
+
 class Requeue(Checkpoint):
     """Checkpoint and requeue on SLURM's warning signal (`#SBATCH --signal=USR1@120 --requeue`, or submitit's USR2).
 
@@ -149,25 +154,43 @@ class Requeue(Checkpoint):
     callback running), the job is requeued without a new checkpoint and resumes from the newest last.ckpt. The
     requeued job resumes from last.ckpt (tasks.train does so for a job whose SLURM_RESTART_COUNT is set).
     Written here, not Lightning's auto_requeue (tasks.train turns it off): Lightning saves inside the signal
-    handler, mid-step, so the resumed run would not equal the uninterrupted one. Inactive outside SLURM
-    (Lightning's SLURMEnvironment.detect()).
+    handler, mid-step, so the resumed run would not equal the uninterrupted one. USR1/USR2 are left alone outside
+    SLURM (Lightning's SLURMEnvironment.detect()).
+
+    SIGTERM, anywhere (a preemption, a scheduler's kill): the same flag, and at the end of the
+    step it arrives in last.ckpt is written and the run ends with Preempted (exit 1, so a scheduler requeues it; the
+    rerun resumes with auto_resume=true or, on SLURM, by itself). If no step ends within `grace_s` (SLURM's default
+    KillWait is 30 s), the process exits 143 without a new checkpoint. Lightning's own SIGTERM handling saves
+    nothing here, so it is replaced while training; the ranks agree on the flag with one all-reduce per step.
     """
 
     SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
-    def __init__(self, dirpath: str | Path, fallback_s: float = 60.0):
-        self.last, self.fallback_s = Path(dirpath) / "last.ckpt", float(fallback_s)
+    def __init__(self, dirpath: str | Path, fallback_s: float = 60.0, grace_s: float = 25.0):
+        self.last, self.fallback_s, self.grace_s = Path(dirpath) / "last.ckpt", float(fallback_s), float(grace_s)
         self.received: int | None = None
         self.previous: dict[int, Any] = {}
         self.timer: threading.Timer | None = None
         self.rank_zero = True
 
     def _handler(self, signum, frame) -> None:
-        self.received = signum
-        if self.timer is None:
+        self.received = max(signum, self.received or 0)  # SIGTERM (15) outranks the warnings (10, 12)
+        if signum == signal.SIGTERM:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = threading.Timer(self.grace_s, self._give_up)
+        elif self.timer is None:
             self.timer = threading.Timer(self.fallback_s, self._fallback)
-            self.timer.daemon = True
-            self.timer.start()
+        else:
+            return
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _give_up(self) -> None:
+        log.warning("SIGTERM: no training step ended within %.0f s; exiting without a new checkpoint (the run resumes "
+                    "from %s)", self.grace_s, self.last)  # fmt: skip
+        logging.shutdown()
+        os._exit(143)
 
     def _fallback(self) -> None:
         log.warning("SLURM signal: no training step ended within %.0f s (validation or FID running); requeueing "
@@ -192,9 +215,10 @@ class Requeue(Checkpoint):
 
     def on_train_start(self, trainer, pl_module) -> None:  # after Lightning registered its own signal handlers
         self.received, self.timer, self.rank_zero = None, None, trainer.is_global_zero
-        if SLURMEnvironment.detect():
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._handler)
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (*self.SIGNALS, signal.SIGTERM) if SLURMEnvironment.detect() else (signal.SIGTERM,):
+            self.previous[sig] = signal.signal(sig, self._handler)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self.timer is not None:
@@ -216,6 +240,10 @@ class Requeue(Checkpoint):
         if self.timer is not None:
             self.timer.cancel()
         trainer.save_checkpoint(self.last)
+        if signum == signal.SIGTERM:
+            log.warning("SIGTERM: wrote %s at step %d; stopping", self.last, trainer.global_step)
+            raise Preempted(f"stopped at step {trainer.global_step} on SIGTERM; {self.last} holds it: rerun with "
+                            "auto_resume=true to continue")  # fmt: skip
         log.warning("SLURM signal %s: wrote %s at step %d; requeueing", signal.Signals(signum).name, self.last,
                     trainer.global_step)  # fmt: skip
         self._requeue(signum)

@@ -6,6 +6,8 @@ python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt [key=value ...]
 import hydra
 from omegaconf import DictConfig
 
+import diffusion_lab  # noqa: F401  (registers the resolver conf/hydra/default.yaml uses)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:

@@ -7,6 +7,8 @@ python evaluate.py ckpt_path=<same> grid=null sampler=unipc sampler.nfe=10 sampl
 import hydra
 from omegaconf import DictConfig
 
+import diffusion_lab  # noqa: F401  (registers the resolver conf/hydra/default.yaml uses)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="learn_schedule")
 def main(cfg: DictConfig) -> None:

@@ -6,6 +6,8 @@ Outputs land in the Hydra run directory (outputs/train/runs/<time>/): checkpoint
 import hydra
 from omegaconf import DictConfig
 
+import diffusion_lab  # noqa: F401  (registers the resolver conf/hydra/default.yaml uses)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:

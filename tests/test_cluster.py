@@ -192,6 +192,12 @@ def test_two_torchrun_nodes_train_resume_exactly_and_score_as_one_process(tmp_pa
     assert sorted(p.name for p in (tmp_path / "part").rglob("*.ckpt")) == sorted(
         p.name for p in (tmp_path / "part" / "checkpoints").iterdir()
     ) and len(list((tmp_path / "part").rglob("metrics.csv"))) == 1
+    # issue 45: each rank writes its own config and log (rank 1 under rank1/ and train.rank1.log), none interleaved
+    run = tmp_path / "full"
+    assert (run / ".hydra" / "config.yaml").exists() and (run / "rank1" / ".hydra" / "config.yaml").exists()
+    assert (run / "train.log").exists() and (run / "train.rank1.log").exists()
+    assert "GLOBAL_RANK: 1" in (run / "train.rank1.log").read_text()
+    assert "GLOBAL_RANK: 1" not in (run / "train.log").read_text()
 
     import csv
 

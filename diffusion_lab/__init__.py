@@ -1,5 +1,6 @@
-"""diffusion_lab. Importing it registers `${rank_path:...}` and `${rank_suffix:}`, the resolvers
-conf/hydra/default.yaml uses (the entry scripts import it before Hydra composes)."""
+"""diffusion_lab. Importing it registers the resolvers of the Hydra configs: `${rank_path:...}` and `${rank_suffix:}`
+(conf/hydra/default.yaml) and `${gpus_per_node:...}` (conf/hydra/launcher/slurm.yaml); the entry scripts import it
+before Hydra composes."""
 
 import os
 
@@ -21,5 +22,11 @@ def _rank_suffix() -> str:
     return "" if _rank() == "0" else f".rank{_rank()}"
 
 
+def _gpus_per_node(device: str, devices):
+    """What a SLURM job asks for: None (no GPU) when the run's accelerator or device is the CPU, else its devices."""
+    return None if str(device).startswith("cpu") else devices
+
+
 OmegaConf.register_new_resolver("rank_path", _rank_path, replace=True)
+OmegaConf.register_new_resolver("gpus_per_node", _gpus_per_node, replace=True)
 OmegaConf.register_new_resolver("rank_suffix", _rank_suffix, replace=True)

@@ -129,11 +129,15 @@ def test_a_local_submitit_sweep_runs_each_job_apart_and_reports_the_failed_one(t
 
 @pytest.mark.parametrize("config,overrides,expect", [
     ("train", ["trainer=ddp", "trainer.num_nodes=2", "trainer.devices=4"], (2, 4, 4)),
-    ("train", [], (1, 1, 1)),
-    ("evaluate", ["ckpt_path=x.ckpt"], (1, 1, 1)),  # no trainer node: one task
+    ("train", ["trainer=gpu"], (1, 1, 1)),
+    ("train", [], (1, 1, None)),  # trainer=cpu, the default: no GPU asked for (issue 45)
+    ("train", ["trainer=ddp", "trainer.accelerator=cpu"], (1, 2, None)),
+    ("evaluate", ["ckpt_path=x.ckpt"], (1, 1, None)),  # no trainer node: one task; device=cpu
+    ("evaluate", ["ckpt_path=x.ckpt", "device=cuda"], (1, 1, 1)),
 ])  # fmt: skip
 def test_the_slurm_launcher_preset_follows_the_trainer(config, overrides, expect):
-    """hydra/launcher=slurm asks SLURM for trainer.num_nodes nodes and one task and GPU per device, and for USR2
+    """hydra/launcher=slurm asks SLURM for trainer.num_nodes nodes and one task and GPU per device (none for a CPU
+    run), and for USR2
     120 s before the time limit (what lit.Requeue answers)."""
     from hydra import compose, initialize_config_dir
 

@@ -349,7 +349,8 @@ def evaluate(cfg: DictConfig) -> dict:
             module.load_state_dict(state)
         for s, role in samplers:
             scores, _ = sample_and_score(module, s, num_samples=cfg.num_samples, seed=cfg.seed,
-                                         batch_size=cfg.batch_size, evaluator=ev, reference=ref, classifier=classifier)
+                                         batch_size=cfg.batch_size, evaluator=ev, reference=ref, classifier=classifier,
+                                         progress=True)  # fmt: skip
             rows.append({**row(s, scores, ref_name, scores["sample_seconds"], role), **({"ema": tag} if tag else {})})
             log.info(
                 "%s (%d NFE%s): FID %.3f KID %.5f precision %.3f recall %.3f (N=%d vs %s N=%d) in %.1fs",

@@ -76,3 +76,28 @@ def test_what_was_sampled_before_changes_nothing():
 def test_image_generators_refuse_a_batch_of_another_size():
     with pytest.raises(ValueError, match="2 image generators for a batch of 3"):
         noise_like(torch.zeros(3, 1, 2, 2), ImageGenerators.for_images(0, [0, 1]))
+
+
+def test_a_progress_bar_counts_the_images_and_changes_none(monkeypatch):
+    """Issue 45: evaluate.py's sampling shows one bar counting images over its batches (a terminal only: tqdm's
+    disable=None), and drawing with it gives the same images."""
+    from diffusion_lab.diffusion import seeding
+
+    counts = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            counts.append(["total", total, kw.get("unit"), kw.get("disable", False)])
+
+        def update(self, n):
+            counts.append(n)
+
+        def close(self):
+            counts.append("closed")
+
+    monkeypatch.setattr(seeding, "tqdm", Bar)
+    module, s = _module(False), Sampler("ddim", 4, eta=1.0)
+    quiet = to_uint8(module.sample(10, s, seed=5, batch_size=4))
+    assert counts == []
+    assert torch.equal(to_uint8(module.sample(10, s, seed=5, batch_size=4, progress=True)), quiet)
+    assert counts == [["total", 10, "img", None], 4, 4, 2, "closed"]

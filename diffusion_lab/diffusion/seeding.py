@@ -18,6 +18,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -114,7 +115,7 @@ def draw(
     first time: 1 on DDPM, sigma there on EDM and flow) and every stochastic step's noise. `sampler` is a Sampler
     (called as sampler(diffusion, model, x_T, model_kwargs=..., generator=..., null_label=...)); batches of
     `batch_size` (None: all at once) change nothing but speed and memory: the model sees at least MIN_ROWS rows
-    per call (PaddedModel).
+    per call (PaddedModel). progress: a bar over the images (several batches) or over the sampler's steps (one).
     """
     indices = [int(i) for i in indices]
     if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
@@ -122,11 +123,16 @@ def draw(
     if labels is not None and len(labels) != len(indices):
         raise ValueError(f"{len(labels)} labels for {len(indices)} images")
     step = int(batch_size or max(len(indices), 1))
+    starts = range(0, len(indices), step)
+    # progress: over several batches one bar counting images, with an ETA (on a terminal only); in one batch the
+    # sampler's own bar over its steps
+    bar = tqdm(total=len(indices), unit="img", desc="sampling", leave=False, disable=None) if progress and len(
+        starts) > 1 else None  # fmt: skip
     # x_T's noise level: the process's at the sampler's first time (a plain callable starts at the last one)
     times = sampler.timesteps(diffusion) if hasattr(sampler, "timesteps") else [diffusion.num_timesteps - 1]
     scale = diffusion.noise_std(times[-1])
     images, drawn = [], []
-    for lo in range(0, len(indices), step):
+    for lo in starts:
         gens = ImageGenerators.for_images(seed, indices[lo : lo + step])
         y = None
         if labels is not None:
@@ -139,11 +145,15 @@ def draw(
         kwargs = {"y": y.to(device)} if y is not None else None
         out = sampler(
             diffusion, PaddedModel(model), x_T, model_kwargs=kwargs, generator=gens, null_label=null_label,
-            progress=progress,
+            progress=progress and bar is None,
             callback=callback,
         )  # fmt: skip
         images.append(out.cpu())
+        if bar is not None:
+            bar.update(out.shape[0])
         if y is not None:
             drawn.append(y)
+    if bar is not None:
+        bar.close()
     x = torch.cat(images) if images else torch.zeros(0, *shape, dtype=dtype)
     return x, (torch.cat(drawn) if drawn else None)

@@ -51,11 +51,11 @@ def share(n: int, world: World) -> range:
     return range(start, start + base + (world.rank < extra))
 
 
-def sample_uint8(module, sampler, indices, seed: int, batch_size: int | None = None) -> torch.Tensor:
+def sample_uint8(module, sampler, indices, seed: int, batch_size: int | None = None, progress: bool = False):
     """Images `indices` (a range) of the run seeded `seed` from a DiffusionModule-like `module` (its
-    sample(n, sampler, seed=, start=, batch_size=)): uint8 [n, C, H, W] on the CPU."""
+    sample(n, sampler, seed=, start=, batch_size=, progress=)): uint8 [n, C, H, W] on the CPU."""
     return to_uint8(module.sample(len(indices), sampler, seed=seed, start=indices.start if len(indices) else 0,
-                                  batch_size=batch_size))  # fmt: skip
+                                  batch_size=batch_size, progress=progress))  # fmt: skip
 
 
 def sample_and_score(
@@ -69,6 +69,7 @@ def sample_and_score(
     reference: torch.Tensor,
     classifier: torch.nn.Module | None = None,
     world: World | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """(scores, this rank's uint8 images). scores: fid, kid, kid_std, precision, recall (k = 3), n, n_ref, with a
     classifier also cls_score and confident; sample_seconds (this rank's) and seconds_per_sample (per image and
@@ -80,9 +81,9 @@ def sample_and_score(
         raise ValueError(f"num_samples={num_samples} must be >= 1")
     indices = share(num_samples, world)
     t0 = time.perf_counter()
-    images = sample_uint8(module, sampler, indices, seed, batch_size)
+    images = sample_uint8(module, sampler, indices, seed, batch_size, progress)
     seconds = time.perf_counter() - t0
-    feats = evaluator.features(images)
+    feats = evaluator.features(images, desc="Inception features" if progress else None)
     # contiguous shares of both sets, so the reduced states hold the rows in index order on any number of ranks
     part = share(reference.shape[0], world)
     scores: dict[str, Any] = evaluator.score_features(

@@ -245,10 +245,15 @@ def _post_hoc_states(cfg: DictConfig) -> dict[float, dict]:
 
 
 def _run_sampler(run_cfg: DictConfig, diffusion, given: DictConfig, under_grid: bool) -> DictConfig:
-    """sampler=run: the checkpoint's own `sampler` node (its process's default method if it has none), with the
+    """sampler=run: the checkpoint's own `sampler` node (its process's default sampler if it has none), with the
     keys the user set (non-null in `given`) on top; under an evaluate grid without a user-set budget the run's
     steps/nfe are left out (grid.nfe sets each row's)."""
-    own = OmegaConf.to_container(run_cfg.sampler) if run_cfg.get("sampler") else {"method": diffusion.default_method}
+    if run_cfg.get("sampler"):
+        own = OmegaConf.to_container(run_cfg.sampler)
+    else:  # a config from before the sampler node: the process's default, at no more steps than its T
+        from .diffusion import Sampler
+
+        own = {k: v for k, v in Sampler.default_for(diffusion).config().items() if v is not None}
     mine = {k: v for k, v in OmegaConf.to_container(given, resolve=True).items() if v is not None}
     if under_grid or {"steps", "nfe"} & mine.keys():  # one budget: the user's or grid.nfe replaces the run's
         own.pop("steps", None), own.pop("nfe", None)

@@ -122,3 +122,27 @@ def test_evaluate_cli_solver_grid(tiny_ckpt, tmp_path):
         ("ddpm100", "100", "reference"),
     ]
     assert (tmp_path / "fid_vs_nfe.png").stat().st_size > 1000
+
+
+def test_sample_on_an_old_checkpoint_without_a_sampler_node_and_a_short_process(tmp_path, caplog):
+    """Issue 45's corner: a checkpoint whose saved config predates the `sampler` node, on a process of T=20 < 50
+    (DDIM's default steps), with diffusion.mean_type=edm on the discrete VP process: sample.py draws with the
+    process's default method at all of its T steps, and the images are finite and in range."""
+    from conftest import FAST
+
+    from diffusion_lab.tasks import train
+
+    run = tmp_path / "run"
+    train(compose_train([*FAST, "trainer.max_steps=3", "diffusion.steps=20", "diffusion.mean_type=edm",
+                         "logger=none"], run))  # fmt: skip
+    ckpt = run / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["run_config"]["diffusion"]["mean_type"] == "edm"
+    del state["run_config"]["sampler"]  # as written before the sampler node existed
+    old = tmp_path / "old.ckpt"
+    torch.save(state, old)
+    with caplog.at_level("INFO", logger="diffusion_lab.tasks"):
+        png = sample(compose_train([f"ckpt_path={old}", "num_samples=4"], tmp_path / "s", "sample"))
+    assert "sampler: the run's own, method=ddim, steps=20," in caplog.text  # DDIM at all 20 steps, not its 50
+    images = np.load(tmp_path / "s" / "samples.npz")["images"]
+    assert png.exists() and images.shape[0] == 4 and images.dtype == np.uint8

@@ -143,3 +143,19 @@ def test_learn_schedule_then_evaluate_and_sample_with_it(tiny_ckpt, tmp_path):
     png = sample(compose_train([f"ckpt_path={other}", "num_samples=4", *args, "sampler.schedule_transfer=true"],
                                tmp_path / "s2", "sample"))  # fmt: skip
     assert png.exists()
+
+
+def test_the_fid_callback_takes_a_learned_grid_only_as_a_transfer(tmp_path):
+    """The FID callback scores the weights as they train, which no schedule was learned for: a learned grid in
+    callbacks.fid.samplers is refused in one line before training unless schedule_transfer=true."""
+    from diffusion_lab.config import validate_train_config
+    from diffusion_lab.diffusion.gaussian import GaussianDiffusion as GD
+
+    net_view = GD.from_schedule("linear", 100).network_view  # train.py's default digits process, T=100
+    f = _schedule(tmp_path / "s.json", process=net_view, num_timesteps=100, times=[3.0, 40.0, 70.0, 99.0])
+    node = f"{{method: dpmpp_2m, nfe: 4, schedule: '{f}'"
+    args = ["callbacks=with_fid", "diffusion.steps=100", "callbacks.fid.reference_split=val"]
+    with pytest.raises(ConfigError, match=r"callbacks.fid.samplers\[0\].schedule=.*schedule_transfer=true"):
+        validate_train_config(compose_train([*args, f"callbacks.fid.samplers=[{node}}}]"], tmp_path))
+    validate_train_config(compose_train([*args, f"callbacks.fid.samplers=[{node}, schedule_transfer: true}}]"],
+                                        tmp_path))  # fmt: skip

@@ -98,10 +98,12 @@ def run(a) -> dict:
            "max_evals": a.max_evals, "models": []}  # fmt: skip
     for m in models(a.data, a.models):
         module = load_module(m["ckpt"])
-        schedules = {(i, k): learned(m, meth, k, a) for i, meth in enumerate(METHODS) for k in a.nfe}
-        fixed = [Sampler(**meth, nfe=k, spacing=sp) for meth in METHODS for k in a.nfe for sp in FIXED]
+        methods = [meth for meth in METHODS if meth["method"] in a.methods]
+        schedules = {(i, k): learned(m, meth, k, a) for i, meth in enumerate(METHODS) for k in a.nfe if meth in methods}
+        fixed = [Sampler(**meth, nfe=k, spacing=sp) for meth in methods for k in a.nfe for sp in a.fixed]
         ddim = [Sampler("ddim", nfe=k, eta=1.0) for k in a.nfe]
-        ours = [Sampler(**meth, nfe=k, schedule=schedules[(i, k)][0]) for i, meth in enumerate(METHODS) for k in a.nfe]
+        ours = [Sampler(**meth, nfe=k, schedule=schedules[(i, k)][0]) for i, meth in enumerate(METHODS) for k in a.nfe
+                if meth in methods]  # fmt: skip
         rows_dir = RUNS / "rows"
         rows_dir.mkdir(parents=True, exist_ok=True)
         tag = hashlib.sha256("".join(open(p).read() for p, _ in schedules.values()).encode()).hexdigest()[:8]
@@ -150,7 +152,8 @@ def table(res: dict) -> tuple[list[str], list[str]]:
                     pool = best_learned if sp == "learned" else best_fixed
                     pool[k] = min(pool.get(k, float("inf")), x["fid"])
                 label = Sampler(**meth).label
-                lines.append(f"| {label} | {sp} | " + " | ".join(cells) + " |")
+                if any(c != "—" for c in cells):  # a method or grid this run did not score has no line
+                    lines.append(f"| {label} | {sp} | " + " | ".join(cells) + " |")
         ddim = [by.get(Sampler("ddim", nfe=k, eta=1.0).name) for k in nfes]
         lines += ["| DDIM eta=1 | trailing | " + " | ".join(f"{x['fid']:.2f} / {x['kid'] * 1e3:.2f}" if x else "—"
                                                          for x in ddim) + " |", ""]  # fmt: skip
@@ -176,6 +179,8 @@ def plot(res: dict):
             fixed = [min((by[n]["fid"] for sp in FIXED if (n := _name(meth, k, sp)) in by), default=None) for k in nfes]
             ours = [by.get(_name(meth, k, "learned"), {}).get("fid") for k in nfes]
             label = Sampler(**meth).label
+            if all(v is None for v in fixed + ours):
+                continue
             ax.plot(nfes, fixed, ls="--", marker="o", color=c, label=f"{label}, best fixed grid")
             ax.plot(nfes, ours, ls="-", marker="D", color=c, label=f"{label}, learned grid")
         ax.plot(nfes, [by.get(Sampler("ddim", nfe=k, eta=1.0).name, {}).get("fid") for k in nfes], color="gray",
@@ -215,6 +220,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", choices=["mnist", "flow"], default=["mnist", "flow"], help="MNIST models")
     p.add_argument("--num-samples", type=int, default=10_000)
     p.add_argument("--nfe", type=int, nargs="+", default=NFES)
+    p.add_argument("--methods", nargs="+", default=[m["method"] for m in METHODS], help="a subset of the methods")
+    p.add_argument("--fixed", nargs="+", default=FIXED, help="the fixed grids scored (a subset, to save time)")
     p.add_argument("--trajectories", type=int, default=64)
     p.add_argument("--max-evals", type=int, default=200)
     p.add_argument("--render", action="store_true")

@@ -22,6 +22,14 @@ SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train",
 STEPS = ["trainer.max_epochs=100", "trainer.max_steps=8"]
 
 
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """The uninterrupted 8-step run both signal tests compare with (trained once)."""
+    out = tmp_path_factory.mktemp("full")
+    train(compose_train([*RESUME, *STEPS], out))
+    return out / "checkpoints" / "last.ckpt"
+
+
 def _fake_scontrol(tmp_path, monkeypatch):
     """An `scontrol` on PATH that records its arguments (a local run has no SLURM controller)."""
     bin_dir = tmp_path / "bin"
@@ -32,11 +40,11 @@ def _fake_scontrol(tmp_path, monkeypatch):
     return tmp_path / "scontrol.log"
 
 
-def test_slurm_signal_writes_last_ckpt_requeues_and_the_requeued_job_resumes_exactly(tmp_path, monkeypatch, caplog):
+def test_slurm_signal_writes_last_ckpt_requeues_and_the_requeued_job_resumes_exactly(tmp_path, monkeypatch, caplog,
+                                                                                    full_run):
     """SLURM's USR1 arrives mid-step 3 (after backward, before the optimizer step) of an 8-step run: last.ckpt holds
     step 3, `scontrol requeue <job>` is called once, the run stops; the requeued job (SLURM_RESTART_COUNT=1, no
     auto_resume or ckpt_path given) resumes from it and ends bit for bit where the uninterrupted run does."""
-    train(compose_train([*RESUME, *STEPS], tmp_path / "full"))
     log = _fake_scontrol(tmp_path, monkeypatch)
     for k, v in SLURM.items():
         monkeypatch.setenv(k, v)
@@ -53,7 +61,7 @@ def test_slurm_signal_writes_last_ckpt_requeues_and_the_requeued_job_resumes_exa
     with caplog.at_level(logging.INFO):
         train(compose_train([*RESUME, *STEPS], tmp_path / "part"))
     assert f"Restoring states from the checkpoint path at {last}" in caplog.text  # resumed, not retrained
-    _assert_same_run(tmp_path / "full" / "checkpoints" / "last.ckpt", last, 8)
+    _assert_same_run(full_run, last, 8)
     assert log.read_text().split() == ["requeue", "4242"]  # no signal this time: no second requeue
 
 
@@ -70,13 +78,12 @@ def test_the_requeue_callback_is_inert_outside_slurm(tmp_path, monkeypatch):
     assert seen == [signal.SIGTERM] and list(cb.previous) == [signal.SIGTERM]
 
 
-def test_sigterm_mid_step_writes_last_ckpt_stops_and_the_resumed_run_is_bit_exact(tmp_path):
+def test_sigterm_mid_step_writes_last_ckpt_stops_and_the_resumed_run_is_bit_exact(tmp_path, full_run):
     """Issue 45: SIGTERM (no SLURM) mid-step 3 of an 8-step run: last.ckpt holds step 3, the run ends with Preempted
     (the entry points exit 1), SIGTERM's handler is restored, and auto_resume=true continues to the same weights,
     optimizer state and sampler history, bit for bit, as the uninterrupted run."""
     from diffusion_lab.lit.checkpointing import Preempted
 
-    train(compose_train([*RESUME, *STEPS], tmp_path / "full"))
     before = signal.getsignal(signal.SIGTERM)
     signalled = [*RESUME, *STEPS, "+callbacks.signal._target_=helpers.SignalAt", "+callbacks.signal.step=3",
                  f"+callbacks.signal.signum={int(signal.SIGTERM)}"]  # fmt: skip
@@ -86,7 +93,7 @@ def test_sigterm_mid_step_writes_last_ckpt_stops_and_the_resumed_run_is_bit_exac
     assert torch.load(last, weights_only=True)["global_step"] == 3
     assert signal.getsignal(signal.SIGTERM) == before
     train(compose_train([*RESUME, *STEPS, "auto_resume=true"], tmp_path / "part"))
-    _assert_same_run(tmp_path / "full" / "checkpoints" / "last.ckpt", last, 8)
+    _assert_same_run(full_run, last, 8)
 
 
 def test_a_signal_no_training_step_answers_still_requeues_the_job(tmp_path, monkeypatch):

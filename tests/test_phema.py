@@ -215,3 +215,13 @@ def test_fid_callback_scores_post_hoc_emas_during_training(tmp_path):
     fid = {k: float(v) for r in rows for k, v in r.items() if k.startswith("val/fid/") and v}
     assert sorted(fid) == ["val/fid/ddim3_eta0", "val/fid/ddim3_eta0@ema0.07"]  # 0.2: not representable at step 6
     assert fid["val/fid/ddim3_eta0"] != fid["val/fid/ddim3_eta0@ema0.07"]
+
+
+def test_reading_snapshots_shows_a_bar_over_the_files(tmp_path, monkeypatch):
+    """Issue 45: rebuilding post-hoc EMAs reads every snapshot; a bar counts the files (tqdm, a terminal only)."""
+    from diffusion_lab.lit import ema
+
+    seen = []
+    monkeypatch.setattr(ema, "tqdm", lambda it, **kw: seen.append((len(it), kw["unit"], kw["disable"])) or it)
+    _, snaps = _snapshots(tmp_path, steps=1000, every=250)
+    assert seen == [(len(snaps), "file", None)] and len(snaps) == 4

@@ -24,6 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
 
 from ..checks import check_choice
 from ..io import atomic_write
@@ -213,7 +214,8 @@ def read_snapshots(directory: str | Path) -> list[dict]:
         raise SnapshotError(f"{directory} has no post-hoc EMA snapshots (phema-*.pt): train with "
                               "callbacks.ema.post_hoc=true")  # fmt: skip
     out = []
-    for f in files:
+    # each file holds a copy of the net per profile: a bar over them (with an ETA, on a terminal only)
+    for f in tqdm(files, desc="post-hoc EMA snapshots", unit="file", leave=False, disable=None):
         try:
             snap = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line naming it

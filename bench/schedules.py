@@ -46,7 +46,7 @@ from harness.common import (  # noqa: E402
 
 from diffusion_lab.checkpoint import load_module  # noqa: E402
 from diffusion_lab.diffusion import Sampler  # noqa: E402
-from diffusion_lab.diffusion.learned_grid import file_sha256  # noqa: E402
+from diffusion_lab.io import file_sha256  # noqa: E402
 
 METHODS = [{"method": "unipc", "order": 2}, {"method": "dpmpp_2m"}, {"method": "euler"}]
 FIXED = ["trailing", "logsnr", "karras"]

@@ -82,17 +82,18 @@ def validate_sampler(node, key: str, diffusion, conditional: bool, objective: st
 
 
 def _check_schedule_checkpoint(schedule: dict, key: str, checkpoint) -> None:
-    from .diffusion.learned_grid import file_sha256
+    from .diffusion.learned_grid import checkpoint_sha256
 
     where = f"{key}.schedule={schedule['path']}"
     learned_for = (schedule.get("checkpoint") or {}).get("path", "another checkpoint")
     if checkpoint is None:
         raise ConfigError(f"{where} was learned for {learned_for}, and here the weights are the ones training: set "
                           f"{key}.schedule_transfer=true to use it anyway")  # fmt: skip
-    if file_sha256(checkpoint) != schedule["checkpoint"]["sha256"]:
+    if checkpoint_sha256(checkpoint) != schedule["checkpoint"]["sha256"]:
         raise ConfigError(f"{where} was learned for {learned_for}, not {checkpoint} (their sha256 differ): learn one "
                           f"for it (python learn_schedule.py ckpt_path={checkpoint} ...), or set "
                           f"{key}.schedule_transfer=true to use it across checkpoints of one run")  # fmt: skip
+
 
 def _number(key: str, value, minimum: float = 0.0, maximum: float = math.inf) -> float:
     """A finite real number in [minimum, maximum] (bools and strings refused), else ConfigError naming the key."""

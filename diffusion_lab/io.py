@@ -1,9 +1,10 @@
-"""Atomic file writes: a crash mid-write never leaves a half-written file where a good one was; and reading back
-the caches written that way, where a damaged file is one clear error."""
+"""Atomic file writes: a crash mid-write never leaves a half-written file where a good one was; reading back the
+caches written that way, where a damaged file is one clear error; and a file's sha256 (its identity)."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -71,3 +72,12 @@ def load_cache(path: str | Path, keys: tuple[str, ...]) -> dict:
     if missing:
         raise ValueError(f"cache file {path} lacks {missing}; delete it and the next run rebuilds it")
     return blob
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex of a file's bytes, read in 4 MiB blocks (a prepared chunk's or a checkpoint's identity)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -455,8 +455,9 @@ def learn_schedule(cfg: DictConfig) -> Path:
     import time
 
     from .diffusion import Sampler
-    from .diffusion.learned_grid import FIXED_STARTS, SCHEDULE_FORMAT, file_sha256, grid_loss, learn_times
-    from .io import atomic_write
+    from .diffusion.learned_grid import FIXED_STARTS, SCHEDULE_FORMAT, grid_loss, learn_times
+    from .diffusion.sampler_spec import LEARNED
+    from .io import atomic_write, file_sha256
 
     validate_eval_config(cfg)
     for key in ("trajectories", "validation", "max_evals"):
@@ -465,7 +466,7 @@ def learn_schedule(cfg: DictConfig) -> Path:
     module, _ = _load_for_eval(cfg)
     d, trained_by = module.diffusion, module.objective.name
     sampler = validate_sampler(cfg.sampler, "sampler", d, module.conditional, trained_by)
-    if sampler.spacing == "learned" or not sampler.deterministic:
+    if sampler.spacing == LEARNED or not sampler.deterministic:
         raise ConfigError(f"sampler={sampler.name}: learn_schedule learns the grid of a deterministic solver on a "
                           "fixed spacing (drop sampler.schedule / sampler.spacing=learned; eta=0)")  # fmt: skip
     teacher = Sampler.from_config(OmegaConf.to_container(cfg.teacher, resolve=True),
@@ -481,9 +482,9 @@ def learn_schedule(cfg: DictConfig) -> Path:
     target, held_out = draw(0, n)(teacher), draw(n, v)(teacher)
     teacher_seconds = time.perf_counter() - t0
     out = learn_times(d, sampler, draw(0, n), target, max_evals=cfg.max_evals, log=log.info)
-    val = {sp: grid_loss(draw(n, v), sampler, d, held_out, sampler.replace(spacing=sp).timesteps(d))
+    val = {sp: grid_loss(draw(n, v), sampler, held_out, sampler.replace(spacing=sp).timesteps(d))
            for sp in out["fixed"]}  # fmt: skip
-    val["learned"] = grid_loss(draw(n, v), sampler, d, held_out, out["times"])
+    val["learned"] = grid_loss(draw(n, v), sampler, held_out, out["times"])
     record = {
         "format": SCHEDULE_FORMAT,
         "method": sampler.method.name,

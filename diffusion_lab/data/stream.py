@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from ..io import file_sha256
 from .base import ImageDataModule, to_model_range
 
 META = "meta.json"
@@ -104,14 +105,6 @@ def check_index(split_dir: str, check_sizes: bool = True) -> list[dict]:
 def chunk_hashes(split_dir: str | Path) -> dict[str, str]:
     """{chunk file name: sha256 hex} of one local split, in its index's order (prepare records them in meta.json)."""
     return {c["filename"]: file_sha256(Path(split_dir) / c["filename"]) for c in check_index(str(split_dir))}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_hashes(path: str, meta: dict, split: str, chunks: list[dict]) -> None:

@@ -4,7 +4,7 @@ Denoising Diffusion ODEs", eq. 6 in its hard form) on this package's solvers.
     target = teacher(diffusion, model, x_T)                        # a many-step solver's samples [N, C, H, W]
     run = lambda s: s(diffusion, model, x_T)                       # the samples of a Sampler on the same noise
     out = learn_times(diffusion, Sampler("unipc", nfe=5), run, target)
-    Sampler("unipc", nfe=5, spacing="learned", times=out["times"])  # or schedule=<file> (learn_schedule.py)
+    Sampler("unipc", nfe=5).with_times(out["times"])               # or schedule=<file> (learn_schedule.py)
 
 A grid of N visited times keeps its first, T-1 (where sampling starts from noise), and places the other N-1 at
 positions c in [0, 1] on the log-SNR axis: c = 0 at the top (T-1, or T-2 under zero terminal SNR, where the log-SNR
@@ -58,10 +58,11 @@ def positions_of(diffusion, times: Sequence[float]) -> np.ndarray:
 
 
 def _valid(c: np.ndarray) -> bool:
-    return bool(np.all(c >= 0) and np.all(c <= 1) and np.all(np.diff(c) >= MIN_GAP))
+    """Ordered positions at least MIN_GAP apart in [MIN_GAP, 1] (c = 0 is T-1, the start, visited already)."""
+    return bool(c[0] >= MIN_GAP and c[-1] <= 1 and np.all(np.diff(c) >= MIN_GAP))
 
 
-def grid_loss(run: Callable, sampler, diffusion, target: torch.Tensor, times: Sequence[float]) -> float:
+def grid_loss(run: Callable, sampler, target: torch.Tensor, times: Sequence[float]) -> float:
     """LD3's loss of one grid: mean over trajectories of the squared distance per element, ||x - target||^2 / D."""
     x = run(sampler.with_times(times))
     return float((x.double() - target.double()).pow(2).flatten(1).mean(1).mean())
@@ -97,7 +98,7 @@ def learn_times(
             times = sampler.replace(spacing=spacing).timesteps(diffusion)
         except ValueError:  # e.g. too few steps for a continuous grid under zero terminal SNR
             continue
-        fixed[spacing] = (grid_loss(run, sampler, diffusion, target, times), times)
+        fixed[spacing] = (grid_loss(run, sampler, target, times), times)
     start = min(fixed, key=lambda k: fixed[k][0])
     x0, m = positions_of(diffusion, fixed[start][1]), n - 1
     for i in reversed(range(m)):  # ordered, at least MIN_GAP apart, inside [MIN_GAP, 1] (c = 0 would be T-1 itself)
@@ -109,7 +110,7 @@ def learn_times(
     def loss(c: np.ndarray) -> float:
         if not _valid(c):
             return 1e30  # outside the simplex of ordered positions: never accepted
-        value = grid_loss(run, sampler, diffusion, target, times_at(diffusion, c))
+        value = grid_loss(run, sampler, target, times_at(diffusion, c))
         if value < best[0]:
             best[:] = [value, c.copy()]
         curve.append(best[0])
@@ -197,20 +198,17 @@ def pick_schedule(paths: Sequence, method: str, options: dict, steps: int | None
     raise ValueError(f"sampler.schedule holds {len(match)} grids for {want}: {held}; keep one")
 
 
-def file_sha256(path) -> str:
-    """sha256 of a file's bytes (a checkpoint's identity in a schedule file), cached while its size and mtime stay."""
+def checkpoint_sha256(path) -> str:
+    """io.file_sha256 of a checkpoint, cached while its size and mtime stay (every row of an evaluate grid checks
+    its schedule against the same file)."""
     from pathlib import Path
 
     st = Path(path).stat()
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    return _cached_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=8)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    import hashlib
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    from ..io import file_sha256
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path)

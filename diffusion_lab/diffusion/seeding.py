@@ -126,8 +126,8 @@ def draw(
     starts = range(0, len(indices), step)
     # progress: over several batches one bar counting images, with an ETA (on a terminal only); in one batch the
     # sampler's own bar over its steps
-    bar = tqdm(total=len(indices), unit="img", desc="sampling", leave=False, disable=None) if progress and len(
-        starts) > 1 else None  # fmt: skip
+    several = progress and len(starts) > 1
+    bar = tqdm(total=len(indices), unit="img", desc="sampling", leave=False, disable=None) if several else None
     # x_T's noise level: the process's at the sampler's first time (a plain callable starts at the last one)
     times = sampler.timesteps(diffusion) if hasattr(sampler, "timesteps") else [diffusion.num_timesteps - 1]
     scale = diffusion.noise_std(times[-1])

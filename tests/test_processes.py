@@ -374,15 +374,22 @@ def test_guidance_on_any_parameterization_guides_x0_and_eps(name):
 @pytest.mark.parametrize("spacing", ["ddim", "trailing", "logsnr"])
 @pytest.mark.parametrize("eta,clip", [(0.0, False), (0.0, True), (1.0, False), (1.0, True)])
 def test_ddim_on_any_process_equals_the_discrete_ddim(schedule, mean_type, spacing, eta, clip):
-    """solvers.ddim (alpha-sigma form, every process) equals samplers.ddim_sample (DDIM eq. 12 on the respaced
-    discrete process) on the VP process: the same noise per image, float64."""
-    from diffusion_lab.diffusion import ImageGenerators, ddim_sample
+    """solvers.ddim (alpha-sigma form, every process) equals DDIM eq. 12 written on the respaced discrete process's
+    tables (p_mean_variance's x0 and eps, alphas_cumprod and alphas_cumprod_prev) on the VP process: the same noise
+    per image, float64, fractional times (logsnr) included."""
+    from diffusion_lab.diffusion import ImageGenerators
 
     diff = GaussianDiffusion.from_schedule(schedule, 1000, mean_type=mean_type)
     model, x = DATA.model(diff), _randn(6, 1, 4, 4, seed=12)
     ts = sampling_times(diff, spacing, 10)
     gens = [ImageGenerators.for_images(0, range(6)) for _ in range(2)]
-    ref = ddim_sample(diff, model, x, ts, eta=eta, clip_denoised=clip, generator=gens[0])
+    sub, ref = diff.respace(ts), x
+    for i in range(len(ts) - 1, -1, -1):
+        out = sub.p_mean_variance(model, ref, torch.full((6,), i), clip, None)
+        a, a_prev = sub.alphas_cumprod[i].item(), sub.alphas_cumprod_prev[i].item()
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        ref = math.sqrt(a_prev) * out["pred_x0"] + math.sqrt(max(1 - a_prev - sigma**2, 0)) * out["eps"]
+        ref = ref + sigma * gens[0].randn(ref.shape[1:], ref.dtype, ref.device) if eta else ref
     out = S.ddim(diff, model, x, ts, eta=eta, clip_denoised=clip, generator=gens[1])
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
 

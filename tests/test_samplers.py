@@ -16,7 +16,7 @@ from diffusion_lab.diffusion import (
     paint,
     slerp,
 )
-from diffusion_lab.diffusion.samplers import ddim_step, ddpm_step
+from diffusion_lab.diffusion.samplers import ddpm_step
 
 
 def _model(x, t, **_):
@@ -43,8 +43,10 @@ def test_ddim_eta1_step_equals_ddpm_posterior():
         a, a_prev = diff.alphas_cumprod[step], diff.alphas_cumprod_prev[step]
         sigma2 = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
         assert sigma2.item() == pytest.approx(diff.posterior_variance[step].item(), rel=1e-10)
-        mean = ddim_step(diff, out, x, t, eta=1.0, temperature=0.0)
-        torch.testing.assert_close(mean, out["mean"], rtol=1e-5, atol=1e-5)
+        states = []  # one DDIM step from `step` to `step - 1` without noise, then the final jump
+        ddim_sample(diff, _model, x, [step - 1, step], eta=1.0, temperature=0.0, clip_denoised=False,
+                    callback=lambda i, x_new, x0, seen=states: seen.append(x_new))  # fmt: skip
+        torch.testing.assert_close(states[0], out["mean"], rtol=1e-5, atol=1e-5)
 
 
 def test_ddpm_on_respaced_process_uses_recomputed_betas():

@@ -3,9 +3,11 @@ the same update where the algorithm is the same, and our defaults never less acc
 except where bench/solver_defaults.py recorded an MNIST FID win for our choice (issue 33)."""
 
 import pytest
+import torch
 
 from bench.harness.common import results_dir
 from bench.harness.solver_peers import Case, cell_key, explained, load_cells, ours_error, ours_run, peer_error, peer_run
+from diffusion_lab.diffusion.respace import sampling_times
 
 LIMIT = 1.1
 MULTISTEP = ["dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"]
@@ -30,6 +32,35 @@ def test_same_update_as_diffusers_on_the_same_grid(case, steps):
         b, calls_b = peer_run(case, method, steps, timestep_spacing="trailing", **peer_opts)
         assert [t for _, t in calls_a] == [t for _, t in calls_b], method
         assert (a - b).abs().max().item() < 1e-5, (method, ours_opts, (a - b).abs().max().item())
+
+
+@pytest.mark.parametrize("steps,eta", [(10, 0.0), (10, 1.0), (50, 1.0)])
+def test_ddim_equals_diffusers_ddim_scheduler(case, steps, eta):
+    """The one DDIM (solvers.ddim) on its default "ddim" grid is diffusers' DDIMScheduler with leading spacing and
+    alpha_bar = 1 after the last step: the same times visited and the same output up to diffusers' float32 tables;
+    with eta = 1 both add the same noise (ours drawn from a generator, diffusers given it as variance_noise)."""
+    import diffusers
+
+    from diffusion_lab.diffusion import solvers
+
+    sch = diffusers.DDIMScheduler(num_train_timesteps=1000, trained_betas=case.diffusion.betas.numpy(),
+                                  clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading")  # fmt: skip
+    sch.set_timesteps(steps)
+    theirs_model, theirs_calls = case.recording_model()
+    x, draws = case.x_T, torch.Generator().manual_seed(3)
+    for t in sch.timesteps:
+        z = torch.randn(x.shape, generator=draws, dtype=x.dtype) if eta else None
+        x = sch.step(theirs_model(x, t), t, x, eta=eta, variance_noise=z).prev_sample.to(x.dtype)
+    ours_model, ours_calls = case.recording_model()
+    ts = sorted(int(t) for t in sch.timesteps)
+    ours = solvers.ddim(case.diffusion, ours_model, case.x_T, ts, eta=eta, clip_denoised=False,
+                        generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert [t for _, t in ours_calls] == [t for _, t in theirs_calls]
+    assert ts == sampling_times(case.diffusion, "ddim", steps)
+    assert (ours - x).abs().max().item() < 1e-5, (ours - x).abs().max().item()
+    if eta:
+        plain = solvers.ddim(case.diffusion, ours_model, case.x_T, ts, eta=0.0, clip_denoised=False)
+        assert (ours - plain).abs().max().item() > 0.1  # the noise mattered
 
 
 @pytest.mark.parametrize("method", MULTISTEP)

@@ -15,78 +15,44 @@ import math
 import torch
 
 from .seeding import noise_like
-from .solvers import _grid, _steps
+from .solvers import Run, sampler
 
 
-def consistency(
-    diffusion,
-    model,
-    x_T,
-    timesteps,
-    *,
-    model_kwargs=None,
-    generator=None,
-    callback=None,
-    clip_denoised=True,
-    progress=False,
-    post_step=None,
-    mid_sigmas=None,
-):
+def _consistency_step(run: Run, j: int, x, *, mid_sigmas=None):
     """Multistep consistency sampling (Song et al. 2023, Alg. 1) on any process, with f(x, t) = the process's x0
     prediction (process.denoise): x0 = f(x_T, t_{N-1}); then for each later time t_j (VE noise level s_j, on the
     process's path alpha_j): x = alpha_j (x0 + sqrt(s_j^2 - s_min^2) z), x0 = f(x, t_j). s_min = the process's
     smallest noise level (sigma at t = 0: EDM's sigma_min), as diffusers' CMStochasticIterativeScheduler adds it.
     N network evaluations; steps = 1 is the one-step sample f(x_T, t_{N-1}). `mid_sigmas` is the registry's option
     that sets the times (registry._few_step_times), unused here."""
-    g = _grid(diffusion, timesteps)
-    s_min = float(diffusion.sigma_at(0))
-    x = x_T
-    for j in _steps(g.n, progress, "consistency"):
-        x0, _ = diffusion.denoise(model, x, g.t[j], model_kwargs, clip_denoised)
-        if j + 1 < g.n:
-            std = math.sqrt(max(g.s[j + 1] ** 2 - s_min**2, 0.0))
-            x = g.alpha[j + 1] * (x0 + std * noise_like(x0, generator))
-        else:
-            x = x0
-        if post_step is not None:
-            x = post_step(g.n - 1 - j, x)
-        if callback is not None:
-            callback(g.n - 1 - j, x, x0)
-    return x
+    g = run.grid
+    x0, _ = run.denoise(x, g.t[j])
+    if j + 1 == g.n:
+        return x0, x0
+    s_min = float(run.process.sigma_at(0))
+    std = math.sqrt(max(g.s[j + 1] ** 2 - s_min**2, 0.0))
+    return g.alpha[j + 1] * (x0 + std * noise_like(x0, run.generator)), x0
 
 
-def meanflow(
-    diffusion,
-    model,
-    x_T,
-    timesteps,
-    *,
-    model_kwargs=None,
-    generator=None,
-    callback=None,
-    clip_denoised=True,
-    progress=False,
-    post_step=None,
-    mid_times=None,
-):
+def _meanflow_step(run: Run, j: int, x, *, mid_times=None):
     """MeanFlow sampling (Geng et al. 2025, eq. 12 / Alg. 2) on the flow z_t = (1 - t) x + t eps: from t to the next
     time r (0 after the last), z_r = z_t - (t - r) u(z_t, r, t), u the network's average velocity
     (Flow.average_velocity, a two-time net). N evaluations; steps = 1 is x = z_1 - u(z_1, 0, 1). The callback's
     x0_hat is z_t - t u(z_t, r, t) (exact when r = 0); clip_denoised clamps the final image to [-1, 1].
     `mid_times` is the registry's option that sets the times (registry._few_step_times), unused here."""
+    g, diffusion = run.grid, run.process
     if not getattr(diffusion, "averages_velocity", False):
         raise ValueError("sampler.method=meanflow needs a MeanFlow model (diffusion=flow, objective=meanflow)")
-    g = _grid(diffusion, timesteps)
-    u = diffusion.u_at(torch.tensor(g.t, dtype=torch.float64)).tolist() + [0.0]  # flow time of each visit, then 0
-    x = x_T
-    for j in _steps(g.n, progress, "meanflow"):
-        velocity = diffusion.average_velocity(model, x, u[j], u[j + 1], model_kwargs)
-        x0 = x - u[j] * velocity
-        x = x - (u[j] - u[j + 1]) * velocity
-        if j + 1 == g.n and clip_denoised:
-            x = x.clamp(-1, 1)
-        if post_step is not None:
-            x = post_step(g.n - 1 - j, x)
-        if callback is not None:
-            callback(g.n - 1 - j, x, x0)
-    return x
+    if j == 0:  # the flow time of each visit, then 0
+        run.memory["u"] = diffusion.u_at(torch.tensor(g.t, dtype=torch.float64)).tolist() + [0.0]
+    u = run.memory["u"]
+    velocity = diffusion.average_velocity(run.model, x, u[j], u[j + 1], run.model_kwargs)
+    x0 = x - u[j] * velocity
+    x = x - (u[j] - u[j + 1]) * velocity
+    if j + 1 == g.n and run.clip:
+        x = x.clamp(-1, 1)
+    return x, x0
+
+
+consistency = sampler("consistency", _consistency_step, mid_sigmas=None)
+meanflow = sampler("meanflow", _meanflow_step, mid_times=None)

@@ -1,4 +1,5 @@
-"""Reverse-process samplers: one loop, one step function per method (DDPM ancestral, DDIM).
+"""Reverse-process samplers on the discrete process: DDPM's ancestral loop (any variance type), DDIM inversion,
+`ddim_sample` (the DDIM of solvers.py on a spacing spec), slerp and classifier-free guidance.
 
 Every sampler has the shape `(diffusion, model, x_T, timesteps, *, ..., generator=None, progress=False) -> x_0`:
 x_T: [B, C, H, W] at the noise level of the first visited step; the result is in [-1, 1] when
@@ -16,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..checks import check_number
+from . import solvers
 from .gaussian import GaussianDiffusion, extract
 from .respace import space_timesteps
 from .seeding import noise_like
@@ -39,18 +40,6 @@ def ddpm_step(process, out, x_t, t, generator=None, temperature=1.0, **_):
     """Ancestral step x_{t-1} = mean + sigma_t z (DDPM Alg. 2), no noise at t = 0."""
     nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
     return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * temperature * noise_like(x_t, generator)
-
-
-def ddim_step(process, out, x_t, t, generator=None, temperature=1.0, eta=0.0, **_):
-    """DDIM eq. 12: x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma z,
-    sigma = eta sqrt((1 - a_prev) / (1 - a)) sqrt(1 - a / a_prev), a_prev = 1 after the last step."""
-    a = extract(process.alphas_cumprod, t, x_t)
-    a_prev = extract(process.alphas_cumprod_prev, t, x_t)
-    sigma = eta * torch.sqrt((1 - a_prev) / (1 - a)) * torch.sqrt(1 - a / a_prev)
-    mean = torch.sqrt(a_prev) * out["pred_x0"] + torch.sqrt((1 - a_prev - sigma**2).clamp(min=0)) * out["eps"]
-    if eta == 0:
-        return mean
-    return mean + sigma * temperature * noise_like(x_t, generator)
 
 
 def sample_loop(
@@ -133,33 +122,27 @@ def ddim_sample(
     timesteps,
     *,
     eta=0.0,
-    clip_denoised=True,
-    model_kwargs=None,
-    generator=None,
-    temperature=1.0,
-    progress=False,
-    callback=None,
     start_index=None,
-    post_step=None,
+    **kwargs,
 ):
-    """DDIM sampling (Song et al. 2021, eq. 12); eta=0 is deterministic, eta=1 on all T steps is DDPM."""
-    check_number("sampler.eta", eta)
-    return sample_loop(
-        diffusion,
-        model,
-        x_T,
-        timesteps,
-        step=ddim_step,
-        eta=eta,
-        start_index=start_index,
-        clip_denoised=clip_denoised,
-        model_kwargs=model_kwargs,
-        generator=generator,
-        temperature=temperature,
-        progress=progress,
-        callback=callback,
-        post_step=post_step,
-    )
+    """DDIM sampling (Song et al. 2021, eq. 12): `solvers.ddim` (the one DDIM) on the times `timesteps` names (a
+    list, a spacing spec such as "ddim50", or None for all T), started at timesteps[start_index] (default: the last);
+    eta=0 is deterministic, eta=1 on all T steps is DDPM with beta-tilde. Takes solvers.ddim's keywords."""
+    ts = _times(diffusion, timesteps)
+    if start_index is not None:
+        if not 0 <= int(start_index) < len(ts):
+            raise ValueError(f"start_index={start_index} must be in [0, {len(ts)})")
+        ts = ts[: int(start_index) + 1]
+    return solvers.ddim(diffusion, model, x_T, ts, eta=eta, **kwargs)
+
+
+def _times(diffusion, timesteps) -> list:
+    """The ascending kept steps: a list as given, a spec through space_timesteps, None for all T."""
+    if timesteps is None:
+        return list(range(diffusion.num_timesteps))
+    if isinstance(timesteps, (str, int)):
+        return sorted(space_timesteps(diffusion.num_timesteps, timesteps))
+    return list(timesteps)
 
 
 @torch.no_grad()

@@ -1,27 +1,34 @@
-"""Fast training-free samplers: one self-contained function per method (in the style of k-diffusion's sampling.py).
+"""Fast training-free samplers, k-diffusion style: one driver (`sample`) runs the loop, each method is one short
+step function with one signature.
 
-Every method has the signature of `samplers.ddim_sample` and its conventions, so they are interchangeable:
+    x0 = dpmpp_2m(diffusion, model, x_T, timesteps, model_kwargs=..., generator=..., callback=..., **options)
+    x0 = sample(_ddim_step, diffusion, model, x_T, timesteps, eta=1.0)      # the same driver, a step by hand
+
+Every public sampler has one signature, so they are interchangeable (registry.py registers them by name):
 
     fn(diffusion, model, x_T, timesteps, *, model_kwargs=None, generator=None, callback=None,
-       clip_denoised=True, progress=False, **options) -> x_0                      # [B, C, H, W] each
+       clip_denoised=True, progress=False, post_step=None, **options) -> x_0            # [B, C, H, W] each
 
 - `timesteps`: ascending times t_0 < .. < t_{N-1} (ints or floats in [0, T-1], e.g. respace.sampling_times).
   The model is evaluated at t_{N-1}, .., t_0 and the last step goes to the clean image (sigma = 0), whose value
   is the denoiser's x0 prediction at t_0, exactly as DDIM's last step (alpha_bar_prev = 1). So N evaluations
   (NFE) for the single-evaluation methods, 2N - 1 for Heun (registry.Method.nfe).
 - x_T: the VP state at t_{N-1} (N(0, I) for pure noise). callback(i, x, x0_hat) after each step with i = N-1 .. 0
-  the index of the time just evaluated, x the new state and x0_hat the prediction at t_i (as sample_loop).
+  the index of the time just evaluated, x the new state and x0_hat the prediction at t_i (as samplers.sample_loop).
+- `post_step(i, x) -> x` may edit each new state (inpainting: diffusion/inpaint.py), with i as in the callback.
 - Randomness only from `generator` (a torch.Generator or per-image ImageGenerators, seeding.py). Per-step scalars
   are float64 Python numbers from the time grid (no device sync); tensors stay in x_T's dtype. The model is only
-  called through `diffusion.denoise`, so eps / x0 / v and learned-variance models, clipping and classifier-free
-  guidance (a wrapped model) all work.
+  called through `Run.denoise` (the process's `denoise`), so eps / x0 / v and learned-variance models, clipping and
+  classifier-free guidance (a wrapped model) all work.
+- A step is `step(run, j, x, **options) -> (x_next, x0_hat)`: x the VP state at visit j (t_{N-1} first), x_next the
+  state at visit j + 1 (the clean image after j = N - 1) and x0_hat the prediction at t_j. What a multistep method
+  carries between steps lives in `run.memory`.
 - The last step to sigma = 0 is first order (DDIM): the x0 prediction at t_0, as diffusers' schedulers end
   (final_sigmas_type="zero"). Multistep methods warm up with lower orders and, with lower_order_final, lower the
   order of their last steps counting that final jump as a step, as diffusers does: DPM-Solver++ below 15 steps
   (3M's last ODE step is second order, 2M is not lowered), UniPC at every N (its last ODE step at most second
   order). `_order` says which step gets which order; the choices were measured against diffusers on exact models
   and by FID on the MNIST recipe (bench/solver_peers.py, BENCHMARKS.md).
-- `post_step(i, x) -> x` may edit each new state (inpainting: diffusion/inpaint.py), with i as in the callback.
 
 Notation at time t_j: x_t = alpha x0 + sigma eps with (alpha, sigma) = diffusion.alpha_sigma_at(t) (the Process
 interface, process.py: sqrt(alpha_bar), sqrt(1 - alpha_bar) on the VP process), s = sigma / alpha (VE noise level
@@ -34,8 +41,9 @@ of the step), and Heun on a linear path (flow) steps in the path's own sigma (= 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,8 +54,12 @@ from .seeding import noise_like
 
 UNIPC_ORDERS = (1, 2, 3)  # unipc's `order`
 IPNDM_ORDERS = (1, 2, 3, 4)  # ipndm's `max_order`
+LOWER_ORDER_FINAL = (True, False, "early")  # the multistep methods' `lower_order_final`
+D2_WEIGHTS = ("published", "taylor")  # dpmpp_3m's `d2_weight`
+DPMPP_FINAL_BELOW = 15  # DPM-Solver++ lowers its last steps only below this many steps (diffusers' rule)
 
 
+# --------------------------------------------------------------------------- the driver
 @dataclass
 class _Grid:
     """The visiting order j = 0..N-1 (t_{N-1} first) plus the clean end at j = N (a = 1, s = 0, lambda = inf)."""
@@ -81,8 +93,84 @@ def _steps(n: int, progress: bool, desc: str):
     return tqdm(range(n), desc=desc, leave=False) if progress else range(n)
 
 
-LOWER_ORDER_FINAL = (True, False, "early")  # the multistep methods' `lower_order_final`
-DPMPP_FINAL_BELOW = 15  # DPM-Solver++ lowers its last steps only below this many steps (diffusers' rule)
+@dataclass
+class Run:
+    """One sampling run as a step sees it: the process, the grid, the model and what a step keeps for the next."""
+
+    process: Any
+    grid: _Grid
+    model: Callable
+    model_kwargs: dict | None
+    clip: bool
+    generator: Any
+    memory: dict = field(default_factory=dict)
+
+    def denoise(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) [B, C, H, W] each: one evaluation of the model at the VP state x and time t."""
+        return self.process.denoise(self.model, x, t, self.model_kwargs, self.clip)
+
+
+Step = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # step(run, j, x, **options) -> (x_next, x0_hat)
+
+
+@torch.no_grad()
+def sample(
+    step: Step,
+    diffusion,
+    model,
+    x_T: torch.Tensor,
+    timesteps: Sequence[float],
+    *,
+    model_kwargs: dict | None = None,
+    generator=None,
+    callback: Callable | None = None,
+    clip_denoised: bool = True,
+    progress: bool = False,
+    post_step: Callable | None = None,
+    desc: str = "sampling",
+    **options,
+) -> torch.Tensor:
+    """The one sampling loop: the grid of `timesteps`, then for j = 0..N-1 `step(run, j, x, **options)`, each new
+    state through post_step and callback (with i = N-1-j, the index of the time just evaluated). Returns x_0."""
+    run = Run(diffusion, _grid(diffusion, timesteps), model, model_kwargs, clip_denoised, generator)
+    x = x_T
+    for j in _steps(run.grid.n, progress, desc):
+        x, x0 = step(run, j, x, **options)
+        i = run.grid.n - 1 - j
+        if post_step is not None:
+            x = post_step(i, x)
+        if callback is not None:
+            callback(i, x, x0)
+    return x
+
+
+def sampler(name: str, step: Step, choices: Mapping[str, tuple] | None = None, numbers: tuple[str, ...] = (),
+            **defaults) -> Callable:  # fmt: skip
+    """The public sampler `name` (the module's shared signature): `sample` running `step` with `defaults` updated
+    by the options given. An option it does not take is a TypeError; `choices` (option -> allowed values) and
+    `numbers` (options that must be finite and >= 0) are checked once, before the first step, and read by the
+    registry (fn.choices) for the config's checks."""
+    choices = dict(choices or {})
+
+    def fn(diffusion, model, x_T, timesteps, **kwargs):
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in defaults}
+        unknown = sorted(set(kwargs) - set(SHARED))
+        if unknown:
+            raise TypeError(f"{name}() got an unexpected option {unknown[0]!r} (it takes: {', '.join(defaults)})")
+        options = {**defaults, **options}
+        for key, allowed in choices.items():
+            check_choice(f"sampler.{key}", options[key], allowed)
+        for key in numbers:
+            check_number(f"sampler.{key}", options[key])
+        return sample(step, diffusion, model, x_T, timesteps, desc=name, **kwargs, **options)
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = step.__doc__
+    fn.step, fn.options, fn.choices = step, dict(defaults), choices
+    return fn
+
+
+SHARED = ("model_kwargs", "generator", "callback", "clip_denoised", "progress", "post_step")
 
 
 def _order(j: int, g: _Grid, order: int, lower_order_final: bool | str, final_below: int | None) -> int:
@@ -101,18 +189,33 @@ def _order(j: int, g: _Grid, order: int, lower_order_final: bool | str, final_be
     return max(p, 1)
 
 
-def _need_finite_s(g: _Grid, name: str) -> None:
-    if not math.isfinite(g.s[0]):
-        raise ValueError(
-            f"sampler.method={name} works in sigma / alpha, infinite at the first time (pure noise: zero terminal "
-            "SNR, flow's t = 1); drop t=T-1 from the timesteps or use euler / dpmpp_2m / dpmpp_3m / unipc"
-        )
+def _remember(run: Run, key: str, value: torch.Tensor, keep: int) -> list:
+    """run.memory[key] = [value, *the previous ones][:keep] (newest first), returned."""
+    run.memory[key] = [value, *run.memory.get(key, [])[: keep - 1]]
+    return run.memory[key]
+
+
+# --------------------------------------------------------------------------- DDIM on any process
+def _ddim_step(run: Run, j: int, x, *, eta: float, temperature: float):
+    """DDIM (Song et al. 2021, eq. 12) on any Process, in its (alpha, sigma): from t to the next time s,
+    x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z with c = eta sigma_s sqrt(1 - SNR_t / SNR_s), which
+    on the VP process is eq. 16's sigma_eta = eta sqrt((1 - a_s)/(1 - a_t)) sqrt(1 - a_t/a_s); c = 0 on the last
+    step (SNR_s = inf). eta = 0 is deterministic (Euler in exact arithmetic); temperature scales z. Each step with
+    eta > 0 draws z, the last one too, as diffusers' DDIMScheduler does (tests/test_solver_peers.py)."""
+    g = run.grid
+    x0, eps = run.denoise(x, g.t[j])
+    gap = g.lam[j] - g.lam[j + 1]  # log sqrt(SNR_t / SNR_s) <= 0; -inf on the last step
+    c = eta * g.sigma[j + 1] * math.sqrt(-math.expm1(2 * gap)) if eta > 0 else 0.0
+    x = g.alpha[j + 1] * x0 + math.sqrt(max(g.sigma[j + 1] ** 2 - c**2, 0.0)) * eps
+    if eta > 0:
+        x = x + (c * temperature) * noise_like(x, run.generator)
+    return x, x0
+
+
+ddim = sampler("ddim", _ddim_step, numbers=("eta", "temperature"), eta=0.0, temperature=1.0)
 
 
 # --------------------------------------------------------------------------- DPM-Solver++ (data prediction)
-D2_WEIGHTS = ("published", "taylor")  # dpmpp_3m's `d2_weight`
-
-
 def _dpmpp_update(x, hist, lam, alpha, sigma, j: int, p: int, d2_weight: str = "published"):
     """One multistep DPM-Solver++ step of order p in {1, 2, 3} from lam[j] to lam[j+1] (Lu et al. 2022, Alg. 2 and
     the official third-order update), x the state at j, hist the x0 predictions at lam[j], lam[j-1], lam[j-2]
@@ -147,72 +250,35 @@ def _dpmpp_update(x, hist, lam, alpha, sigma, j: int, p: int, d2_weight: str = "
     return (sigma[j + 1] / sigma[j]) * x - (alpha[j + 1] * phi_1) * d
 
 
-def _dpmpp(name, order, diffusion, model, x_T, timesteps, model_kwargs, callback, clip, progress, post_step,
-           lower_order_final, d2_weight="published"):  # fmt: skip
-    check_choice("sampler.lower_order_final", lower_order_final, LOWER_ORDER_FINAL)
-    g = _grid(diffusion, timesteps)
-    x, hist = x_T, []
-    for j in _steps(g.n, progress, name):
-        x0, _ = diffusion.denoise(model, x, g.t[j], model_kwargs, clip)
-        hist = [x0, *hist[: order - 1]]
-        if j == g.n - 1:
-            x = x0
-        else:
-            p = _order(j, g, order, lower_order_final, DPMPP_FINAL_BELOW)
-            x = _dpmpp_update(x, hist, g.lam, g.alpha, g.sigma, j, p, d2_weight)
-        if post_step is not None:
-            x = post_step(g.n - 1 - j, x)
-        if callback is not None:
-            callback(g.n - 1 - j, x, x0)
-    return x
+def _dpmpp_step(run: Run, j: int, x, *, order: int, lower_order_final: bool | str, d2_weight: str = "published"):
+    """Multistep DPM-Solver++ of `order` (Lu et al. 2022, Alg. 2; `_dpmpp_update`), the x0 predictions in memory."""
+    g = run.grid
+    x0, _ = run.denoise(x, g.t[j])
+    hist = _remember(run, "x0", x0, order)
+    if j == g.n - 1:
+        return x0, x0
+    p = _order(j, g, order, lower_order_final, DPMPP_FINAL_BELOW)
+    return _dpmpp_update(x, hist, g.lam, g.alpha, g.sigma, j, p, d2_weight), x0
 
 
-@torch.no_grad()
-def dpmpp_2m(
-    diffusion,
-    model,
-    x_T,
-    timesteps,
-    *,
-    model_kwargs=None,
-    generator=None,
-    callback=None,
-    clip_denoised=True,
-    progress=False,
-    post_step=None,
-    lower_order_final=True,
-):
+def _dpmpp_2m_step(run: Run, j: int, x, *, lower_order_final: bool | str):
     """DPM-Solver++(2M), Lu et al. 2022 ("DPM-Solver++"), Algorithm 2: multistep, second order in lambda
     (`_dpmpp_update` with p = 2 after the first step). With lower_order_final=True it is never lowered before the
     final jump (as diffusers and k-diffusion); "early" makes the last ODE step first order below 15 steps."""
-    return _dpmpp("dpmpp_2m", 2, diffusion, model, x_T, timesteps, model_kwargs, callback, clip_denoised, progress,
-                  post_step, lower_order_final)  # fmt: skip
+    return _dpmpp_step(run, j, x, order=2, lower_order_final=lower_order_final)
 
 
-@torch.no_grad()
-def dpmpp_3m(
-    diffusion,
-    model,
-    x_T,
-    timesteps,
-    *,
-    model_kwargs=None,
-    generator=None,
-    callback=None,
-    clip_denoised=True,
-    progress=False,
-    post_step=None,
-    lower_order_final=True,
-    d2_weight="published",
-):
+def _dpmpp_3m_step(run: Run, j: int, x, *, lower_order_final: bool | str, d2_weight: str):
     """Third-order multistep DPM-Solver++ (dpm_solver_pytorch `multistep_dpm_solver_third_update`, dpmsolver++;
     diffusers' DPMSolverMultistepScheduler with solver_order=3): `_dpmpp_update` with p = 3 once three x0
     predictions exist, 2M on the warm-up step and, below 15 steps with lower_order_final, on the last ODE step.
-    d2_weight: "published" (phi_3, as the official code and diffusers) or "taylor" (2 phi_3, third order).
-    """
-    check_choice("sampler.d2_weight", d2_weight, D2_WEIGHTS)
-    return _dpmpp("dpmpp_3m", 3, diffusion, model, x_T, timesteps, model_kwargs, callback, clip_denoised, progress,
-                  post_step, lower_order_final, d2_weight)  # fmt: skip
+    d2_weight: "published" (phi_3, as the official code and diffusers) or "taylor" (2 phi_3, third order)."""
+    return _dpmpp_step(run, j, x, order=3, lower_order_final=lower_order_final, d2_weight=d2_weight)
+
+
+dpmpp_2m = sampler("dpmpp_2m", _dpmpp_2m_step, {"lower_order_final": LOWER_ORDER_FINAL}, lower_order_final=True)
+dpmpp_3m = sampler("dpmpp_3m", _dpmpp_3m_step, {"lower_order_final": LOWER_ORDER_FINAL, "d2_weight": D2_WEIGHTS},
+                   lower_order_final=True, d2_weight="published")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- UniPC
@@ -238,22 +304,7 @@ def _unipc_coefficients(rks: list[float], h: float, p: int) -> tuple[list[float]
     return rhos_p, rhos_c, b_h
 
 
-@torch.no_grad()
-def unipc(
-    diffusion,
-    model,
-    x_T,
-    timesteps,
-    *,
-    model_kwargs=None,
-    generator=None,
-    callback=None,
-    clip_denoised=True,
-    progress=False,
-    post_step=None,
-    order=2,
-    lower_order_final=True,
-):
+def _unipc_step(run: Run, j: int, x, *, order: int, lower_order_final: bool | str):
     """UniPC (Zhao et al. 2023), data prediction, B(h) = expm1(h) ("bh2"), as the official `sample` (multistep).
 
     Step j -> j+1 of order p (UniP-p predictor with the p-1 previous x0 predictions m_k at lambda_k,
@@ -265,40 +316,36 @@ def unipc(
         x_{j+1} = x_ - alpha_{j+1} B(h) (sum_k rho^c_k D1_k + rho^c_p (m_{j+1} - m_j)).
     No corrector on the step to t_0: its evaluation is the returned x0_hat (diffusers applies one there, which the
     final jump discards). order in {1, 2, 3} (2, as diffusers: bench/solver_defaults.py); lower_order_final
-    (`_order`, at every N as UniPC's `sample`).
+    (`_order`, at every N as UniPC's `sample`). Memory: the x0 predictions and their lambdas, newest first.
     """
-    check_choice("sampler.order", order, UNIPC_ORDERS)
-    check_choice("sampler.lower_order_final", lower_order_final, LOWER_ORDER_FINAL)
-    g = _grid(diffusion, timesteps)
-    x = x_T
-    x0, _ = diffusion.denoise(model, x, g.t[0], model_kwargs, clip_denoised)
-    hist, hist_lam = [x0], [g.lam[0]]  # newest first
-    for j in _steps(g.n, progress, "unipc"):
-        m0 = hist[0]
-        if j == g.n - 1:
-            x = m0
-        else:
-            h = g.lam[j + 1] - g.lam[j]
-            p = _order(j, g, order, lower_order_final, final_below=None)
-            rks = [(hist_lam[k] - g.lam[j]) / h for k in range(1, p)] + [1.0]
-            rhos_p, rhos_c, b_h = _unipc_coefficients(rks, h, p)
-            d1s = [(hist[k] - m0) / rks[k - 1] for k in range(1, p)]
-            c = g.alpha[j + 1] * b_h
-            x_ = (g.sigma[j + 1] / g.sigma[j]) * x - (g.alpha[j + 1] * math.expm1(-h)) * m0
-            x = x_
-            for rho, d1 in zip(rhos_p, d1s):
-                x = x - (c * rho) * d1
-            m_new, _ = diffusion.denoise(model, x, g.t[j + 1], model_kwargs, clip_denoised)
-            if j + 1 < g.n - 1:  # UniC corrector, reusing the evaluation at the predicted point
-                x = x_ - (c * rhos_c[-1]) * (m_new - m0)
-                for rho, d1 in zip(rhos_c[:-1], d1s):
-                    x = x - (c * rho) * d1
-            hist, hist_lam = [m_new, *hist[: order - 1]], [g.lam[j + 1], *hist_lam[: order - 1]]
-        if post_step is not None:
-            x = post_step(g.n - 1 - j, x)
-        if callback is not None:
-            callback(g.n - 1 - j, x, m0)
-    return x
+    g, mem = run.grid, run.memory
+    if j == 0:
+        mem["m"], mem["lam"] = [run.denoise(x, g.t[0])[0]], [g.lam[0]]
+    hist, hist_lam = mem["m"], mem["lam"]
+    m0 = hist[0]
+    if j == g.n - 1:
+        return m0, m0
+    h = g.lam[j + 1] - g.lam[j]
+    p = _order(j, g, order, lower_order_final, final_below=None)
+    rks = [(hist_lam[k] - g.lam[j]) / h for k in range(1, p)] + [1.0]
+    rhos_p, rhos_c, b_h = _unipc_coefficients(rks, h, p)
+    d1s = [(hist[k] - m0) / rks[k - 1] for k in range(1, p)]
+    c = g.alpha[j + 1] * b_h
+    x_ = (g.sigma[j + 1] / g.sigma[j]) * x - (g.alpha[j + 1] * math.expm1(-h)) * m0
+    x = x_
+    for rho, d1 in zip(rhos_p, d1s):
+        x = x - (c * rho) * d1
+    m_new, _ = run.denoise(x, g.t[j + 1])
+    if j + 1 < g.n - 1:  # UniC corrector, reusing the evaluation at the predicted point
+        x = x_ - (c * rhos_c[-1]) * (m_new - m0)
+        for rho, d1 in zip(rhos_c[:-1], d1s):
+            x = x - (c * rho) * d1
+    mem["m"], mem["lam"] = [m_new, *hist[: order - 1]], [g.lam[j + 1], *hist_lam[: order - 1]]
+    return x, m0
+
+
+unipc = sampler("unipc", _unipc_step, {"order": UNIPC_ORDERS, "lower_order_final": LOWER_ORDER_FINAL}, order=2,
+                lower_order_final=True)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- iPNDM (Adams-Bashforth on eps)
@@ -326,22 +373,7 @@ def adams_bashforth_coefficients(s_points: Sequence[float], s_next: float) -> li
     return coeffs
 
 
-@torch.no_grad()
-def ipndm(
-    diffusion,
-    model,
-    x_T,
-    timesteps,
-    *,
-    model_kwargs=None,
-    generator=None,
-    callback=None,
-    clip_denoised=True,
-    progress=False,
-    post_step=None,
-    max_order=4,
-    variable_step=True,
-):
+def _ipndm_step(run: Run, j: int, x, *, max_order: int, variable_step: bool):
     """Improved PNDM (Zhang & Chen 2023, the DEIS paper's iPNDM): Adams-Bashforth on eps in the DDIM ODE
     d(x / alpha) / ds = eps(x, s), s = sigma / alpha:
 
@@ -363,246 +395,110 @@ def ipndm(
     3e-4 (cosine, 10-50 steps); on logsnr / karras use variable_step=True (logsnr at NFE 20: 31.2 vs the fixed
     weights' 37.9; bench/solver_defaults.py).
     """
-    check_choice("sampler.max_order", max_order, IPNDM_ORDERS)
-    g = _grid(diffusion, timesteps)
-    x, eps_hist = x_T, []
-    for j in _steps(g.n, progress, "ipndm"):
-        x0, eps = diffusion.denoise(model, x, g.t[j], model_kwargs, clip_denoised)
-        if j == g.n - 1:
-            x = x0
-        elif not math.isfinite(g.s[j]):  # from pure noise: the Euler (DDIM) step, and no history at s = inf
-            x = g.alpha[j + 1] * x0 + g.sigma[j + 1] * eps
-        else:
-            eps_hist = [eps, *eps_hist[: max_order - 1]]
-            p = len(eps_hist)
-            if variable_step:
-                coeffs = adams_bashforth_coefficients(g.s[j - p + 1 : j + 1][::-1], g.s[j + 1])
-            else:
-                coeffs = AB_COEFFICIENTS[p]
-            e = coeffs[0] * eps_hist[0]
-            for c, ek in zip(coeffs[1:], eps_hist[1:]):
-                e = e + c * ek
-            x = (g.alpha[j + 1] / g.alpha[j]) * x + (g.alpha[j + 1] * (g.s[j + 1] - g.s[j])) * e
-        if post_step is not None:
-            x = post_step(g.n - 1 - j, x)
-        if callback is not None:
-            callback(g.n - 1 - j, x, x0)
-    return x
+    g = run.grid
+    x0, eps = run.denoise(x, g.t[j])
+    if j == g.n - 1:
+        return x0, x0
+    if not math.isfinite(g.s[j]):  # from pure noise: the Euler (DDIM) step, and no history at s = inf
+        return g.alpha[j + 1] * x0 + g.sigma[j + 1] * eps, x0
+    eps_hist = _remember(run, "eps", eps, max_order)
+    p = len(eps_hist)
+    coeffs = adams_bashforth_coefficients(g.s[j - p + 1 : j + 1][::-1], g.s[j + 1]) if variable_step \
+        else AB_COEFFICIENTS[p]  # fmt: skip
+    e = coeffs[0] * eps_hist[0]
+    for c, ek in zip(coeffs[1:], eps_hist[1:]):
+        e = e + c * ek
+    return (g.alpha[j + 1] / g.alpha[j]) * x + (g.alpha[j + 1] * (g.s[j + 1] - g.s[j])) * e, x0
 
 
-# --------------------------------------------------------------------------- DDIM on any process
-@torch.no_grad()
-def ddim(
-    diffusion,
-    model,
-    x_T,
-    timesteps,
-    *,
-    model_kwargs=None,
-    generator=None,
-    callback=None,
-    clip_denoised=True,
-    progress=False,
-    post_step=None,
-    eta=0.0,
-    temperature=1.0,
-):
-    """DDIM (Song et al. 2021, eq. 12) on any Process, in its (alpha, sigma): from t to the next time s,
-    x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z with c = eta sigma_s sqrt(1 - SNR_t / SNR_s), which
-    on the VP process is eq. 16's sigma_eta = eta sqrt((1 - a_s)/(1 - a_t)) sqrt(1 - a_t/a_s); c = 0 on the last
-    step (SNR_s = inf). eta = 0 is deterministic (Euler in exact arithmetic); temperature scales z. Each step with
-    eta > 0 draws z, the last one too, as `samplers.ddim_sample` does on the discrete process, which it equals."""
-    check_number("sampler.eta", eta)
-    g = _grid(diffusion, timesteps)
-    x = x_T
-    for j in _steps(g.n, progress, "ddim"):
-        x0, eps = diffusion.denoise(model, x, g.t[j], model_kwargs, clip_denoised)
-        gap = g.lam[j] - g.lam[j + 1]  # log sqrt(SNR_t / SNR_s) <= 0; -inf on the last step
-        c = eta * g.sigma[j + 1] * math.sqrt(-math.expm1(2 * gap)) if eta > 0 else 0.0
-        x = g.alpha[j + 1] * x0 + math.sqrt(max(g.sigma[j + 1] ** 2 - c**2, 0.0)) * eps
-        if eta > 0:
-            x = x + (c * temperature) * noise_like(x, generator)
-        if post_step is not None:
-            x = post_step(g.n - 1 - j, x)
-        if callback is not None:
-            callback(g.n - 1 - j, x, x0)
-    return x
+ipndm = sampler("ipndm", _ipndm_step, {"max_order": IPNDM_ORDERS, "variable_step": (True, False)}, max_order=4,
+                variable_step=True)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- Karras et al. 2022 (VE variables)
-def _churn(g: _Grid, diffusion, j: int, x_bar, s_churn, s_tmin, s_tmax, s_noise, generator):
+def _churn(run: Run, j: int, x_bar, s_churn, s_tmin, s_tmax, s_noise):
     """Karras et al. 2022 Alg. 2 lines 4-6: raise the noise level s_j -> s_hat = (1 + gamma) s_j by adding
     N(0, s_hat^2 - s_j^2) noise, gamma = min(s_churn / N, sqrt(2) - 1) for s_j in [s_tmin, s_tmax]. s_hat is capped
     at the schedule's largest sigma (the model knows no higher level). Returns (x_bar, s_hat, t_hat, alpha_hat)."""
+    g, diffusion = run.grid, run.process
     gamma = min(s_churn / g.n, math.sqrt(2) - 1) if s_tmin <= g.s[j] <= s_tmax else 0.0
     if gamma <= 0:
         return x_bar, g.s[j], g.t[j], g.alpha[j]
     t_hat = float(diffusion.t_at_sigma(g.s[j] * (1 + gamma)))
     s_hat, alpha_hat = float(diffusion.sigma_at(t_hat)), float(diffusion.alpha_sigma_at(t_hat)[0])
-    x_bar = x_bar + math.sqrt(max(s_hat**2 - g.s[j] ** 2, 0.0)) * s_noise * noise_like(x_bar, generator)
+    x_bar = x_bar + math.sqrt(max(s_hat**2 - g.s[j] ** 2, 0.0)) * s_noise * noise_like(x_bar, run.generator)
     return x_bar, s_hat, t_hat, alpha_hat
 
 
-def _karras(
-    name,
-    heun_correction,
-    diffusion,
-    model,
-    x_T,
-    timesteps,
-    model_kwargs,
-    generator,
-    callback,
-    clip,
-    progress,
-    post_step,
-    s_churn,
-    s_tmin,
-    s_tmax,
-    s_noise,
-):
-    g = _grid(diffusion, timesteps)
-    if heun_correction and s_churn == 0 and diffusion.linear_path:
-        return _heun_on_linear_path(diffusion, model, x_T, g, model_kwargs, callback, clip, progress, post_step)
-    # From pure noise (alpha = 0: flow's t = 1, zero terminal SNR) x_bar = x_T / alpha is infinite. The exact step
-    # from s = inf is x_bar(s') = s' z + int_0^1 D(x_bar(s), s) dr with r = s' / s and z = x_T / sigma (the noise):
-    # Euler takes D at r = 0 (DDIM's update), Heun the trapezoid (D at r = 0 and at Euler's x_bar(s')), both finite.
-    from_noise = not math.isfinite(g.s[0]) and s_churn == 0
-    if not from_noise:
-        _need_finite_s(g, name)
-    x_bar = None if from_noise else x_T / g.alpha[0]
-    for j in _steps(g.n, progress, name):
-        if j == 0 and from_noise:
-            x0, z = diffusion.denoise(model, x_T, g.t[0], model_kwargs, clip)  # eps_hat = x_T / sigma here
-            if g.n == 1:
-                x_bar = x0
-            else:
-                x_bar = x0 + g.s[1] * z
-                if heun_correction:
-                    x0_next, _ = diffusion.denoise(model, g.alpha[1] * x_bar, g.t[1], model_kwargs, clip)
-                    x_bar = 0.5 * (x0 + x0_next) + g.s[1] * z
-        else:
-            x_bar, s_hat, t_hat, a_hat = _churn(g, diffusion, j, x_bar, s_churn, s_tmin, s_tmax, s_noise, generator)
-            # d = (x_bar - D(x_bar; s)) / s is exactly the eps prediction (no cancellation).
-            x0, d = diffusion.denoise(model, a_hat * x_bar, t_hat, model_kwargs, clip)
-            if j == g.n - 1:
-                x_bar = x0
-            else:
-                dt = g.s[j + 1] - s_hat
-                x_next = x_bar + dt * d
-                if heun_correction:
-                    _, d2 = diffusion.denoise(model, g.alpha[j + 1] * x_next, g.t[j + 1], model_kwargs, clip)
-                    x_next = x_bar + (0.5 * dt) * (d + d2)
-                x_bar = x_next
-        if post_step is not None:  # on the VP state alpha x_bar (alpha = 1 after the last step)
-            x_bar = post_step(g.n - 1 - j, g.alpha[j + 1] * x_bar) / g.alpha[j + 1]
-        if callback is not None:
-            callback(g.n - 1 - j, g.alpha[j + 1] * x_bar, x0)
-    return x_bar
+def _karras_step(run: Run, j: int, x, *, heun: bool, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float):
+    """One step of Karras et al. 2022's Alg. 1 / 2 in the VE variables x_bar = x / alpha, s = sigma / alpha: churn,
+    an Euler step d = (x_bar - D(x_bar; s)) / s (exactly the eps prediction, no cancellation), and with `heun` the
+    trapezoidal correction at the new point (none on the step to s = 0). From pure noise (alpha = 0: flow's t = 1,
+    zero terminal SNR) x_bar is infinite; the exact step from s = inf is x_bar(s') = s' z + int_0^1 D(x_bar(s), s) dr
+    with r = s' / s and z = x_T / sigma (the noise): Euler takes D at r = 0 (DDIM's update), Heun the trapezoid (D at
+    r = 0 and at Euler's x_bar(s')), both finite. Heun on a linear path (flow) steps in its sigma instead."""
+    g = run.grid
+    if heun and s_churn == 0 and run.process.linear_path:
+        return _heun_on_linear_path(run, j, x)
+    if not math.isfinite(g.s[j]):
+        if s_churn != 0:
+            raise ValueError(
+                f"sampler.method={'heun' if heun else 'euler'} with churn works in sigma / alpha, infinite at the "
+                "first time (pure noise: zero terminal SNR, flow's t = 1); drop t=T-1 from the timesteps or set "
+                "sampler.s_churn=0"
+            )
+        x0, z = run.denoise(x, g.t[j])  # eps_hat = x_T / sigma here
+        if j == g.n - 1:
+            return x0, x0
+        x_bar = x0 + g.s[j + 1] * z
+        if heun:
+            x0_next, _ = run.denoise(g.alpha[j + 1] * x_bar, g.t[j + 1])
+            x_bar = 0.5 * (x0 + x0_next) + g.s[j + 1] * z
+        return g.alpha[j + 1] * x_bar, x0
+    x_bar, s_hat, t_hat, a_hat = _churn(run, j, x / g.alpha[j], s_churn, s_tmin, s_tmax, s_noise)
+    x0, d = run.denoise(a_hat * x_bar, t_hat)
+    if j == g.n - 1:
+        return x0, x0
+    dt = g.s[j + 1] - s_hat
+    x_next = x_bar + dt * d
+    if heun:
+        _, d2 = run.denoise(g.alpha[j + 1] * x_next, g.t[j + 1])
+        x_next = x_bar + (0.5 * dt) * (d + d2)
+    return g.alpha[j + 1] * x_next, x0
 
 
-def _heun_on_linear_path(diffusion, model, x_T, g: _Grid, model_kwargs, callback, clip, progress, post_step):
+def _heun_on_linear_path(run: Run, j: int, x):
     """Heun's method on dx/dsigma = eps - x0 (the velocity) where alpha = 1 - sigma (flow: sigma is the flow time
     u), as flow_matching's and torchdiffeq's heun2 integrate it and ComfyUI samples flow models; finite at sigma = 1.
     The last step is the x0 prediction, as everywhere here."""
-    x = x_T
-    for j in _steps(g.n, progress, "heun"):
-        x0, eps = diffusion.denoise(model, x, g.t[j], model_kwargs, clip)
-        if j == g.n - 1:
-            x = x0
-        else:
-            dt, v = g.sigma[j + 1] - g.sigma[j], eps - x0
-            x0_next, eps_next = diffusion.denoise(model, x + dt * v, g.t[j + 1], model_kwargs, clip)
-            x = x + (0.5 * dt) * (v + eps_next - x0_next)
-        if post_step is not None:
-            x = post_step(g.n - 1 - j, x)
-        if callback is not None:
-            callback(g.n - 1 - j, x, x0)
-    return x
+    g = run.grid
+    x0, eps = run.denoise(x, g.t[j])
+    if j == g.n - 1:
+        return x0, x0
+    dt, v = g.sigma[j + 1] - g.sigma[j], eps - x0
+    x0_next, eps_next = run.denoise(x + dt * v, g.t[j + 1])
+    return x + (0.5 * dt) * (v + eps_next - x0_next), x0
 
 
-@torch.no_grad()
-def euler(
-    diffusion,
-    model,
-    x_T,
-    timesteps,
-    *,
-    model_kwargs=None,
-    generator=None,
-    callback=None,
-    clip_denoised=True,
-    progress=False,
-    post_step=None,
-    s_churn=0.0,
-    s_tmin=0.0,
-    s_tmax=math.inf,
-    s_noise=1.0,
-):
+def _euler_step(run: Run, j: int, x, **churn):
     """Euler steps on the probability-flow ODE dx/ds = (x - D(x; s)) / s in the VE variables x = x_VP / alpha
     (Karras et al. 2022, Alg. 1 without the correction); with s_churn > 0 Alg. 2's stochastic churn.
     Deterministic (s_churn = 0) it is DDIM (eta = 0) in exact arithmetic."""
-    return _karras(
-        "euler",
-        False,
-        diffusion,
-        model,
-        x_T,
-        timesteps,
-        model_kwargs,
-        generator,
-        callback,
-        clip_denoised,
-        progress,
-        post_step,
-        s_churn,
-        s_tmin,
-        s_tmax,
-        s_noise,
-    )
+    return _karras_step(run, j, x, heun=False, **churn)
 
 
-@torch.no_grad()
-def heun(
-    diffusion,
-    model,
-    x_T,
-    timesteps,
-    *,
-    model_kwargs=None,
-    generator=None,
-    callback=None,
-    clip_denoised=True,
-    progress=False,
-    post_step=None,
-    s_churn=0.0,
-    s_tmin=0.0,
-    s_tmax=math.inf,
-    s_noise=1.0,
-):
+def _heun_step(run: Run, j: int, x, **churn):
     """Heun's second-order method, Karras et al. 2022 Alg. 1 (Alg. 2 with s_churn > 0): an Euler step to s_{j+1},
     then the trapezoidal correction with d' at the new point; the step to s = 0 skips the correction, so
     NFE = 2N - 1. The correction sees h d(eps)/d(x/alpha) ~ 1 - 1/q at the new point of a step that shrinks sigma by
     a factor q, so Heun needs small logSNR steps: with few steps from sigma_max = 157 (linear) or 2e4 (cosine) it is
     worse than DDIM at equal NFE (measured up to NFE 40 on cosine)."""
-    return _karras(
-        "heun",
-        True,
-        diffusion,
-        model,
-        x_T,
-        timesteps,
-        model_kwargs,
-        generator,
-        callback,
-        clip_denoised,
-        progress,
-        post_step,
-        s_churn,
-        s_tmin,
-        s_tmax,
-        s_noise,
-    )
+    return _karras_step(run, j, x, heun=True, **churn)
+
+
+_CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
+euler = sampler("euler", _euler_step, numbers=tuple(_CHURN), **_CHURN)
+heun = sampler("heun", _heun_step, numbers=tuple(_CHURN), **_CHURN)
 
 
 def ancestral_step(s_from: float, s_to: float, eta: float = 1.0) -> tuple[float, float]:
@@ -617,43 +513,22 @@ def ancestral_step(s_from: float, s_to: float, eta: float = 1.0) -> tuple[float,
     return math.sqrt(s_to**2 - s_up**2), s_up
 
 
-@torch.no_grad()
-def euler_ancestral(
-    diffusion,
-    model,
-    x_T,
-    timesteps,
-    *,
-    model_kwargs=None,
-    generator=None,
-    callback=None,
-    clip_denoised=True,
-    progress=False,
-    post_step=None,
-    eta=1.0,
-    s_noise=1.0,
-):
+def _euler_ancestral_step(run: Run, j: int, x, *, eta: float, s_noise: float):
     """k-diffusion sample_euler_ancestral in the VE variables: an Euler step down to s_down, then fresh noise of
     std s_noise s_up (`ancestral_step`); eta = 0 is Euler. No noise on the step to s = 0. From pure noise (s = inf:
     flow's t = 1, zero terminal SNR) the first step is the limit x0 + s_down eps (DDIM's form, finite)."""
-    check_number("sampler.eta", eta)
-    g = _grid(diffusion, timesteps)
-    x_bar = x_T / g.alpha[0] if math.isfinite(g.s[0]) else None
-    for j in _steps(g.n, progress, "euler_ancestral"):
-        x_in = x_T if x_bar is None else g.alpha[j] * x_bar
-        x0, d = diffusion.denoise(model, x_in, g.t[j], model_kwargs, clip_denoised)
-        if j == g.n - 1:
-            x_bar = x0
-        else:
-            s_down, s_up = ancestral_step(g.s[j], g.s[j + 1], eta)
-            x_bar = x0 + s_down * d if x_bar is None else x_bar + (s_down - g.s[j]) * d
-            if s_up > 0:
-                x_bar = x_bar + (s_noise * s_up) * noise_like(x_bar, generator)
-        if post_step is not None:
-            x_bar = post_step(g.n - 1 - j, g.alpha[j + 1] * x_bar) / g.alpha[j + 1]
-        if callback is not None:
-            callback(g.n - 1 - j, g.alpha[j + 1] * x_bar, x0)
-    return x_bar
+    g = run.grid
+    x0, d = run.denoise(x, g.t[j])
+    if j == g.n - 1:
+        return x0, x0
+    s_down, s_up = ancestral_step(g.s[j], g.s[j + 1], eta)
+    x_bar = x0 + s_down * d if not math.isfinite(g.s[j]) else x / g.alpha[j] + (s_down - g.s[j]) * d
+    if s_up > 0:
+        x_bar = x_bar + (s_noise * s_up) * noise_like(x_bar, run.generator)
+    return g.alpha[j + 1] * x_bar, x0
+
+
+euler_ancestral = sampler("euler_ancestral", _euler_ancestral_step, numbers=("eta", "s_noise"), eta=1.0, s_noise=1.0)
 
 
 # --------------------------------------------------------------------------- inversion

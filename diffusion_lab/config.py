@@ -71,10 +71,10 @@ def validate_sampler(node, key: str, diffusion, conditional: bool, objective: st
         sampler = node.bind(diffusion, objective)
     except ValueError as e:
         raise ConfigError(str(e) if key == "sampler" else f"{key}: {e}") from None
-    if sampler.guidance_scale is not None and not conditional:
+    if sampler.guidance is not None and sampler.guidance.rule != "autoguidance" and not conditional:
         raise ConfigError(
-            f"{key}.guidance_scale={sampler.guidance_scale:g} needs a class-conditional net: train one with "
-            f"net.num_classes set, or drop {key}.guidance_scale"
+            f"{key}.guidance_scale={sampler.guidance_scale:g} ({sampler.guidance.rule}) needs a class-conditional net: "
+            f"train one with net.num_classes set, guide by {key}.guidance=autoguidance, or drop {key}.guidance_scale"
         )
     if sampler.schedule is not None and not sampler.schedule_transfer:
         _check_schedule_checkpoint(sampler.schedule, key, checkpoint)
@@ -218,14 +218,21 @@ def validate_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"net.num_classes={net.num_classes} but data={data._target_} has no labels")
     objective = build(cfg.objective, "objective").bind(diffusion) if cfg.get("objective") else None
     trained_by = objective.name if objective else "denoising"
-    validate_sampler(cfg.sampler, "sampler", diffusion, conditional, trained_by)
+    own = validate_sampler(cfg.sampler, "sampler", diffusion, conditional, trained_by)
+    if own.guidance is not None and own.guidance.rule == "autoguidance":
+        raise ConfigError("sampler.guidance=autoguidance: training's sample grids load no guide network; guide the "
+                          "trained checkpoint with sample.py or evaluate.py")  # fmt: skip
     if objective is not None and objective.time_inputs != net.get("time_inputs", 1):
         raise ConfigError(f"objective={objective.name} needs net.time_inputs={objective.time_inputs} (got "
                           f"{net.get('time_inputs', 1)}): set net.time_inputs={objective.time_inputs}")  # fmt: skip
     fid = (cfg.get("callbacks") or {}).get("fid")
     if fid is not None:
         for i, node in enumerate(fid.get("samplers") or []):
-            validate_sampler(node, f"callbacks.fid.samplers[{i}]", diffusion, conditional, trained_by)
+            row = validate_sampler(node, f"callbacks.fid.samplers[{i}]", diffusion, conditional, trained_by)
+            if row.guidance is not None and row.guidance.rule == "autoguidance":
+                raise ConfigError(f"callbacks.fid.samplers[{i}]: autoguidance needs a guide network, which the FID "
+                                  "callback does not load; track cfg or apg here, and score autoguidance with "
+                                  "evaluate.py")  # fmt: skip
         if fid.get("ema_sigma_rels") and not (cfg.callbacks.get("ema") or {}).get("post_hoc"):
             raise ConfigError("callbacks.fid.ema_sigma_rels needs the post-hoc snapshots: set "
                               "callbacks.ema.post_hoc=true")  # fmt: skip

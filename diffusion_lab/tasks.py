@@ -293,13 +293,17 @@ def _samplers(cfg: DictConfig, module) -> list[tuple]:
         if not any(k in get_method(m).options for m in methods):
             raise ConfigError(f"sampler.{k}={base[k]} is not an option of any grid method (grid.methods={methods}):"
                               f" drop it, or add a method that takes it")
-    if base.get("guidance_scale") is not None and not module.conditional:
+    if (base.get("guidance_scale") is not None and base.get("guidance") != "autoguidance"
+            and not module.conditional):  # fmt: skip
         raise ConfigError(f"sampler.guidance_scale={base['guidance_scale']} guides every grid row, but "
-                          f"{cfg.ckpt_path} is not class-conditional: drop sampler.guidance_scale")
+                          f"{cfg.ckpt_path} is not class-conditional: drop sampler.guidance_scale (or guide by "
+                          "sampler.guidance=autoguidance)")  # fmt: skip
+    guidances = _grid_guidance(g)
     pairs = []
     for name in methods:
         etas = g.etas if g.get("etas") and "eta" in get_method(name).options else [None]  # None: the sampler's
-        pairs += [(_grid_row(base, dict(method=name, nfe=n, eta=e)), "curve") for e in etas for n in nfes]
+        pairs += [(_grid_row(base, dict(method=name, nfe=n, eta=e), guided), "curve")
+                  for e in etas for n in nfes for guided in guidances]  # fmt: skip
     # the reference is DDPM on its own grid (sampler.spacing shapes the curves), with the sampler's guidance
     discrete = module.diffusion.discrete
     if g.get("ddpm_steps") and not discrete:
@@ -312,14 +316,100 @@ def _samplers(cfg: DictConfig, module) -> list[tuple]:
             for s, role in unique.values()]
 
 
-def _grid_row(base: dict, changes: dict):
+def _with_guides(cfg: DictConfig, module, samplers: list[tuple]) -> list[tuple]:
+    """Each autoguided sampler with its guide network (sampler.guide) loaded once, read as data like every
+    checkpoint and checked against the guided model before any sampling."""
+    guides, out = {}, []
+    for s, role in samplers:
+        if s.guidance is not None and s.guidance.rule == "autoguidance":
+            key = tuple(sorted(s.guide.items())) if s.guide else None
+            if key not in guides:
+                guides[key] = _load_guide(cfg, module, s.guide)
+            s = s.with_guide(guides[key])
+        out.append((s, role))
+    return out
+
+
+def _load_guide(cfg: DictConfig, module, guide: dict | None):
+    """The guide network: another run's checkpoint (guide.ckpt: same process, image size, channels and classes), or
+    this run's post-hoc EMA of width guide.sigma_rel at snapshot step guide.step (<run>/ema_snapshots)."""
+    import copy
+
+    if not guide:
+        raise ConfigError("sampler.guidance=autoguidance needs a guide: sampler.guide.ckpt=<a weaker run's "
+                          "checkpoint>, or sampler.guide.step=<an earlier snapshot step> and sampler.guide.sigma_rel")
+    if "ckpt" in guide:
+        other = load_module(guide["ckpt"], ema=_ema_weights(cfg) == "ema", key="sampler.guide.ckpt")
+        theirs, mine = _what_it_models(other), _what_it_models(module)
+        if theirs != mine:
+            raise ConfigError(f"sampler.guide.ckpt={guide['ckpt']} models {theirs}; {cfg.ckpt_path} models {mine}: a "
+                              "guide must share the process, image size, channels and classes")  # fmt: skip
+        net, what = other.net, guide["ckpt"]
+    else:
+        from .lit.ema import read_snapshots
+        from .phema import reconstruct
+
+        snaps = read_snapshots(Path(cfg.ckpt_path).parent.parent / "ema_snapshots")
+        try:
+            state = reconstruct(snaps, float(guide["sigma_rel"]), int(guide["step"]))
+        except ValueError as e:
+            raise ConfigError(f"sampler.guide.step={guide['step']} sigma_rel={guide['sigma_rel']}: {e}") from None
+        rebuilt = copy.deepcopy(module)
+        rebuilt.load_state_dict(state)
+        net, what = rebuilt.net, f"the post-hoc EMA sigma_rel={guide['sigma_rel']} at step {guide['step']}"
+    net = net.to(module.device).eval().requires_grad_(False)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    log.info("autoguidance: guide %s (%d parameters; the guided net %d)", what, count(net), count(module.net))
+    return net
+
+
+def _what_it_models(module) -> str:
+    net = module.net
+    return (f"{module.diffusion.network_view}, {net.in_channels}x{net.image_size}x{net.image_size}, "
+            f"classes={net.num_classes}")  # fmt: skip
+
+
+def _grid_guidance(g) -> list[dict | None]:
+    """grid.guidance: one row per entry, each a mapping of guidance keys (guidance, guidance_scale,
+    guidance_interval, apg_*, guide) that replaces the sampler's own, or "none" (unguided); crossed with
+    grid.guidance_scales for the entries that set no scale. null: [None], the sampler's own guidance."""
+    from .diffusion.sampler_spec import GUIDANCE_KEYS
+
+    entries = g.get("guidance")
+    scales = list(g.get("guidance_scales") or [])
+    if not entries:
+        if scales:
+            raise ConfigError("grid.guidance_scales needs grid.guidance (e.g. grid.guidance=[none,{guidance: cfg}])")
+        return [None]
+    out = []
+    for entry in entries:
+        entry = OmegaConf.to_container(entry, resolve=True) if OmegaConf.is_config(entry) else entry
+        if entry == "none":
+            out.append({k: None for k in GUIDANCE_KEYS})
+            continue
+        if not isinstance(entry, dict):
+            raise ConfigError(f"grid.guidance has {entry!r}: each entry is 'none' or a mapping of guidance keys, "
+                              "e.g. {guidance: apg, guidance_scale: 4}")  # fmt: skip
+        if unknown := sorted(set(entry) - set(GUIDANCE_KEYS)):
+            raise ConfigError(f"grid.guidance entry {entry}: {unknown[0]} is not a guidance key (it takes: "
+                              f"{', '.join(GUIDANCE_KEYS)})")  # fmt: skip
+        row = {k: entry.get(k) for k in GUIDANCE_KEYS}
+        if row["guidance_scale"] is None and scales:
+            out += [{**row, "guidance_scale": w} for w in scales]
+        else:
+            out.append(row)
+    return out
+
+
+def _grid_row(base: dict, changes: dict, guided: dict | None = None):
     from .diffusion import Sampler
 
     changes = {k: v for k, v in changes.items() if v is not None or k != "eta"}  # eta None: the sampler's own
     try:
-        return Sampler.from_config(base, **changes)
+        return Sampler.from_config(base, **changes, **(guided or {}))
     except ValueError as e:
-        raise ConfigError(f"grid row {changes}: {e}") from None
+        raise ConfigError(f"grid row {({**changes, **{k: v for k, v in (guided or {}).items() if v is not None}})}: "
+                          f"{e}") from None
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -333,7 +423,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     validate_eval_config(cfg)
     module, dm = _load_for_eval(cfg)
-    samplers = _samplers(cfg, module)
+    samplers = _with_guides(cfg, module, _samplers(cfg, module))
     post_hoc = _post_hoc_states(cfg)
     # the weights to score: the configured ones; with ema.sigma_rel each post-hoc EMA, the run's EMA and the raw ones
     weights = [(None, None)]
@@ -423,6 +513,7 @@ def sample(cfg: DictConfig) -> Path:
     module, dm = _load_for_eval(cfg)
     sampler = validate_sampler(cfg.sampler, "sampler", module.diffusion, module.conditional, module.objective.name,
                                cfg.ckpt_path)  # fmt: skip
+    [(sampler, _)] = _with_guides(cfg, module, [(sampler, "curve")])
     if post_hoc := _post_hoc_states(cfg):
         if len(post_hoc) > 1:
             raise ConfigError(f"ema.sigma_rel={list(post_hoc)}: sample.py draws with one (evaluate.py compares many)")

@@ -5,6 +5,7 @@ through train.py (exact resume) and refusals of bad snapshot files."""
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -191,6 +192,16 @@ def _evaluate_and_sample_take_sigma_rel(ckpt, tmp_path):
     png = sample(compose_train([*common, "num_samples=4", "ema.sigma_rel=0.06"], tmp_path / "s1", "sample"))
     own = sample(compose_train([*common, "num_samples=4"], tmp_path / "s2", "sample"))
     assert png.exists() and png.read_bytes() != own.read_bytes()
+    # autoguidance by the run's own snapshots (issue 44): a guide rebuilt as the main weights are (step 6, sigma_rel
+    # 0.06) leaves the images as they were; the EMA at an earlier snapshot guides them elsewhere
+    guided = [*common, "num_samples=4", "ema.sigma_rel=0.06", "sampler.guidance=autoguidance",
+              "sampler.guidance_scale=3", "sampler.guide.sigma_rel=0.06"]  # fmt: skip
+    same = sample(compose_train([*guided, "sampler.guide.step=6"], tmp_path / "g6", "sample"))
+    early = sample(compose_train([*guided, "sampler.guide.step=4"], tmp_path / "g4", "sample"))
+    drawn = [np.load(p.parent / "samples.npz")["images"].astype(int) for p in (png, same, early)]
+    assert np.abs(drawn[0] - drawn[1]).max() <= 1 and np.abs(drawn[0] - drawn[2]).max() > 8
+    with pytest.raises(ConfigError, match=r"sampler.guide.step=60 sigma_rel=0.06: "):
+        sample(compose_train([*guided, "sampler.guide.step=60"], tmp_path / "g60", "sample"))
 
 
 def test_fid_callback_scores_post_hoc_emas_during_training(tmp_path):

@@ -41,6 +41,8 @@ def _meanflow_step(run: Run, j: int, x, *, mid_times=None):
     x0_hat is z_t - t u(z_t, r, t) (exact when r = 0); clip_denoised clamps the final image to [-1, 1].
     `mid_times` is the registry's option that sets the times (registry._few_step_times), unused here."""
     g, diffusion = run.grid, run.process
+    if run.guided is not None:
+        raise ValueError("sampler.method=meanflow takes no guidance (its average velocity is not a denoiser)")
     if not getattr(diffusion, "averages_velocity", False):
         raise ValueError("sampler.method=meanflow needs a MeanFlow model (diffusion=flow, objective=meanflow)")
     if j == 0:  # the flow time of each visit, then 0

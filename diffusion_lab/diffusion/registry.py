@@ -62,6 +62,8 @@ class Method:
     objectives: the training objectives whose models it samples (None: any; consistency: ect, meanflow: meanflow).
     times: (diffusion, options) -> the ascending times to visit, or None for the spacing grid: an option that
         fixes the grid (the few-step samplers' mid_sigmas / mid_times), with `fixed_steps` its number of visits.
+    guided: the guidance it takes: "any" (every rule and interval, through solvers.sample's denoiser), "cfg" (CFG
+        at every step as a wrapped model: DDPM's ancestral steps use the raw network output), None (none).
     """
 
     name: str
@@ -81,6 +83,7 @@ class Method:
     objectives: tuple[str, ...] | None = None
     times: Callable[[Any, Mapping[str, Any]], list | None] = lambda diffusion, o: None
     fixed_steps: Callable[[Mapping[str, Any]], int | None] = lambda o: None
+    guided: str | None = "any"
 
     def check_process(self, diffusion, key: str = "sampler.method", objective: str | None = None) -> None:
         """ValueError naming `key` when this method needs the discrete process and `diffusion` is another, or (when
@@ -184,6 +187,7 @@ register(
         steps=None,
         stochastic=lambda o: o["temperature"] > 0,
         discrete=True,
+        guided="cfg",
     )
 )
 register(
@@ -324,6 +328,7 @@ register(
         spacing="trailing",
         steps=1,
         objectives=("meanflow",),
+        guided=None,
         times=_few_step_times("mid_times", lambda d, u: d.t_at_u(torch.tensor(u, dtype=torch.float64))),
         fixed_steps=lambda o: None if o["mid_times"] is None else 1 + len(o["mid_times"]),
     )

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..checks import check_choice, check_number
+from .guidance import Guidance
 from .registry import Method, get_method
 from .respace import AUTO_SPACING, CONTINUOUS_SPACINGS, SPACINGS, sampling_times
 from .samplers import ClassifierFreeGuidance
@@ -27,7 +28,10 @@ from .samplers import ClassifierFreeGuidance
 LEARNED = "learned"  # the spacing of a grid learned for one checkpoint (learned_grid.py, learn_schedule.py)
 ALL_SPACINGS = (*SPACINGS, *CONTINUOUS_SPACINGS, AUTO_SPACING, LEARNED)
 # the keys every method takes
-BASE_KEYS = ("method", "steps", "nfe", "spacing", "clip_denoised", "guidance_scale", "schedule", "schedule_transfer")
+GUIDANCE_KEYS = ("guidance", "guidance_scale", "guidance_interval", "apg_eta", "apg_norm_threshold", "apg_momentum",
+                 "guide")  # fmt: skip
+BASE_KEYS = ("method", "steps", "nfe", "spacing", "clip_denoised", "schedule", "schedule_transfer", *GUIDANCE_KEYS)
+GUIDE_KEYS = ("ckpt", "step", "sigma_rel")  # sampler.guide: autoguidance's guide network
 
 
 class Sampler:
@@ -37,7 +41,12 @@ class Sampler:
     nfe: a network-evaluation budget instead: the most steps whose NFE fits (Heun: 2 steps - 1). Not with steps.
     spacing: how the times are chosen (respace.sampling_times).
     clip_denoised: clamp each x0 prediction to [-1, 1] (DPM-Solver++'s thresholding, static); default true.
-    guidance_scale: classifier-free guidance scale s (None: no guidance).
+    guidance: the guidance rule, cfg | autoguidance | apg (guidance.py; None: cfg when guidance_scale is set).
+    guidance_scale: its scale w (None: no guidance). guidance_interval: [sigma_lo, sigma_hi], guided only for the
+        VE noise level sigma in (lo, hi] (None: every step). apg_eta, apg_norm_threshold, apg_momentum: APG's.
+        Guided evaluations count twice in `nfe` (sampler.nfe / steps set the steps as without guidance).
+    guide: autoguidance's guide network, {ckpt: a weaker run's checkpoint} or {step: an earlier post-hoc EMA
+        snapshot step of this run, sigma_rel: its EMA width}; loaded by the entry points (`with_guide`).
     schedule: a learned grid's file, or a list of them (one is picked by method, options and steps, so an evaluate
         grid can hold one per row): spacing=learned (learned_grid.load_schedule; learn_schedule.py writes them).
     schedule_transfer: use a schedule learned for another checkpoint (of the same run, or as the FID callback does,
@@ -55,11 +64,20 @@ class Sampler:
         guidance_scale: float | None = None,
         schedule: str | list[str] | None = None,
         schedule_transfer: bool | None = None,
+        guidance: str | None = None,
+        guidance_interval: list[float] | None = None,
+        apg_eta: float | None = None,
+        apg_norm_threshold: float | None = None,
+        apg_momentum: float | None = None,
+        guide: Mapping[str, Any] | None = None,
         **options: Any,
     ):
         self.method: Method = get_method(method)
+        guide = {k: v for k, v in dict(guide or {}).items() if v is not None} or None
         given = dict(steps=steps, nfe=nfe, spacing=spacing, clip_denoised=clip_denoised, guidance_scale=guidance_scale,
-                     schedule=schedule, schedule_transfer=schedule_transfer)  # fmt: skip
+                     schedule=schedule, schedule_transfer=schedule_transfer, guidance=guidance,
+                     guidance_interval=guidance_interval, apg_eta=apg_eta, apg_norm_threshold=apg_norm_threshold,
+                     apg_momentum=apg_momentum, guide=guide)  # fmt: skip
         self.arguments = {"method": method, **{k: v for k, v in {**given, **options}.items() if v is not None}}
         self.options = self.method.resolve({k: v for k, v in options.items() if v is not None})
         if steps is not None and nfe is not None:
@@ -88,7 +106,39 @@ class Sampler:
         if clip_denoised is not None and not isinstance(clip_denoised, bool):
             raise ValueError(f"sampler.clip_denoised={clip_denoised!r} must be true or false")
         self.clip_denoised = True if clip_denoised is None else clip_denoised
-        self.guidance_scale = None if guidance_scale is None else check_number("sampler.guidance_scale", guidance_scale)
+        self.guidance = self._guidance(guidance, guidance_scale, guidance_interval, apg_eta, apg_norm_threshold,
+                                       apg_momentum, guide)  # fmt: skip
+        self.guidance_scale = None if self.guidance is None else self.guidance.scale
+        self.guide = guide  # the guide network's spec; the network itself: with_guide
+        self._guide_net, self._nfe = None, None  # set by with_guide and (with an interval) by bind
+
+    def _guidance(self, rule, scale, interval, eta, norm_threshold, momentum, guide) -> Guidance | None:
+        """The Guidance the keys describe (None without guidance_scale), checked against the method."""
+        extra = {"guidance_interval": interval, "apg_eta": eta, "apg_norm_threshold": norm_threshold,
+                 "apg_momentum": momentum}  # fmt: skip
+        if scale is None:
+            if rule is not None:
+                raise ValueError(f"sampler.guidance={rule} needs sampler.guidance_scale (w; 1 is no guidance)")
+            if given := next((k for k, v in extra.items() if v is not None), None):
+                raise ValueError(f"sampler.{given} is set but sampler.guidance_scale is not: set both, or drop it")
+            if guide:
+                raise ValueError("sampler.guide is autoguidance's: set sampler.guidance=autoguidance and "
+                                 "sampler.guidance_scale, or drop sampler.guide")  # fmt: skip
+            return None
+        g = Guidance(rule or "cfg", scale, interval, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
+        if guide and g.rule != "autoguidance":
+            raise ValueError(f"sampler.guide is autoguidance's, not {g.rule}'s: set sampler.guidance=autoguidance, "
+                             "or drop sampler.guide")  # fmt: skip
+        if guide:
+            _check_guide(guide)
+        name = self.method.name
+        if self.method.guided is None:
+            raise ValueError(f"sampler.method={name} takes no guidance: drop sampler.guidance_scale")
+        if self.method.guided == "cfg" and (g.rule != "cfg" or g.interval is not None):
+            raise ValueError(f"sampler.method={name} guides by cfg at every step (a wrapped model); for "
+                             f"sampler.guidance={g.rule}{' on an interval' if g.interval else ''} use sampler=ddim_eta1"
+                             " or an ODE solver")  # fmt: skip
+        return g
 
     def _learned(self, schedule, spacing, steps, transfer) -> int:
         """Read the learned grid (the file among `schedule` for this method, options and steps); its steps."""
@@ -156,13 +206,48 @@ class Sampler:
                 f"sampler.method={self.method.name} with churn (sampler.s_churn > 0) raises sigma / alpha, infinite at "
                 "the first time here (pure noise: diffusion=flow's t = 1 or zero terminal SNR); set sampler.s_churn=0"
             )
-        return self if self.steps is not None else self.replace(steps=diffusion.num_timesteps)
+        bound = self if self.steps is not None else self.replace(steps=diffusion.num_timesteps)
+        if bound.guidance is not None and bound.guidance.interval is not None:
+            bound._nfe = bound._count_evaluations(diffusion)
+        return bound
+
+    def _count_evaluations(self, diffusion) -> int:
+        """The network evaluations of one sample on `diffusion`, counted on a 1-pixel run of a zero model (which of
+        them fall inside the guidance interval depends on the times each method evaluates: Heun's second, churn)."""
+        import torch
+
+        calls = []
+
+        def zero(x, t, **_):
+            calls.append(x.shape[0])
+            return torch.zeros_like(x)
+
+        x = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+        guidance = self.guidance.bind(null_label=1, guide=zero)
+        y = torch.zeros(1, dtype=torch.long)
+        self.method.fn(diffusion, zero, x, self.timesteps(diffusion), model_kwargs={"y": y}, guidance=guidance,
+                       generator=torch.Generator().manual_seed(0), clip_denoised=self.clip_denoised,
+                       **self.options)  # fmt: skip
+        return sum(calls)
+
+    def with_guide(self, net) -> Sampler:
+        """This sampler with autoguidance's guide network (what sampler.guide names, loaded by the entry point)."""
+        out = copy.copy(self)
+        out._guide_net = net
+        return out
 
     # ------------------------------------------------------------------ what tables and plots show
     @property
     def nfe(self) -> int | None:
-        """Network evaluations per sample (x2 batch size under guidance, not counted twice); None until bound."""
-        return None if self.steps is None else self.method.nfe(self.steps)
+        """Network evaluations per sample, a guided evaluation counting two (its batch is 2B, or it runs two
+        networks); None until bound (and, with a guidance interval, until bound to its process)."""
+        if self.steps is None:
+            return None
+        if self.guidance is None:
+            return self.method.nfe(self.steps)
+        if self.guidance.interval is None or self.guidance.evaluations == 1:
+            return self.method.nfe(self.steps) * self.guidance.evaluations
+        return self._nfe
 
     @property
     def deterministic(self) -> bool:
@@ -173,7 +258,11 @@ class Sampler:
         """Log name: 'ddim50_eta0', 'ddpm1000', 'heun10' (+ '_<spacing>' when not the default, '_cfg3')."""
         base = self.method.log_name("T" if self.steps is None else self.steps, self.options)
         base += f"_{self.spacing}" if self.spacing != self.method.spacing else ""
-        return base + (f"_cfg{self.guidance_scale:g}" if self.guidance_scale is not None else "")
+        if self.guidance is None:
+            return base
+        g = self.guidance
+        plain = g.rule == "cfg" and g.interval is None  # the name it always had: '_cfg3'
+        return base + (f"_cfg{g.scale:g}" if plain else f"_{g.describe()}")
 
     @property
     def label(self) -> str:
@@ -189,6 +278,8 @@ class Sampler:
             "spacing": self.spacing,
             "clip_denoised": self.clip_denoised,
             "guidance_scale": self.guidance_scale,
+            **({k: v for k, v in self.guidance.config().items() if k != "guidance_scale"} if self.guidance else {}),
+            **({"guide": dict(self.guide)} if self.guide else {}),
             **({"schedule": self.schedule["path"]} if self.schedule is not None else {}),
             **self.options,
         }
@@ -232,12 +323,22 @@ class Sampler:
     ):
         """x_0 [B, C, H, W] from x_T [B, C, H, W] (the state at the first visited time: seeding.draw scales its
         N(0, I) noise by the process's noise_std there)."""
-        if self.guidance_scale is not None:
-            if null_label is None or not model_kwargs or "y" not in model_kwargs:
-                raise ValueError(
-                    "sampler.guidance_scale needs a class-conditional model (net.num_classes) and labels y"
-                )
-            model = ClassifierFreeGuidance(model, self.guidance_scale, null_label)
+        guidance = None
+        if self.guidance is not None:
+            g = self.guidance
+            if g.rule != "autoguidance" and (null_label is None or not model_kwargs or "y" not in model_kwargs):
+                raise ValueError(f"sampler.guidance={g.rule} needs a class-conditional model (net.num_classes) and "
+                                 "labels y; an unconditional model is guided by sampler.guidance=autoguidance")
+            if self.method.guided == "cfg":
+                model = ClassifierFreeGuidance(model, g.scale, null_label)
+            else:
+                from .seeding import PaddedModel
+
+                guide = self._guide_net
+                if guide is not None and isinstance(model, PaddedModel):  # the guide's rows padded as the model's
+                    guide = PaddedModel(guide, model.rows)
+                guidance = g.bind(null_label=null_label, guide=guide)
+        extra = {"guidance": guidance} if guidance is not None else {}
         return self.method.fn(
             diffusion,
             model,
@@ -249,5 +350,27 @@ class Sampler:
             clip_denoised=self.clip_denoised,
             progress=progress,
             post_step=post_step,
+            **extra,
             **self.options,
         )
+
+
+def _check_guide(guide: Mapping[str, Any]) -> None:
+    """sampler.guide: {ckpt} or {step, sigma_rel}, values of the right kind (the files are read by the entry point)."""
+    unknown = sorted(set(guide) - set(GUIDE_KEYS))
+    if unknown:
+        raise ValueError(f"sampler.guide.{unknown[0]} is not a key of sampler.guide (it takes: "
+                         f"{', '.join(GUIDE_KEYS)})")
+    if "ckpt" in guide and ({"step", "sigma_rel"} & guide.keys()):
+        raise ValueError("sampler.guide.ckpt and sampler.guide.step / sigma_rel are both set: the guide is another "
+                         "checkpoint or this run's own snapshots, not both")  # fmt: skip
+    if "ckpt" in guide and not isinstance(guide["ckpt"], str):
+        raise ValueError(f"sampler.guide.ckpt={guide['ckpt']!r} must be a checkpoint path")
+    if "ckpt" not in guide:
+        if set(guide) != {"step", "sigma_rel"}:
+            raise ValueError("sampler.guide needs ckpt=<a weaker run's checkpoint>, or both step=<an earlier snapshot "
+                             "step of this run> and sigma_rel=<its post-hoc EMA width>")  # fmt: skip
+        step = guide["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ValueError(f"sampler.guide.step={step!r} must be a positive integer (a training step)")
+        check_number("sampler.guide.sigma_rel", guide["sigma_rel"], maximum=0.2887)

@@ -7,7 +7,7 @@ step function with one signature.
 Every public sampler has one signature, so they are interchangeable (registry.py registers them by name):
 
     fn(diffusion, model, x_T, timesteps, *, model_kwargs=None, generator=None, callback=None,
-       clip_denoised=True, progress=False, post_step=None, **options) -> x_0            # [B, C, H, W] each
+       clip_denoised=True, progress=False, post_step=None, guidance=None, **options) -> x_0   # [B, C, H, W]
 
 - `timesteps`: ascending times t_0 < .. < t_{N-1} (ints or floats in [0, T-1], e.g. respace.sampling_times).
   The model is evaluated at t_{N-1}, .., t_0 and the last step goes to the clean image (sigma = 0), whose value
@@ -16,6 +16,8 @@ Every public sampler has one signature, so they are interchangeable (registry.py
 - x_T: the VP state at t_{N-1} (N(0, I) for pure noise). callback(i, x, x0_hat) after each step with i = N-1 .. 0
   the index of the time just evaluated, x the new state and x0_hat the prediction at t_i (as samplers.sample_loop).
 - `post_step(i, x) -> x` may edit each new state (inpainting: diffusion/inpaint.py), with i as in the callback.
+- `guidance` (guidance.py: CFG, autoguidance, APG, on an interval of noise levels) replaces every denoiser call of
+  the run, so every method is guided the same way and counts its evaluations.
 - Randomness only from `generator` (a torch.Generator or per-image ImageGenerators, seeding.py). Per-step scalars
   are float64 Python numbers from the time grid (no device sync); tensors stay in x_T's dtype. The model is only
   called through `Run.denoise` (the process's `denoise`), so eps / x0 / v and learned-variance models, clipping and
@@ -103,10 +105,14 @@ class Run:
     model_kwargs: dict | None
     clip: bool
     generator: Any
+    guided: Callable | None = None  # guidance.Denoiser: (x, t) -> (x0_hat, eps_hat) under guidance
     memory: dict = field(default_factory=dict)
 
     def denoise(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0_hat, eps_hat) [B, C, H, W] each: one evaluation of the model at the VP state x and time t."""
+        """(x0_hat, eps_hat) [B, C, H, W] each: the model at the VP state x and time t (guided, when guidance is
+        given to the sampler: guidance.py)."""
+        if self.guided is not None:
+            return self.guided(x, t)
         return self.process.denoise(self.model, x, t, self.model_kwargs, self.clip)
 
 
@@ -127,12 +133,15 @@ def sample(
     clip_denoised: bool = True,
     progress: bool = False,
     post_step: Callable | None = None,
+    guidance=None,
     desc: str = "sampling",
     **options,
 ) -> torch.Tensor:
     """The one sampling loop: the grid of `timesteps`, then for j = 0..N-1 `step(run, j, x, **options)`, each new
-    state through post_step and callback (with i = N-1-j, the index of the time just evaluated). Returns x_0."""
-    run = Run(diffusion, _grid(diffusion, timesteps), model, model_kwargs, clip_denoised, generator)
+    state through post_step and callback (with i = N-1-j, the index of the time just evaluated). Returns x_0.
+    guidance: a guidance.Bound (Guidance(...).bind(...)) that every denoiser call of the run goes through."""
+    guided = None if guidance is None else guidance.denoiser(diffusion, model, model_kwargs, clip_denoised)
+    run = Run(diffusion, _grid(diffusion, timesteps), model, model_kwargs, clip_denoised, generator, guided)
     x = x_T
     for j in _steps(run.grid.n, progress, desc):
         x, x0 = step(run, j, x, **options)
@@ -170,7 +179,7 @@ def sampler(name: str, step: Step, choices: Mapping[str, tuple] | None = None, n
     return fn
 
 
-SHARED = ("model_kwargs", "generator", "callback", "clip_denoised", "progress", "post_step")
+SHARED = ("model_kwargs", "generator", "callback", "clip_denoised", "progress", "post_step", "guidance")
 
 
 def _order(j: int, g: _Grid, order: int, lower_order_final: bool | str, final_below: int | None) -> int:

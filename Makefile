@@ -85,6 +85,7 @@ bench-full: install-bench  ## every benchmark at full size (hours on 2 cores; ea
 	$(PY) bench/stream.py
 	$(PY) bench/few_step.py
 	$(PY) bench/schedules.py
+	$(PY) bench/guidance.py
 	$(PY) bench/report.py
 
 clean:  ## remove run outputs and caches (keeps .venv)

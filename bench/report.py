@@ -34,6 +34,7 @@ ORDER = [
     ("stream", "python bench/stream.py"),
     ("few_step", "python bench/few_step.py"),
     ("schedules", "python bench/schedules.py"),
+    ("guidance", "python bench/guidance.py"),
 ]
 QUICK = {"train_throughput", "sampling", "fid", "loss_aware", "solvers_digits"}  # what `make bench` runs
 

@@ -43,7 +43,7 @@ from .lit.checkpointing import AlignLoggingStep, ApplyChangedHyperparameters, At
 from .loggers import build_loggers, finish_loggers
 
 log = logging.getLogger(__name__)
-__all__ = ["train", "evaluate", "sample", "build_module", "load_module"]  # the last two: compat
+__all__ = ["train", "evaluate", "sample", "load_guide", "build_module", "load_module"]  # the last two: compat
 
 
 def _callbacks(cfg: DictConfig, has_logger: bool) -> list[L.Callback]:
@@ -324,32 +324,34 @@ def _with_guides(cfg: DictConfig, module, samplers: list[tuple]) -> list[tuple]:
         if s.guidance is not None and s.guidance.rule == "autoguidance":
             key = tuple(sorted(s.guide.items())) if s.guide else None
             if key not in guides:
-                guides[key] = _load_guide(cfg, module, s.guide)
+                guides[key] = load_guide(module, s.guide, cfg.ckpt_path, ema=_ema_weights(cfg) == "ema")
             s = s.with_guide(guides[key])
         out.append((s, role))
     return out
 
 
-def _load_guide(cfg: DictConfig, module, guide: dict | None):
-    """The guide network: another run's checkpoint (guide.ckpt: same process, image size, channels and classes), or
-    this run's post-hoc EMA of width guide.sigma_rel at snapshot step guide.step (<run>/ema_snapshots)."""
+def load_guide(module, guide: dict | None, ckpt_path, ema: bool = True):
+    """Autoguidance's guide network for `module` (read from `ckpt_path`), in eval mode on its device: another run's
+    checkpoint (guide.ckpt: the same process, image size, channels and classes, else ConfigError naming both; its
+    EMA weights unless ema=False), or this run's post-hoc EMA of width guide.sigma_rel at snapshot step guide.step
+    (<run>/ema_snapshots)."""
     import copy
 
     if not guide:
         raise ConfigError("sampler.guidance=autoguidance needs a guide: sampler.guide.ckpt=<a weaker run's "
                           "checkpoint>, or sampler.guide.step=<an earlier snapshot step> and sampler.guide.sigma_rel")
     if "ckpt" in guide:
-        other = load_module(guide["ckpt"], ema=_ema_weights(cfg) == "ema", key="sampler.guide.ckpt")
+        other = load_module(guide["ckpt"], ema=ema, key="sampler.guide.ckpt")
         theirs, mine = _what_it_models(other), _what_it_models(module)
         if theirs != mine:
-            raise ConfigError(f"sampler.guide.ckpt={guide['ckpt']} models {theirs}; {cfg.ckpt_path} models {mine}: a "
+            raise ConfigError(f"sampler.guide.ckpt={guide['ckpt']} models {theirs}; {ckpt_path} models {mine}: a "
                               "guide must share the process, image size, channels and classes")  # fmt: skip
         net, what = other.net, guide["ckpt"]
     else:
         from .lit.ema import read_snapshots
         from .phema import reconstruct
 
-        snaps = read_snapshots(Path(cfg.ckpt_path).parent.parent / "ema_snapshots")
+        snaps = read_snapshots(Path(ckpt_path).parent.parent / "ema_snapshots")
         try:
             state = reconstruct(snaps, float(guide["sigma_rel"]), int(guide["step"]))
         except ValueError as e:

@@ -272,3 +272,18 @@ def test_sample_py_autoguidance_by_a_checkpoint(tiny_ckpt, tmp_path):
         sample(compose_train([*common, "sampler.guidance=autoguidance", "sampler.guidance_scale=3",
                               f"sampler.guide.ckpt={other / 'checkpoints' / 'last.ckpt'}"], tmp_path / "bad", "sample"))
     assert not (tmp_path / "bad" / "grid.png").exists()
+
+
+@pytest.mark.parametrize("preset", ["cfg", "cfg_interval", "apg", "autoguidance"])
+def test_each_guidance_preset_composes_into_a_sampler(preset, tmp_path):
+    """conf/guidance/<preset>.yaml (guidance=<preset> on sample.py / evaluate.py) sets the sampler's guidance keys;
+    a Sampler builds from them (autoguidance with its guide named on the command line)."""
+    from conftest import compose_train
+    from omegaconf import OmegaConf
+
+    extra = ["sampler.guide.step=800", "sampler.guide.sigma_rel=0.05"] if preset == "autoguidance" else []
+    for config in ("sample", "evaluate"):
+        cfg = compose_train(["ckpt_path=x.ckpt", "sampler=unipc", f"guidance={preset}", *extra], tmp_path, config)
+        s = Sampler.from_config(OmegaConf.to_container(cfg.sampler, resolve=True))
+        assert s.guidance.rule == ("cfg" if preset.startswith("cfg") else preset)
+        assert (s.guidance.interval is not None) == (preset == "cfg_interval")

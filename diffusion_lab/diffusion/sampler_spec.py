@@ -262,7 +262,17 @@ class Sampler:
             return base
         g = self.guidance
         plain = g.rule == "cfg" and g.interval is None  # the name it always had: '_cfg3'
-        return base + (f"_cfg{g.scale:g}" if plain else f"_{g.describe()}")
+        return base + (f"_cfg{g.scale:g}" if plain else f"_{g.describe()}") + self._guide_name()
+
+    def _guide_name(self) -> str:
+        """'_by-step800-0.05' (this run's snapshots) or '_by-<run dir>-<file stem>' (another checkpoint)."""
+        if not self.guide:
+            return ""
+        if "ckpt" not in self.guide:
+            return f"_by-step{self.guide['step']}-{self.guide['sigma_rel']:g}"
+        path = str(self.guide["ckpt"]).replace("\\", "/").split("/")
+        run = path[-3] if len(path) >= 3 and path[-2] == "checkpoints" else path[-2] if len(path) >= 2 else ""
+        return f"_by-{run}-{path[-1].rsplit('.', 1)[0]}".replace("_by--", "_by-")
 
     @property
     def label(self) -> str:

@@ -51,9 +51,13 @@ def grid(module, sampler: Sampler, n: int, seed: int, class_label=None):
 def inpaint(module, sampler: Sampler, originals: torch.Tensor, mask_kind: str, seed: int):
     """Rows: original | masked (unknown region grey) | result, one column per image. Any sampler (inpaint.paint
     replaces the known region after every step of every method); its grid, options and clipping apply, and image
-    i's noise comes from its own generator (seed, i). Guidance needs labels, which this mode does not take."""
-    if sampler.guidance_scale is not None:
-        raise ValueError("mode=inpaint does not take sampler.guidance_scale (it inpaints without class labels)")
+    i's noise comes from its own generator (seed, i). Of the guidance rules it takes autoguidance (cfg and apg
+    need class labels, which this mode does not take)."""
+    g = sampler.guidance
+    if g is not None and g.rule != "autoguidance":
+        raise ValueError(f"mode=inpaint does not take sampler.guidance={g.rule} (it inpaints without class labels); "
+                         "sampler.guidance=autoguidance needs none")  # fmt: skip
+    guided = {"guidance": sampler.bound_guidance()} if g is not None else {}
     mask = make_mask(mask_kind, originals.shape[-1]).to(module.device)
     x0 = originals.to(module.device)
     out = paint(
@@ -66,6 +70,7 @@ def inpaint(module, sampler: Sampler, originals: torch.Tensor, mask_kind: str, s
         clip_denoised=sampler.clip_denoised,
         generator=ImageGenerators.for_images(seed, range(x0.shape[0])),
         **sampler.options,
+        **guided,
         progress=True,
     )
     masked = x0 * mask + (1 - mask) * 0.0

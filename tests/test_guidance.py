@@ -266,6 +266,18 @@ def test_sample_py_autoguidance_by_a_checkpoint(tiny_ckpt, tmp_path):
                                    f"sampler.guide.ckpt={tiny_ckpt}"], tmp_path / "self", "sample"))  # fmt: skip
     images = [np.load(p.parent / "samples.npz")["images"].astype(int) for p in (plain, guided)]
     assert np.abs(images[0] - images[1]).max() <= 1  # the same images (eps re-derived after clipping: 1 ulp)
+    # inpainting takes autoguidance (no labels needed): by the checkpoint itself, the unguided result; by a weaker
+    # run (3 steps), other images
+    weak = tmp_path / "weak"
+    train(compose_train([*FAST, "logger=none", "diffusion.steps=100"], weak))
+    paint = [*common, "mode=inpaint", "num_images=3", "sampler.guidance=autoguidance", "sampler.guidance_scale=3"]
+    pngs = [sample(compose_train(args, tmp_path / name, "sample")) for name, args in (
+        ("p0", [*common, "mode=inpaint", "num_images=3"]), ("p1", [*paint, f"sampler.guide.ckpt={tiny_ckpt}"]),
+        ("p2", [*paint, f"sampler.guide.ckpt={weak / 'checkpoints' / 'last.ckpt'}"]))]  # fmt: skip
+    from PIL import Image
+
+    a, b, c = (np.asarray(Image.open(p)).astype(int) for p in pngs)
+    assert a.shape == b.shape == c.shape and np.abs(a - b).max() <= 1 and np.abs(a - c).max() > 8
     other = tmp_path / "other"
     train(compose_train([*FAST, "logger=none", "data.image_size=16", "diffusion.steps=100"], other))
     with pytest.raises(ConfigError, match=r"sampler.guide.ckpt=.*models .*1x16x16.*models .*1x8x8.* a guide must"):

@@ -230,6 +230,18 @@ class Sampler:
                        **self.options)  # fmt: skip
         return sum(calls)
 
+    def bound_guidance(self, model=None, null_label: int | None = None):
+        """The guidance.Bound a solver takes (`guidance=`), or None without guidance; autoguidance's guide has its
+        rows padded as `model`'s are (seeding.PaddedModel), so the images do not depend on the batch size."""
+        if self.guidance is None:
+            return None
+        from .seeding import PaddedModel
+
+        guide = self._guide_net
+        if guide is not None and isinstance(model, PaddedModel):
+            guide = PaddedModel(guide, model.rows)
+        return self.guidance.bind(null_label=null_label, guide=guide)
+
     def with_guide(self, net) -> Sampler:
         """This sampler with autoguidance's guide network (what sampler.guide names, loaded by the entry point)."""
         out = copy.copy(self)
@@ -342,12 +354,7 @@ class Sampler:
             if self.method.guided == "cfg":
                 model = ClassifierFreeGuidance(model, g.scale, null_label)
             else:
-                from .seeding import PaddedModel
-
-                guide = self._guide_net
-                if guide is not None and isinstance(model, PaddedModel):  # the guide's rows padded as the model's
-                    guide = PaddedModel(guide, model.rows)
-                guidance = g.bind(null_label=null_label, guide=guide)
+                guidance = self.bound_guidance(model, null_label)
         extra = {"guidance": guidance} if guidance is not None else {}
         return self.method.fn(
             diffusion,

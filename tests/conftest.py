@@ -74,3 +74,14 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_run")
     train(compose_train([*FAST, "trainer.max_steps=30", "diffusion.steps=100", "logger=none"], out))
     return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def inception_path() -> str:
+    """The FID Inception weights, resolved once per session into the repository's .cache (converted from the
+    offline TorchScript the first time, with its feature check): the runs that keep their own paths.cache_dir pass
+    them as callbacks.fid.inception_weights / fid.inception_weights instead of converting them again each."""
+    from diffusion_lab.eval.inception import resolve_inception_weights
+
+    path, _ = resolve_inception_weights(None, ROOT / ".cache")
+    return "null" if path is None else path

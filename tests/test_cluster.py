@@ -182,7 +182,7 @@ def _torchrun_two_nodes(args: list[str], run_dir) -> None:
     assert r.returncode == 0 and other.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:] + out1[-2000:]
 
 
-def test_two_torchrun_nodes_train_resume_exactly_and_score_as_one_process(tmp_path):
+def test_two_torchrun_nodes_train_resume_exactly_and_score_as_one_process(tmp_path, inception_path):
     """Two nodes (torchrun, gloo): one set of checkpoints (rank 0's); stopped at step 3 and resumed, the run ends
     bit for bit where the uninterrupted 6-step run does; the FID callback's score at the end (each node samples
     half the images) equals evaluate.py's in one process on the same checkpoint and images."""
@@ -191,7 +191,8 @@ def test_two_torchrun_nodes_train_resume_exactly_and_score_as_one_process(tmp_pa
               "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
               "callbacks.sample_grid.every_n_epochs=100", "sampler.steps=5", "logger=csv"]  # fmt: skip
     fid = ["callbacks=with_fid", "callbacks.fid.num_samples=12", "callbacks.fid.reference_split=val",
-           "callbacks.fid.samplers=[{method: ddim, steps: 5, eta: 1.0}]", f"paths.cache_dir={tmp_path / 'cache'}"]
+           "callbacks.fid.samplers=[{method: ddim, steps: 5, eta: 1.0}]", f"paths.cache_dir={tmp_path / 'cache'}",
+           f"callbacks.fid.inception_weights={inception_path}"]
     _torchrun_two_nodes([*common, "trainer.max_steps=6"], tmp_path / "full")
     _torchrun_two_nodes([*common, "trainer.max_steps=3"], tmp_path / "part")
     _torchrun_two_nodes([*common, *fid, "trainer.max_steps=6", "ckpt_path=last"], tmp_path / "part")
@@ -218,7 +219,7 @@ def test_two_torchrun_nodes_train_resume_exactly_and_score_as_one_process(tmp_pa
         [sys.executable, "evaluate.py", f"ckpt_path={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}", "grid=null",
          "sampler=ddim", "sampler.steps=5", "+sampler.eta=1.0", "num_samples=12", "fid.reference_split=val",
          "classifier_score=false", "bpd_num_images=0", f"paths.cache_dir={tmp_path / 'cache'}",
-         f"hydra.run.dir={tmp_path / 'eval'}"],
+         f"fid.inception_weights={inception_path}", f"hydra.run.dir={tmp_path / 'eval'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]

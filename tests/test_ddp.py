@@ -65,7 +65,7 @@ def _fid_metrics(run_dir):
     return {k: float(v) for r in rows for k, v in r.items() if k.startswith("val/fid/") and v}
 
 
-def test_fid_callback_same_on_two_processes_as_on_one(tmp_path):
+def test_fid_callback_same_on_two_processes_as_on_one(tmp_path, inception_path):
     """lr=0 keeps the weights equal in both runs; image i depends only on (seed, i) -- its label, x_T and every
     step's noise -- so the 2-rank scores (each rank half the samples and half the reference, FID states reduced by
     torchmetrics, features and classifier inputs gathered) equal the 1-process ones, for a class-conditional net with
@@ -84,6 +84,7 @@ def test_fid_callback_same_on_two_processes_as_on_one(tmp_path):
         "callbacks.fid.reference_split=val",
         f"callbacks.fid.samplers={samplers}",
         f"paths.cache_dir={tmp_path / 'cache'}",
+        f"callbacks.fid.inception_weights={inception_path}",
     ]
     run_train([*common, *DDP, "callbacks.fid.batch_size=4"], tmp_path / "ddp")
     run_train([*common, "callbacks.fid.batch_size=12"], tmp_path / "single")
@@ -101,11 +102,12 @@ def test_fid_callback_same_on_two_processes_as_on_one(tmp_path):
          ["heun4_s_churn1", "ddim5_eta1", "euler10"]),
     ],  # one continuous process keeps the suite short; flow's own path runs in test_processes.py
 )
-def test_fid_callback_on_a_continuous_process_same_on_two_ranks_as_on_one(tmp_path, process, samplers, names):
+def test_fid_callback_on_a_continuous_process_same_on_two_ranks_as_on_one(tmp_path, process, samplers, names,
+                                                                         inception_path):  # fmt: skip
     """The same on EDM: Heun with churn (Alg. 2's noise drawn per image), DDIM eta 1 and Euler."""
     common = [*FAST, "callbacks=with_fid", f"diffusion={process}", "optim.lr=0", "trainer.max_steps=2",
               "callbacks.fid.num_samples=12", "callbacks.fid.reference_split=val", f"callbacks.fid.samplers={samplers}",
-              f"paths.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+              f"paths.cache_dir={tmp_path / 'cache'}", f"callbacks.fid.inception_weights={inception_path}"]  # fmt: skip
     run_train([*common, *DDP, "callbacks.fid.batch_size=4"], tmp_path / "ddp")
     run_train([*common, "callbacks.fid.batch_size=12"], tmp_path / "single")
     ddp, single = _fid_metrics(tmp_path / "ddp"), _fid_metrics(tmp_path / "single")

@@ -204,7 +204,7 @@ def _evaluate_and_sample_take_sigma_rel(ckpt, tmp_path):
         sample(compose_train([*guided, "sampler.guide.step=60"], tmp_path / "g60", "sample"))
 
 
-def test_fid_callback_scores_post_hoc_emas_during_training(tmp_path):
+def test_fid_callback_scores_post_hoc_emas_during_training(tmp_path, inception_path):
     """callbacks.fid.ema_sigma_rels: the FID callback also scores the post-hoc EMAs rebuilt from the snapshots so
     far (one the snapshots cannot represent yet is skipped, not an error); without post_hoc it is refused in one
     line before training."""
@@ -217,7 +217,8 @@ def test_fid_callback_scores_post_hoc_emas_during_training(tmp_path):
 
     run = [*FAST, "callbacks=with_fid", "trainer.max_steps=6", "callbacks.fid.num_samples=8",
            "callbacks.fid.reference_split=val", "callbacks.fid.samplers=[{method: ddim, steps: 3}]",
-           "callbacks.fid.ema_sigma_rels=[0.07,0.2]", f"paths.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+           "callbacks.fid.ema_sigma_rels=[0.07,0.2]", f"paths.cache_dir={tmp_path / 'cache'}",
+           f"callbacks.fid.inception_weights={inception_path}"]  # fmt: skip
     with pytest.raises(ConfigError, match="callbacks.fid.ema_sigma_rels needs the post-hoc snapshots"):
         train(compose_train(run, tmp_path / "refused"))
     train(compose_train([*run, "callbacks.ema.post_hoc=true", "callbacks.ema.snapshot_every=2", "logger=csv"],

@@ -191,6 +191,7 @@ def test_two_torchrun_nodes_train_resume_exactly_and_score_as_one_process(tmp_pa
               "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
               "callbacks.sample_grid.every_n_epochs=100", "sampler.steps=5", "logger=csv"]  # fmt: skip
     fid = ["callbacks=with_fid", "callbacks.fid.num_samples=12", "callbacks.fid.reference_split=val",
+           "callbacks.fid.num_reference=32",
            "callbacks.fid.samplers=[{method: ddim, steps: 5, eta: 1.0}]", f"paths.cache_dir={tmp_path / 'cache'}",
            f"callbacks.fid.inception_weights={inception_path}"]
     _torchrun_two_nodes([*common, "trainer.max_steps=6"], tmp_path / "full")
@@ -218,6 +219,7 @@ def test_two_torchrun_nodes_train_resume_exactly_and_score_as_one_process(tmp_pa
     r = subprocess.run(
         [sys.executable, "evaluate.py", f"ckpt_path={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}", "grid=null",
          "sampler=ddim", "sampler.steps=5", "+sampler.eta=1.0", "num_samples=12", "fid.reference_split=val",
+         "fid.num_reference=32",
          "classifier_score=false", "bpd_num_images=0", f"paths.cache_dir={tmp_path / 'cache'}",
          f"fid.inception_weights={inception_path}", f"hydra.run.dir={tmp_path / 'eval'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"},

@@ -82,6 +82,7 @@ def test_fid_callback_same_on_two_processes_as_on_one(tmp_path, inception_path):
         "diffusion.steps=50",
         "callbacks.fid.num_samples=12",
         "callbacks.fid.reference_split=val",
+        "callbacks.fid.num_reference=32",
         f"callbacks.fid.samplers={samplers}",
         f"paths.cache_dir={tmp_path / 'cache'}",
         f"callbacks.fid.inception_weights={inception_path}",
@@ -106,7 +107,8 @@ def test_fid_callback_on_a_continuous_process_same_on_two_ranks_as_on_one(tmp_pa
                                                                          inception_path):  # fmt: skip
     """The same on EDM: Heun with churn (Alg. 2's noise drawn per image), DDIM eta 1 and Euler."""
     common = [*FAST, "callbacks=with_fid", f"diffusion={process}", "optim.lr=0", "trainer.max_steps=2",
-              "callbacks.fid.num_samples=12", "callbacks.fid.reference_split=val", f"callbacks.fid.samplers={samplers}",
+              "callbacks.fid.num_samples=12", "callbacks.fid.reference_split=val", "callbacks.fid.num_reference=32",
+              f"callbacks.fid.samplers={samplers}",
               f"paths.cache_dir={tmp_path / 'cache'}", f"callbacks.fid.inception_weights={inception_path}"]  # fmt: skip
     run_train([*common, *DDP, "callbacks.fid.batch_size=4"], tmp_path / "ddp")
     run_train([*common, "callbacks.fid.batch_size=12"], tmp_path / "single")

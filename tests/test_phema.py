@@ -217,6 +217,7 @@ def test_fid_callback_scores_post_hoc_emas_during_training(tmp_path, inception_p
 
     run = [*FAST, "callbacks=with_fid", "trainer.max_steps=6", "callbacks.fid.num_samples=8",
            "callbacks.fid.reference_split=val", "callbacks.fid.samplers=[{method: ddim, steps: 3}]",
+           "callbacks.fid.num_reference=32",
            "callbacks.fid.ema_sigma_rels=[0.07,0.2]", f"paths.cache_dir={tmp_path / 'cache'}",
            f"callbacks.fid.inception_weights={inception_path}"]  # fmt: skip
     with pytest.raises(ConfigError, match="callbacks.fid.ema_sigma_rels needs the post-hoc snapshots"):

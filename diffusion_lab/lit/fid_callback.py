@@ -61,6 +61,7 @@ class FIDCallback(L.Callback):
     every_n_epochs: 0 = only at fit end.
     inception_weights: explicit weights path (else resolved offline; see inception.py).
     reference_split: which split of the DataModule is the reference set ("train", "val" or "test").
+    num_reference: only the first N images of that split (None: all), as evaluate.py's fid.num_reference.
     ema_sigma_rels: post-hoc EMA lengths to score as well, from the EMA callback's snapshots (post_hoc=true).
     """
 
@@ -77,8 +78,13 @@ class FIDCallback(L.Callback):
         seed: int = 1234,
         allow_download: bool = True,
         ema_sigma_rels: list[float] | None = None,
+        num_reference: int | None = None,
     ):
         check_choice("callbacks.fid.reference_split", reference_split, SPLITS)
+        if num_reference is not None and (isinstance(num_reference, bool) or not isinstance(num_reference, int)
+                                          or num_reference < 2):  # fmt: skip
+            raise ValueError(f"callbacks.fid.num_reference={num_reference!r} must be an integer >= 2 (or null: all)")
+        self.num_reference = num_reference
         for r in ema_sigma_rels or []:
             try:
                 sigma_rel_to_gamma(r)
@@ -120,7 +126,7 @@ class FIDCallback(L.Callback):
         ev.inception.to(module.device)
         ev.device = module.device
         dm = trainer.datamodule
-        real = dm.real_images(self.reference_split)
+        real = dm.real_images(self.reference_split)[: self.num_reference]
         key = f"{type(dm).__name__}-{self.reference_split}"
         ref = ev.reference_features(key, real) if trainer.is_global_zero or trainer.world_size == 1 else None
         if trainer.world_size > 1:  # every rank reads the cache rank 0 just wrote

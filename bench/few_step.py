@@ -36,13 +36,11 @@ from harness.common import (  # noqa: E402
     summary,
     write_result,
 )
-from harness.mnist import DATASETS, mnist_setup, train_run  # noqa: E402
+from harness.mnist import DATASETS, TEST_SET, mnist_setup, train_run  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from diffusion_lab.checkpoint import load_module  # noqa: E402
 from diffusion_lab.diffusion import Sampler  # noqa: E402
-
-TEST_SET = "the 10,000 MNIST test images"
 
 
 @dataclass(frozen=True)

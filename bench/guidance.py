@@ -37,13 +37,12 @@ from harness.common import (  # noqa: E402
     summary,
     write_result,
 )
-from harness.mnist import DATASETS, mnist_setup, train_run  # noqa: E402
+from harness.mnist import DATASETS, TEST_SET, mnist_setup, train_run  # noqa: E402
 
 from diffusion_lab.checkpoint import load_module  # noqa: E402
 from diffusion_lab.diffusion import Sampler  # noqa: E402
 from diffusion_lab.tasks import load_guide  # noqa: E402
 
-TEST_SET = "the 10,000 MNIST test images"
 INTERVAL = [0.3, 5.0]  # sigma / alpha; Kynkaanniemi et al.'s EDM2 interval is (0.28, 5.42] at data std 0.5
 SNAPSHOT_GUIDE = {"step": 800, "sigma_rel": 0.05}  # a quarter of mnist_cpu_cfg's 3,200 steps, its shorter profile
 # rule -> (guidance keys, scales); "none" is one row

@@ -70,6 +70,8 @@ DATASETS = {
 }
 
 
+TEST_SET = "the 10,000 MNIST test images"  # the reference the MNIST benchmarks score against
+
 def load_stages() -> dict:
     return json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
 

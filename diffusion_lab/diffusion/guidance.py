@@ -103,6 +103,14 @@ class Guidance:
                 **({f"apg_{k}": getattr(self, k) for k in APG_DEFAULTS} if self.rule == "apg" else {})}  # fmt: skip
 
 
+def with_null_half(kwargs: dict, batch: int, null_label: int) -> dict:
+    """model_kwargs for one batch of 2B, the conditional half first: y [B] -> [y, the null label], every other
+    per-example input [B, ...] repeated (MeanFlow's second time h), the rest as it is."""
+    both = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == (batch,) else v for k, v in kwargs.items()}
+    both["y"] = torch.cat([kwargs["y"], torch.full_like(kwargs["y"], null_label)])
+    return both
+
+
 def apg_update(diff: torch.Tensor, cond: torch.Tensor, state: dict, eta: float, norm_threshold: float,
                momentum: float) -> torch.Tensor:  # fmt: skip
     """APG's update from d = D_c - D_u [B, ...] and D_c [B, ...] (Sadat et al. 2025, Alg. 1): momentum (the running
@@ -147,7 +155,7 @@ class Denoiser:
 
     def __call__(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
         g, p = self.bound.rule, self.process
-        on = g.active(float(p.sigma_at(t)))
+        on = g.interval is None or g.active(float(p.sigma_at(t)))  # sigma only when an interval asks
         if g.evaluations == 1 or not on:
             kwargs = self.model_kwargs
             if on and g.scale == 0.0 and g.rule != "autoguidance":  # w = 0: the unconditional model alone
@@ -159,10 +167,7 @@ class Denoiser:
             x0_c, eps_c = p.denoise(self.model, x, t, self.model_kwargs, False)
             x0_u, eps_u = p.denoise(self.bound.guide, x, t, self.model_kwargs, False)
         else:  # the conditional and the null-label halves in one batch
-            both = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == x.shape[:1] else v
-                    for k, v in self.model_kwargs.items()}  # per-example inputs for both halves  # fmt: skip
-            both["y"] = torch.cat([self.model_kwargs["y"], torch.full_like(self.model_kwargs["y"],
-                                                                           self.bound.null_label)])
+            both = with_null_half(self.model_kwargs, x.shape[0], self.bound.null_label)
             x0, eps = p.denoise(self.model, torch.cat([x, x]), t, both, False)
             (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
         alpha, sigma = (float(v) for v in p.alpha_sigma_at(t))

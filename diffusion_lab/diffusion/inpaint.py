@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .registry import get_method
-from .respace import space_timesteps
+from .respace import visited_times
 from .seeding import noise_like
 
 
@@ -38,15 +38,7 @@ def paint(
     the method visits (respace.sampling_times), a spacing spec ("ddim20") or None (all T); start_index k starts at
     timesteps[k] instead of the last one (a partial run). method: any registered name, with its **options.
     Starts from x0 noised to the first visited time. Returns x_0 [B, C, H, W]."""
-    if timesteps is None:
-        timesteps = list(range(diffusion.num_timesteps))
-    elif isinstance(timesteps, (str, int)):
-        timesteps = space_timesteps(diffusion.num_timesteps, timesteps)
-    ts = list(timesteps)
-    if start_index is not None:
-        if not 0 <= int(start_index) < len(ts):
-            raise ValueError(f"start_index={start_index} must be in [0, {len(ts)})")
-        ts = ts[: int(start_index) + 1]
+    ts = visited_times(diffusion.num_timesteps, timesteps, start_index)
     spec = get_method(method)
     spec.check_process(diffusion, "paint method")
     fn = spec.fn

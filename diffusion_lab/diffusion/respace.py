@@ -90,6 +90,22 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
     return steps
 
 
+def visited_times(num_timesteps: int, timesteps=None, start_index: int | None = None) -> list:
+    """The ascending times a sampler visits: `timesteps` as given (a list), a spacing spec through space_timesteps
+    ("ddim50"), or None for all T; with start_index k only the first k + 1 (a run started at timesteps[k])."""
+    if timesteps is None:
+        ts = list(range(int(num_timesteps)))
+    elif isinstance(timesteps, (str, int)):
+        ts = space_timesteps(num_timesteps, timesteps)
+    else:
+        ts = list(timesteps)
+    if start_index is not None:
+        if not 0 <= int(start_index) < len(ts):
+            raise ValueError(f"start_index={start_index} must be in [0, {len(ts)})")
+        ts = ts[: int(start_index) + 1]
+    return ts
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. 2022 eq. 5, descending float64 [n]:
     sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, i = 0..n-1."""

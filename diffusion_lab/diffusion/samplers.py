@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from . import solvers
 from .gaussian import GaussianDiffusion, extract
-from .respace import space_timesteps
+from .guidance import with_null_half
+from .respace import space_timesteps, visited_times
 from .seeding import noise_like
 
 StepFn = Callable[..., torch.Tensor]
@@ -128,21 +129,8 @@ def ddim_sample(
     """DDIM sampling (Song et al. 2021, eq. 12): `solvers.ddim` (the one DDIM) on the times `timesteps` names (a
     list, a spacing spec such as "ddim50", or None for all T), started at timesteps[start_index] (default: the last);
     eta=0 is deterministic, eta=1 on all T steps is DDPM with beta-tilde. Takes solvers.ddim's keywords."""
-    ts = _times(diffusion, timesteps)
-    if start_index is not None:
-        if not 0 <= int(start_index) < len(ts):
-            raise ValueError(f"start_index={start_index} must be in [0, {len(ts)})")
-        ts = ts[: int(start_index) + 1]
+    ts = visited_times(diffusion.num_timesteps, timesteps, start_index)
     return solvers.ddim(diffusion, model, x_T, ts, eta=eta, **kwargs)
-
-
-def _times(diffusion, timesteps) -> list:
-    """The ascending kept steps: a list as given, a spec through space_timesteps, None for all T."""
-    if timesteps is None:
-        return list(range(diffusion.num_timesteps))
-    if isinstance(timesteps, (str, int)):
-        return sorted(space_timesteps(diffusion.num_timesteps, timesteps))
-    return list(timesteps)
 
 
 @torch.no_grad()
@@ -203,14 +191,12 @@ class ClassifierFreeGuidance:
         self.model, self.scale, self.null_label = model, float(scale), int(null_label)
 
     def __call__(self, x, t, y, **kwargs):
-        null = torch.full_like(y, self.null_label)
         if self.scale == 1.0:
             return self.model(x, t, y=y, **kwargs)
         if self.scale == 0.0:
-            return self.model(x, t, y=null, **kwargs)
-        kwargs = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == x.shape[:1] else v
-                  for k, v in kwargs.items()}  # per-example inputs (MeanFlow's second time h) for both halves
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]), **kwargs)
+            return self.model(x, t, y=torch.full_like(y, self.null_label), **kwargs)
+        both = with_null_half({**kwargs, "y": y}, x.shape[0], self.null_label)
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), **both)
         cond, uncond = out.chunk(2)
         C = x.shape[1]
         # torch.lerp(u, c, s) = u + s (c - u), exact at s = 0 and s = 1.

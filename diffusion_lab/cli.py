@@ -36,7 +36,11 @@ def root_cause(e: BaseException) -> BaseException:
 
 
 def one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
+    text = str(e)
+    own = f"\n{type(e).__name__}: "
+    if "\nOriginal Traceback" in text and own in text:  # torch's re-raise of a DataLoader worker's error: its own
+        text = text[text.rfind(own) + len(own) :]
+    text = " ".join(text.split()) or type(e).__name__
     return text if isinstance(e, ValueError | OSError | RuntimeError) else f"{type(e).__name__}: {text}"
 
 

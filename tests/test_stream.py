@@ -38,7 +38,7 @@ def digits_stream(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_stream(tmp_path_factory):
-    """180 training digits in 3 chunks: 11 batches of 16 per epoch, so a short run crosses epochs."""
+    """201 training digits in 3 chunks: 12 batches of 16 per epoch, so a short run crosses epochs."""
     out = tmp_path_factory.mktemp("stream") / "small"
     prepare(DigitsDataModule(val_fraction=0.888), out, chunk_bytes="8KB")
     return out
@@ -117,7 +117,7 @@ STREAM = ["net=unet_digits", "data.batch_size=16", "trainer.max_epochs=100", "lo
 
 
 def test_a_stop_mid_epoch_resumes_exactly(small_stream, tmp_path):
-    """11 batches per epoch: stopped at step 4, resumed to 15 (into the next epoch), the weights, EMA and optimizer
+    """12 batches per epoch: stopped at step 4, resumed to 15 (into the next epoch), the weights, EMA and optimizer
     moments equal the uninterrupted run's bit for bit; the loader's position came back from the checkpoint."""
     fast = [o for o in FAST if not o.startswith(("trainer.max_steps", "trainer.max_epochs", "trainer.check_val"))]
     common = [*fast, "data=stream", f"data.path={small_stream}", *STREAM]
@@ -296,6 +296,39 @@ def test_a_chunk_with_one_changed_byte_is_refused_by_name(small_stream, tmp_path
     chunk.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=rf"chunk {re.escape(str(chunk))} does not match the sha256"):
         StreamDataModule(str(damaged))
+
+
+@pytest.mark.parametrize("where,workers", [("header", 0), ("pixels", 1)])
+def test_a_remote_chunk_is_checked_after_its_download(small_stream, tmp_path, where, workers):
+    """Issue 45: a remote set's chunks (here litdata's `local:` prefix, which copies each chunk into its cache as an
+    s3:// download does) are checked against prepare's sha256 when first read after the download, in the loader's
+    worker too: a damaged stored copy is refused naming it (one line through the CLI's formatter), its cached copy
+    is removed so a run after a repair fetches it again, and the FID reference pass over the split is checked the
+    same way. The intact set trains every batch."""
+    from diffusion_lab.cli import one_line
+
+    remote = tmp_path / "remote"
+    shutil.copytree(small_stream, remote)
+
+    def module(cache):
+        dm = StreamDataModule(f"local:{remote}", batch_size=16, num_workers=workers, cache_dir=str(tmp_path / cache))
+        dm.setup()
+        return dm
+
+    assert sum(x.shape[0] for x, _ in module("cache0").train_dataloader()) == 201 // 16 * 16
+    chunk = sorted((remote / "train").glob("chunk-*.bin"))[1]
+    data = bytearray(chunk.read_bytes())
+    data[2 if where == "header" else len(data) - 10] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    dm = module("cache1")  # nothing local to hash: the constructor reads only meta.json and the indexes
+    with pytest.raises(ValueError) as caught:
+        list(dm.train_dataloader())
+    line = one_line(caught.value)
+    assert re.fullmatch(rf"chunk local:{re.escape(str(chunk))} does not match the sha256 .* after its download "
+                        r"\(removed from the cache, .*chunk-0-1\.bin\); run again .*", line), line  # fmt: skip
+    assert not list((tmp_path / "cache1").rglob("chunk-0-1.bin"))
+    with pytest.raises(ValueError, match="chunk-0-1.bin does not match the sha256"):
+        module("cache2").real_images("train").tensor()
 
 
 def test_a_hash_list_naming_other_files_is_refused_and_an_old_set_warns(small_stream, tmp_path, caplog):

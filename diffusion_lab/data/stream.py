@@ -2,11 +2,12 @@
 
     python -m diffusion_lab.data.prepare data=mnist out=/data/mnist_stream     # once: litdata chunks + meta.json
     python train.py data=stream data.path=/data/mnist_stream                     # or data.path=s3://bucket/prefix
+    python train.py data=stream data.path=local:/nfs/mnist_stream   # a shared disk, copied into litdata's cache
 
 `prepare` (prepare.py) writes each split (train, val, and test where the dataset has one) as litdata chunks of
 {"image": uint8 [C, H, W], "label": int, "index": int} under <out>/<split>/, and <out>/meta.json (image size,
 channels, classes, counts, where it came from, and the sha256 of every chunk, checked before a local set is
-used). StreamDataModule trains from them: litdata streams the chunks
+used, or after each download of a remote one). StreamDataModule trains from them: litdata streams the chunks
 (downloading remote ones into a bounded cache, `data.max_cache_size`), shuffles by (seed, epoch), gives each rank
 its share, and its StreamingDataLoader's state goes into Lightning's checkpoint, so a run stopped mid-epoch resumes
 at the same sample. Horizontal flips are a function of (seed, epoch, image index) too. The validation and test
@@ -37,12 +38,18 @@ HASHES = "chunk_sha256"  # meta.json: {split: {chunk file name: sha256 hex}}
 log = logging.getLogger(__name__)
 
 
+LOCAL_CACHED = "local:"  # litdata's prefix for a local directory read like a remote one (copied into its cache)
+
+
 def _is_remote(path: str) -> bool:
-    return "://" in str(path)
+    """An object store URL (s3://...) or litdata's `local:<dir>` (a slow shared disk copied chunk by chunk into a
+    node-local cache): chunks that litdata downloads, checked after the download."""
+    return "://" in str(path) or str(path).startswith(LOCAL_CACHED)
 
 
 def _read(where: str, mode: str = "r"):
     """A file's text (or bytes), local or remote (fsspec, Lightning's dependency: s3:// etc. with their backend)."""
+    where = str(where).removeprefix(LOCAL_CACHED)
     if _is_remote(where):
         import fsspec
 
@@ -107,21 +114,30 @@ def chunk_hashes(split_dir: str | Path) -> dict[str, str]:
     return {c["filename"]: file_sha256(Path(split_dir) / c["filename"]) for c in check_index(str(split_dir))}
 
 
-def check_hashes(path: str, meta: dict, split: str, chunks: list[dict]) -> None:
-    """Every chunk of a local split against the sha256 that prepare recorded (changed bytes of the same size: a
-    damaged or altered copy); the hash list is data, so one naming another file than the index's is refused unread."""
+def recorded_hashes(path: str, meta: dict, split: str, chunks: list[dict]) -> dict[str, str]:
+    """{chunk file name: sha256} that prepare recorded for one split, in its index's order, after checking it: the
+    hash list is data, so one naming another file than the index's (or not hex digests) is refused unread."""
     recorded = meta[HASHES].get(split) if isinstance(meta[HASHES], dict) else None
-    names = [c["filename"] for c in chunks]
-    if not isinstance(recorded, dict) or sorted(recorded) != sorted(names) or not all(
+    if not isinstance(recorded, dict) or sorted(recorded) != sorted(c["filename"] for c in chunks) or not all(
         isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in recorded.values()
     ):
         raise ValueError(f"data.path={path!r}: {META}'s {HASHES} for {split} does not list that split's chunks "
                          "(an altered meta.json); refused unread: prepare the set again")  # fmt: skip
-    for name in names:
-        f = Path(path) / split / name
-        if file_sha256(f) != recorded[name]:
-            raise ValueError(f"chunk {f} does not match the sha256 prepare recorded for it (changed bytes: a "
-                             "damaged or altered copy); copy or prepare the set again")  # fmt: skip
+    return {c["filename"]: recorded[c["filename"]] for c in chunks}  # the index's order: litdata's chunk_index
+
+
+def check_chunk(f: Path, sha256: str, origin: str | None = None) -> None:
+    """ValueError naming the chunk when its bytes are not the ones prepare hashed (a damaged or altered copy); a
+    downloaded copy (`origin`: where from) is removed from litdata's cache first, so the next run fetches it again."""
+    if file_sha256(f) == sha256:
+        return
+    if origin is None:
+        raise ValueError(f"chunk {f} does not match the sha256 prepare recorded for it (changed bytes: a damaged or "
+                         "altered copy); copy or prepare the set again")  # fmt: skip
+    f.unlink(missing_ok=True)
+    raise ValueError(f"chunk {origin} does not match the sha256 prepare recorded for it after its download (removed "
+                     f"from the cache, {f}); run again to fetch it again, or prepare the set again if the stored "
+                     "copy is damaged")  # fmt: skip
 
 
 def _meta_value(path: str, key: str):
@@ -140,12 +156,37 @@ def _streaming_dataset():
         """litdata's StreamingDataset whose items are (x float32 [C, H, W] in [-1, 1], label) like the in-memory
         sets, with the flip of image `index` in epoch e a function of (seed, e, index)."""
 
-        def __init__(self, *args, hflip: bool = False, raw: bool = False, **kwargs):
+        def __init__(self, *args, hflip: bool = False, raw: bool = False, hashes: dict[str, str] | None = None,
+                     **kwargs):  # fmt: skip
             super().__init__(*args, **kwargs)
             self.hflip, self.raw = hflip, raw
+            self.hashes, self.checked = hashes, set()
+
+        def check_download(self, index) -> None:
+            """A remote chunk's cached copy against its recorded sha256, on its first read after each download
+            (a new file: another inode or mtime); chunks read by byte ranges (random access) are not cached whole
+            and not checked. Why here: litdata downloads chunks lazily, in the loader's workers."""
+            chunk = getattr(index, "chunk_index", None)  # a ChunkedIndex (litdata's iteration; a numpy int)
+            if self.hashes is None or chunk is None:
+                return
+            name = list(self.hashes)[int(chunk)]  # in the index's order
+            f = Path(self.input_dir.path) / name
+            try:
+                stat = f.stat()
+            except FileNotFoundError:
+                return
+            key = (name, stat.st_ino, stat.st_mtime_ns)
+            if key not in self.checked:
+                check_chunk(f, self.hashes[name], origin=f"{self.input_dir.url}/{name}")
+                self.checked.add(key)
 
         def __getitem__(self, index):
-            item = super().__getitem__(index)
+            try:
+                item = super().__getitem__(index)
+            except Exception:
+                self.check_download(index)  # a damaged chunk is named, not litdata's KeyError on its header
+                raise
+            self.check_download(index)
             image = torch.as_tensor(item["image"])
             if self.raw:
                 return image, int(item["label"]), int(item["index"])
@@ -161,8 +202,10 @@ class ImageStream:
     """One prepared split, read in order as uint8 batches without holding it: FIDEvaluator takes it in place of an
     image tensor (features computed batch by batch; the cache keyed by the split's litdata index)."""
 
-    def __init__(self, path: str, count: int, shape: tuple[int, ...], cache_dir: str | None = None):
+    def __init__(self, path: str, count: int, shape: tuple[int, ...], cache_dir: str | None = None,
+                 hashes: dict[str, str] | None = None):  # fmt: skip
         self.path, self.count, self.item_shape, self.cache_dir = str(path), int(count), tuple(shape), cache_dir
+        self.hashes = hashes  # a remote split's chunk sha256s, checked after each download
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -182,7 +225,7 @@ class ImageStream:
         """uint8 [<= batch_size, C, H, W] batches in the split's order."""
         from litdata import StreamingDataLoader
 
-        ds = _streaming_dataset()(self.path, shuffle=False, raw=True, cache_dir=self.cache_dir)
+        ds = _streaming_dataset()(self.path, shuffle=False, raw=True, cache_dir=self.cache_dir, hashes=self.hashes)
         for images, _, _ in StreamingDataLoader(ds, batch_size=batch_size):
             yield images
 
@@ -242,19 +285,24 @@ class StreamDataModule(ImageDataModule):
 
     def check_chunks(self) -> None:
         """Each split's litdata index is what `prepare` writes (numpy image, int label, int index, uncompressed, plain
-        chunk names: litdata would otherwise pick a pickle deserializer or a path outside the set from it) and, for a
-        local set, every chunk is there at the size the index records and with the sha256 meta.json records (one
-        pass over the set before training; a set prepared without hashes is read with a warning); ValueError naming
-        the file otherwise. Remote chunks are not hashed (litdata downloads them later, into its cache)."""
+        chunk names: litdata would otherwise pick a pickle deserializer or a path outside the set from it); a local
+        set's chunks are all there, at the size the index records and with the sha256 meta.json records (one pass
+        over the set before training); a remote set's chunks are checked against it after each download
+        (ImageStreamDataset). A set prepared without hashes is read with a warning; ValueError naming the file
+        otherwise."""
         local = not _is_remote(self.path)
-        if local and HASHES not in self.meta:
+        if HASHES not in self.meta:
             log.warning("data.path=%s was prepared before chunk hashes: changed bytes in its chunks cannot be found; "
                         "prepare it again to add them", self.path)  # fmt: skip
+        self.hashes = {}
         for split, n in self.meta["counts"].items():
             if n:
                 chunks = check_index(self._split(split), check_sizes=local)
-                if local and HASHES in self.meta:
-                    check_hashes(self.path, self.meta, split, chunks)
+                if HASHES in self.meta:
+                    hashes = recorded_hashes(self.path, self.meta, split, chunks)
+                    for name, sha256 in hashes.items() if local else ():
+                        check_chunk(Path(self._split(split)) / name, sha256)
+                    self.hashes[split] = None if local else hashes
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -262,9 +310,11 @@ class StreamDataModule(ImageDataModule):
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's seed, as the in-memory EpochSampler
         dataset = _streaming_dataset()
         self.train_set = dataset(self._split("train"), shuffle=True, drop_last=True, seed=seed, hflip=self.hflip,
-                                 max_cache_size=self.max_cache_size, cache_dir=self.cache_dir)  # fmt: skip
+                                 max_cache_size=self.max_cache_size, cache_dir=self.cache_dir,
+                                 hashes=self.hashes.get("train"))  # fmt: skip
         has_val = self.meta["counts"].get("val", 0) > 0
-        self.val_set = dataset(self._split("val"), shuffle=False, cache_dir=self.cache_dir) if has_val else None
+        self.val_set = (dataset(self._split("val"), shuffle=False, cache_dir=self.cache_dir,
+                                hashes=self.hashes.get("val")) if has_val else None)  # fmt: skip
 
     def num_train(self) -> int:
         return self.meta["counts"]["train"]  # litdata's len() is this rank's share
@@ -307,7 +357,8 @@ class StreamDataModule(ImageDataModule):
             have = ", ".join(k for k, v in self.meta["counts"].items() if v)
             raise ValueError(f"{self.path} has no {split} split (prepared: {have}): choose another")
         shape = (self.channels, self.image_size, self.image_size)
-        return ImageStream(self._split(split), self.meta["counts"][split], shape, self.cache_dir)
+        return ImageStream(self._split(split), self.meta["counts"][split], shape, self.cache_dir,
+                           self.hashes.get(split))  # fmt: skip
 
     def real_images(self, split: str = "train"):
         """The training split as an ImageStream (never held whole: FIDEvaluator streams it, `[:n]` reads n

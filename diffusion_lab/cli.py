@@ -13,6 +13,7 @@ its traceback.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -37,9 +38,9 @@ def root_cause(e: BaseException) -> BaseException:
 
 def one_line(e: BaseException) -> str:
     text = str(e)
-    own = f"\n{type(e).__name__}: "
-    if "\nOriginal Traceback" in text and own in text:  # torch's re-raise of a DataLoader worker's error: its own
-        text = text[text.rfind(own) + len(own) :]
+    if "\nOriginal Traceback" in text:  # torch's re-raise of a DataLoader worker's error: its own message
+        own = list(re.finditer(rf"\n(?:[\w.]+\.)?{type(e).__name__}: ", text))
+        text = text[own[-1].end() :] if own else text
     text = " ".join(text.split()) or type(e).__name__
     return text if isinstance(e, ValueError | OSError | RuntimeError) else f"{type(e).__name__}: {text}"
 

@@ -89,7 +89,8 @@ def test_teacher_is_frozen_and_never_saved(edm_ckpt, tmp_path):
     student_keys = {f"net.{k}" for k in before}
     assert set(c["state_dict"]) == set(c["current_model_state"]) == student_keys
     assert not any("teacher" in k for k in c) and c["run_config"]["teacher"] == str(edm_ckpt)
-    assert all(torch.equal(v, load_module(edm_ckpt).net.state_dict()[k]) for k, v in before.items())
+    after = load_module(edm_ckpt).net.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
     assert not torch.equal(c["current_model_state"]["net.stem.weight"], before["stem.weight"])  # the student moved
 
 

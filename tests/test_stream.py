@@ -302,33 +302,59 @@ def test_a_chunk_with_one_changed_byte_is_refused_by_name(small_stream, tmp_path
 def test_a_remote_chunk_is_checked_after_its_download(small_stream, tmp_path, where, workers):
     """Issue 45: a remote set's chunks (here litdata's `local:` prefix, which copies each chunk into its cache as an
     s3:// download does) are checked against prepare's sha256 when first read after the download, in the loader's
-    worker too: a damaged stored copy is refused naming it (one line through the CLI's formatter), its cached copy
-    is removed so a run after a repair fetches it again, and the FID reference pass over the split is checked the
-    same way. The intact set trains every batch."""
+    worker too: a damaged stored copy, or a cached copy damaged later, is refused naming it (one line through the
+    CLI's formatter) and removed from the cache, so the run after a repair fetches it again; the FID reference pass
+    over the split is checked the same way. The intact set trains every batch."""
     from diffusion_lab.cli import one_line
 
     remote = tmp_path / "remote"
     shutil.copytree(small_stream, remote)
+    batches = 201 // 16 * 16
 
     def module(cache):
         dm = StreamDataModule(f"local:{remote}", batch_size=16, num_workers=workers, cache_dir=str(tmp_path / cache))
         dm.setup()
         return dm
 
-    assert sum(x.shape[0] for x, _ in module("cache0").train_dataloader()) == 201 // 16 * 16
-    chunk = sorted((remote / "train").glob("chunk-*.bin"))[1]
-    data = bytearray(chunk.read_bytes())
-    data[2 if where == "header" else len(data) - 10] ^= 0xFF
-    chunk.write_bytes(bytes(data))
-    dm = module("cache1")  # nothing local to hash: the constructor reads only meta.json and the indexes
-    with pytest.raises(ValueError) as caught:
-        list(dm.train_dataloader())
-    line = one_line(caught.value)
-    assert re.fullmatch(rf"chunk local:{re.escape(str(chunk))} does not match the sha256 .* after its download "
-                        r"\(removed from the cache, .*chunk-0-1\.bin\); run again .*", line), line  # fmt: skip
+    def flip(chunk):
+        data = bytearray(chunk.read_bytes())
+        data[2 if where == "header" else len(data) - 10] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+
+    def refused(dm, named):
+        with pytest.raises(ValueError) as caught:
+            list(dm.train_dataloader())
+        line = one_line(caught.value)
+        assert re.fullmatch(rf"chunk {re.escape(named)} does not match the sha256 .* after its download \(removed "
+                            r"from the cache, .*chunk-0-1\.bin\); run again .*", line), line  # fmt: skip
+
+    assert sum(x.shape[0] for x, _ in module("cache0").train_dataloader()) == batches
+    (cached,) = (tmp_path / "cache0").rglob("chunk-0-1.bin")
+    flip(cached)  # a copy damaged in the cache after its download: checked before its first read
+    refused(module("cache0"), f"local:{remote}/train/chunk-0-1.bin")
+    assert not cached.exists()
+    chunk = remote / "train" / "chunk-0-1.bin"
+    intact = chunk.read_bytes()
+    flip(chunk)  # the stored copy: damaged in every download
+    refused(module("cache1"), f"local:{chunk}")
     assert not list((tmp_path / "cache1").rglob("chunk-0-1.bin"))
     with pytest.raises(ValueError, match="chunk-0-1.bin does not match the sha256"):
         module("cache2").real_images("train").tensor()
+    chunk.write_bytes(intact)  # repaired: the next run fetches it again
+    assert sum(x.shape[0] for x, _ in module("cache1").train_dataloader()) == batches
+
+
+def test_a_local_cached_set_checks_sizes_up_front_and_other_urls_are_refused(small_stream, tmp_path):
+    """`local:<dir>` is a directory here too: a truncated chunk is named before any read (litdata would wait two
+    minutes for it); a URL litdata cannot stream from is refused in one line naming data.path."""
+    broken = tmp_path / "broken"
+    shutil.copytree(small_stream, broken)
+    chunk = broken / "train" / "chunk-0-2.bin"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"chunk {re.escape(str(chunk))} is 100 bytes"):
+        StreamDataModule(f"local:{broken}")
+    with pytest.raises(ValueError, match=r"data.path='file:///x': litdata streams from a directory or from s3://"):
+        StreamDataModule("file:///x")
 
 
 def test_a_hash_list_naming_other_files_is_refused_and_an_old_set_warns(small_stream, tmp_path, caplog):

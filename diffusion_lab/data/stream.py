@@ -41,10 +41,13 @@ log = logging.getLogger(__name__)
 LOCAL_CACHED = "local:"  # litdata's prefix for a local directory read like a remote one (copied into its cache)
 
 
+REMOTE = ("s3://", "gs://", "r2://", "azure://", "hf://", LOCAL_CACHED)  # what litdata downloads from
+
+
 def _is_remote(path: str) -> bool:
     """An object store URL (s3://...) or litdata's `local:<dir>` (a slow shared disk copied chunk by chunk into a
     node-local cache): chunks that litdata downloads, checked after the download."""
-    return "://" in str(path) or str(path).startswith(LOCAL_CACHED)
+    return str(path).startswith(REMOTE)
 
 
 def _read(where: str, mode: str = "r"):
@@ -60,6 +63,9 @@ def _read(where: str, mode: str = "r"):
 
 def read_meta(path: str) -> dict:
     """A prepared set's meta.json; ValueError naming data.path (and what to do) when it is missing or not ours."""
+    if "://" in str(path) and not _is_remote(path):
+        raise ValueError(f"data.path={str(path)!r}: litdata streams from a directory or from "
+                         f"{', '.join(REMOTE)}<...>; give one of those")  # fmt: skip
     where = f"{str(path).rstrip('/')}/{META}"
     try:
         meta = json.loads(_read(where))
@@ -98,7 +104,7 @@ def check_index(split_dir: str, check_sizes: bool = True) -> list[dict]:
         if not CHUNK_NAME.fullmatch(name):
             raise ValueError(f"{where} names a chunk {name!r} that is not a plain chunk file; refused unread")
         if check_sizes:
-            f = Path(split_dir) / name
+            f = Path(split_dir.removeprefix(LOCAL_CACHED)) / name
             size = f.stat().st_size if f.is_file() else None
             if size != c.get("chunk_bytes"):
                 raise ValueError(
@@ -134,10 +140,14 @@ def check_chunk(f: Path, sha256: str, origin: str | None = None) -> None:
     if origin is None:
         raise ValueError(f"chunk {f} does not match the sha256 prepare recorded for it (changed bytes: a damaged or "
                          "altered copy); copy or prepare the set again")  # fmt: skip
-    f.unlink(missing_ok=True)
-    raise ValueError(f"chunk {origin} does not match the sha256 prepare recorded for it after its download (removed "
-                     f"from the cache, {f}); run again to fetch it again, or prepare the set again if the stored "
-                     "copy is damaged")  # fmt: skip
+    try:
+        f.unlink(missing_ok=True)
+        cached = f"removed from the cache, {f}"
+    except OSError as e:  # a read-only cache: the message stays about the chunk
+        cached = f"its cached copy {f} could not be removed ({e.strerror}): delete it"
+    raise ValueError(f"chunk {origin} does not match the sha256 prepare recorded for it after its download "
+                     f"({cached}); run again to fetch it again, or prepare the set again if the stored copy is "
+                     "damaged")  # fmt: skip
 
 
 def _meta_value(path: str, key: str):
@@ -161,30 +171,36 @@ def _streaming_dataset():
             super().__init__(*args, **kwargs)
             self.hflip, self.raw = hflip, raw
             self.hashes, self.checked = hashes, set()
+            self.names = list(hashes or ())  # the index's order: litdata's chunk_index
 
         def check_download(self, index) -> None:
-            """A remote chunk's cached copy against its recorded sha256, on its first read after each download
-            (a new file: another inode or mtime); chunks read by byte ranges (random access) are not cached whole
-            and not checked. Why here: litdata downloads chunks lazily, in the loader's workers."""
+            """A remote chunk's cached copy against its recorded sha256, before the first item read from each copy
+            that is already there (litdata publishes a download by renaming a finished file) and else right after
+            the read that downloaded it. Each loader worker keeps what it checked (name, inode, mtime): a
+            re-downloaded copy is checked again, and so is each chunk once per epoch when the workers are not
+            persistent. Chunks read by byte ranges (random access) are not cached whole and not checked; nor is a
+            copy litdata evicts within the one read that downloaded it. Why here: litdata downloads lazily, in the
+            loader's workers, and offers no hook between a download and its use."""
             chunk = getattr(index, "chunk_index", None)  # a ChunkedIndex (litdata's iteration; a numpy int)
-            if self.hashes is None or chunk is None:
+            if not self.names or chunk is None:
                 return
-            name = list(self.hashes)[int(chunk)]  # in the index's order
+            name = self.names[int(chunk)]
             f = Path(self.input_dir.path) / name
             try:
                 stat = f.stat()
-            except FileNotFoundError:
+                key = (name, stat.st_ino, stat.st_mtime_ns)
+                if key not in self.checked:
+                    check_chunk(f, self.hashes[name], origin=f"{self.input_dir.url}/{name}")
+                    self.checked.add(key)
+            except FileNotFoundError:  # not downloaded yet, or evicted by another reader of the cache
                 return
-            key = (name, stat.st_ino, stat.st_mtime_ns)
-            if key not in self.checked:
-                check_chunk(f, self.hashes[name], origin=f"{self.input_dir.url}/{name}")
-                self.checked.add(key)
 
         def __getitem__(self, index):
+            self.check_download(index)  # a damaged chunk is named before litdata parses its header
             try:
                 item = super().__getitem__(index)
             except Exception:
-                self.check_download(index)  # a damaged chunk is named, not litdata's KeyError on its header
+                self.check_download(index)  # the read that downloaded it failed on the damage: named, not a KeyError
                 raise
             self.check_download(index)
             image = torch.as_tensor(item["image"])
@@ -287,17 +303,19 @@ class StreamDataModule(ImageDataModule):
         """Each split's litdata index is what `prepare` writes (numpy image, int label, int index, uncompressed, plain
         chunk names: litdata would otherwise pick a pickle deserializer or a path outside the set from it); a local
         set's chunks are all there, at the size the index records and with the sha256 meta.json records (one pass
-        over the set before training); a remote set's chunks are checked against it after each download
+        over the set before training; a `local:` set's sizes too); a remote set's chunks are checked against
+        the sha256 after each download
         (ImageStreamDataset). A set prepared without hashes is read with a warning; ValueError naming the file
         otherwise."""
         local = not _is_remote(self.path)
+        on_disk = local or self.path.startswith(LOCAL_CACHED)  # local:<dir> too: its sizes are checked up front
         if HASHES not in self.meta:
             log.warning("data.path=%s was prepared before chunk hashes: changed bytes in its chunks cannot be found; "
                         "prepare it again to add them", self.path)  # fmt: skip
         self.hashes = {}
         for split, n in self.meta["counts"].items():
             if n:
-                chunks = check_index(self._split(split), check_sizes=local)
+                chunks = check_index(self._split(split), check_sizes=on_disk)
                 if HASHES in self.meta:
                     hashes = recorded_hashes(self.path, self.meta, split, chunks)
                     for name, sha256 in hashes.items() if local else ():

@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, compose_train
 from test_reliability import RESUME, _assert_same_run
 
-from diffusion_lab.tasks import train
+from diffusion_lab.tasks import evaluate, train
 
 # What SLURM puts in a batch job's environment (enough for Lightning's SLURMEnvironment.detect()).
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
@@ -216,14 +216,10 @@ def test_two_torchrun_nodes_train_resume_exactly_and_score_as_one_process(tmp_pa
 
     rows = list(csv.DictReader(open(tmp_path / "part" / "csv" / "metrics.csv")))
     two_nodes = [float(r["val/fid/ddim5_eta1"]) for r in rows if r.get("val/fid/ddim5_eta1")]
-    r = subprocess.run(
-        [sys.executable, "evaluate.py", f"ckpt_path={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}", "grid=null",
-         "sampler=ddim", "sampler.steps=5", "+sampler.eta=1.0", "num_samples=12", "fid.reference_split=val",
-         "fid.num_reference=32",
-         "classifier_score=false", "bpd_num_images=0", f"paths.cache_dir={tmp_path / 'cache'}",
-         f"fid.inception_weights={inception_path}", f"hydra.run.dir={tmp_path / 'eval'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"},
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    evaluate(compose_train([f"ckpt_path={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}", "grid=null",
+                            "sampler=ddim", "sampler.steps=5", "+sampler.eta=1.0", "num_samples=12",
+                            "fid.reference_split=val", "fid.num_reference=32", "classifier_score=false",
+                            "bpd_num_images=0", f"fid.inception_weights={inception_path}"],
+                           tmp_path / "eval", "evaluate"))  # fmt: skip
     one = [float(x["fid"]) for x in csv.DictReader(open(tmp_path / "eval" / "results.csv"))]
     assert len(two_nodes) == 1 and one == [pytest.approx(two_nodes[0], rel=1e-4)]

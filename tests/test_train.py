@@ -69,12 +69,12 @@ def test_short_training_loss_falls(tmp_path):
 def test_iddpm_short_run_vb_and_mse_fall(tmp_path):
     """experiment=iddpm_cosine on digits: the validation mse and vb (uniform t, fixed noise) both fall."""
     cfg = compose_train(
-        [*SHORT_RUN, "experiment=iddpm_cosine", "trainer.max_epochs=12", "trainer.check_val_every_n_epoch=2"],
+        [*SHORT_RUN, "experiment=iddpm_cosine", "trainer.max_epochs=6", "trainer.check_val_every_n_epoch=2"],
         tmp_path,
     )
     train(cfg)
     rows = [r for r in csv.DictReader(open(tmp_path / "csv" / "metrics.csv")) if r.get("val/vb")]
     first, last = rows[0], rows[-1]
-    assert len(rows) == 6
+    assert len(rows) == 3  # 150 steps: mse 0.84 -> 0.47, vb 5.2 -> 1.8 (here, 2026-12-07)
     assert float(last["val/mse"]) < 0.7 * float(first["val/mse"]), (first["val/mse"], last["val/mse"])
     assert float(last["val/vb"]) < 0.7 * float(first["val/vb"]), (first["val/vb"], last["val/vb"])

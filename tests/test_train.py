@@ -47,12 +47,13 @@ SHORT_RUN = [
 ]
 
 def test_short_training_loss_falls(tmp_path):
-    """300 steps on digits: the training MSE falls well below its start (~1 for an untrained eps model)."""
+    """100 steps on digits: the training MSE falls well below its start (~0.7 over the first steps; ~0.16 at step
+    100 here, 2026-12-07)."""
     cfg = compose_train(
         [
             *SHORT_RUN,
             "trainer.max_epochs=100",
-            "trainer.max_steps=300",
+            "trainer.max_steps=100",
             "trainer.check_val_every_n_epoch=100",
             "trainer.log_every_n_steps=5",
             "optim.lr=1e-3",

@@ -90,9 +90,10 @@ def test_checkpoint_config_cannot_name_an_arbitrary_callable(tiny_ckpt, tmp_path
     with pytest.raises(CheckpointError, match=message):
         load_module(tmp_path / "evil.ckpt")
     assert victim.read_text() == "precious"
-    r = _cli("evaluate.py", [f"ckpt_path={tmp_path / 'evil.ckpt'}", "num_samples=2"], tmp_path)
-    _one_line(r, "builtins.open" if where in ("net", "nested") else "holds an interpolation")
-    assert victim.read_text() == "precious"
+    if where in ("net", "interpolation"):  # the CLI's one line for each of the two refusals (the same path after)
+        r = _cli("evaluate.py", [f"ckpt_path={tmp_path / 'evil.ckpt'}", "num_samples=2"], tmp_path)
+        _one_line(r, "builtins.open" if where == "net" else "holds an interpolation")
+        assert victim.read_text() == "precious"
 
 
 def test_the_allow_list_is_derived_from_what_the_project_builds(monkeypatch):

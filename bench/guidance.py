@@ -48,10 +48,10 @@ SNAPSHOT_GUIDE = {"step": 800, "sigma_rel": 0.05}  # a quarter of mnist_cpu_cfg'
 # rule -> (guidance keys, scales); "none" is one row
 CONDITIONAL = {
     "none": ({}, [None]),
-    "cfg": ({"guidance": "cfg"}, [1.5, 2.5]),
-    "cfg on (0.3, 5]": ({"guidance": "cfg", "guidance_interval": INTERVAL}, [2.5, 4.0]),
+    "cfg": ({"guidance": "cfg"}, [1.25, 1.5, 2.0, 2.5]),
+    "cfg on (0.3, 5]": ({"guidance": "cfg", "guidance_interval": INTERVAL}, [1.5, 2.0, 2.5, 4.0]),
     "apg": ({"guidance": "apg"}, [2.5, 4.0]),
-    "autoguidance (own EMA at step 800)": ({"guidance": "autoguidance", "guide": SNAPSHOT_GUIDE}, [1.5, 2.5]),
+    "autoguidance (own EMA at step 800)": ({"guidance": "autoguidance", "guide": SNAPSHOT_GUIDE}, [1.2, 1.5, 2.5]),
 }
 UNCONDITIONAL_GUIDE = ["net.base_channels=16", "trainer.max_steps=800"]  # half width, a quarter of the steps
 
@@ -90,7 +90,7 @@ def run(n: int, steps: int) -> dict:
     guide = load_guide(module, {"ckpt": str(guide_ckpt)}, main)
     rules = {"none": ({}, [None]),
              "autoguidance (half width, 1/4 steps)": ({"guidance": "autoguidance", "guide": {"ckpt": str(guide_ckpt)}},
-                                                      [1.5, 2.5])}  # fmt: skip
+                                                      [1.25, 1.5, 2.5])}  # fmt: skip
     rows = _scored(module, _samplers(steps, rules, guide), n, ev, ref, RUNS / "rows" / "mnist-flow.json", classifier)
     out["models"].append({"key": "flow", "title": "unconditional (flow_mnist_cpu)", "ckpt": str(main),
                           "train_seconds": seconds, "guide": f"{' '.join(UNCONDITIONAL_GUIDE)} "

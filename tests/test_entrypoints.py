@@ -93,7 +93,7 @@ def test_evaluate_cli_solver_grid(tiny_ckpt, tmp_path):
             sys.executable,
             "evaluate.py",
             f"ckpt_path={tiny_ckpt}",
-            "grid.methods=[ddim,unipc,heun]",
+            "grid.methods=[ddim,heun]",
             "grid.nfe=[3,6]",
             "num_samples=8",
             "batch_size=8",
@@ -113,8 +113,6 @@ def test_evaluate_cli_solver_grid(tiny_ckpt, tmp_path):
     assert got == [
         ("ddim3_eta0", "3", "curve"),
         ("ddim6_eta0", "6", "curve"),
-        ("unipc3", "3", "curve"),
-        ("unipc6", "6", "curve"),
         ("heun2", "3", "curve"),
         ("heun3", "5", "curve"),
         ("ddpm100", "100", "reference"),

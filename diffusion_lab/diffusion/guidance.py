@@ -142,15 +142,14 @@ class Bound:
 
 @dataclass
 class Denoiser:
-    """(x, t) -> (x0_hat, eps_hat) [B, C, H, W] under guidance, for one sampling run (APG's momentum lives here);
-    `evaluations` counts the network evaluations so far (a batch of 2B counts two)."""
+    """(x, t) -> (x0_hat, eps_hat) [B, C, H, W] under guidance, for one sampling run (APG's momentum lives here).
+    What it costs is counted once, by Sampler.nfe (a dry run through it where an interval decides)."""
 
     bound: Bound
     process: object
     model: Callable
     model_kwargs: dict
     clip: bool
-    evaluations: int = 0
     state: dict = field(default_factory=dict)
 
     def __call__(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,9 +159,7 @@ class Denoiser:
             kwargs = self.model_kwargs
             if on and g.scale == 0.0 and g.rule != "autoguidance":  # w = 0: the unconditional model alone
                 kwargs = {**kwargs, "y": torch.full_like(kwargs["y"], self.bound.null_label)}
-            self.evaluations += 1
             return p.denoise(self.model, x, t, kwargs, self.clip)
-        self.evaluations += 2
         if g.rule == "autoguidance":
             x0_c, eps_c = p.denoise(self.model, x, t, self.model_kwargs, False)
             x0_u, eps_u = p.denoise(self.bound.guide, x, t, self.model_kwargs, False)

@@ -43,8 +43,8 @@ train: install  ## train the default DDPM on the embedded digits set (CPU, ~5 mi
 	$(PY) train.py
 
 # Two pytest-xdist workers, one test file each at a time (--dist loadfile), each and the processes its tests start
-# on one thread (tests/conftest.py): on 2 cores 7:01, where one process took 9:17-12:38 the same day (much of a test
-# is single-threaded start-up; with 2 threads per subprocess the overlap cost 10:04); -n 2, not auto, so a
+# on one thread (tests/conftest.py): 741 tests in 9:35 on 2 cores (AMD EPYC, 2026-12-07; much of a test is
+# single-threaded start-up, and each FID score ~3 s of torchmetrics' 2048-dim eigvals); -n 2, not auto, so a
 # many-core machine does not start a worker (~2 GB) per core.
 test: install  ## the fast test suite (what CI runs)
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=10

@@ -53,6 +53,19 @@ def compose_train(overrides: list[str], tmp_path: Path, config_name: str = "trai
     return cfg
 
 
+
+def evaluate_fid(ckpt, sampler: list[str], out: Path, inception_path: str) -> dict[str, float]:
+    """evaluate.py in this process on `ckpt` with one sampler (12 samples against the first 32 validation digits, as
+    the FID callback's DDP tests score): {row name: FID}."""
+    import csv
+
+    from diffusion_lab.tasks import evaluate
+
+    evaluate(compose_train([f"ckpt_path={ckpt}", "grid=null", *sampler, "num_samples=12", "fid.reference_split=val",
+                            "fid.num_reference=32", "classifier_score=false", "bpd_num_images=0",
+                            f"fid.inception_weights={inception_path}"], out, "evaluate"))  # fmt: skip
+    return {r["sampler"]: float(r["fid"]) for r in csv.DictReader(open(out / "results.csv"))}
+
 FAST = [
     "trainer.max_epochs=1",
     "trainer.max_steps=3",

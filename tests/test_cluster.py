@@ -11,10 +11,10 @@ import types
 
 import pytest
 import torch
-from conftest import ROOT, compose_train
+from conftest import ROOT, compose_train, evaluate_fid
 from test_reliability import RESUME, _assert_same_run
 
-from diffusion_lab.tasks import evaluate, train
+from diffusion_lab.tasks import train
 
 # What SLURM puts in a batch job's environment (enough for Lightning's SLURMEnvironment.detect()).
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
@@ -216,10 +216,7 @@ def test_two_torchrun_nodes_train_resume_exactly_and_score_as_one_process(tmp_pa
 
     rows = list(csv.DictReader(open(tmp_path / "part" / "csv" / "metrics.csv")))
     two_nodes = [float(r["val/fid/ddim5_eta1"]) for r in rows if r.get("val/fid/ddim5_eta1")]
-    evaluate(compose_train([f"ckpt_path={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}", "grid=null",
-                            "sampler=ddim", "sampler.steps=5", "+sampler.eta=1.0", "num_samples=12",
-                            "fid.reference_split=val", "fid.num_reference=32", "classifier_score=false",
-                            "bpd_num_images=0", f"fid.inception_weights={inception_path}"],
-                           tmp_path / "eval", "evaluate"))  # fmt: skip
-    one = [float(x["fid"]) for x in csv.DictReader(open(tmp_path / "eval" / "results.csv"))]
-    assert len(two_nodes) == 1 and one == [pytest.approx(two_nodes[0], rel=1e-4)]
+    one = evaluate_fid(tmp_path / "part" / "checkpoints" / "last.ckpt", ["sampler=ddim", "sampler.steps=5",
+                        "+sampler.eta=1.0"], tmp_path / "eval", inception_path)  # fmt: skip
+    assert len(two_nodes) == 1 and list(one.values()) == [pytest.approx(two_nodes[0], rel=1e-4)]
+

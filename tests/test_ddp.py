@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import FAST, ROOT
+from conftest import FAST, ROOT, evaluate_fid
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
@@ -65,53 +65,53 @@ def _fid_metrics(run_dir):
     return {k: float(v) for r in rows for k, v in r.items() if k.startswith("val/fid/") and v}
 
 
-def test_fid_callback_same_on_two_processes_as_on_one(tmp_path, inception_path):
-    """lr=0 keeps the weights equal in both runs; image i depends only on (seed, i) -- its label, x_T and every
-    step's noise -- so the 2-rank scores (each rank half the samples and half the reference, FID states reduced by
-    torchmetrics, features and classifier inputs gathered) equal the 1-process ones, for a class-conditional net with
-    stochastic samplers and guidance too (callbacks.fid.batch_size differs between the runs as well)."""
-    samplers = ("[{method: ddim, steps: 5, eta: 1.0, guidance_scale: 2.0}, {method: euler_ancestral, steps: 5},"
-                " {method: ddpm, steps: 10}]")  # stochastic ones: a deterministic sampler follows from x_T's seeds
-    common = [
-        *FAST,
-        "callbacks=with_fid",
-        "net.num_classes=10",
-        "label_dropout=0.1",
-        "optim.lr=0",
-        "trainer.max_steps=2",
-        "diffusion.steps=50",
-        "callbacks.fid.num_samples=12",
-        "callbacks.fid.reference_split=val",
-        "callbacks.fid.num_reference=32",
-        f"callbacks.fid.samplers={samplers}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"callbacks.fid.inception_weights={inception_path}",
-    ]
-    run_train([*common, *DDP, "callbacks.fid.batch_size=4"], tmp_path / "ddp")
-    run_train([*common, "callbacks.fid.batch_size=12"], tmp_path / "single")
-    ddp, single = _fid_metrics(tmp_path / "ddp"), _fid_metrics(tmp_path / "single")
-    names = ["ddim5_eta1_cfg2", "euler_ancestral5", "ddpm10"]
-    assert sorted(ddp) == sorted(f"val/fid/{n}" for n in names) and all(v > 0 for v in ddp.values())
-    for key, value in ddp.items():
-        assert value == pytest.approx(single[key], rel=1e-4), key
-
-
-def test_fid_callback_on_edm_and_a_few_step_sampler_same_on_two_ranks_as_on_one(tmp_path, inception_path):
-    """The same on EDM, trained by ECT (issue 42: a consistency model; lr=0 keeps the weights): Heun with churn
-    (Alg. 2's noise drawn per image) and the 2-step consistency sampler (its fresh noise at the intermediate level
-    drawn per image too). DDIM eta 1 runs the same solver driver on every process (the DDPM test above)."""
-    samplers = "[{method: heun, steps: 4, s_churn: 1.0}, {method: consistency, steps: 2}]"
-    common = [*FAST, "callbacks=with_fid", "diffusion=edm", "objective=ect", "optim.lr=0", "trainer.max_steps=2",
-              "callbacks.fid.num_samples=12", "callbacks.fid.reference_split=val", "callbacks.fid.num_reference=32",
-              f"callbacks.fid.samplers={samplers}",
+def test_fid_callback_on_two_ranks_equals_evaluate_in_one_process_conditional(tmp_path, inception_path):
+    """lr=0 keeps the weights; image i depends only on (seed, i) -- its label, x_T and every step's noise -- so the
+    2-rank scores (each rank half the samples and half the reference, FID states reduced by torchmetrics, features
+    and classifier inputs gathered, batches of 4) equal evaluate.py's in one process on the run's checkpoint (batches
+    of 12), for a class-conditional net with stochastic samplers and guidance too."""
+    samplers = "[{method: ddim, steps: 5, eta: 1.0, guidance_scale: 2.0}, {method: ddpm, steps: 10}]"
+    rows = {"ddim5_eta1_cfg2": ["sampler=ddim", "sampler.steps=5", "+sampler.eta=1.0", "sampler.guidance_scale=2.0"],
+            "ddpm10": ["sampler=ddpm", "sampler.steps=10"]}  # stochastic ones (Euler ancestral: the flow case below)
+    common = [*FAST, "callbacks=with_fid", "net.num_classes=10", "label_dropout=0.1", "optim.lr=0",
+              "trainer.max_steps=2", "diffusion.steps=50", "callbacks.fid.num_samples=12",
+              "callbacks.fid.reference_split=val", "callbacks.fid.num_reference=32",
+              f"callbacks.fid.samplers={samplers}", "callbacks.fid.batch_size=4",
               f"paths.cache_dir={tmp_path / 'cache'}", f"callbacks.fid.inception_weights={inception_path}"]  # fmt: skip
-    run_train([*common, *DDP, "callbacks.fid.batch_size=4"], tmp_path / "ddp")
-    run_train([*common, "callbacks.fid.batch_size=12"], tmp_path / "single")
-    ddp, single = _fid_metrics(tmp_path / "ddp"), _fid_metrics(tmp_path / "single")
-    names = ["heun4_s_churn1", "consistency2"]
-    assert sorted(ddp) == sorted(f"val/fid/{n}" for n in names) and all(v > 0 for v in ddp.values())
-    for key, value in ddp.items():
-        assert value == pytest.approx(single[key], rel=1e-4), key
+    _same_as_evaluate(tmp_path, [*common, *DDP], rows, inception_path)
+
+
+def _same_as_evaluate(tmp_path, train_args, rows, inception_path):
+    run_train(train_args, tmp_path / "ddp")
+    ddp = _fid_metrics(tmp_path / "ddp")
+    assert sorted(ddp) == sorted(f"val/fid/{n}" for n in rows) and all(v > 0 for v in ddp.values())
+    ckpt = tmp_path / "ddp" / "checkpoints" / "last.ckpt"
+    for name, sampler in rows.items():
+        one = evaluate_fid(ckpt, sampler, tmp_path / name, inception_path)
+        assert one == {name: pytest.approx(ddp[f"val/fid/{name}"], rel=1e-4)}, name
+
+
+@pytest.mark.parametrize(
+    "process,samplers,rows",
+    [
+        (["diffusion=edm", "objective=ect"],  # issue 42: a consistency model (ECT) and its few-step sampler
+         "[{method: consistency, steps: 2}]", {"consistency2": ["sampler=consistency", "sampler.steps=2"]}),
+        (["diffusion=flow"], "[{method: euler_ancestral, steps: 4}]",  # from pure noise at t = 1 (issue 43)
+         {"euler_ancestral4": ["sampler=euler_ancestral", "sampler.steps=4"]}),
+    ],
+    ids=["edm_ect", "flow"],
+)
+def test_fid_callback_on_two_ranks_equals_evaluate_in_one_process(tmp_path, inception_path, process, samplers, rows):
+    """Issue 45: on EDM (trained by ECT, lr=0 keeps the weights) and on flow, the FID callback's 2-rank scores
+    equal evaluate.py's in one process on the run's checkpoint: the 2-step consistency sampler (its fresh noise at
+    the intermediate level drawn per image) and Euler ancestral from flow's t = 1. DDIM eta 1 runs the same solver
+    driver on every process (the DDPM test above); Heun's churn noise is drawn per image as Euler ancestral's is
+    (tests/test_seeding.py: no image depends on the batch size)."""
+    common = [*FAST, "callbacks=with_fid", *process, "optim.lr=0", "trainer.max_steps=2",
+              "callbacks.fid.num_samples=12", "callbacks.fid.reference_split=val", "callbacks.fid.num_reference=32",
+              f"callbacks.fid.samplers={samplers}", "callbacks.fid.batch_size=4",
+              f"paths.cache_dir={tmp_path / 'cache'}", f"callbacks.fid.inception_weights={inception_path}"]  # fmt: skip
+    _same_as_evaluate(tmp_path, [*common, *DDP], rows, inception_path)
 
 
 # Stop and resume across 2 ranks: tests/test_cluster.py (two torchrun nodes of one rank each, the same DDP path).

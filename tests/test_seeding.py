@@ -24,7 +24,8 @@ def _module(conditional: bool) -> DiffusionModule:
     return DiffusionModule(net, GaussianDiffusion.from_schedule("linear", 100))
 
 
-STOCHASTIC = [Sampler("ddpm", 10), Sampler("euler_ancestral", 6), Sampler("ddim", 6, eta=1.0)]
+STOCHASTIC = [Sampler("ddpm", 10), Sampler("euler_ancestral", 6), Sampler("ddim", 6, eta=1.0),
+              Sampler("heun", 3, s_churn=1.0)]  # Karras Alg. 2's churn noise, drawn per image too
 
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "class-conditional"])

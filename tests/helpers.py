@@ -18,6 +18,16 @@ class DumpSamplerState(L.Callback):
         torch.save(pl_module.timestep_sampler.state_dict(), self.dirpath / f"rank{trainer.global_rank}.pt")
 
 
+class DumpTeacher(L.Callback):
+    """At the end of training, writes the module's frozen teacher's state dict to `path` (its checkpoints hold none)."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save({k: v.detach().clone() for k, v in pl_module.teacher.state_dict().items()}, self.path)
+
+
 class SignalAt(L.Callback):
     """Sends this process `signum` (default SIGUSR1, SLURM's warning signal) in the middle of training step `step`,
     between the backward pass and the optimizer step, as SLURM might."""

@@ -279,3 +279,23 @@ def test_class_folders_must_match_net_num_classes(tmp_path, folders):
     with pytest.raises(ConfigError, match=f"net.num_classes=4 but the data has {folders} classes"):
         train(compose_train(overrides, tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_dataloader_workers_error_keeps_its_own_one_line():
+    """torch re-raises a DataLoader worker's error with the worker's whole traceback in its message; the CLI's
+    line is the worker's own message (a damaged remote chunk found in a worker, tests/test_stream.py), for an error
+    type printed with its module too."""
+    from torch._utils import ExceptionWrapper
+
+    from diffusion_lab.cli import one_line
+    from diffusion_lab.io import DiskFullError
+
+    for kind in (ValueError, DiskFullError):
+        try:
+            raise kind("chunk x.bin does not match\nits sha256")
+        except kind:
+            wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+        with pytest.raises(kind) as caught:
+            wrapped.reraise()
+        assert "Original Traceback" in str(caught.value)
+        assert one_line(caught.value) == "chunk x.bin does not match its sha256", kind

@@ -2,6 +2,7 @@
 
 check_choice("sampler.method", "euler2", METHODS)   # ValueError: sampler.method='euler2' is unknown; allowed: ...
 check_number("sampler.eta", -1.0)                   # ValueError: sampler.eta=-1.0 must be a number >= 0
+check_count("callbacks.fid.num_reference", 1, 2)   # ValueError: ...=1 must be an integer >= 2
 """
 
 from __future__ import annotations
@@ -25,3 +26,10 @@ def check_number(key: str, value: Any, minimum: float = 0.0, finite: bool = Fals
         bound = f">= {minimum:g}" if maximum == math.inf else f"in [{minimum:g}, {maximum:g}]"
         raise ValueError(f"{key}={value!r} must be a {'finite ' if finite else ''}number {bound}")
     return float(value)
+
+
+def check_count(key: str, value: Any, minimum: int = 1) -> int:
+    """ValueError unless value is an integer >= minimum (a bool is not one); returns it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}={value!r} must be an integer >= {minimum}")
+    return value

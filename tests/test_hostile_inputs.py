@@ -299,3 +299,11 @@ def test_a_dataloader_workers_error_keeps_its_own_one_line():
             wrapped.reraise()
         assert "Original Traceback" in str(caught.value)
         assert one_line(caught.value) == "chunk x.bin does not match its sha256", kind
+
+
+@pytest.mark.parametrize("value", [1, 2.5, True, "32"])
+def test_a_bad_fid_callback_reference_count_is_refused_naming_the_key(value):
+    from diffusion_lab.lit.fid_callback import FIDCallback
+
+    with pytest.raises(ValueError, match=rf"callbacks.fid.num_reference={value!r} must be an integer >= 2"):
+        FIDCallback(num_reference=value)

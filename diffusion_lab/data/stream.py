@@ -303,24 +303,25 @@ class StreamDataModule(ImageDataModule):
         """Each split's litdata index is what `prepare` writes (numpy image, int label, int index, uncompressed, plain
         chunk names: litdata would otherwise pick a pickle deserializer or a path outside the set from it); a local
         set's chunks are all there, at the size the index records and with the sha256 meta.json records (one pass
-        over the set before training; a `local:` set's sizes too); a remote set's chunks are checked against
-        the sha256 after each download
-        (ImageStreamDataset). A set prepared without hashes is read with a warning; ValueError naming the file
-        otherwise."""
+        over the set before training; a `local:` set's sizes too); a remote set's chunks are checked against the
+        sha256 after each download (ImageStreamDataset). A set prepared without hashes is read with a warning;
+        ValueError naming the file otherwise."""
         local = not _is_remote(self.path)
         on_disk = local or self.path.startswith(LOCAL_CACHED)  # local:<dir> too: its sizes are checked up front
         if HASHES not in self.meta:
             log.warning("data.path=%s was prepared before chunk hashes: changed bytes in its chunks cannot be found; "
                         "prepare it again to add them", self.path)  # fmt: skip
-        self.hashes = {}
+        self.hashes = {}  # a remote set's {split: {chunk: sha256}}; a local set is checked here, whole
         for split, n in self.meta["counts"].items():
             if n:
                 chunks = check_index(self._split(split), check_sizes=on_disk)
                 if HASHES in self.meta:
                     hashes = recorded_hashes(self.path, self.meta, split, chunks)
-                    for name, sha256 in hashes.items() if local else ():
-                        check_chunk(Path(self._split(split)) / name, sha256)
-                    self.hashes[split] = None if local else hashes
+                    if local:
+                        for name, sha256 in hashes.items():
+                            check_chunk(Path(self._split(split)) / name, sha256)
+                    else:
+                        self.hashes[split] = hashes  # checked after each download (ImageStreamDataset)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

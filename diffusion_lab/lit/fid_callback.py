@@ -21,7 +21,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from ..checks import check_choice
+from ..checks import check_choice, check_count
 from ..data.base import SPLITS
 from ..diffusion import Sampler
 from ..eval.fid import FIDEvaluator
@@ -81,10 +81,8 @@ class FIDCallback(L.Callback):
         num_reference: int | None = None,
     ):
         check_choice("callbacks.fid.reference_split", reference_split, SPLITS)
-        if num_reference is not None and (isinstance(num_reference, bool) or not isinstance(num_reference, int)
-                                          or num_reference < 2):  # fmt: skip
-            raise ValueError(f"callbacks.fid.num_reference={num_reference!r} must be an integer >= 2 (or null: all)")
-        self.num_reference = num_reference
+        self.num_reference = None if num_reference is None else check_count("callbacks.fid.num_reference",
+                                                                             num_reference, 2)  # fmt: skip
         for r in ema_sigma_rels or []:
             try:
                 sigma_rel_to_gamma(r)

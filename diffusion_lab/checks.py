@@ -8,6 +8,7 @@ check_count("callbacks.fid.num_reference", 1, 2)   # ValueError: ...=1 must be a
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,8 +29,9 @@ def check_number(key: str, value: Any, minimum: float = 0.0, finite: bool = Fals
     return float(value)
 
 
-def check_count(key: str, value: Any, minimum: int = 1) -> int:
-    """ValueError unless value is an integer >= minimum (a bool is not one); returns it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key}={value!r} must be an integer >= {minimum}")
-    return value
+def check_count(key: str, value: Any, minimum: int = 1, why: str = "") -> int:
+    """ValueError unless value is an integer >= minimum (a bool or 2.0 is not one); returns it as an int. why: a
+    few words after the message ("(a training step)")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{key}={value!r} must be an integer >= {minimum}" + (f" {why}" if why else ""))
+    return int(value)

@@ -14,7 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .checks import check_choice, check_number
+from .checks import check_choice, check_count, check_number
 from .data.base import SPLITS
 
 
@@ -25,6 +25,14 @@ class ConfigError(ValueError):
 def _choice(key: str, value, allowed) -> None:
     try:
         check_choice(key, value, allowed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _count(key: str, value, minimum: int = 1) -> int:
+    """checks.check_count as a ConfigError (a config key's value)."""
+    try:
+        return check_count(key, value, minimum)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -170,13 +178,12 @@ def validate_lr_scheduler(cfg: DictConfig) -> None:
 def validate_eval_config(cfg: DictConfig) -> None:
     """evaluate.py / sample.py: counts and splits, before the checkpoint is read or anything is sampled."""
     for key in ("num_samples", "batch_size", "num_images", "points"):
-        value = cfg.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{key}={value!r} must be a positive integer")
+        if cfg.get(key) is not None:
+            _count(key, cfg.get(key))
     fid = cfg.get("fid") or {}
     _choice("fid.reference_split", fid.get("reference_split", "train"), SPLITS)
-    if fid.get("num_reference") is not None and int(fid.num_reference) < 2:
-        raise ConfigError(f"fid.num_reference={fid.num_reference} must be >= 2 (or null for all)")
+    if fid.get("num_reference") is not None:  # null: all of the split
+        _count("fid.num_reference", fid.num_reference, 2)
     if cfg.get("mode") == "inpaint":
         from .sample_modes import MASKS
 

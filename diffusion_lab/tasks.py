@@ -32,6 +32,7 @@ from .checkpoint import (
 from .config import (
     ConfigError,
     _choice,
+    _count,
     build,
     validate_data_against_net,
     validate_eval_config,
@@ -281,9 +282,8 @@ def _samplers(cfg: DictConfig, module) -> list[tuple]:
     nfes = list(g.get("ddim_steps") or g.nfe)  # ddim_steps: the grid's older name for the NFE list
     for name in methods:
         _choice("grid.methods", name, METHODS)
-    for n in nfes:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"grid.nfe has {n!r}: each entry must be a positive integer")
+    for i, n in enumerate(nfes):
+        _count(f"grid.nfe[{i}]", n)
     for key in ("steps", "nfe"):
         if base.get(key) is not None:
             raise ConfigError(f"sampler.{key}={base[key]} is set, but the grid sets the NFE of each row (grid.nfe="
@@ -554,8 +554,7 @@ def learn_schedule(cfg: DictConfig) -> Path:
 
     validate_eval_config(cfg)
     for key in ("trajectories", "validation", "max_evals"):
-        if isinstance(cfg.get(key), bool) or not isinstance(cfg.get(key), int) or cfg[key] < 1:
-            raise ConfigError(f"{key}={cfg.get(key)!r} must be a positive integer")
+        _count(key, cfg.get(key))
     module, _ = _load_for_eval(cfg)
     d, trained_by = module.diffusion, module.objective.name
     sampler = validate_sampler(cfg.sampler, "sampler", d, module.conditional, trained_by)

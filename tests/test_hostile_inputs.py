@@ -207,8 +207,9 @@ def test_bad_train_config_one_line_exit_2(tmp_path, capsys, overrides, message):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["num_samples=0"], "num_samples=0 must be a positive integer"),
-        (["batch_size=0"], "batch_size=0 must be a positive integer"),
+        (["num_samples=0"], "num_samples=0 must be an integer >= 1"),
+        (["batch_size=0"], "batch_size=0 must be an integer >= 1"),
+        (["fid.num_reference=2.5"], "fid.num_reference=2.5 must be an integer >= 2"),
         (["fid.reference_split=tset"], "fid.reference_split='tset' is unknown; allowed: train, val, test"),
     ],
 )
@@ -299,6 +300,20 @@ def test_a_dataloader_workers_error_keeps_its_own_one_line():
             wrapped.reraise()
         assert "Original Traceback" in str(caught.value)
         assert one_line(caught.value) == "chunk x.bin does not match its sha256", kind
+
+
+def test_check_count_takes_integers_only():
+    import numpy as np
+
+    from diffusion_lab.checks import check_count
+
+    assert check_count("k", np.int64(3)) == 3 and type(check_count("k", np.int64(3))) is int
+    assert check_count("k", 0, 0) == 0
+    for value, minimum in ((0, 1), (2.0, 1), (True, 1), ("3", 1), (None, 1), (1, 2)):
+        with pytest.raises(ValueError, match=rf"^k={value!r} must be an integer >= {minimum}$"):
+            check_count("k", value, minimum)
+    with pytest.raises(ValueError, match=r"^sampler.guide.step=0 must be an integer >= 1 \(a training step\)$"):
+        check_count("sampler.guide.step", 0, why="(a training step)")
 
 
 @pytest.mark.parametrize("value", [1, 2.5, True, "32"])

@@ -332,7 +332,7 @@ def test_grid_and_sampler_errors_name_the_keys_the_user_typed(tmp_path):
 
     with pytest.raises(ConfigError, match=r"grid.methods='dpm_fast' is unknown; allowed: ddpm, ddim"):
         _grid(["grid.methods=[ddim,dpm_fast]"], tmp_path)
-    with pytest.raises(ConfigError, match=r"grid.nfe has 0: each entry must be a positive integer"):
+    with pytest.raises(ConfigError, match=r"grid.nfe\[0\]=0 must be an integer >= 1"):
         _grid(["grid.nfe=[0,10]"], tmp_path)
     with pytest.raises(ConfigError, match=r"sampler.steps=20 is set, but the grid sets the NFE of each row"):
         _grid(["sampler.steps=20"], tmp_path)

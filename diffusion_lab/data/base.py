@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..checks import check_choice
+from ..checks import check_choice, check_count
 
 SPLITS = ("train", "val", "test")  # "test": the datasets that have a separate test set (MNIST, Fashion, CIFAR)
 
@@ -103,8 +103,7 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"data.batch_size={batch_size!r} must be a positive integer")
+        check_count("data.batch_size", batch_size)
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         self.val_fraction, self.batch_size, self.num_workers = val_fraction, batch_size, num_workers
         self.hflip, self.split_seed = hflip, split_seed

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..checks import check_choice, check_number
+from ..checks import check_choice, check_count, check_number
 from .gaussian import _as_time  # float64 times, on the tensor's device
 from .losses import mean_flat
 from .parameterization import PARAMETERIZATIONS, EDMPrecond, Parameterization, parameterization
@@ -43,8 +43,7 @@ class ContinuousProcess:
     sample_u(n) and loss_weight(u) (all float64 tensors)."""
 
     def __init__(self, param: Parameterization, num_timesteps: int = 1000):
-        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 2:
-            raise ValueError(f"diffusion.steps={num_timesteps!r} must be an integer >= 2 (the solver time resolution)")
+        check_count("diffusion.steps", num_timesteps, 2, why="(the solver time resolution)")
         self.param, self.num_timesteps = param, num_timesteps
 
     # ------------------------------------------------------------------ the Process interface

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..checks import check_choice, check_number
+from ..checks import check_choice, check_count, check_number
 from .losses import mean_flat
 from .timesteps import ProcessTimeSampler, UniformTimestepSampler
 
@@ -196,9 +196,8 @@ class ECT(Objective):
         self.c = check_number("objective.c", c, finite=True)
         check_choice("objective.mapping", mapping, ECT_MAPPINGS)
         check_choice("objective.pair", pair, ECT_PAIRS)
-        for key, v, least in (("stage_steps", stage_steps, 1), ("first_stage", first_stage, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < least:
-                raise ValueError(f"objective.{key}={v!r} must be an integer >= {least}")
+        stage_steps, first_stage = check_count("objective.stage_steps", stage_steps), check_count(
+            "objective.first_stage", first_stage, 0)
         self.mapping, self.stage_steps, self.first_stage, self.pair = mapping, stage_steps, first_stage, pair
         self.needs_teacher = pair == "teacher"
 

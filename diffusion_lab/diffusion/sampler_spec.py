@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..checks import check_choice, check_number
+from ..checks import check_choice, check_count, check_number
 from .guidance import Guidance
 from .registry import Method, get_method
 from .respace import AUTO_SPACING, CONTINUOUS_SPACINGS, SPACINGS, sampling_times
@@ -97,10 +97,10 @@ class Sampler:
         if schedule is not None or spacing == LEARNED:
             steps = self._learned(schedule, spacing, steps, schedule_transfer)
         steps = self.method.steps if steps is None else steps
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int | float) or int(steps) != steps
-                                  or steps < 1):  # fmt: skip
-            raise ValueError(f"sampler.steps={steps!r} must be a positive integer")
-        self.steps = None if steps is None else int(steps)  # None: all of the process's steps (bind / timesteps)
+        if isinstance(steps, float) and steps.is_integer():  # 10.0 from arithmetic on a count
+            steps = int(steps)
+        # None: all of the process's steps (bind / timesteps)
+        self.steps = None if steps is None else check_count("sampler.steps", steps)
         self.spacing = spacing or (LEARNED if self.schedule is not None else self.method.spacing)
         check_choice("sampler.spacing", self.spacing, ALL_SPACINGS)
         if clip_denoised is not None and not isinstance(clip_denoised, bool):
@@ -387,7 +387,5 @@ def _check_guide(guide: Mapping[str, Any]) -> None:
         if set(guide) != {"step", "sigma_rel"}:
             raise ValueError("sampler.guide needs ckpt=<a weaker run's checkpoint>, or both step=<an earlier snapshot "
                              "step of this run> and sigma_rel=<its post-hoc EMA width>")  # fmt: skip
-        step = guide["step"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-            raise ValueError(f"sampler.guide.step={step!r} must be a positive integer (a training step)")
+        check_count("sampler.guide.step", guide["step"], why="(a training step)")
         check_number("sampler.guide.sigma_rel", guide["sigma_rel"], maximum=0.2887)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..checks import check_choice
+from ..checks import check_choice, check_count
 
 SCHEDULES = ("linear", "cosine")
 
@@ -77,7 +77,5 @@ def get_betas(name: str, num_timesteps: int, zero_terminal_snr: bool = False) ->
     zero_terminal_snr: rescale them with `rescale_zero_terminal_snr` (values in (0, 1], the last exactly 1).
     """
     check_choice("diffusion.schedule", name, SCHEDULES)
-    if int(num_timesteps) < 1:
-        raise ValueError(f"diffusion.steps={num_timesteps!r} must be a positive integer")
-    betas = _BUILDERS[name](int(num_timesteps))
+    betas = _BUILDERS[name](check_count("diffusion.steps", num_timesteps))
     return rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import check_count
+
 
 def image_seed(seed: int, index: int) -> int:
     """A 63-bit seed for image `index` of a run seeded `seed`: a hash of the two, so nearby values give unrelated
@@ -118,8 +120,8 @@ def draw(
     per call (PaddedModel). progress: a bar over the images (several batches) or over the sampler's steps (one).
     """
     indices = [int(i) for i in indices]
-    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    if batch_size is not None:
+        batch_size = check_count("batch_size", batch_size)
     if labels is not None and len(labels) != len(indices):
         raise ValueError(f"{len(labels)} labels for {len(indices)} images")
     step = int(batch_size or max(len(indices), 1))

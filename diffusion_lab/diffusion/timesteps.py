@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from ..checks import check_count, check_number
+
 
 class UniformTimestepSampler:
     """p_t = 1/T for every t; weights are all 1."""
@@ -50,9 +52,8 @@ class LossAwareTimestepSampler(UniformTimestepSampler):
 
     def __init__(self, num_timesteps: int, history_per_term: int = 10, uniform_prob: float = 0.001):
         super().__init__(num_timesteps)
-        if history_per_term < 1 or not 0.0 <= uniform_prob <= 1.0:
-            raise ValueError("timesteps.history_per_term must be >= 1 and timesteps.uniform_prob in [0, 1]")
-        self.history_per_term, self.uniform_prob = int(history_per_term), float(uniform_prob)
+        self.history_per_term = check_count("timesteps.history_per_term", history_per_term)
+        self.uniform_prob = check_number("timesteps.uniform_prob", uniform_prob, maximum=1.0)
         self.history = torch.zeros(self.num_timesteps, self.history_per_term, dtype=torch.float64)
         self.counts = torch.zeros(self.num_timesteps, dtype=torch.long)
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..checks import check_count
 from ..data import to_uint8
 from .fid import FIDEvaluator
 from .precision_recall import precision_recall
@@ -77,8 +78,7 @@ def sample_and_score(
     from .classifier import classifier_score, predict_probs
 
     world = world or OneProcess()
-    if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples} must be >= 1")
+    check_count("num_samples", num_samples)
     indices = share(num_samples, world)
     t0 = time.perf_counter()
     images = sample_uint8(module, sampler, indices, seed, batch_size, progress)

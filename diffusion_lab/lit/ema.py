@@ -26,7 +26,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from ..checks import check_choice
+from ..checks import check_choice, check_count
 from ..io import atomic_write
 from ..phema import power_beta, sigma_rel_to_gamma
 
@@ -57,8 +57,7 @@ class EMA(L.Callback):
     ):
         if not 0.0 <= float(decay) <= 1.0:
             raise ValueError(f"callbacks.ema.decay={decay} must be in [0, 1]")
-        if int(update_every_n_steps) < 1:
-            raise ValueError(f"callbacks.ema.update_every_n_steps={update_every_n_steps} must be >= 1")
+        check_count("callbacks.ema.update_every_n_steps", update_every_n_steps)
         check_choice("callbacks.ema.kind", kind, KINDS)
         self.decay, self.update_every_n_steps, self.warmup = float(decay), int(update_every_n_steps), bool(warmup)
         self.kind, self.gamma = kind, None

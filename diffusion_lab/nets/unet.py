@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..checks import check_count
 from .layers import Downsample, ResBlock, SelfAttention, Upsample, norm, timestep_embedding
 
 
@@ -40,9 +41,7 @@ class UNet(nn.Module):
             ("image_size", image_size),
             ("num_heads", num_heads),
         ):
-            least = 0 if key == "num_res_blocks" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"net.{key}={value!r} must be an integer >= {least}")
+            check_count(f"net.{key}", value, 0 if key == "num_res_blocks" else 1)
         if time_inputs not in (1, 2) or isinstance(time_inputs, bool):
             raise ValueError(f"net.time_inputs={time_inputs!r} must be 1 or 2 (a second time: objective=meanflow)")
         if not channel_mult or any(not isinstance(m, int) or m < 1 for m in channel_mult):

@@ -51,6 +51,8 @@ from diffusion_lab.io import file_sha256  # noqa: E402
 METHODS = [{"method": "unipc", "order": 2}, {"method": "dpmpp_2m"}, {"method": "euler"}]
 FIXED = ["trailing", "logsnr", "karras"]
 NFES = [4, 5, 6, 8, 10]
+TEACHER = {"method": "dpmpp_2m", "nfe": 100}  # learn_schedule's teacher (conf/learn_schedule.yaml): each grid's ceiling
+LEARN_SEED = 1  # the trajectories a grid is learned on are seeded (1, i): none is an image the rows score, (0, i)
 
 
 def models(data: str, keys: list[str]) -> list[dict]:
@@ -78,13 +80,13 @@ def models(data: str, keys: list[str]) -> list[dict]:
 def learned(m: dict, method: dict, nfe: int, a) -> tuple[str, float]:
     """(schedule file, minutes it took) for one (model, method, NFE): learned once per checkpoint and settings."""
     name = Sampler(**method, nfe=nfe).name
-    path = RUNS / "schedules" / m["key"] / f"{name}_n{a.trajectories}_e{a.max_evals}.json"
+    path = RUNS / "schedules" / m["key"] / f"{name}_n{a.trajectories}_e{a.max_evals}_s{LEARN_SEED}.json"
     sha = file_sha256(m["ckpt"])
     if path.exists() and json.loads(path.read_text())["checkpoint"]["sha256"] == sha:
         return str(path), json.loads(path.read_text())["seconds"]["total"] / 60
     opts = [f"sampler.{k}={v}" for k, v in method.items() if k != "method"]
     cmd = [sys.executable, "learn_schedule.py", f"ckpt_path={m['ckpt']}", f"sampler={method['method']}", *opts,
-           f"sampler.nfe={nfe}", f"trajectories={a.trajectories}", f"validation={a.trajectories}",
+           f"sampler.nfe={nfe}", f"seed={LEARN_SEED}", f"trajectories={a.trajectories}", f"validation={a.trajectories}",
            f"max_evals={a.max_evals}", f"out={path}", f"hydra.run.dir={path.parent / 'logs' / path.stem}"]  # fmt: skip
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)
@@ -95,7 +97,7 @@ def learned(m: dict, method: dict, nfe: int, a) -> tuple[str, float]:
 def run(a) -> dict:
     t0 = time.perf_counter()
     res = {"machine": machine(), "n": a.num_samples, "data": a.data, "trajectories": a.trajectories,
-           "max_evals": a.max_evals, "models": []}  # fmt: skip
+           "max_evals": a.max_evals, "learn_seed": LEARN_SEED, "models": []}  # fmt: skip
     for m in models(a.data, a.models):
         module = load_module(m["ckpt"])
         methods = [meth for meth in METHODS if meth["method"] in a.methods]
@@ -109,7 +111,8 @@ def run(a) -> dict:
         tag = hashlib.sha256("".join(open(p).read() for p, _ in schedules.values()).encode()).hexdigest()[:8]
         score = dict(n=a.num_samples, evaluator=m["evaluator"], ref_features=m["reference"], ref_name=m["ref_name"],
                      classifier=m["classifier"])  # fmt: skip
-        rows = scored_rows(module, fixed + ddim, cache=rows_dir / f"schedules_{m['key']}.json", **score)
+        refs = [*ddim, Sampler(**TEACHER)]
+        rows = scored_rows(module, fixed + refs, cache=rows_dir / f"schedules_{m['key']}.json", **score)
         rows += scored_rows(module, ours, cache=rows_dir / f"schedules_{m['key']}_learned_{tag}.json", **score)
         res["models"].append({"key": m["key"], "title": m["title"], "ckpt": str(m["ckpt"]), "rows": rows,
                               "learn_minutes": {f"{METHODS[i]['method']}@{k}": v[1] for (i, k), v in schedules.items()},
@@ -134,7 +137,8 @@ def table(res: dict) -> tuple[list[str], list[str]]:
     lines, targets = [], []
     for r in res["models"]:
         by = {x["sampler"]: x for x in r["rows"]}
-        nfes = sorted({x["nfe"] for x in r["rows"]})
+        teacher = by.pop(Sampler(**TEACHER).name, None)
+        nfes = sorted({x["nfe"] for x in by.values()})
         lines += [f"**{r['title']}** (FID / KID x 1e3; learning minutes in brackets)", "",
                   "| method | grid | " + " | ".join(f"NFE {k}" for k in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
         best_fixed, best_learned = {}, {}
@@ -157,15 +161,22 @@ def table(res: dict) -> tuple[list[str], list[str]]:
         ddim = [by.get(Sampler("ddim", nfe=k, eta=1.0).name) for k in nfes]
         lines += ["| DDIM eta=1 | trailing | " + " | ".join(f"{x['fid']:.2f} / {x['kid'] * 1e3:.2f}" if x else "—"
                                                          for x in ddim) + " |", ""]  # fmt: skip
+        if teacher:
+            lines += [f"The teacher every grid is fitted to, {Sampler(**TEACHER).label} at NFE {TEACHER['nfe']}, "
+                      f"scores {teacher['fid']:.2f} / {teacher['kid'] * 1e3:.2f}: a grid that matched it exactly "
+                      "would score that.", ""]  # fmt: skip
         d10 = by.get(Sampler("ddim", nfe=10, eta=1.0).name)
         if 10 in best_learned and d10:
             ok = best_learned[10] <= d10["fid"]
-            targets.append(f"{r['title']}: NFE 10 learned {best_learned[10]:.2f} vs DDIM eta 1 {d10['fid']:.2f}: "
+            targets.append(f"{r['title']}: NFE 10 learned {best_learned[10]:.2f} vs DDIM eta 1 {d10['fid']:.2f}"
+                           + (f" (teacher {teacher['fid']:.2f})" if teacher else "") + ": "
                            + ("met" if ok else "NOT met"))  # fmt: skip
         if 5 in best_learned and 5 in best_fixed:
             cut = 1 - best_learned[5] / best_fixed[5]
             targets.append(f"{r['title']}: NFE 5 learned {best_learned[5]:.2f} vs best fixed {best_fixed[5]:.2f} "
-                           f"({cut:+.0%} cut; 25% asked): " + ("met" if cut >= 0.25 else "NOT met"))  # fmt: skip
+                           f"({cut:+.0%} cut; 25% asked, i.e. {0.75 * best_fixed[5]:.2f}"
+                           + (f"; teacher {teacher['fid']:.2f}" if teacher else "") + "): "
+                           + ("met" if cut >= 0.25 else "NOT met"))  # fmt: skip
     return lines, targets
 
 
@@ -174,7 +185,8 @@ def plot(res: dict):
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, r in zip(axes[0], res["models"], strict=True):
         by = {x["sampler"]: x for x in r["rows"]}
-        nfes = sorted({x["nfe"] for x in r["rows"]})
+        teacher = by.pop(Sampler(**TEACHER).name, None)
+        nfes = sorted({x["nfe"] for x in by.values()})
         for c, meth in zip(colors, METHODS, strict=False):
             fixed = [min((by[n]["fid"] for sp in FIXED if (n := _name(meth, k, sp)) in by), default=None) for k in nfes]
             ours = [by.get(_name(meth, k, "learned"), {}).get("fid") for k in nfes]
@@ -185,6 +197,9 @@ def plot(res: dict):
             ax.plot(nfes, ours, ls="-", marker="D", color=c, label=f"{label}, learned grid")
         ax.plot(nfes, [by.get(Sampler("ddim", nfe=k, eta=1.0).name, {}).get("fid") for k in nfes], color="gray",
                 marker="s", label="DDIM eta=1")  # fmt: skip
+        if teacher:
+            ax.axhline(teacher["fid"], color="black", ls=":", lw=1,
+                       label=f"teacher: {Sampler(**TEACHER).label}, NFE {TEACHER['nfe']}")  # fmt: skip
         ax.set_yscale("log")
         ax.set_xticks(nfes, [str(k) for k in nfes])
         ax.set_xlabel("network evaluations per sample (NFE)")
@@ -203,7 +218,8 @@ def section(res: dict, link: str) -> str:
 
 Machine: {machine_line(res['machine'])}. FID / KID x 1e3 at N={res['n']:,} against {res['ref_name']}{note};
 every row draws image i from the seed (0, i). Learned: `learn_schedule.py`
-(LD3's objective against DPM-Solver++(2M) at NFE 100 on {res['trajectories']} trajectories, at most
+(LD3's objective against DPM-Solver++(2M) at NFE 100 on {res['trajectories']} trajectories seeded
+({res.get('learn_seed', 0)}, i), at most
 {res['max_evals']} loss evaluations of Nelder-Mead from the best fixed grid); the minutes each took are in brackets.
 Wall time of this benchmark: {res['wall_seconds'] / 60:.1f} min (cached schedules and rows count as zero).
 

@@ -236,10 +236,10 @@ def validate_train_config(cfg: DictConfig) -> None:
     if fid is not None:
         for i, node in enumerate(fid.get("samplers") or []):
             row = validate_sampler(node, f"callbacks.fid.samplers[{i}]", diffusion, conditional, trained_by)
-            if row.guidance is not None and row.guidance.rule == "autoguidance":
-                raise ConfigError(f"callbacks.fid.samplers[{i}]: autoguidance needs a guide network, which the FID "
-                                  "callback does not load; track cfg or apg here, and score autoguidance with "
-                                  "evaluate.py")  # fmt: skip
+            guide = row.guide if row.guidance is not None and row.guidance.rule == "autoguidance" else None
+            if guide and "ckpt" not in guide and not (cfg.callbacks.get("ema") or {}).get("post_hoc"):
+                raise ConfigError(f"callbacks.fid.samplers[{i}].guide.step: a guide from this run's snapshots needs "
+                                  "them: set callbacks.ema.post_hoc=true (or guide by guide.ckpt=<a checkpoint>)")
         if fid.get("ema_sigma_rels") and not (cfg.callbacks.get("ema") or {}).get("post_hoc"):
             raise ConfigError("callbacks.fid.ema_sigma_rels needs the post-hoc snapshots: set "
                               "callbacks.ema.post_hoc=true")  # fmt: skip

@@ -23,6 +23,7 @@ from .checkpoint import (
     build_module,
     check_finite,
     init_weights,
+    load_guide,
     load_module,
     load_teacher,
     newest_valid_checkpoint,
@@ -328,47 +329,6 @@ def _with_guides(cfg: DictConfig, module, samplers: list[tuple]) -> list[tuple]:
             s = s.with_guide(guides[key])
         out.append((s, role))
     return out
-
-
-def load_guide(module, guide: dict | None, ckpt_path, ema: bool = True):
-    """Autoguidance's guide network for `module` (read from `ckpt_path`), in eval mode on its device: another run's
-    checkpoint (guide.ckpt: the same process, image size, channels and classes, else ConfigError naming both; its
-    EMA weights unless ema=False), or this run's post-hoc EMA of width guide.sigma_rel at snapshot step guide.step
-    (<run>/ema_snapshots)."""
-    import copy
-
-    if not guide:
-        raise ConfigError("sampler.guidance=autoguidance needs a guide: sampler.guide.ckpt=<a weaker run's "
-                          "checkpoint>, or sampler.guide.step=<an earlier snapshot step> and sampler.guide.sigma_rel")
-    if "ckpt" in guide:
-        other = load_module(guide["ckpt"], ema=ema, key="sampler.guide.ckpt")
-        theirs, mine = _what_it_models(other), _what_it_models(module)
-        if theirs != mine:
-            raise ConfigError(f"sampler.guide.ckpt={guide['ckpt']} models {theirs}; {ckpt_path} models {mine}: a "
-                              "guide must share the process, image size, channels and classes")  # fmt: skip
-        net, what = other.net, guide["ckpt"]
-    else:
-        from .lit.ema import read_snapshots
-        from .phema import reconstruct
-
-        snaps = read_snapshots(Path(ckpt_path).parent.parent / "ema_snapshots")
-        try:
-            state = reconstruct(snaps, float(guide["sigma_rel"]), int(guide["step"]))
-        except ValueError as e:
-            raise ConfigError(f"sampler.guide.step={guide['step']} sigma_rel={guide['sigma_rel']}: {e}") from None
-        rebuilt = copy.deepcopy(module)
-        rebuilt.load_state_dict(state)
-        net, what = rebuilt.net, f"the post-hoc EMA sigma_rel={guide['sigma_rel']} at step {guide['step']}"
-    net = net.to(module.device).eval().requires_grad_(False)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    log.info("autoguidance: guide %s (%d parameters; the guided net %d)", what, count(net), count(module.net))
-    return net
-
-
-def _what_it_models(module) -> str:
-    net = module.net
-    return (f"{module.diffusion.network_view}, {net.in_channels}x{net.image_size}x{net.image_size}, "
-            f"classes={net.num_classes}")  # fmt: skip
 
 
 def _grid_guidance(g) -> list[dict | None]:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import FAST, ROOT, evaluate_fid
+from conftest import FAST, ROOT, evaluate_fid, fid_metrics
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
@@ -58,13 +58,6 @@ def test_loss_aware_sampler_identical_across_ranks(tmp_path):
     assert not (ROOT / "outputs" / "train" / "runs" / run.name).exists()
 
 
-def _fid_metrics(run_dir):
-    import csv
-
-    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
-    return {k: float(v) for r in rows for k, v in r.items() if k.startswith("val/fid/") and v}
-
-
 def test_fid_callback_on_two_ranks_equals_evaluate_in_one_process_conditional(tmp_path, inception_path):
     """lr=0 keeps the weights; image i depends only on (seed, i) -- its label, x_T and every step's noise -- so the
     2-rank scores (each rank half the samples and half the reference, FID states reduced by torchmetrics, features
@@ -83,7 +76,7 @@ def test_fid_callback_on_two_ranks_equals_evaluate_in_one_process_conditional(tm
 
 def _same_as_evaluate(tmp_path, train_args, rows, inception_path):
     run_train(train_args, tmp_path / "ddp")
-    ddp = _fid_metrics(tmp_path / "ddp")
+    ddp = fid_metrics(tmp_path / "ddp")
     assert sorted(ddp) == sorted(f"val/fid/{n}" for n in rows) and all(v > 0 for v in ddp.values())
     ckpt = tmp_path / "ddp" / "checkpoints" / "last.ckpt"
     for name, sampler in rows.items():

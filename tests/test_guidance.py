@@ -242,18 +242,37 @@ def test_evaluate_grid_crosses_guidance_entries_with_scales(tmp_path):
         _samplers(cfg, model)
 
 
-def test_autoguidance_is_refused_where_no_guide_is_loaded(tmp_path):
-    from conftest import FAST, compose_train
+def test_fid_callback_scores_autoguidance_by_a_checkpoint_as_evaluate_does(tiny_ckpt, tmp_path, inception_path):
+    """Issue 44: the FID callback loads a guide checkpoint at setup; its score of the autoguided row equals
+    evaluate.py's on the run's checkpoint with the same guide (and differs from the unguided row's). A guide that
+    does not exist is refused before the first step, naming the key and the file; training's own sample grids load
+    no guide, and say so. (A guide from the run's own snapshots: tests/test_phema.py.)"""
+    from conftest import FAST, compose_train, evaluate_fid, fid_metrics
 
+    from diffusion_lab.checkpoint import CheckpointError
     from diffusion_lab.config import ConfigError
     from diffusion_lab.tasks import train
 
-    guided = "{method: ddim, steps: 3, guidance: autoguidance, guidance_scale: 2, guide: {ckpt: a.ckpt}}"
-    with pytest.raises(ConfigError, match=r"callbacks.fid.samplers\[0\]: autoguidance needs a guide network"):
-        train(compose_train([*FAST, "callbacks=with_fid", f"callbacks.fid.samplers=[{guided}]"], tmp_path / "a"))
+    guided = f"{{method: ddim, steps: 3, guidance: autoguidance, guidance_scale: 2, guide: {{ckpt: {tiny_ckpt}}}}}"
+    run = [*FAST, "diffusion.steps=100", "callbacks=with_fid", "trainer.max_steps=2", "callbacks.fid.num_samples=12",
+           "callbacks.fid.reference_split=val", "callbacks.fid.num_reference=32", "logger=csv",
+           f"paths.cache_dir={tmp_path / 'cache'}", f"callbacks.fid.inception_weights={inception_path}"]  # fmt: skip
+    missing = guided.replace(str(tiny_ckpt), str(tmp_path / "nope.ckpt"))
+    with pytest.raises(CheckpointError, match=r"sampler.guide.ckpt=.*nope.ckpt. does not exist"):
+        train(compose_train([*run, f"callbacks.fid.samplers=[{missing}]"], tmp_path / "missing"))
+    assert not (tmp_path / "missing" / "checkpoints").exists()
     with pytest.raises(ConfigError, match="sampler.guidance=autoguidance: training's sample grids load no guide"):
         train(compose_train([*FAST, "sampler.guidance=autoguidance", "sampler.guidance_scale=2",
                              "sampler.guide.ckpt=a.ckpt"], tmp_path / "b"))  # fmt: skip
+    train(compose_train([*run, f"callbacks.fid.samplers=[{{method: ddim, steps: 3}}, {guided}]"], tmp_path / "run"))
+    fid = fid_metrics(tmp_path / "run")
+    ag = f"ddim3_eta0_autoguidance2_by-{tiny_ckpt.parent.parent.name}-last"
+    assert sorted(fid) == sorted([f"val/fid/{ag}", "val/fid/ddim3_eta0"]) and fid[f"val/fid/{ag}"] != fid[
+        "val/fid/ddim3_eta0"]
+    one = evaluate_fid(tmp_path / "run" / "checkpoints" / "last.ckpt", [
+        "sampler=ddim", "sampler.steps=3", "sampler.guidance=autoguidance", "sampler.guidance_scale=2",
+        f"sampler.guide.ckpt={tiny_ckpt}"], tmp_path / "eval", inception_path)  # fmt: skip
+    assert one == {ag: pytest.approx(fid[f"val/fid/{ag}"], rel=1e-4)}
 
 
 def test_sample_py_autoguidance_by_a_checkpoint(tiny_ckpt, tmp_path):

@@ -206,28 +206,34 @@ def _evaluate_and_sample_take_sigma_rel(ckpt, tmp_path):
 
 def test_fid_callback_scores_post_hoc_emas_during_training(tmp_path, inception_path):
     """callbacks.fid.ema_sigma_rels: the FID callback also scores the post-hoc EMAs rebuilt from the snapshots so
-    far (one the snapshots cannot represent yet is skipped, not an error); without post_hoc it is refused in one
-    line before training."""
-    import csv
-
-    from conftest import FAST, compose_train
+    far (one the snapshots cannot represent yet is skipped, not an error), and an autoguided row whose guide is this
+    run's post-hoc EMA at an earlier step (issue 44), equal to evaluate.py's score of it on the run's checkpoint;
+    without post_hoc both are refused in one line before training."""
+    from conftest import FAST, compose_train, evaluate_fid, fid_metrics
 
     from diffusion_lab.config import ConfigError
     from diffusion_lab.tasks import train
 
-    run = [*FAST, "callbacks=with_fid", "trainer.max_steps=6", "callbacks.fid.num_samples=8",
-           "callbacks.fid.reference_split=val", "callbacks.fid.samplers=[{method: ddim, steps: 3}]",
-           "callbacks.fid.num_reference=32",
-           "callbacks.fid.ema_sigma_rels=[0.07,0.2]", f"paths.cache_dir={tmp_path / 'cache'}",
-           f"callbacks.fid.inception_weights={inception_path}"]  # fmt: skip
+    guided = "{method: ddim, steps: 3, guidance: autoguidance, guidance_scale: 2, guide: {step: 4, sigma_rel: 0.07}}"
+    run = [*FAST, "callbacks=with_fid", "trainer.max_steps=6", "callbacks.fid.num_samples=12",
+           "callbacks.fid.reference_split=val", "callbacks.fid.num_reference=32",
+           f"paths.cache_dir={tmp_path / 'cache'}", f"callbacks.fid.inception_weights={inception_path}"]  # fmt: skip
     with pytest.raises(ConfigError, match="callbacks.fid.ema_sigma_rels needs the post-hoc snapshots"):
-        train(compose_train(run, tmp_path / "refused"))
-    train(compose_train([*run, "callbacks.ema.post_hoc=true", "callbacks.ema.snapshot_every=2", "logger=csv"],
-                        tmp_path / "run"))  # fmt: skip
-    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
-    fid = {k: float(v) for r in rows for k, v in r.items() if k.startswith("val/fid/") and v}
-    assert sorted(fid) == ["val/fid/ddim3_eta0", "val/fid/ddim3_eta0@ema0.07"]  # 0.2: not representable at step 6
-    assert fid["val/fid/ddim3_eta0"] != fid["val/fid/ddim3_eta0@ema0.07"]
+        train(compose_train([*run, "callbacks.fid.ema_sigma_rels=[0.07,0.2]"], tmp_path / "refused"))
+    with pytest.raises(ConfigError, match=r"callbacks.fid.samplers\[0\].guide.step: a guide from this run's snapshots"):
+        train(compose_train([*run, f"callbacks.fid.samplers=[{guided}]"], tmp_path / "refused2"))
+    train(compose_train([*run, "callbacks.fid.samplers=[{method: ddim, steps: 3}, " + guided + "]",
+                         "callbacks.fid.ema_sigma_rels=[0.07,0.2]", "callbacks.ema.post_hoc=true",
+                         "callbacks.ema.snapshot_every=2", "logger=csv"], tmp_path / "run"))  # fmt: skip
+    fid = fid_metrics(tmp_path / "run")
+    ag = "ddim3_eta0_autoguidance2_by-step4-0.07"
+    assert sorted(fid) == sorted(f"val/fid/{n}" for n in ("ddim3_eta0", "ddim3_eta0@ema0.07", ag, f"{ag}@ema0.07"))
+    assert fid["val/fid/ddim3_eta0"] != fid["val/fid/ddim3_eta0@ema0.07"]  # 0.2: not representable at step 6
+    assert fid[f"val/fid/{ag}"] != fid["val/fid/ddim3_eta0"]  # the guide is used
+    one = evaluate_fid(tmp_path / "run" / "checkpoints" / "last.ckpt", [
+        "sampler=ddim", "sampler.steps=3", "sampler.guidance=autoguidance", "sampler.guidance_scale=2",
+        "sampler.guide.step=4", "sampler.guide.sigma_rel=0.07"], tmp_path / "eval", inception_path)  # fmt: skip
+    assert one == {ag: pytest.approx(fid[f"val/fid/{ag}"], rel=1e-4)}
 
 
 def test_reading_snapshots_shows_a_bar_over_the_files(tmp_path, monkeypatch):

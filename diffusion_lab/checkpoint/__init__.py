@@ -9,7 +9,7 @@
 - resume.py: which keys may differ from the checkpoint's on resume, and which checkpoint to resume from.
 """
 
-from .build import build_module, init_weights, load_module, load_teacher
+from .build import build_module, init_weights, load_guide, load_module, load_teacher
 from .resume import APPLIED_ON_RESUME, FREE_ON_RESUME, newest_valid_checkpoint, resume_changes
 from .untrusted import (
     BUILT_NODES,
@@ -33,6 +33,7 @@ __all__ = [
     "check_finite",
     "check_targets",
     "checkpoint_config",
+    "load_guide",
     "load_module",
     "init_weights",
     "load_teacher",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import build
+from ..config import ConfigError, build
 from ..diffusion.objectives import Denoising
 from ..lit import DiffusionModule
 from .untrusted import CheckpointError, check_finite, checkpoint_config, read_checkpoint
@@ -100,6 +100,47 @@ def load_teacher(path: str | Path, module: DiffusionModule):
     src = load_module(path, ema=True, key="teacher")
     _check_same_net(module, src, path, "teacher")
     return src.net.eval().requires_grad_(False)
+
+
+def load_guide(module: DiffusionModule, guide: dict | None, source, ema: bool = True, snapshot_dir=None):
+    """Autoguidance's guide network for `module` (which `source` names: its checkpoint, or "this run"), frozen in
+    eval mode on module's device: another run's checkpoint (guide.ckpt: the same process, image size, channels and
+    classes, else ConfigError naming both; its EMA weights unless ema=False), or the post-hoc EMA of width
+    guide.sigma_rel at snapshot step guide.step rebuilt from `snapshot_dir` (default: <source's run>/ema_snapshots)."""
+    import copy
+
+    if not guide:
+        raise ConfigError("sampler.guidance=autoguidance needs a guide: sampler.guide.ckpt=<a weaker run's "
+                          "checkpoint>, or sampler.guide.step=<an earlier snapshot step> and sampler.guide.sigma_rel")
+    if "ckpt" in guide:
+        other = load_module(guide["ckpt"], ema=ema, key="sampler.guide.ckpt")
+        theirs, mine = _what_it_models(other), _what_it_models(module)
+        if theirs != mine:
+            raise ConfigError(f"sampler.guide.ckpt={guide['ckpt']} models {theirs}; {source} models {mine}: a "
+                              "guide must share the process, image size, channels and classes")  # fmt: skip
+        net, what = other.net, guide["ckpt"]
+    else:
+        from ..lit.ema import read_snapshots
+        from ..phema import reconstruct
+
+        snaps = read_snapshots(snapshot_dir or Path(source).parent.parent / "ema_snapshots")
+        try:
+            state = reconstruct(snaps, float(guide["sigma_rel"]), int(guide["step"]))
+        except ValueError as e:
+            raise ConfigError(f"sampler.guide.step={guide['step']} sigma_rel={guide['sigma_rel']}: {e}") from None
+        rebuilt = copy.deepcopy(module)
+        rebuilt.load_state_dict(state)
+        net, what = rebuilt.net, f"the post-hoc EMA sigma_rel={guide['sigma_rel']} at step {guide['step']}"
+    net = net.to(module.device).eval().requires_grad_(False)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    log.info("autoguidance: guide %s (%d parameters; the guided net %d)", what, count(net), count(module.net))
+    return net
+
+
+def _what_it_models(module) -> str:
+    net = module.net
+    return (f"{module.diffusion.network_view}, {net.in_channels}x{net.image_size}x{net.image_size}, "
+            f"classes={net.num_classes}")  # fmt: skip
 
 
 def _cause(e: BaseException) -> str:

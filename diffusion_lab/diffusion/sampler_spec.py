@@ -248,6 +248,11 @@ class Sampler:
         out._guide_net = net
         return out
 
+    @property
+    def guide_net(self):
+        """Autoguidance's guide network given by with_guide, or None."""
+        return self._guide_net
+
     # ------------------------------------------------------------------ what tables and plots show
     @property
     def nfe(self) -> int | None:

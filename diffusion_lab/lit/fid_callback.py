@@ -10,6 +10,8 @@ sampler with the most network evaluations, DDPM-T by default) and a grid per sam
 with callbacks.ema.post_hoc) it also scores the post-hoc EMA of each sigma_rel rebuilt from the snapshots written so
 far (every rank reads them: the run directory must be shared, as for checkpoints), logged as
 `val/fid/<sampler>@ema<sigma_rel>`; one the snapshots cannot represent yet is skipped with a log line.
+An autoguided sampler (sampler.guide) loads its guide checkpoint at setup (every rank reads it, before the first
+step), or rebuilds a guide from this run's post-hoc EMA snapshots at each evaluation once they reach guide.step.
 """
 
 from __future__ import annotations
@@ -109,6 +111,16 @@ class FIDCallback(L.Callback):
             raise ValueError(
                 "callbacks.fid.ema_sigma_rels needs the post-hoc snapshots: set callbacks.ema.post_hoc=true"
             )
+        from ..checkpoint import load_guide  # the checkpoint package builds lit's module: imported when used
+
+        for i, s in enumerate(self.samplers):
+            if not _autoguided(s):
+                continue
+            if not s.guide or "ckpt" in s.guide:  # no guide: load_guide's one line saying how to name one
+                self.samplers[i] = s.with_guide(load_guide(pl_module, s.guide, "this run"))
+            elif self.snapshot_dir is None:
+                raise ValueError(f"callbacks.fid.samplers[{i}]: a guide from this run's snapshots (sampler.guide.step)"
+                                 " needs the post-hoc snapshots: set callbacks.ema.post_hoc=true")  # fmt: skip
         # Resolve weights before any training step, so a missing file fails at once; rank 0 first, so that
         # a first-time conversion happens once.
         if not trainer.is_global_zero:
@@ -130,9 +142,9 @@ class FIDCallback(L.Callback):
         if trainer.world_size > 1:  # every rank reads the cache rank 0 just wrote
             trainer.strategy.barrier()
             ref = ev.reference_features(key, real)
-        results = {}
+        results, samplers = {}, self._guided(trainer, module)
         for tag, weights in [("", module), *self._post_hoc(trainer, module)]:
-            for sampler in self.samplers:
+            for sampler in samplers:
                 scores, fake = sample_and_score(
                     weights, sampler, num_samples=self.num_samples, seed=self.seed, batch_size=self.batch_size,
                     evaluator=ev, reference=ref, world=_Ranks(trainer),
@@ -147,6 +159,29 @@ class FIDCallback(L.Callback):
         self.results = results
         self._log(trainer, results)
         return results
+
+    def _guided(self, trainer, module) -> list[Sampler]:
+        """The samplers to score now, each autoguided one with its guide on module's device: a checkpoint's (loaded
+        at setup), or this run's post-hoc EMA at guide.step rebuilt from the snapshots so far (skipped with a log
+        line until they reach it)."""
+        from ..checkpoint import load_guide
+        from ..config import ConfigError
+        from .ema import SnapshotError
+
+        out = []
+        for s in self.samplers:
+            if _autoguided(s) and "ckpt" not in s.guide:
+                if trainer.world_size > 1:  # rank 0 wrote the snapshots
+                    trainer.strategy.barrier()
+                try:
+                    s = s.with_guide(load_guide(module, s.guide, "this run", snapshot_dir=self.snapshot_dir))
+                except (ConfigError, SnapshotError) as e:
+                    log.info("FID of %s skipped at step %d: %s", s.name, trainer.global_step, e)
+                    continue
+            elif s.guide_net is not None:
+                s.guide_net.to(module.device)
+            out.append(s)
+        return out
 
     def _post_hoc(self, trainer, module) -> list[tuple[str, L.LightningModule]]:
         """[("@ema<sigma_rel>", a copy of `module` with that post-hoc EMA's weights)] from the snapshots so far."""
@@ -195,3 +230,7 @@ class FIDCallback(L.Callback):
     def on_train_end(self, trainer, pl_module):
         # Before teardown moves the model off the GPU; EMA.of() gives the averaged copy.
         self.evaluate(trainer, EMA.of(trainer, pl_module))
+
+
+def _autoguided(s: Sampler) -> bool:
+    return s.guidance is not None and s.guidance.rule == "autoguidance"

@@ -203,12 +203,60 @@ def test_bad_guidance_keys_are_refused_in_one_line(keys, message):
     assert "\n" not in str(e.value)
 
 
-def test_meanflow_and_ddpm_refuse_what_they_cannot_guide():
+def test_meanflow_refuses_guidance():
     with pytest.raises(ValueError, match="sampler.method=meanflow"):
         Sampler("meanflow", guidance_scale=2.0)
-    with pytest.raises(ValueError, match="sampler.method=ddpm guides by cfg"):
-        Sampler("ddpm", guidance="apg", guidance_scale=2.0)
-    Sampler("ddpm", guidance_scale=2.0)  # DDPM's ancestral sampler takes CFG (a wrapped model)
+
+
+@pytest.mark.parametrize("var_type", ["fixed_small", "learned_range"])
+def test_ddpm_ancestral_steps_take_every_rule(var_type):
+    """DDPM's ancestral loop is guided through the one denoiser (issue 44): CFG on (0, inf] equals CFG as a wrapped
+    model (ClassifierFreeGuidance mixes the network outputs, a learned variance is the conditional half's) with 2
+    evaluations per step; an empty interval, and autoguidance by the model itself, equal the unguided loop with 1;
+    a partial interval is counted by Sampler.nfe as evaluated; APG and a weaker guide move the samples."""
+    from diffusion_lab.diffusion import ddpm_sample
+
+    process = GaussianDiffusion.from_schedule("linear", 100, var_type=var_type)
+
+    def with_variance(exact):  # a learned variance channel: v in [-1, 1], the interpolation frac of learned_range
+        def net(x, t, y=None):
+            v = torch.tanh(x + (0 if y is None else 0.01 * y.reshape(-1, 1, 1, 1)))
+            return torch.cat([exact(x, t, y), v], 1) if process.learns_sigma else exact(x, t, y)
+
+        return net
+
+    model = with_variance(_conditional(process))
+
+    x, y, ts = _randn(4, 1, 3, 3, seed=4), torch.tensor([0, 1, 2, 1]), Sampler("ddpm", steps=10).timesteps(process)
+
+    def run(guidance=None, wrapped=model):
+        calls = []
+
+        def counting(x, t, **k):
+            calls.append(x.shape[0])
+            return wrapped(x, t, **k)
+
+        out = ddpm_sample(process, counting, x, ts, model_kwargs={"y": y}, guidance=guidance,
+                          generator=torch.Generator().manual_seed(5))  # fmt: skip
+        return out, sum(calls) // x.shape[0]
+
+    plain, n_plain = run()
+    guided, n_guided = run(Guidance("cfg", 2.0, interval=(0.0, math.inf)).bind(null_label=NULL))
+    wrapped, _ = run(wrapped=ClassifierFreeGuidance(model, 2.0, NULL))
+    torch.testing.assert_close(guided, wrapped, rtol=0, atol=1e-10)
+    assert n_plain == 10 and n_guided == 20 and (guided - plain).abs().max() > 1e-2
+    empty, n_empty = run(Guidance("cfg", 2.0, interval=(1e6, 1e7)).bind(null_label=NULL))
+    itself, _ = run(Guidance("autoguidance", 3.0).bind(guide=model))
+    assert torch.equal(empty, plain) and n_empty == 10
+    torch.testing.assert_close(itself, plain, rtol=0, atol=1e-10)
+    weak = GaussianData(mu=0.3, s=0.7).model(process)
+    weaker = with_variance(lambda x, t, y: weak(x, t))
+    for g in (Guidance("apg", 2.0).bind(null_label=NULL), Guidance("autoguidance", 2.0).bind(guide=weaker)):
+        assert (run(g)[0] - plain).abs().max() > 1e-2
+    sampler = Sampler("ddpm", steps=10, guidance_scale=2.0, guidance_interval=[0.5, 5.0]).bind(process)
+    inside = sum(0.5 < float(process.sigma_at(t)) <= 5.0 for t in ts)
+    assert 0 < inside < 10 and sampler.nfe == 10 + inside
+    assert run(sampler.guidance.bind(null_label=NULL))[1] == sampler.nfe
 
 
 # --------------------------------------------------------------------------- evaluate.py's grid, the FID callback

@@ -62,8 +62,8 @@ class Method:
     objectives: the training objectives whose models it samples (None: any; consistency: ect, meanflow: meanflow).
     times: (diffusion, options) -> the ascending times to visit, or None for the spacing grid: an option that
         fixes the grid (the few-step samplers' mid_sigmas / mid_times), with `fixed_steps` its number of visits.
-    guided: the guidance it takes: "any" (every rule and interval, through solvers.sample's denoiser), "cfg" (CFG
-        at every step as a wrapped model: DDPM's ancestral steps use the raw network output), None (none).
+    guided: the guidance it takes: "any" (every rule and interval, through guidance.py's denoiser: the solvers'
+        driver, DDPM's ancestral loop), None (none).
     """
 
     name: str
@@ -187,7 +187,6 @@ register(
         steps=None,
         stochastic=lambda o: o["temperature"] > 0,
         discrete=True,
-        guided="cfg",
     )
 )
 register(

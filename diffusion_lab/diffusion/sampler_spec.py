@@ -23,7 +23,6 @@ from ..checks import check_choice, check_count, check_number
 from .guidance import Guidance
 from .registry import Method, get_method
 from .respace import AUTO_SPACING, CONTINUOUS_SPACINGS, SPACINGS, sampling_times
-from .samplers import ClassifierFreeGuidance
 
 LEARNED = "learned"  # the spacing of a grid learned for one checkpoint (learned_grid.py, learn_schedule.py)
 ALL_SPACINGS = (*SPACINGS, *CONTINUOUS_SPACINGS, AUTO_SPACING, LEARNED)
@@ -134,10 +133,6 @@ class Sampler:
         name = self.method.name
         if self.method.guided is None:
             raise ValueError(f"sampler.method={name} takes no guidance: drop sampler.guidance_scale")
-        if self.method.guided == "cfg" and (g.rule != "cfg" or g.interval is not None):
-            raise ValueError(f"sampler.method={name} guides by cfg at every step (a wrapped model); for "
-                             f"sampler.guidance={g.rule}{' on an interval' if g.interval else ''} use sampler=ddim_eta1"
-                             " or an ODE solver")  # fmt: skip
         return g
 
     def _learned(self, schedule, spacing, steps, transfer) -> int:
@@ -218,9 +213,11 @@ class Sampler:
 
         calls = []
 
+        channels = 2 if getattr(diffusion, "learns_sigma", False) else 1  # DDPM's loop reads a learned variance
+
         def zero(x, t, **_):
             calls.append(x.shape[0])
-            return torch.zeros_like(x)
+            return torch.zeros_like(x).repeat(1, channels, 1, 1)
 
         x = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
         guidance = self.guidance.bind(null_label=1, guide=zero)
@@ -356,10 +353,7 @@ class Sampler:
             if g.rule != "autoguidance" and (null_label is None or not model_kwargs or "y" not in model_kwargs):
                 raise ValueError(f"sampler.guidance={g.rule} needs a class-conditional model (net.num_classes) and "
                                  "labels y; an unconditional model is guided by sampler.guidance=autoguidance")
-            if self.method.guided == "cfg":
-                model = ClassifierFreeGuidance(model, g.scale, null_label)
-            else:
-                guidance = self.bound_guidance(model, null_label)
+            guidance = self.bound_guidance(model, null_label)
         extra = {"guidance": guidance} if guidance is not None else {}
         return self.method.fn(
             diffusion,

@@ -58,13 +58,19 @@ def sample_loop(
     progress: bool = False,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     post_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    guidance=None,
     **step_kwargs,
 ) -> torch.Tensor:
     """Run `step` from index `start_index` (default: the last) down to 0 of the (respaced) process.
 
     post_step(i, x_{i-1}) may edit the new state (inpainting); callback(i, x_{i-1}, pred_x0) observes it.
+    guidance: a guidance.Bound (any rule, interval): each step's x0 prediction is the rule's mix (guidance.py),
+    the variance the guided model's own (_guided_mean_variance).
     """
     process = as_process(diffusion, timesteps)
+    if guidance is not None:
+        model = _LastOutput(model)
+        denoise = guidance.denoiser(process, model, model_kwargs, clip_denoised)
     n = process.num_timesteps
     start = n - 1 if start_index is None else int(start_index)
     if not 0 <= start < n:
@@ -74,13 +80,40 @@ def sample_loop(
     for i in tqdm(indices, desc="sampling", leave=False) if progress else indices:
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         with torch.no_grad():
-            out = process.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
+            if guidance is None:
+                out = process.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
+            else:
+                out = _guided_mean_variance(process, denoise, model, x, t)
             x = step(process, out, x, t, generator=generator, temperature=temperature, **step_kwargs)
         if post_step is not None:
             x = post_step(i, x)
         if callback is not None:
             callback(i, x, out["pred_x0"])
     return x
+
+
+class _LastOutput:
+    """The guided model, keeping its last raw output [B or 2B, C or 2C, H, W]: the guidance Denoiser calls it first
+    each step (for CFG / APG with the conditional rows first), so its first B rows hold the learned variance."""
+
+    def __init__(self, model):
+        self.model, self.last = model, None
+
+    def __call__(self, *args, **kwargs):
+        self.last = self.model(*args, **kwargs)
+        return self.last
+
+
+def _guided_mean_variance(process, denoise, model: _LastOutput, x: torch.Tensor, t: torch.Tensor) -> dict:
+    """p_mean_variance under guidance: pred_x0 / eps the rule's mix at index t (clipped as asked), the posterior
+    mean q(x_{t-1} | x_t, pred_x0) (DDPM eq. 7) and the guided model's own variance (a learned one from its output:
+    what ClassifierFreeGuidance keeps, the conditional half's)."""
+    pred_x0, eps = denoise(x, float(t[0]))
+    _, var_out = process.split_model_output(model.last[: x.shape[0]], x)
+    log_variance = process.model_log_variance(var_out, t, x)
+    mean, _, _ = process.q_posterior_mean_variance(pred_x0, x, t)
+    return {"mean": mean, "variance": torch.exp(log_variance), "log_variance": log_variance, "pred_x0": pred_x0,
+            "eps": eps}  # fmt: skip
 
 
 def ddpm_sample(
@@ -97,8 +130,9 @@ def ddpm_sample(
     callback=None,
     start_index=None,
     post_step=None,
+    guidance=None,
 ):
-    """Ancestral sampling (DDPM Alg. 2) on the full or a respaced process, any variance type."""
+    """Ancestral sampling (DDPM Alg. 2) on the full or a respaced process, any variance type, any guidance."""
     return sample_loop(
         diffusion,
         model,
@@ -113,6 +147,7 @@ def ddpm_sample(
         progress=progress,
         callback=callback,
         post_step=post_step,
+        guidance=guidance,
     )
 
 
@@ -180,7 +215,8 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 class ClassifierFreeGuidance:
-    """Wrap a class-conditional model: eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022, eq. 6).
+    """Wrap a class-conditional model: eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022, eq. 6). The samplers
+    guide through guidance.py (Sampler.guidance); this wrapper is for a loop of one's own, and the tests' reference.
 
     One batched forward of 2B per step (conditional and null labels together). s=1 runs only the
     conditional half and s=0 only the unconditional one, so those equal plain sampling bit for bit.

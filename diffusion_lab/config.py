@@ -208,6 +208,27 @@ def validate_data_against_net(datamodule, net) -> None:
         raise ConfigError(f"net.num_classes={k} but the data has {n} classes{source}; set net.num_classes={n}")
 
 
+def _check_fid_guide(cfg: DictConfig, key: str, guide) -> None:
+    """An autoguided FID-callback row's guide, before training: named; a checkpoint that exists; a snapshot step
+    of this run's post-hoc EMA that the run reaches."""
+    from pathlib import Path
+
+    if not guide:
+        raise ConfigError(f"{key}: autoguidance needs a guide: guide: {{ckpt: <a weaker run's checkpoint>}} or "
+                          "{step: <an earlier snapshot step>, sigma_rel: <its EMA width>}")  # fmt: skip
+    if "ckpt" in guide:
+        if not Path(str(guide["ckpt"])).is_file():
+            raise ConfigError(f"{key}.guide.ckpt={guide['ckpt']} does not exist (a .ckpt file written by train.py)")
+        return
+    if not (cfg.callbacks.get("ema") or {}).get("post_hoc"):
+        raise ConfigError(f"{key}.guide.step: a guide from this run's snapshots needs them: set "
+                          "callbacks.ema.post_hoc=true (or guide by guide.ckpt=<a checkpoint>)")  # fmt: skip
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if max_steps is not None and max_steps > 0 and guide["step"] > max_steps:
+        raise ConfigError(f"{key}.guide.step={guide['step']} is past trainer.max_steps={max_steps}: the run never "
+                          "reaches it")  # fmt: skip
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first cross-field problem of a training config (the process is built here,
     so its own checks run too)."""
@@ -236,10 +257,8 @@ def validate_train_config(cfg: DictConfig) -> None:
     if fid is not None:
         for i, node in enumerate(fid.get("samplers") or []):
             row = validate_sampler(node, f"callbacks.fid.samplers[{i}]", diffusion, conditional, trained_by)
-            guide = row.guide if row.guidance is not None and row.guidance.rule == "autoguidance" else None
-            if guide and "ckpt" not in guide and not (cfg.callbacks.get("ema") or {}).get("post_hoc"):
-                raise ConfigError(f"callbacks.fid.samplers[{i}].guide.step: a guide from this run's snapshots needs "
-                                  "them: set callbacks.ema.post_hoc=true (or guide by guide.ckpt=<a checkpoint>)")
+            if row.guidance is not None and row.guidance.rule == "autoguidance":
+                _check_fid_guide(cfg, f"callbacks.fid.samplers[{i}]", row.guide)
         if fid.get("ema_sigma_rels") and not (cfg.callbacks.get("ema") or {}).get("post_hoc"):
             raise ConfigError("callbacks.fid.ema_sigma_rels needs the post-hoc snapshots: set "
                               "callbacks.ema.post_hoc=true")  # fmt: skip

@@ -66,6 +66,7 @@ def evaluate_fid(ckpt, sampler: list[str], out: Path, inception_path: str) -> di
                             f"fid.inception_weights={inception_path}"], out, "evaluate"))  # fmt: skip
     return {r["sampler"]: float(r["fid"]) for r in csv.DictReader(open(out / "results.csv"))}
 
+
 def fid_metrics(run_dir: Path) -> dict[str, float]:
     """The FID callback's scores in a run's CSV log: {"val/fid/<row>": FID} (the last value of each)."""
     import csv

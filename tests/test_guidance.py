@@ -218,9 +218,9 @@ def test_ddpm_ancestral_steps_take_every_rule(var_type):
 
     process = GaussianDiffusion.from_schedule("linear", 100, var_type=var_type)
 
-    def with_variance(exact):  # a learned variance channel: v in [-1, 1], the interpolation frac of learned_range
+    def with_variance(exact, shift=0.0):  # a learned variance channel: v in [-1, 1], learned_range's frac
         def net(x, t, y=None):
-            v = torch.tanh(x + (0 if y is None else 0.01 * y.reshape(-1, 1, 1, 1)))
+            v = torch.tanh(x + shift + (0 if y is None else 0.01 * y.reshape(-1, 1, 1, 1)))
             return torch.cat([exact(x, t, y), v], 1) if process.learns_sigma else exact(x, t, y)
 
         return net
@@ -246,7 +246,8 @@ def test_ddpm_ancestral_steps_take_every_rule(var_type):
     torch.testing.assert_close(guided, wrapped, rtol=0, atol=1e-10)
     assert n_plain == 10 and n_guided == 20 and (guided - plain).abs().max() > 1e-2
     empty, n_empty = run(Guidance("cfg", 2.0, interval=(1e6, 1e7)).bind(null_label=NULL))
-    itself, _ = run(Guidance("autoguidance", 3.0).bind(guide=model))
+    # a guide of the same x0 but another variance: the variance is the main model's, so the unguided loop
+    itself, _ = run(Guidance("autoguidance", 3.0).bind(guide=with_variance(_conditional(process), shift=0.7)))
     assert torch.equal(empty, plain) and n_empty == 10
     torch.testing.assert_close(itself, plain, rtol=0, atol=1e-10)
     weak = GaussianData(mu=0.3, s=0.7).model(process)
@@ -257,6 +258,8 @@ def test_ddpm_ancestral_steps_take_every_rule(var_type):
     inside = sum(0.5 < float(process.sigma_at(t)) <= 5.0 for t in ts)
     assert 0 < inside < 10 and sampler.nfe == 10 + inside
     assert run(sampler.guidance.bind(null_label=NULL))[1] == sampler.nfe
+    ddim = Sampler("ddim", steps=10, guidance_scale=2.0, guidance_interval=[0.5, 5.0]).bind(process)  # its dry run
+    assert ddim.nfe == 10 + sum(0.5 < float(process.sigma_at(t)) <= 5.0 for t in ddim.timesteps(process))
 
 
 # --------------------------------------------------------------------------- evaluate.py's grid, the FID callback
@@ -293,11 +296,10 @@ def test_evaluate_grid_crosses_guidance_entries_with_scales(tmp_path):
 def test_fid_callback_scores_autoguidance_by_a_checkpoint_as_evaluate_does(tiny_ckpt, tmp_path, inception_path):
     """Issue 44: the FID callback loads a guide checkpoint at setup; its score of the autoguided row equals
     evaluate.py's on the run's checkpoint with the same guide (and differs from the unguided row's). A guide that
-    does not exist is refused before the first step, naming the key and the file; training's own sample grids load
-    no guide, and say so. (A guide from the run's own snapshots: tests/test_phema.py.)"""
+    does not exist is refused before training, naming the key and the file; training's own sample grids load no
+    guide, and say so. (A guide from the run's own snapshots: tests/test_phema.py.)"""
     from conftest import FAST, compose_train, evaluate_fid, fid_metrics
 
-    from diffusion_lab.checkpoint import CheckpointError
     from diffusion_lab.config import ConfigError
     from diffusion_lab.tasks import train
 
@@ -306,7 +308,7 @@ def test_fid_callback_scores_autoguidance_by_a_checkpoint_as_evaluate_does(tiny_
            "callbacks.fid.reference_split=val", "callbacks.fid.num_reference=32", "logger=csv",
            f"paths.cache_dir={tmp_path / 'cache'}", f"callbacks.fid.inception_weights={inception_path}"]  # fmt: skip
     missing = guided.replace(str(tiny_ckpt), str(tmp_path / "nope.ckpt"))
-    with pytest.raises(CheckpointError, match=r"sampler.guide.ckpt=.*nope.ckpt. does not exist"):
+    with pytest.raises(ConfigError, match=r"callbacks.fid.samplers\[0\].guide.ckpt=.*nope.ckpt does not exist"):
         train(compose_train([*run, f"callbacks.fid.samplers=[{missing}]"], tmp_path / "missing"))
     assert not (tmp_path / "missing" / "checkpoints").exists()
     with pytest.raises(ConfigError, match="sampler.guidance=autoguidance: training's sample grids load no guide"):

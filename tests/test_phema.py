@@ -222,6 +222,9 @@ def test_fid_callback_scores_post_hoc_emas_during_training(tmp_path, inception_p
         train(compose_train([*run, "callbacks.fid.ema_sigma_rels=[0.07,0.2]"], tmp_path / "refused"))
     with pytest.raises(ConfigError, match=r"callbacks.fid.samplers\[0\].guide.step: a guide from this run's snapshots"):
         train(compose_train([*run, f"callbacks.fid.samplers=[{guided}]"], tmp_path / "refused2"))
+    past = guided.replace("step: 4", "step: 7")
+    with pytest.raises(ConfigError, match=r"samplers\[0\].guide.step=7 is past trainer.max_steps=6"):
+        train(compose_train([*run, f"callbacks.fid.samplers=[{past}]", "callbacks.ema.post_hoc=true"], tmp_path / "p"))
     train(compose_train([*run, "callbacks.fid.samplers=[{method: ddim, steps: 3}, " + guided + "]",
                          "callbacks.fid.ema_sigma_rels=[0.07,0.2]", "callbacks.ema.post_hoc=true",
                          "callbacks.ema.snapshot_every=2", "logger=csv"], tmp_path / "run"))  # fmt: skip
@@ -244,3 +247,20 @@ def test_reading_snapshots_shows_a_bar_over_the_files(tmp_path, monkeypatch):
     monkeypatch.setattr(ema, "tqdm", lambda it, **kw: seen.append((len(it), kw["unit"], kw["disable"])) or it)
     _, snaps = _snapshots(tmp_path, steps=1000, every=250)
     assert seen == [(len(snaps), "file", None)] and len(snaps) == 4
+
+
+def test_fid_callback_skips_a_snapshot_guide_on_every_rank_until_it_can_be_rebuilt(tmp_path):
+    """A guide from this run's snapshots that cannot be rebuilt yet (no snapshots, or none reaching its step) skips
+    its row, by a decision all ranks share (a rank that scored alone would wait for the others in all_gather)."""
+    from types import SimpleNamespace
+
+    from diffusion_lab.lit.fid_callback import FIDCallback
+
+    guided = {"method": "ddim", "steps": 3, "guidance": "autoguidance", "guidance_scale": 2.0,
+              "guide": {"step": 4, "sigma_rel": 0.07}}  # fmt: skip
+    cb = FIDCallback(samplers=[{"method": "ddim", "steps": 3}, guided])
+    cb.snapshot_dir = tmp_path  # no snapshots written yet
+    asked = []
+    ranks = SimpleNamespace(reduce_boolean_decision=lambda ok, all: asked.append((ok, all)) or ok)
+    kept = cb._guided(SimpleNamespace(world_size=1, global_step=2, strategy=ranks), module=None)
+    assert [s.name for s in kept] == ["ddim3_eta0"] and asked == [(False, True)]

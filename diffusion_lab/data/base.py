@@ -103,7 +103,7 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
-        check_count("data.batch_size", batch_size)
+        batch_size = check_count("data.batch_size", batch_size)
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         self.val_fraction, self.batch_size, self.num_workers = val_fraction, batch_size, num_workers
         self.hflip, self.split_seed = hflip, split_seed

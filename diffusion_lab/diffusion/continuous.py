@@ -43,7 +43,7 @@ class ContinuousProcess:
     sample_u(n) and loss_weight(u) (all float64 tensors)."""
 
     def __init__(self, param: Parameterization, num_timesteps: int = 1000):
-        check_count("diffusion.steps", num_timesteps, 2, why="(the solver time resolution)")
+        num_timesteps = check_count("diffusion.steps", num_timesteps, 2, why="(the solver time resolution)")
         self.param, self.num_timesteps = param, num_timesteps
 
     # ------------------------------------------------------------------ the Process interface

@@ -213,7 +213,7 @@ class Sampler:
 
         calls = []
 
-        channels = 2 if getattr(diffusion, "learns_sigma", False) else 1  # DDPM's loop reads a learned variance
+        channels = 2 if getattr(diffusion, "learns_sigma", False) else 1  # a learned-variance process splits 2C
 
         def zero(x, t, **_):
             calls.append(x.shape[0])

@@ -83,7 +83,7 @@ def sample_loop(
             if guidance is None:
                 out = process.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
             else:
-                out = _guided_mean_variance(process, denoise, model, x, t)
+                out = _guided_mean_variance(process, denoise, model, x, t, i)
             x = step(process, out, x, t, generator=generator, temperature=temperature, **step_kwargs)
         if post_step is not None:
             x = post_step(i, x)
@@ -104,11 +104,12 @@ class _LastOutput:
         return self.last
 
 
-def _guided_mean_variance(process, denoise, model: _LastOutput, x: torch.Tensor, t: torch.Tensor) -> dict:
-    """p_mean_variance under guidance: pred_x0 / eps the rule's mix at index t (clipped as asked), the posterior
-    mean q(x_{t-1} | x_t, pred_x0) (DDPM eq. 7) and the guided model's own variance (a learned one from its output:
-    what ClassifierFreeGuidance keeps, the conditional half's)."""
-    pred_x0, eps = denoise(x, float(t[0]))
+def _guided_mean_variance(process, denoise, model: _LastOutput, x: torch.Tensor, t: torch.Tensor, i: int) -> dict:
+    """p_mean_variance under guidance at index i (t: [B] of i): pred_x0 / eps the rule's mix (clipped as asked), the
+    posterior mean q(x_{t-1} | x_t, pred_x0) (DDPM eq. 7) and the guided model's own variance (a learned one from
+    its output: the conditional half's, as ClassifierFreeGuidance keeps; the main model's under autoguidance, at
+    any w)."""
+    pred_x0, eps = denoise(x, float(i))
     _, var_out = process.split_model_output(model.last[: x.shape[0]], x)
     log_variance = process.model_log_variance(var_out, t, x)
     mean, _, _ = process.q_posterior_mean_variance(pred_x0, x, t)

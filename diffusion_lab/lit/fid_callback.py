@@ -92,7 +92,9 @@ class FIDCallback(L.Callback):
                 raise ValueError(f"callbacks.fid.ema_sigma_rels: {e}") from None
         self.ema_sigma_rels = [float(r) for r in ema_sigma_rels or []]
         self.samplers = [s if isinstance(s, Sampler) else Sampler.from_config(s) for s in (samplers or [])]
-        self.num_samples, self.every_n_epochs = num_samples, every_n_epochs
+        self.num_samples = check_count("callbacks.fid.num_samples", num_samples)
+        self.every_n_epochs = check_count("callbacks.fid.every_n_epochs", every_n_epochs, 0)
+        batch_size = check_count("callbacks.fid.batch_size", batch_size)
         self.weights_arg, self.cache_dir, self.reference_split = inception_weights, cache_dir, reference_split
         self.batch_size, self.dirpath, self.seed, self.allow_download = batch_size, Path(dirpath), seed, allow_download
         self.evaluator: FIDEvaluator | None = None
@@ -174,10 +176,16 @@ class FIDCallback(L.Callback):
                 if trainer.world_size > 1:  # rank 0 wrote the snapshots
                     trainer.strategy.barrier()
                 try:
-                    s = s.with_guide(load_guide(module, s.guide, "this run", snapshot_dir=self.snapshot_dir))
+                    guide, why = load_guide(module, s.guide, "this run", snapshot_dir=self.snapshot_dir), ""
+                    guided = s.with_guide(guide)
                 except (ConfigError, SnapshotError) as e:
-                    log.info("FID of %s skipped at step %d: %s", s.name, trainer.global_step, e)
+                    guided, why = None, str(e)
+                # every rank scores the row or none does (each one's share meets the others' in all_gather)
+                if not trainer.strategy.reduce_boolean_decision(guided is not None, all=True):
+                    log.info("FID of %s skipped at step %d: %s", s.name, trainer.global_step, why or "another rank "
+                             "could not rebuild its guide")  # fmt: skip
                     continue
+                s = guided
             elif s.guide_net is not None:
                 s.guide_net.to(module.device)
             out.append(s)
@@ -192,16 +200,22 @@ class FIDCallback(L.Callback):
         if trainer.world_size > 1:  # rank 0 wrote the snapshots
             trainer.strategy.barrier()
         try:
-            snaps = read_snapshots(self.snapshot_dir)
+            snaps, why = read_snapshots(self.snapshot_dir), ""
         except SnapshotError as e:
-            log.info("FID of post-hoc EMAs skipped at step %d: %s", trainer.global_step, e)
+            snaps, why = None, str(e)
+        if not trainer.strategy.reduce_boolean_decision(snaps is not None, all=True):  # all ranks, or none
+            log.info("FID of post-hoc EMAs skipped at step %d: %s", trainer.global_step, why or "another rank could "
+                     "not read the snapshots")  # fmt: skip
             return []
         out = []
         for r in self.ema_sigma_rels:
             try:
-                state = reconstruct(snaps, r)
+                state, why = reconstruct(snaps, r), ""
             except ValueError as e:
-                log.info("FID of the post-hoc EMA %g skipped at step %d: %s", r, trainer.global_step, e)
+                state, why = None, str(e)
+            if not trainer.strategy.reduce_boolean_decision(state is not None, all=True):  # all ranks, or none
+                log.info("FID of the post-hoc EMA %g skipped at step %d: %s", r, trainer.global_step, why or "another "
+                         "rank could not rebuild it")  # fmt: skip
                 continue
             scratch = copy.deepcopy(module)
             scratch.load_state_dict(state)

@@ -40,7 +40,7 @@ from .config import (
     validate_sampler,
     validate_train_config,
 )
-from .lit import EMA
+from .lit import EMA, FIDCallback
 from .lit.checkpointing import AlignLoggingStep, ApplyChangedHyperparameters, AtomicCheckpointIO, RequeueStop
 from .loggers import build_loggers, finish_loggers
 
@@ -52,6 +52,9 @@ def _callbacks(cfg: DictConfig, has_logger: bool) -> list[L.Callback]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not has_logger:  # Lightning refuses a LearningRateMonitor in a run without a logger (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    for c in callbacks:
+        if isinstance(c, FIDCallback):  # it reads an autoguided row's guide checkpoint as every checkpoint is read
+            c.guide_loader = load_guide
     # EMA after the others, so the non-finite guard runs before the EMA update of a step; the logging step
     # aligned before any of them logs.
     return [AlignLoggingStep(), *sorted(callbacks, key=lambda c: isinstance(c, EMA))]

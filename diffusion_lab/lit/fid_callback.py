@@ -99,6 +99,9 @@ class FIDCallback(L.Callback):
         self.batch_size, self.dirpath, self.seed, self.allow_download = batch_size, Path(dirpath), seed, allow_download
         self.evaluator: FIDEvaluator | None = None
         self.results: dict[str, dict[str, float]] = {}
+        # (module, guide, source) -> a guide checkpoint's frozen net, read as untrusted data: given by train()
+        # (checkpoint.load_guide), as reading checkpoints sits above lit/ in the package's layers
+        self.guide_loader = None
 
     def setup(self, trainer, pl_module, stage):
         # none given: the process's default sampler (DDIM-50 on DDPM/IDDPM), and DDPM-T where there is one
@@ -113,13 +116,18 @@ class FIDCallback(L.Callback):
             raise ValueError(
                 "callbacks.fid.ema_sigma_rels needs the post-hoc snapshots: set callbacks.ema.post_hoc=true"
             )
-        from ..checkpoint import load_guide  # the checkpoint package builds lit's module: imported when used
-
         for i, s in enumerate(self.samplers):
             if not _autoguided(s):
                 continue
-            if not s.guide or "ckpt" in s.guide:  # no guide: load_guide's one line saying how to name one
-                self.samplers[i] = s.with_guide(load_guide(pl_module, s.guide, "this run"))
+            if not s.guide:
+                raise ValueError(f"callbacks.fid.samplers[{i}]: autoguidance needs a guide: guide: {{ckpt: <a weaker "
+                                 "run's checkpoint>}} or {step: <an earlier snapshot step>, sigma_rel: <width>}")
+            if "ckpt" in s.guide:
+                if self.guide_loader is None:
+                    raise ValueError(f"callbacks.fid.samplers[{i}].guide.ckpt: train.py reads guide checkpoints; with "
+                                     "a Trainer of your own set FIDCallback.guide_loader = "
+                                     "diffusion_lab.checkpoint.load_guide")  # fmt: skip
+                self.samplers[i] = s.with_guide(self.guide_loader(pl_module, s.guide, "this run"))
             elif self.snapshot_dir is None:
                 raise ValueError(f"callbacks.fid.samplers[{i}]: a guide from this run's snapshots (sampler.guide.step)"
                                  " needs the post-hoc snapshots: set callbacks.ema.post_hoc=true")  # fmt: skip
@@ -166,19 +174,20 @@ class FIDCallback(L.Callback):
         """The samplers to score now, each autoguided one with its guide on module's device: a checkpoint's (loaded
         at setup), or this run's post-hoc EMA at guide.step rebuilt from the snapshots so far (skipped with a log
         line until they reach it)."""
-        from ..checkpoint import load_guide
-        from ..config import ConfigError
-        from .ema import SnapshotError
+        from .ema import SnapshotError, read_snapshots
 
         out = []
         for s in self.samplers:
             if _autoguided(s) and "ckpt" not in s.guide:
                 if trainer.world_size > 1:  # rank 0 wrote the snapshots
                     trainer.strategy.barrier()
-                try:
-                    guide, why = load_guide(module, s.guide, "this run", snapshot_dir=self.snapshot_dir), ""
-                    guided = s.with_guide(guide)
-                except (ConfigError, SnapshotError) as e:
+                try:  # the post-hoc EMA of width sigma_rel at the guide's step, as evaluate.py rebuilds it
+                    state = reconstruct(read_snapshots(self.snapshot_dir), float(s.guide["sigma_rel"]),
+                                        int(s.guide["step"]))  # fmt: skip
+                    scratch = copy.deepcopy(module)
+                    scratch.load_state_dict(state)
+                    guided, why = s.with_guide(scratch.net.eval().requires_grad_(False)), ""
+                except (ValueError, SnapshotError) as e:
                     guided, why = None, str(e)
                 # every rank scores the row or none does (each one's share meets the others' in all_gather)
                 if not trainer.strategy.reduce_boolean_decision(guided is not None, all=True):

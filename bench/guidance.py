@@ -119,7 +119,7 @@ def targets(res: dict) -> list[str]:
     ag = min((r for r in uncond["rows"] if r["rule"] != "none"), key=lambda r: r["fid"])
     gain = 1 - ag["fid"] / plain["fid"]
     second = (f"unconditional: autoguidance w = {ag['scale']:g} FID {ag['fid']:.2f} vs {plain['fid']:.2f} without "
-              f"({gain:+.1%} lower; target 10%): **{'met' if gain >= 0.10 else 'not met'}**")
+              f"({gain:.1%} lower; target 10%): **{'met' if gain >= 0.10 else 'not met'}**")
     return [first, second]
 
 

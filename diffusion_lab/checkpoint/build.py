@@ -107,8 +107,6 @@ def load_guide(module: DiffusionModule, guide: dict | None, source, ema: bool = 
     eval mode on module's device: another run's checkpoint (guide.ckpt: the same process, image size, channels and
     classes, else ConfigError naming both; its EMA weights unless ema=False), or the post-hoc EMA of width
     guide.sigma_rel at snapshot step guide.step rebuilt from `snapshot_dir` (default: <source's run>/ema_snapshots)."""
-    import copy
-
     if not guide:
         raise ConfigError("sampler.guidance=autoguidance needs a guide: sampler.guide.ckpt=<a weaker run's "
                           "checkpoint>, or sampler.guide.step=<an earlier snapshot step> and sampler.guide.sigma_rel")
@@ -120,16 +118,13 @@ def load_guide(module: DiffusionModule, guide: dict | None, source, ema: bool = 
                               "guide must share the process, image size, channels and classes")  # fmt: skip
         net, what = other.net, guide["ckpt"]
     else:
-        from ..lit.ema import read_snapshots
-        from ..phema import reconstruct
+        from ..lit.ema import post_hoc_copy, read_snapshots
 
         snaps = read_snapshots(snapshot_dir or Path(source).parent.parent / "ema_snapshots")
         try:
-            state = reconstruct(snaps, float(guide["sigma_rel"]), int(guide["step"]))
+            rebuilt = post_hoc_copy(module, snaps, guide["sigma_rel"], int(guide["step"]))
         except ValueError as e:
             raise ConfigError(f"sampler.guide.step={guide['step']} sigma_rel={guide['sigma_rel']}: {e}") from None
-        rebuilt = copy.deepcopy(module)
-        rebuilt.load_state_dict(state)
         net, what = rebuilt.net, f"the post-hoc EMA sigma_rel={guide['sigma_rel']} at step {guide['step']}"
     net = net.to(module.device).eval().requires_grad_(False)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..checks import check_choice, check_count
 from ..io import atomic_write
-from ..phema import power_beta, sigma_rel_to_gamma
+from ..phema import power_beta, reconstruct, sigma_rel_to_gamma
 
 KINDS = ("exponential", "power")  # callbacks.ema.kind
 SNAPSHOT_FORMAT = "diffusion_lab.phema/1"
@@ -202,6 +202,17 @@ class EMA(L.Callback):
 
 class SnapshotError(ValueError):
     """A post-hoc EMA snapshot that cannot be used; the message names the file."""
+
+
+def post_hoc_copy(module: L.LightningModule, snapshots: list[dict], sigma_rel: float, step: int | None = None):
+    """A copy of `module` holding the post-hoc EMA of width sigma_rel at `step` (default: the last snapshot's),
+    rebuilt from read_snapshots' list (phema.reconstruct); ValueError when the snapshots cannot represent it."""
+    import copy
+
+    state = reconstruct(snapshots, float(sigma_rel), step)
+    scratch = copy.deepcopy(module)
+    scratch.load_state_dict(state)
+    return scratch
 
 
 def read_snapshots(directory: str | Path) -> list[dict]:

@@ -16,7 +16,6 @@ step), or rebuilds a guide from this run's post-hoc EMA snapshots at each evalua
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from ..eval.fid import FIDEvaluator
 from ..eval.inception import inception_weights
 from ..eval.scoring import sample_and_score
 from ..images import log_image, save_grid
-from ..phema import reconstruct, sigma_rel_to_gamma
+from ..phema import sigma_rel_to_gamma
 from .ema import EMA
 
 log = logging.getLogger(__name__)
@@ -174,7 +173,7 @@ class FIDCallback(L.Callback):
         """The samplers to score now, each autoguided one with its guide on module's device: a checkpoint's (loaded
         at setup), or this run's post-hoc EMA at guide.step rebuilt from the snapshots so far (skipped with a log
         line until they reach it)."""
-        from .ema import SnapshotError, read_snapshots
+        from .ema import SnapshotError, post_hoc_copy, read_snapshots
 
         out = []
         for s in self.samplers:
@@ -182,10 +181,8 @@ class FIDCallback(L.Callback):
                 if trainer.world_size > 1:  # rank 0 wrote the snapshots
                     trainer.strategy.barrier()
                 try:  # the post-hoc EMA of width sigma_rel at the guide's step, as evaluate.py rebuilds it
-                    state = reconstruct(read_snapshots(self.snapshot_dir), float(s.guide["sigma_rel"]),
-                                        int(s.guide["step"]))  # fmt: skip
-                    scratch = copy.deepcopy(module)
-                    scratch.load_state_dict(state)
+                    snaps = read_snapshots(self.snapshot_dir)
+                    scratch = post_hoc_copy(module, snaps, s.guide["sigma_rel"], int(s.guide["step"]))
                     guided, why = s.with_guide(scratch.net.eval().requires_grad_(False)), ""
                 except (ValueError, SnapshotError) as e:
                     guided, why = None, str(e)
@@ -204,7 +201,7 @@ class FIDCallback(L.Callback):
         """[("@ema<sigma_rel>", a copy of `module` with that post-hoc EMA's weights)] from the snapshots so far."""
         if not self.ema_sigma_rels:
             return []
-        from .ema import SnapshotError, read_snapshots
+        from .ema import SnapshotError, post_hoc_copy, read_snapshots
 
         if trainer.world_size > 1:  # rank 0 wrote the snapshots
             trainer.strategy.barrier()
@@ -219,15 +216,13 @@ class FIDCallback(L.Callback):
         out = []
         for r in self.ema_sigma_rels:
             try:
-                state, why = reconstruct(snaps, r), ""
+                scratch, why = post_hoc_copy(module, snaps, r), ""
             except ValueError as e:
-                state, why = None, str(e)
-            if not trainer.strategy.reduce_boolean_decision(state is not None, all=True):  # all ranks, or none
+                scratch, why = None, str(e)
+            if not trainer.strategy.reduce_boolean_decision(scratch is not None, all=True):  # all ranks, or none
                 log.info("FID of the post-hoc EMA %g skipped at step %d: %s", r, trainer.global_step, why or "another "
                          "rank could not rebuild it")  # fmt: skip
                 continue
-            scratch = copy.deepcopy(module)
-            scratch.load_state_dict(state)
             out.append((f"@ema{r:g}", scratch))
         return out
 

@@ -52,6 +52,7 @@ METHODS = [{"method": "unipc", "order": 2}, {"method": "dpmpp_2m"}, {"method": "
 FIXED = ["trailing", "logsnr", "karras"]
 NFES = [4, 5, 6, 8, 10]
 TEACHER = {"method": "dpmpp_2m", "nfe": 100}  # learn_schedule's teacher (conf/learn_schedule.yaml): each grid's ceiling
+LOWEST = {"pinned": "learned", "free": "learned, lowest free"}  # learn_schedule's `lowest` -> its rows' grid label
 LEARN_SEED = 1  # the trajectories a grid is learned on are seeded (1, i): none is an image the rows score, (0, i)
 
 
@@ -77,17 +78,19 @@ def models(data: str, keys: list[str]) -> list[dict]:
     return out
 
 
-def learned(m: dict, method: dict, nfe: int, a) -> tuple[str, float]:
-    """(schedule file, minutes it took) for one (model, method, NFE): learned once per checkpoint and settings."""
+def learned(m: dict, method: dict, nfe: int, a, lowest: str) -> tuple[str, float]:
+    """(schedule file, minutes it took) for one (model, method, NFE, lowest): learned once per checkpoint and
+    settings."""
     name = Sampler(**method, nfe=nfe).name
-    path = RUNS / "schedules" / m["key"] / f"{name}_n{a.trajectories}_e{a.max_evals}_s{LEARN_SEED}.json"
+    path = RUNS / "schedules" / m["key"] / f"{name}_n{a.trajectories}_e{a.max_evals}_s{LEARN_SEED}_{lowest}.json"
     sha = file_sha256(m["ckpt"])
     if path.exists() and json.loads(path.read_text())["checkpoint"]["sha256"] == sha:
         return str(path), json.loads(path.read_text())["seconds"]["total"] / 60
     opts = [f"sampler.{k}={v}" for k, v in method.items() if k != "method"]
     cmd = [sys.executable, "learn_schedule.py", f"ckpt_path={m['ckpt']}", f"sampler={method['method']}", *opts,
            f"sampler.nfe={nfe}", f"seed={LEARN_SEED}", f"trajectories={a.trajectories}", f"validation={a.trajectories}",
-           f"max_evals={a.max_evals}", f"out={path}", f"hydra.run.dir={path.parent / 'logs' / path.stem}"]  # fmt: skip
+           f"max_evals={a.max_evals}", f"lowest={lowest}", f"out={path}",
+           f"hydra.run.dir={path.parent / 'logs' / path.stem}"]  # fmt: skip
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)
     summary("schedules", f"{m['key']} {name}: learned in {(time.perf_counter() - t0) / 60:.1f} min")
@@ -101,23 +104,30 @@ def run(a) -> dict:
     for m in models(a.data, a.models):
         module = load_module(m["ckpt"])
         methods = [meth for meth in METHODS if meth["method"] in a.methods]
-        schedules = {(i, k): learned(m, meth, k, a) for i, meth in enumerate(METHODS) for k in a.nfe if meth in methods}
         fixed = [Sampler(**meth, nfe=k, spacing=sp) for meth in methods for k in a.nfe for sp in a.fixed]
         ddim = [Sampler("ddim", nfe=k, eta=1.0) for k in a.nfe]
-        ours = [Sampler(**meth, nfe=k, schedule=schedules[(i, k)][0]) for i, meth in enumerate(METHODS) for k in a.nfe
-                if meth in methods]  # fmt: skip
         rows_dir = RUNS / "rows"
         rows_dir.mkdir(parents=True, exist_ok=True)
-        tag = hashlib.sha256("".join(open(p).read() for p, _ in schedules.values()).encode()).hexdigest()[:8]
         score = dict(n=a.num_samples, evaluator=m["evaluator"], ref_features=m["reference"], ref_name=m["ref_name"],
                      classifier=m["classifier"])  # fmt: skip
         refs = [*ddim, Sampler(**TEACHER)]
         rows = scored_rows(module, fixed + refs, cache=rows_dir / f"schedules_{m['key']}.json", **score)
-        rows += scored_rows(module, ours, cache=rows_dir / f"schedules_{m['key']}_learned_{tag}.json", **score)
+        minutes, times = {}, {}
+        for lowest in a.lowest:
+            schedules = {(i, k): learned(m, meth, k, a, lowest) for i, meth in enumerate(METHODS) for k in a.nfe
+                         if meth in methods}  # fmt: skip
+            ours = [Sampler(**meth, nfe=k, schedule=schedules[(i, k)][0]) for i, meth in enumerate(METHODS)
+                    for k in a.nfe if meth in methods]  # fmt: skip
+            tag = hashlib.sha256("".join(open(p).read() for p, _ in schedules.values()).encode()).hexdigest()[:8]
+            got = scored_rows(module, ours, cache=rows_dir / f"schedules_{m['key']}_learned_{tag}.json", **score)
+            rows += [{**x, "sampler": _name(meth, k, LOWEST[lowest])}
+                     for x, (meth, k) in zip(got, [(meth, k) for meth in METHODS for k in a.nfe if meth in methods],
+                                             strict=True)]  # fmt: skip
+            for (i, k), (path, mins) in schedules.items():
+                minutes[f"{METHODS[i]['method']}@{k} {lowest}"] = mins
+                times[f"{METHODS[i]['method']}@{k} {lowest}"] = json.loads(open(path).read())["times"]
         res["models"].append({"key": m["key"], "title": m["title"], "ckpt": str(m["ckpt"]), "rows": rows,
-                              "learn_minutes": {f"{METHODS[i]['method']}@{k}": v[1] for (i, k), v in schedules.items()},
-                              "times": {f"{METHODS[i]['method']}@{k}": json.loads(open(v[0]).read())["times"]
-                                        for (i, k), v in schedules.items()}})  # fmt: skip
+                              "learn_minutes": minutes, "times": times})  # fmt: skip
         res["ref_name"] = m["ref_name"]
         if m["info"] is not None:
             res["classifier_epochs"] = m["info"].get("epochs")
@@ -126,9 +136,9 @@ def run(a) -> dict:
 
 
 def _name(meth: dict, nfe: int, spacing: str) -> str:
-    """The row name of a (method, NFE) on a fixed spacing or the learned grid."""
-    if spacing == "learned":
-        return f"{Sampler(**meth, nfe=nfe).name}_learned"
+    """The row name of a (method, NFE) on a fixed spacing or a learned grid (LOWEST's labels)."""
+    if spacing in LOWEST.values():
+        return f"{Sampler(**meth, nfe=nfe).name}_" + spacing.replace(", ", "_").replace(" ", "_")
     return Sampler(**meth, nfe=nfe, spacing=spacing).name
 
 
@@ -143,17 +153,18 @@ def table(res: dict) -> tuple[list[str], list[str]]:
                   "| method | grid | " + " | ".join(f"NFE {k}" for k in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
         best_fixed, best_learned = {}, {}
         for meth in METHODS:
-            for sp in [*FIXED, "learned"]:
+            for sp in [*FIXED, *LOWEST.values()]:
                 cells = []
                 for k in nfes:
                     x = by.get(_name(meth, k, sp))
                     if x is None:
                         cells.append("—")
                         continue
-                    minutes = r["learn_minutes"].get(f"{meth['method']}@{k}")
-                    extra = f" ({minutes:.1f})" if sp == "learned" else ""
+                    lowest = next((low for low, label in LOWEST.items() if label == sp), None)
+                    minutes = r["learn_minutes"].get(f"{meth['method']}@{k} {lowest}")
+                    extra = f" ({minutes:.1f})" if minutes is not None else ""
                     cells.append(f"{x['fid']:.2f} / {x['kid'] * 1e3:.2f}{extra}")
-                    pool = best_learned if sp == "learned" else best_fixed
+                    pool = best_learned if lowest else best_fixed
                     pool[k] = min(pool.get(k, float("inf")), x["fid"])
                 label = Sampler(**meth).label
                 if any(c != "—" for c in cells):  # a method or grid this run did not score has no line
@@ -189,12 +200,15 @@ def plot(res: dict):
         nfes = sorted({x["nfe"] for x in by.values()})
         for c, meth in zip(colors, METHODS, strict=False):
             fixed = [min((by[n]["fid"] for sp in FIXED if (n := _name(meth, k, sp)) in by), default=None) for k in nfes]
-            ours = [by.get(_name(meth, k, "learned"), {}).get("fid") for k in nfes]
+            ours = [by.get(_name(meth, k, LOWEST["pinned"]), {}).get("fid") for k in nfes]
+            free = [by.get(_name(meth, k, LOWEST["free"]), {}).get("fid") for k in nfes]
             label = Sampler(**meth).label
-            if all(v is None for v in fixed + ours):
+            if all(v is None for v in fixed + ours + free):
                 continue
             ax.plot(nfes, fixed, ls="--", marker="o", color=c, label=f"{label}, best fixed grid")
             ax.plot(nfes, ours, ls="-", marker="D", color=c, label=f"{label}, learned grid")
+            if any(v is not None for v in free):
+                ax.plot(nfes, free, ls=":", marker="x", color=c, label=f"{label}, learned, lowest time free")
         ax.plot(nfes, [by.get(Sampler("ddim", nfe=k, eta=1.0).name, {}).get("fid") for k in nfes], color="gray",
                 marker="s", label="DDIM eta=1")  # fmt: skip
         if teacher:
@@ -220,7 +234,8 @@ Machine: {machine_line(res['machine'])}. FID / KID x 1e3 at N={res['n']:,} again
 every row draws image i from the seed (0, i). Learned: `learn_schedule.py`
 (LD3's objective against DPM-Solver++(2M) at NFE 100 on {res['trajectories']} trajectories seeded
 ({res.get('learn_seed', 0)}, i), at most
-{res['max_evals']} loss evaluations of Nelder-Mead from the best fixed grid); the minutes each took are in brackets.
+{res['max_evals']} loss evaluations of Nelder-Mead from the best fixed grid, its lowest time kept; "lowest free":
+searched too); the minutes each took are in brackets.
 Wall time of this benchmark: {res['wall_seconds'] / 60:.1f} min (cached schedules and rows count as zero).
 
 {chr(10).join(lines)}
@@ -240,6 +255,8 @@ def main() -> None:
     p.add_argument("--fixed", nargs="+", default=FIXED, help="the fixed grids scored (a subset, to save time)")
     p.add_argument("--trajectories", type=int, default=64)
     p.add_argument("--max-evals", type=int, default=200)
+    p.add_argument("--lowest", nargs="+", choices=list(LOWEST), default=list(LOWEST),
+                   help="learn_schedule's rule for the lowest time: each scored as its own grid")  # fmt: skip
     p.add_argument("--render", action="store_true")
     a = p.parse_args()
     if a.render:

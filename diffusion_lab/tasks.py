@@ -511,13 +511,14 @@ def learn_schedule(cfg: DictConfig) -> Path:
     import time
 
     from .diffusion import Sampler
-    from .diffusion.learned_grid import FIXED_STARTS, SCHEDULE_FORMAT, grid_loss, learn_times
+    from .diffusion.learned_grid import FIXED_STARTS, LOWEST, SCHEDULE_FORMAT, grid_loss, learn_times
     from .diffusion.sampler_spec import LEARNED
     from .io import atomic_write, file_sha256
 
     validate_eval_config(cfg)
     for key in ("trajectories", "validation", "max_evals"):
         _count(key, cfg.get(key))
+    _choice("lowest", cfg.get("lowest"), LOWEST)
     module, _ = _load_for_eval(cfg)
     d, trained_by = module.diffusion, module.objective.name
     sampler = validate_sampler(cfg.sampler, "sampler", d, module.conditional, trained_by)
@@ -536,7 +537,7 @@ def learn_schedule(cfg: DictConfig) -> Path:
     log.info("learn_schedule: %d + %d teacher trajectories with %s (NFE %d)", n, v, teacher.label, teacher.nfe)
     target, held_out = draw(0, n)(teacher), draw(n, v)(teacher)
     teacher_seconds = time.perf_counter() - t0
-    out = learn_times(d, sampler, draw(0, n), target, max_evals=cfg.max_evals, log=log.info)
+    out = learn_times(d, sampler, draw(0, n), target, max_evals=cfg.max_evals, lowest=cfg.lowest, log=log.info)
     val = {sp: grid_loss(draw(n, v), sampler, held_out, sampler.replace(spacing=sp).timesteps(d))
            for sp in out["fixed"]}  # fmt: skip
     val["learned"] = grid_loss(draw(n, v), sampler, held_out, out["times"])
@@ -556,6 +557,7 @@ def learn_schedule(cfg: DictConfig) -> Path:
         "validation": v,
         "seed": cfg.seed,
         "objective": "LD3 (hard): mean squared distance to the teacher's samples from the same noise",
+        "lowest": cfg.lowest,
         "start": out["start"],
         "loss": {"train": {**out["fixed"], "learned": out["loss"]}, "validation": val, "curve": out["curve"]},
         "evals": out["evals"],

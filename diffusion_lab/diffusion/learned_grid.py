@@ -8,8 +8,10 @@ Denoising Diffusion ODEs", eq. 6 in its hard form) on this package's solvers.
 
 A grid of N visited times keeps its first, T-1 (where sampling starts from noise), and places the other N-1 at
 positions c in [0, 1] on the log-SNR axis: c = 0 at the top (T-1, or T-2 under zero terminal SNR, where the log-SNR
-is still finite), c = 1 at t = 0. The solvers take their last jump to the clean image from the lowest visited time,
-so that time is free too (a fixed logsnr or karras grid spends an evaluation at t = 0).
+is still finite), c = 1 at t = 0. As in LD3, both ends stay where the start grid has them (lowest="pinned"): the
+solvers take their last jump to the clean image from the lowest visited time, and a squared distance rewards
+raising that time, whose jump returns a blurrier mean (MNIST recipe, UniPC-2 at NFE 5: FID 26.9 with it free, 18.9
+pinned at trailing's; BENCHMARKS.md "Learned time grids"). lowest="free" searches it too.
 
 The loss is LD3's: the mean squared distance between the solver's samples on the grid and the teacher's from the
 same noise (and labels). It is minimized by Nelder-Mead (scipy), started from the best of the fixed grids, because
@@ -28,7 +30,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ..checks import check_choice
+
 FIXED_STARTS = ("trailing", "logsnr", "karras")  # the fixed grids tried first; the best one starts the search
+LOWEST = ("pinned", "free")  # the lowest visited time: kept at the start grid's (LD3), or searched
 MIN_GAP = 1e-3  # the smallest distance between two positions on [0, 1] (distinct, well-ordered times)
 
 
@@ -76,17 +81,19 @@ def learn_times(
     *,
     max_evals: int = 200,
     tol: float = 1e-4,
+    lowest: str = "pinned",
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Learn the times of `sampler` (a deterministic Sampler with its steps set) for the model behind `run`.
 
     run(sampler) -> x_0 [N, C, H, W]: that sampler's samples from the trajectories' fixed noise (and labels);
-    target [N, C, H, W]: the teacher's samples from the same noise. Returns {"times": ascending [steps] with T-1
-    last, "start": the fixed spacing it started from, "fixed": {spacing: loss}, "loss": the learned grid's loss,
-    "curve": [best loss after each evaluation], "evals", "seconds"}. Deterministic: the same inputs give the same
-    times."""
+    target [N, C, H, W]: the teacher's samples from the same noise; lowest: LOWEST (the module's docstring).
+    Returns {"times": ascending [steps] with T-1 last, "start": the fixed spacing it started from, "fixed":
+    {spacing: loss}, "loss": the learned grid's loss, "curve": [best loss after each evaluation], "evals",
+    "seconds"}. Deterministic: the same inputs give the same times."""
     from scipy.optimize import minimize
 
+    check_choice("lowest", lowest, LOWEST)
     if not sampler.deterministic:
         raise ValueError(f"sampler.method={sampler.method.name} is stochastic: a grid is learned for an ODE solver")
     t0, n = time.perf_counter(), sampler.steps
@@ -105,9 +112,13 @@ def learn_times(
         x0[i] = min(x0[i], 1 - (m - 1 - i) * MIN_GAP)
     for i in range(m):
         x0[i] = max(x0[i], (x0[i - 1] if i else 0.0) + MIN_GAP)
+    free = m if lowest == "free" else m - 1  # pinned: the last position (the lowest time) stays the start's
     curve, best = [], [math.inf, x0]
+    if free == 0:  # two visited times, both ends pinned: nothing to search
+        return _result(diffusion, fixed, start, best, curve, t0)
 
     def loss(c: np.ndarray) -> float:
+        c = np.append(c, x0[free:])
         if not _valid(c):
             return 1e30  # outside the simplex of ordered positions: never accepted
         value = grid_loss(run, sampler, target, times_at(diffusion, c))
@@ -118,14 +129,19 @@ def learn_times(
             log(f"learned grid: {len(curve)} evaluations, loss {best[0]:.4g}")
         return value
 
-    # the initial simplex: the start, and each position moved 0.4 of the way to its roomier neighbour
-    simplex = [x0]
-    for i in range(m):
+    # the initial simplex: the start, and each free position moved 0.4 of the way to its roomier neighbour
+    simplex = [x0[:free]]
+    for i in range(free):
         lo, hi = (x0[i - 1] if i else 0.0), (x0[i + 1] if i + 1 < m else 1.0)
         step = 0.4 * (hi - x0[i]) if hi - x0[i] >= x0[i] - lo else -0.4 * (x0[i] - lo)
-        simplex.append(x0 + step * np.eye(m)[i])
+        simplex.append(x0[:free] + step * np.eye(free)[i])
     options = {"maxfev": max_evals, "xatol": 1e-4, "fatol": tol, "initial_simplex": np.array(simplex)}
-    minimize(loss, x0, method="Nelder-Mead", options=options)
+    minimize(loss, x0[:free], method="Nelder-Mead", options=options)
+    return _result(diffusion, fixed, start, best, curve, t0)
+
+
+def _result(diffusion, fixed: dict, start: str, best: list, curve: list, t0: float) -> dict:
+    """learn_times' answer: the best grid found, or the start grid where the search found none better."""
     learned = times_at(diffusion, best[1]) if best[0] < fixed[start][0] else list(fixed[start][1])
     return {
         "times": [float(t) for t in learned],

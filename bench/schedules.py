@@ -5,6 +5,8 @@
     python bench/schedules.py --models flow --num-samples 1000 --nfe 5 10   # one model, fewer rows (~1 h)
     python bench/schedules.py --data digits --num-samples 1797   # train.py's default digits model: a first look
     python bench/schedules.py --render             # the section and plot again from bench/results/schedules.json
+    python bench/schedules.py --headline 10000     # after a smaller run: its NFE-5 target cell (the learned grid with
+                                                   # the largest cut, the best fixed grid) again at N=10,000
 
 For each model, method (UniPC-2, DPM-Solver++(2M), Euler) and NFE (4, 5, 6, 8, 10): the fixed grids (trailing,
 logsnr, karras) and the grid `learn_schedule.py` learns for that checkpoint (LD3's objective against DPM-Solver++(2M)
@@ -135,6 +137,38 @@ def run(a) -> dict:
     return res
 
 
+def headline(res: dict, n: int) -> dict:
+    """The NFE-5 target of a saved run scored again at N=n: on the model where a learned grid cuts the best fixed
+    grid's FID the most, that learned grid (its times as saved) and that fixed grid, from the same seeds (0, i)."""
+    t0, best = time.perf_counter(), None
+    for r in res["models"]:
+        fives = [x for x in r["rows"] if x["nfe"] == 5 and x["sampler"] != Sampler("ddim", nfe=5, eta=1.0).name]
+        learned_rows = [x for x in fives if "_learned" in x["sampler"]]
+        fixed_rows = [x for x in fives if "_learned" not in x["sampler"]]
+        if learned_rows and fixed_rows:
+            ours, theirs = min(learned_rows, key=lambda x: x["fid"]), min(fixed_rows, key=lambda x: x["fid"])
+            if best is None or ours["fid"] / theirs["fid"] < best[1]["fid"] / best[2]["fid"]:
+                best = (r, ours, theirs)
+    if best is None:
+        raise SystemExit("--headline: the saved run has no NFE-5 learned and fixed rows")
+    r, ours, theirs = best
+    meth = next(m for m in METHODS if Sampler(**m, nfe=5).name == ours["sampler"].split("_learned")[0])
+    lowest = next(low for low, label in LOWEST.items() if _name(meth, 5, label) == ours["sampler"])
+    times = r["times"][f"{meth['method']}@5 {lowest}"]
+    fixed = next(Sampler(**m, nfe=5, spacing=sp) for m in METHODS for sp in FIXED
+                 if Sampler(**m, nfe=5, spacing=sp).name == theirs["sampler"])  # fmt: skip
+    m = models(res["data"], [r["key"]])[0]
+    module = load_module(m["ckpt"])
+    score = dict(n=n, evaluator=m["evaluator"], ref_features=m["reference"], ref_name=m["ref_name"],
+                 classifier=m["classifier"])  # fmt: skip
+    tag = hashlib.sha256(json.dumps(times).encode()).hexdigest()[:8]
+    rows = scored_rows(module, [fixed], cache=RUNS / "rows" / f"schedules_{m['key']}.json", **score)
+    cache = RUNS / "rows" / f"schedules_{m['key']}_learned_{tag}.json"
+    got = scored_rows(module, [Sampler(**meth, nfe=5).with_times(times)], cache=cache, **score)
+    rows += [{**x, "sampler": ours["sampler"]} for x in got]
+    return {"n": n, "model": r["title"], "rows": rows, "wall_seconds": time.perf_counter() - t0}
+
+
 def _name(meth: dict, nfe: int, spacing: str) -> str:
     """The row name of a (method, NFE) on a fixed spacing or a learned grid (LOWEST's labels)."""
     if spacing in LOWEST.values():
@@ -228,6 +262,17 @@ def plot(res: dict):
 def section(res: dict, link: str) -> str:
     lines, targets = table(res)
     note = classifier_note(res) if res.get("classifier_epochs") else ""
+    if "headline" in res:
+        h = res["headline"]
+        fixed, ours = h["rows"]
+        cut = 1 - ours["fid"] / fixed["fid"]
+        lines += [f"The NFE-5 target cell again at N={h['n']:,} ({h['model']}; `python bench/schedules.py --headline "
+                  f"{h['n']}`, {h['wall_seconds'] / 60:.1f} min):", "",
+                  "| grid | FID | KID x 1e3 | precision | recall |", "|---|---|---|---|---|"]
+        lines += [f"| {x['sampler']} | {x['fid']:.2f} | {x['kid'] * 1e3:.2f} | {x['precision']:.3f} | "
+                  f"{x['recall']:.3f} |" for x in h["rows"]] + [""]  # fmt: skip
+        targets.append(f"at N={h['n']:,}, {h['model']}: NFE 5 learned {ours['fid']:.2f} vs best fixed "
+                       f"{fixed['fid']:.2f} ({cut:+.0%} cut): " + ("met" if cut >= 0.25 else "NOT met"))  # fmt: skip
     return f"""### Learned time grids (`{res['command']}`)
 
 Machine: {machine_line(res['machine'])}. FID / KID x 1e3 at N={res['n']:,} against {res['ref_name']}{note};
@@ -258,8 +303,12 @@ def main() -> None:
     p.add_argument("--lowest", nargs="+", choices=list(LOWEST), default=list(LOWEST),
                    help="learn_schedule's rule for the lowest time: each scored as its own grid")  # fmt: skip
     p.add_argument("--render", action="store_true")
+    p.add_argument("--headline", type=int, metavar="N", help="score the saved run's NFE-5 target cell again at N")
     a = p.parse_args()
-    if a.render:
+    if a.headline is not None:
+        res = saved_result(p, "schedules", "python bench/schedules.py")
+        res["headline"] = headline(res, a.headline)
+    elif a.render:
         res = saved_result(p, "schedules", "python bench/schedules.py")
     else:
         res = run(a)

@@ -43,7 +43,7 @@ train: install  ## train the default DDPM on the embedded digits set (CPU, ~5 mi
 	$(PY) train.py
 
 # Two pytest-xdist workers, one test file each at a time (--dist loadfile), each and the processes its tests start
-# on one thread (tests/conftest.py): 749 tests in 10:06 on 2 cores (AMD EPYC, 2026-12-08; much of a test is
+# on one thread (tests/conftest.py): 748 tests in 9:23 on 2 cores (AMD EPYC, 2026-12-08; much of a test is
 # single-threaded start-up, and each FID score ~3 s of torchmetrics' 2048-dim eigvals); -n 2, not auto, so a
 # many-core machine does not start a worker (~2 GB) per core.
 test: install  ## the fast test suite (what CI runs)

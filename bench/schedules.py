@@ -114,20 +114,17 @@ def run(a) -> dict:
                      classifier=m["classifier"])  # fmt: skip
         refs = [*ddim, Sampler(**TEACHER)]
         rows = scored_rows(module, fixed + refs, cache=rows_dir / f"schedules_{m['key']}.json", **score)
+        cells = [(meth, k) for meth in methods for k in a.nfe]
         minutes, times = {}, {}
         for lowest in a.lowest:
-            schedules = {(i, k): learned(m, meth, k, a, lowest) for i, meth in enumerate(METHODS) for k in a.nfe
-                         if meth in methods}  # fmt: skip
-            ours = [Sampler(**meth, nfe=k, schedule=schedules[(i, k)][0]) for i, meth in enumerate(METHODS)
-                    for k in a.nfe if meth in methods]  # fmt: skip
-            tag = hashlib.sha256("".join(open(p).read() for p, _ in schedules.values()).encode()).hexdigest()[:8]
+            schedules = [learned(m, meth, k, a, lowest) for meth, k in cells]
+            ours = [Sampler(**meth, nfe=k, schedule=p) for (meth, k), (p, _) in zip(cells, schedules, strict=True)]
+            tag = hashlib.sha256("".join(open(p).read() for p, _ in schedules).encode()).hexdigest()[:8]
             got = scored_rows(module, ours, cache=rows_dir / f"schedules_{m['key']}_learned_{tag}.json", **score)
-            rows += [{**x, "sampler": _name(meth, k, LOWEST[lowest])}
-                     for x, (meth, k) in zip(got, [(meth, k) for meth in METHODS for k in a.nfe if meth in methods],
-                                             strict=True)]  # fmt: skip
-            for (i, k), (path, mins) in schedules.items():
-                minutes[f"{METHODS[i]['method']}@{k} {lowest}"] = mins
-                times[f"{METHODS[i]['method']}@{k} {lowest}"] = json.loads(open(path).read())["times"]
+            rows += [{**x, "sampler": _name(meth, k, LOWEST[lowest])} for x, (meth, k) in zip(got, cells, strict=True)]
+            for (meth, k), (path, mins) in zip(cells, schedules, strict=True):
+                minutes[f"{meth['method']}@{k} {lowest}"] = mins
+                times[f"{meth['method']}@{k} {lowest}"] = json.loads(open(path).read())["times"]
         res["models"].append({"key": m["key"], "title": m["title"], "ckpt": str(m["ckpt"]), "rows": rows,
                               "learn_minutes": minutes, "times": times})  # fmt: skip
         res["ref_name"] = m["ref_name"]
@@ -137,35 +134,40 @@ def run(a) -> dict:
     return res
 
 
-def headline(res: dict, n: int) -> dict:
-    """The NFE-5 target of a saved run scored again at N=n: on the model where a learned grid cuts the best fixed
-    grid's FID the most, that learned grid (its times as saved) and that fixed grid, from the same seeds (0, i)."""
-    t0, best = time.perf_counter(), None
+def target_cell(res: dict) -> tuple[dict, dict, dict, Sampler, Sampler]:
+    """(model result, its best learned NFE-5 row, its best fixed NFE-5 row, the fixed row's Sampler, the learned
+    grid's Sampler on its saved times) of the model where a learned grid cuts the best fixed grid's FID the most."""
+    best = None
     for r in res["models"]:
-        fives = [x for x in r["rows"] if x["nfe"] == 5 and x["sampler"] != Sampler("ddim", nfe=5, eta=1.0).name]
-        learned_rows = [x for x in fives if "_learned" in x["sampler"]]
-        fixed_rows = [x for x in fives if "_learned" not in x["sampler"]]
-        if learned_rows and fixed_rows:
-            ours, theirs = min(learned_rows, key=lambda x: x["fid"]), min(fixed_rows, key=lambda x: x["fid"])
-            if best is None or ours["fid"] / theirs["fid"] < best[1]["fid"] / best[2]["fid"]:
-                best = (r, ours, theirs)
+        fives = [x for x in r["rows"] if x["nfe"] == 5 and x["method"] in {m["method"] for m in METHODS}]
+        ours = [x for x in fives if x["spacing"] == "learned"]
+        fixed = [x for x in fives if x["spacing"] in FIXED]
+        if ours and fixed:
+            cell = (r, min(ours, key=lambda x: x["fid"]), min(fixed, key=lambda x: x["fid"]))
+            if best is None or cell[1]["fid"] / cell[2]["fid"] < best[1]["fid"] / best[2]["fid"]:
+                best = cell
     if best is None:
         raise SystemExit("--headline: the saved run has no NFE-5 learned and fixed rows")
     r, ours, theirs = best
-    meth = next(m for m in METHODS if Sampler(**m, nfe=5).name == ours["sampler"].split("_learned")[0])
-    lowest = next(low for low, label in LOWEST.items() if _name(meth, 5, label) == ours["sampler"])
-    times = r["times"][f"{meth['method']}@5 {lowest}"]
-    fixed = next(Sampler(**m, nfe=5, spacing=sp) for m in METHODS for sp in FIXED
-                 if Sampler(**m, nfe=5, spacing=sp).name == theirs["sampler"])  # fmt: skip
+    meth = {x["method"]: x for x in METHODS}
+    lowest = next(low for low, label in LOWEST.items() if _name(meth[ours["method"]], 5, label) == ours["sampler"])
+    times = r["times"][f"{ours['method']}@5 {lowest}"]
+    return (r, ours, theirs, Sampler(**meth[theirs["method"]], nfe=5, spacing=theirs["spacing"]),
+            Sampler(**meth[ours["method"]], nfe=5).with_times(times))  # fmt: skip
+
+
+def headline(res: dict, n: int) -> dict:
+    """The NFE-5 target of a saved run (target_cell) scored again at N=n, from the same seeds (0, i)."""
+    t0 = time.perf_counter()
+    r, ours, _, fixed, learned_grid = target_cell(res)
     m = models(res["data"], [r["key"]])[0]
     module = load_module(m["ckpt"])
     score = dict(n=n, evaluator=m["evaluator"], ref_features=m["reference"], ref_name=m["ref_name"],
                  classifier=m["classifier"])  # fmt: skip
-    tag = hashlib.sha256(json.dumps(times).encode()).hexdigest()[:8]
+    tag = hashlib.sha256(json.dumps(learned_grid.timesteps(module.diffusion)).encode()).hexdigest()[:8]
     rows = scored_rows(module, [fixed], cache=RUNS / "rows" / f"schedules_{m['key']}.json", **score)
     cache = RUNS / "rows" / f"schedules_{m['key']}_learned_{tag}.json"
-    got = scored_rows(module, [Sampler(**meth, nfe=5).with_times(times)], cache=cache, **score)
-    rows += [{**x, "sampler": ours["sampler"]} for x in got]
+    rows += [{**x, "sampler": ours["sampler"]} for x in scored_rows(module, [learned_grid], cache=cache, **score)]
     return {"n": n, "model": r["title"], "rows": rows, "wall_seconds": time.perf_counter() - t0}
 
 
